@@ -1,0 +1,410 @@
+"""CREMA-D (audio + face frames, 6 emotions) in the layouts the field uses.
+
+Default = the IPRM paper's recipe on the njustkmg layout (Layout B of reference/datasets.md):
+the OGM-GE 6698 / 744 split, 2 frames per clip, 20 s of audio at 22,050 Hz turned into a
+(1, 257, 1250) log spectrogram. Layout A (OGM-GE: csvs in a separate folder, 1 frame, 3 s ->
+(1, 257, 188)) and Layout D (MLA: its own 90/10 split, stored kaldi fbanks (1, 1024, 128), 3
+frames) are options; so is reading the MLA split lists over Layout A/B media.
+
+CREMA-D ships no validation split: one is carved from train with a fixed seed (see
+``VAL_SEED``) and the rule is recorded in ``Splits.info``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmbalance.config import Option
+from mmbalance.data import (
+    DatasetPlugin,
+    ModalitySpec,
+    Splits,
+    check_split,
+    require_paths,
+    resolve_data_root,
+)
+from mmbalance.errors import ConfigError, DataError
+from mmbalance.media import (
+    AVClipDataset,
+    Clip,
+    carve_validation,
+    list_frames,
+    load_fbank_npy,
+    load_log_spectrogram,
+    read_text_lines,
+    spectrogram_shape,
+)
+from mmbalance.registry import register_dataset
+
+NAME = "cremad"
+PREPARE = "mmbalance prepare cremad --raw RAW --out ROOT"
+
+# Class order hard-coded by OGM-GE and kept by IPRM/LFM/BalanceMM ("official").
+OFFICIAL_ORDER = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
+# MLA's list files name the emotions in words; its labels are the sorted words, which sort in
+# the same order as the codes (Anger < Disgust < ... and ANG < DIS < ...).
+MLA_NAMES = {"Anger": "ANG", "Disgust": "DIS", "Fear": "FEA", "Happy": "HAP", "Neutral": "NEU", "Sad": "SAD"}
+
+# Manifest of the two splits the field uses (reference/datasets.md section 1).
+MANIFEST = {"ogm": {"train": 6698, "test": 744}, "mla": {"train": 6698, "test": 744}}
+CLASS_COUNTS = {
+    "ogm": {
+        "train": {"ANG": 1166, "DIS": 1142, "FEA": 1138, "HAP": 1148, "NEU": 973, "SAD": 1131},
+        "test": {"ANG": 105, "DIS": 129, "FEA": 133, "HAP": 123, "NEU": 114, "SAD": 140},
+    }
+}
+# Fixed seed of the carved validation split: independent of the run seed, so every run of a
+# grid validates on the same clips.
+VAL_SEED = 20220601
+
+LAYOUT_DEFAULTS = {
+    "B": {"frames": 2, "audio_seconds": 20.0, "split": "ogm", "list_dir": "annotations"},
+    "A": {"frames": 1, "audio_seconds": 3.0, "split": "ogm", "list_dir": "data/CREMAD"},
+    "D": {"frames": 3, "audio_seconds": None, "split": "mla", "list_dir": "data"},
+}
+FBANK_SHAPE = (1024, 128)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The effective settings after layout defaults are filled in."""
+
+    layout: str
+    split: str
+    frames: int
+    audio_seconds: float | None
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    list_dir: Path
+    image_size: int
+    sort_frames: bool
+    strict: bool
+    class_order: str
+
+
+@register_dataset(NAME, "CREMA-D: speech audio + face frames, 6 emotions (IPRM recipe by default)")
+class CremaD(DatasetPlugin):
+    """CREMA-D audio-visual emotion recognition."""
+
+    name = NAME
+    description = "CREMA-D: speech audio + face frames, 6 emotions (IPRM recipe by default)"
+    modality_names = ("audio", "visual")
+    defaults = {
+        "batch_size": 64,
+        "optimizer": "sgd",
+        "lr": 1e-2,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "scheduler": "step",
+        "step_size": 70,
+        "gamma": 0.1,
+        "epochs": 100,
+        "embed_dim": 512,
+        "backbone": {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}},
+    }
+    method_defaults = {"iprm": {"alpha": 0.8}}
+    options = {
+        "layout": Option(
+            "B",
+            "on-disk layout: B = njustkmg annotations/ + AudioWAV/ + Image-01-FPS/ (IPRM); "
+            "A = OGM-GE csvs under list_dir; D = MLA fbank .npy + per-split frames",
+            choices=("B", "A", "D"),
+        ),
+        "split": Option(
+            None,
+            "train/test lists: ogm (OGM-GE 6698/744 csvs) or mla (MLA my_{train,test}_cre.txt); "
+            "default: mla for layout D, else ogm",
+            choices=("ogm", "mla"),
+        ),
+        "list_dir": Option(
+            None,
+            "folder of the split lists, relative to the data root or absolute; default: "
+            "annotations (B), data/CREMAD (A), data (D or split=mla)",
+            type=str,
+        ),
+        "frames": Option(None, "frames per clip; default 2 (B, IPRM), 1 (A), 3 (D)", type=int),
+        "audio_seconds": Option(
+            None, "seconds of (tiled) audio; default 20 (B, IPRM) or 3 (A)", type=float
+        ),
+        "sample_rate": Option(22050, "audio sample rate the WAVs are resampled to (Hz)"),
+        "n_fft": Option(512, "STFT size (librosa-style log spectrogram)"),
+        "hop_length": Option(353, "STFT hop in samples"),
+        "image_size": Option(224, "frame side after crop/resize (pixels)"),
+        "sort_frames": Option(
+            True, "index the sorted frame listing (deterministic); false = os.listdir order as the official code"
+        ),
+        "check_manifest": Option(
+            True, "require the split's published sample and per-class counts (false for subsets)"
+        ),
+        "class_order": Option(
+            "official",
+            "label map: official = NEU 0, HAP 1, SAD 2, FEA 3, DIS 4, ANG 5 (OGM-GE/IPRM); "
+            "sorted = ANG 0, DIS 1, FEA 2, HAP 3, NEU 4, SAD 5 (MMPareto, MLA)",
+            choices=("official", "sorted"),
+        ),
+    }
+    layout_help = (
+        "Layout B (default, njustkmg/IPRM): <root>/annotations/train.csv and test.csv (no header, "
+        "rows 'clip_id,EMO', e.g. '1001_DFA_ANG_XX,ANG'), <root>/AudioWAV/<clip_id>.wav and "
+        "<root>/Image-01-FPS/<clip_id>/*.jpg (1-fps frames, at least as many as 'frames'); the root "
+        "may be the CREMA-D folder itself or a parent holding CREMA-D/. Layout A (OGM-GE) keeps the "
+        "same media but reads train.csv/test.csv from list_dir (default <root>/data/CREMAD). Layout "
+        "D (MLA): <root>/data/my_{train,test}_cre.txt ('<clip_id>.flv Anger'), "
+        "<root>/audio/{train,test}_fbank/<clip_id>.npy (1024x128 kaldi fbank) and "
+        "<root>/visual/{train,test}_imgs/Image-01-FPS/<clip_id>/*.jpg. Build layout B from the raw "
+        f"CREMA-D release with `{PREPARE}`."
+    )
+
+    def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
+        mods = _check_modalities(modalities, self.modality_names)
+        root = _find_root(cfg)
+        r = _resolve(cfg, root)
+        names = OFFICIAL_ORDER if r.class_order == "official" else tuple(sorted(OFFICIAL_ORDER))
+        label_of = {c: i for i, c in enumerate(names)}
+        notes: list[str] = []
+        parts: dict[str, list[Clip]] = {}
+        for split in ("train", "test"):
+            parts[split] = _index_split(root, r, split, label_of, names, notes)
+        loader = _audio_loader(r)
+        train = AVClipDataset(parts["train"], mods, loader, r.frames, r.image_size, train=True)
+        test = AVClipDataset(parts["test"], mods, loader, r.frames, r.image_size, train=False)
+        train, val, rule = carve_validation(train, test, float(cfg.get("val_fraction", 0.1)), VAL_SEED, NAME)
+        specs = {
+            "audio": _audio_spec(r),
+            "visual": ModalitySpec("video", (3, r.frames, r.image_size, r.image_size)),
+        }
+        info = {
+            "layout": r.layout,
+            "split": r.split,
+            "val_rule": rule,
+            "label_map": {c: i for i, c in enumerate(names)},
+            "frames": r.frames,
+            "frame_order": "sorted listing" if r.sort_frames else "os.listdir order (official)",
+            "frame_rule": f"train: {r.frames} distinct random sorted indices + RandomResizedCrop"
+            f"({r.image_size}) + flip; eval: first {r.frames} + Resize",
+            "audio": _audio_rule(r),
+            "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+            "notes": notes,
+        }
+        return Splits(
+            train=train,
+            val=val,
+            test=test,
+            modalities={m: specs[m] for m in mods},
+            num_classes=len(names),
+            class_names=list(names),
+            info=info,
+        )
+
+
+def _check_modalities(modalities: Sequence[str] | None, known: tuple[str, ...]) -> tuple[str, ...]:
+    mods = tuple(modalities) if modalities else known
+    bad = [m for m in mods if m not in known]
+    if bad:
+        raise ConfigError(
+            f"Dataset '{NAME}' has modalities {', '.join(known)}; got {', '.join(bad)}. "
+            f"Pass --set modalities=audio,visual (or a subset)."
+        )
+    return mods
+
+
+def _find_root(cfg: Mapping[str, Any]) -> Path:
+    """The CREMA-D folder: data_root itself, or its CREMA-D/ (or IPRM's CREMA/) subfolder."""
+    root = resolve_data_root(cfg, NAME, subdir="CREMA-D")
+    if root.name != "CREMA-D" and (root / "CREMA").is_dir() and not (root / "AudioWAV").exists():
+        root = root / "CREMA"
+    return root
+
+
+def _resolve(cfg: Mapping[str, Any], root: Path) -> Resolved:
+    layout = str(cfg.get("layout") or "B").upper()
+    if layout not in LAYOUT_DEFAULTS:
+        raise ConfigError(f"Dataset '{NAME}': unknown layout '{layout}'. Use B, A or D.")
+    base = LAYOUT_DEFAULTS[layout]
+    split = cfg.get("split") or base["split"]
+    if layout == "D" and split != "mla":
+        raise ConfigError(
+            f"Dataset '{NAME}': layout D stores media per MLA split, so split must be mla, "
+            f"not {split}. Use layout B for the OGM-GE split."
+        )
+    list_dir = cfg.get("list_dir") or ("data" if split == "mla" else base["list_dir"])
+    frames = int(_pick(cfg.get("frames"), base["frames"]))
+    if frames < 1:
+        raise ConfigError(f"Dataset '{NAME}': frames must be at least 1, got {frames}.")
+    seconds = _pick(cfg.get("audio_seconds"), base["audio_seconds"])
+    if seconds is not None and seconds <= 0:
+        raise ConfigError(f"Dataset '{NAME}': audio_seconds must be positive, got {seconds}.")
+    return Resolved(
+        layout=layout,
+        split=split,
+        frames=frames,
+        audio_seconds=float(seconds) if seconds is not None else None,
+        sample_rate=int(cfg.get("sample_rate", 22050)),
+        n_fft=int(cfg.get("n_fft", 512)),
+        hop_length=int(cfg.get("hop_length", 353)),
+        list_dir=root / Path(list_dir).expanduser(),  # an absolute list_dir wins the join
+        image_size=int(cfg.get("image_size", 224)),
+        sort_frames=bool(cfg.get("sort_frames", True)),
+        strict=bool(cfg.get("check_manifest", True)),
+        class_order=str(cfg.get("class_order", "official")),
+    )
+
+
+def _pick(value: Any, default: Any) -> Any:
+    """The user's value when set, else the layout's default (0 is a value, None is not)."""
+    return default if value is None else value
+
+
+def _list_file(r: Resolved, split: str) -> Path:
+    return r.list_dir / (f"{split}.csv" if r.split == "ogm" else f"my_{split}_cre.txt")
+
+
+def _media_paths(root: Path, r: Resolved, split: str) -> tuple[Path, Path, str]:
+    """(audio folder, frames folder, audio suffix) of one split."""
+    if r.layout == "D":
+        return root / "audio" / f"{split}_fbank", root / "visual" / f"{split}_imgs" / "Image-01-FPS", ".npy"
+    return root / "AudioWAV", root / "Image-01-FPS", ".wav"
+
+
+def _fix_text(r: Resolved) -> str:
+    return (
+        f"Build layout B with `{PREPARE}` and pass --data-root ROOT, or choose the layout you "
+        f"have with --set layout=A|B|D (now layout={r.layout}, split={r.split})."
+    )
+
+
+def _index_split(
+    root: Path,
+    r: Resolved,
+    split: str,
+    label_of: dict[str, int],
+    names: tuple[str, ...],
+    notes: list[str],
+) -> list[Clip]:
+    """Read one split list, keep the clips whose files exist, and check the manifest."""
+    list_file = _list_file(r, split)
+    audio_dir, frame_root, suffix = _media_paths(root, r, split)
+    rels = [list_file, audio_dir, frame_root]
+    require_paths(NAME, root, [_rel(p, root) for p in rels], _layout_line(r), _fix_text(r))
+    rows = _read_rows(list_file, r.split)
+    clips: list[Clip] = []
+    for clip_id, emo in rows:
+        clip = _make_clip(clip_id, label_of[emo], audio_dir / f"{clip_id}{suffix}", frame_root / clip_id, r)
+        if clip is not None:
+            clips.append(clip)
+    listed = [cid for cid, _ in rows]
+    usable = [c.clip_id for c in clips]
+    expected = MANIFEST[r.split][split]
+    notes += check_split(NAME, split, listed, usable, expected, _fix_text(r), strict=r.strict)
+    notes += _check_class_counts(r, split, [names[c.label] for c in clips])
+    return clips
+
+
+def _rel(path: Path, root: Path) -> str:
+    """A path relative to root when it is inside it (as require_paths joins them), else absolute."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _layout_line(r: Resolved) -> str:
+    if r.layout == "D":
+        return (
+            "layout D (MLA): list_dir/my_{train,test}_cre.txt, audio/{train,test}_fbank/<clip>.npy, "
+            "visual/{train,test}_imgs/Image-01-FPS/<clip>/*.jpg."
+        )
+    lists = "train.csv, test.csv" if r.split == "ogm" else "my_train_cre.txt, my_test_cre.txt"
+    return (
+        f"layout {r.layout}: {r.list_dir} holding {lists}; AudioWAV/<clip_id>.wav; "
+        f"Image-01-FPS/<clip_id>/*.jpg (see `mmbalance list datasets`)."
+    )
+
+
+def _read_rows(path: Path, split_kind: str) -> list[tuple[str, str]]:
+    """(clip_id, emotion code) rows of an OGM-GE csv ('id,EMO') or an MLA list ('id.flv Name')."""
+    rows: list[tuple[str, str]] = []
+    for n, line in enumerate(read_text_lines(path), start=1):
+        if split_kind == "ogm":
+            fields = [f.strip() for f in line.split(",")]
+            clip_id, emo = (fields[0], fields[1]) if len(fields) >= 2 else (fields[0], "")
+        else:
+            fields = line.split()
+            clip_id = fields[0].removesuffix(".flv") if fields else ""
+            emo = MLA_NAMES.get(fields[-1], "") if len(fields) >= 2 else ""
+        if not clip_id or emo not in OFFICIAL_ORDER:
+            raise DataError(
+                f"Dataset '{NAME}': line {n} of '{path}' reads {line!r}; expected "
+                + ("'clip_id,EMO' with EMO in " + ", ".join(OFFICIAL_ORDER) if split_kind == "ogm"
+                   else "'<clip_id>.flv <Name>' with Name in " + ", ".join(MLA_NAMES))
+                + ". Restore the file from the release."
+            )
+        rows.append((clip_id, emo))
+    return rows
+
+
+def _make_clip(clip_id: str, label: int, audio: Path, frame_dir: Path, r: Resolved) -> Clip | None:
+    """A Clip when its audio exists and its folder holds at least ``frames`` images, else None
+    (the official loaders skip such rows; the manifest check reports them)."""
+    if not audio.is_file() or not frame_dir.is_dir():
+        return None
+    names = list_frames(frame_dir, sort=r.sort_frames)
+    if len(names) < r.frames:
+        return None
+    return Clip(clip_id, label, audio, frame_dir, tuple(names))
+
+
+def _check_class_counts(r: Resolved, split: str, emos: list[str]) -> list[str]:
+    """Compare per-class counts with the published OGM-GE split (only when the totals are the
+    manifest's, so a subset run with check_manifest=false is not flooded with notes)."""
+    expected = CLASS_COUNTS.get(r.split, {}).get(split)
+    if expected is None or len(emos) != MANIFEST[r.split][split]:
+        return []
+    got = Counter(emos)
+    diff = {c: (got.get(c, 0), n) for c, n in expected.items() if got.get(c, 0) != n}
+    if not diff:
+        return []
+    msg = (
+        f"Dataset '{NAME}', split '{split}': per-class counts differ from the OGM-GE manifest "
+        + ", ".join(f"{c} {g} (expected {n})" for c, (g, n) in diff.items())
+        + f". The list file {_list_file(r, split)} is not the published one; restore it, or "
+        "pass --set check_manifest=false to use it on purpose."
+    )
+    if r.strict:
+        raise DataError(msg)
+    return [msg]
+
+
+def _audio_loader(r: Resolved):
+    if r.layout == "D":
+        return functools.partial(load_fbank_npy, shape=FBANK_SHAPE)
+    assert r.audio_seconds is not None
+    return functools.partial(
+        load_log_spectrogram, sample_rate=r.sample_rate, seconds=r.audio_seconds,
+        n_fft=r.n_fft, hop_length=r.hop_length,
+    )
+
+
+def _audio_spec(r: Resolved) -> ModalitySpec:
+    if r.layout == "D":
+        return ModalitySpec("spectrogram", (1, *FBANK_SHAPE), {"feature": "kaldi fbank (MLA)"})
+    shape = spectrogram_shape(r.sample_rate, r.audio_seconds or 0.0, r.n_fft, r.hop_length)
+    return ModalitySpec(
+        "spectrogram", shape, {"sample_rate": r.sample_rate, "seconds": r.audio_seconds}
+    )
+
+
+def _audio_rule(r: Resolved) -> str:
+    if r.layout == "D":
+        return "stored kaldi fbank .npy (1024, 128), unnormalised -> (1, 1024, 128)"
+    return (
+        f"wav -> mono {r.sample_rate} Hz -> tiled/cut to {r.audio_seconds:g} s -> clip [-1, 1] -> "
+        f"log(|STFT {r.n_fft}/{r.hop_length}, Hann, centred| + 1e-7) -> "
+        f"{spectrogram_shape(r.sample_rate, r.audio_seconds or 0.0, r.n_fft, r.hop_length)}"
+    )

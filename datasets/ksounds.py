@@ -1,0 +1,418 @@
+"""Kinetics-Sounds (audio + RGB frames; 31 classes in this line of work).
+
+Default = the njustkmg layout the IPRM lab's loaders read (Layout C of reference/datasets.md):
+``annotations/{train,valid,test}.csv`` with a ``youtube_id,label`` header, WAVs per split,
+1-fps frame folders per split. Audio: 35,400 Hz mono, tiled/cut to 10 s, log STFT 512/353 ->
+(1, 257, 1003). Visual: 3 frames, IPRM's CREMA-D rule (random sorted in train, first 3 in
+eval). Layouts A (OGM-GE lists ``{clip},10,{label}``) and B (BalanceMM lists ``clip ...
+label``) read stored kaldi fbanks (1024, 128) -> (1, 1024, 128) and ``frame_0000k.jpg`` frames.
+
+Class index = sorted class names (a **decision**: the lab numbers classes by first appearance
+in train.csv, which depends on row order; ``class_order=first_appearance`` restores that). The
+mapping is recorded in ``Splits.info`` and ``class_names``.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmbalance.config import Option
+from mmbalance.data import (
+    DatasetPlugin,
+    ModalitySpec,
+    Splits,
+    check_split,
+    require_paths,
+    resolve_data_root,
+)
+from mmbalance.errors import ConfigError, DataError
+from mmbalance.media import (
+    AVClipDataset,
+    Clip,
+    carve_validation,
+    list_frames,
+    load_fbank_npy,
+    load_log_spectrogram,
+    read_text_lines,
+    spectrogram_shape,
+)
+from mmbalance.registry import register_dataset
+
+NAME = "ksounds"
+PREPARE = "mmbalance prepare ksounds --raw RAW --out ROOT"
+PAPER_CLASSES = 31
+# Published list sizes (OGM-GE's my_train.txt / my_test.txt). The njustkmg csvs (~15K / 1.9K /
+# 1.9K in the paper) and BalanceMM's lists have no published exact counts.
+MANIFEST = {"A": {"train": 14799, "test": 2597}}
+VAL_SEED = 20220602
+FBANK_SHAPE = (1024, 128)
+LIST_NAMES = {"A": "my_{split}.txt", "B": "{split}.txt"}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The effective settings after defaults are filled in."""
+
+    layout: str
+    frames: int
+    min_frames: int
+    audio_seconds: float
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    list_dir: Path
+    image_size: int
+    sort_frames: bool
+    strict: bool
+    class_order: str
+
+
+@register_dataset(NAME, "Kinetics-Sounds: audio + RGB frames of audible Kinetics classes (31 in the papers)")
+class KineticsSounds(DatasetPlugin):
+    """Kinetics-Sounds audio-visual action recognition."""
+
+    name = NAME
+    description = "Kinetics-Sounds: audio + RGB frames of audible Kinetics classes (31 in the papers)"
+    modality_names = ("audio", "visual")
+    defaults = {
+        "batch_size": 64,
+        "optimizer": "sgd",
+        "lr": 1e-2,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "scheduler": "step",
+        "step_size": 70,
+        "gamma": 0.1,
+        "epochs": 100,
+        "embed_dim": 512,
+        "backbone": {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}},
+    }
+    method_defaults = {"iprm": {"alpha": 0.8}}
+    options = {
+        "layout": Option(
+            "C",
+            "on-disk layout: C = njustkmg annotations/*.csv + {split}_wav + {split}_img (paper); "
+            "A = OGM-GE lists '{clip},10,{label}' + fbank .npy; B = BalanceMM lists 'clip label' + fbank .npy",
+            choices=("C", "A", "B"),
+        ),
+        "list_dir": Option(
+            None,
+            "folder of the split lists, relative to the data root or absolute; default: "
+            "annotations (C), the data root (A, B)",
+            type=str,
+        ),
+        "frames": Option(3, "frames per clip"),
+        "min_frames": Option(
+            None,
+            "clips with fewer frames are dropped; default frames + 1 (the lab loaders need more "
+            "than 3 frames for 3)",
+            type=int,
+        ),
+        "audio_seconds": Option(10.0, "seconds of (tiled) audio (layout C)"),
+        "sample_rate": Option(35400, "audio sample rate the WAVs are resampled to (Hz, layout C)"),
+        "n_fft": Option(512, "STFT size (layout C)"),
+        "hop_length": Option(353, "STFT hop in samples (layout C)"),
+        "image_size": Option(224, "frame side after crop/resize (pixels)"),
+        "sort_frames": Option(
+            True, "index the sorted frame listing (deterministic); false = os.listdir order"
+        ),
+        "check_manifest": Option(
+            True, "require the published list sizes where known (layout A); false for subsets"
+        ),
+        "class_order": Option(
+            "sorted",
+            "class index: sorted = sorted class names (numeric order for integer labels); "
+            "first_appearance = order of first appearance in the train list (lab code)",
+            choices=("sorted", "first_appearance"),
+        ),
+    }
+    layout_help = (
+        "Layout C (default, njustkmg): <root>/annotations/train.csv and test.csv (optional "
+        "valid.csv), each with a header 'youtube_id,label' and class names as labels; "
+        "<root>/{train,test}_wav/<youtube_id>.wav; <root>/{train,test}_img/Image-01-FPS/<youtube_id>/*.jpg "
+        "(1-fps frames, more than 'frames' of them); valid.csv clips are read from valid_wav/ and "
+        "valid_img/ when those exist, else from the train folders. The root may be the "
+        "kinetics_sound folder itself or a parent holding it. Layout A (OGM-GE): "
+        "<root>/my_{train,test}.txt with lines '<clip>,10,<int label>'; Layout B (BalanceMM): "
+        "<root>/{train,test}.txt with lines '<clip> ... <int label>'; both with "
+        "<root>/audio/{train,test}_fbank/<clip>.npy (1024x128 kaldi fbank) and "
+        "<root>/visual/{train,test}_imgs/<clip>/frame_0000k.jpg. Build layout C from the raw "
+        f"clips with `{PREPARE}`."
+    )
+
+    def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
+        mods = _check_modalities(modalities, self.modality_names)
+        root = _find_root(cfg)
+        r = _resolve(cfg, root)
+        notes: list[str] = []
+        rows = {s: _read_split(root, r, s) for s in _splits_present(r)}
+        class_names = _class_names(rows["train"], r.class_order)
+        label_of = {c: i for i, c in enumerate(class_names)}
+        parts = {s: _index(root, r, s, rs, label_of, notes) for s, rs in rows.items()}
+        loader = _audio_loader(r)
+
+        def make(split: str, train: bool) -> AVClipDataset:
+            return AVClipDataset(parts[split], mods, loader, r.frames, r.image_size, train)
+
+        train, test = make("train", True), make("test", False)
+        if "valid" in parts:
+            val = make("valid", False)
+            rule = f"val = the layout's own valid split ({_list_file(r, 'valid')})"
+        else:
+            train, val, rule = carve_validation(
+                train, test, float(cfg.get("val_fraction", 0.1)), VAL_SEED, NAME
+            )
+        if len(class_names) != PAPER_CLASSES:
+            notes.append(f"{len(class_names)} classes in the train list (the papers use {PAPER_CLASSES})")
+        specs = {
+            "audio": _audio_spec(r),
+            "visual": ModalitySpec("video", (3, r.frames, r.image_size, r.image_size)),
+        }
+        info = {
+            "layout": r.layout,
+            "val_rule": rule,
+            "num_classes": len(class_names),
+            "class_order": r.class_order,
+            "label_map": dict(label_of),
+            "frames": r.frames,
+            "min_frames": r.min_frames,
+            "frame_order": "sorted listing" if r.sort_frames else "os.listdir order",
+            "frame_rule": f"train: {r.frames} distinct random sorted indices + RandomResizedCrop"
+            f"({r.image_size}) + flip; eval: first {r.frames} + Resize",
+            "audio": _audio_rule(r),
+            "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+            "notes": notes,
+        }
+        return Splits(
+            train=train,
+            val=val,
+            test=test,
+            modalities={m: specs[m] for m in mods},
+            num_classes=len(class_names),
+            class_names=list(class_names),
+            info=info,
+        )
+
+
+def _check_modalities(modalities: Sequence[str] | None, known: tuple[str, ...]) -> tuple[str, ...]:
+    mods = tuple(modalities) if modalities else known
+    bad = [m for m in mods if m not in known]
+    if bad:
+        raise ConfigError(
+            f"Dataset '{NAME}' has modalities {', '.join(known)}; got {', '.join(bad)}. "
+            f"Pass --set modalities=audio,visual (or a subset)."
+        )
+    return mods
+
+
+def _find_root(cfg: Mapping[str, Any]) -> Path:
+    """The dataset folder: data_root itself or its kinetics_sound/ (or Kinetics-Sounds/) child."""
+    root = resolve_data_root(cfg, NAME, subdir="kinetics_sound")
+    if root.name != "kinetics_sound" and (root / "Kinetics-Sounds").is_dir():
+        root = root / "Kinetics-Sounds"
+    return root
+
+
+def _resolve(cfg: Mapping[str, Any], root: Path) -> Resolved:
+    layout = str(cfg.get("layout") or "C").upper()
+    if layout not in ("A", "B", "C"):
+        raise ConfigError(f"Dataset '{NAME}': unknown layout '{layout}'. Use C, A or B.")
+    frames = int(cfg.get("frames", 3))
+    if frames < 1:
+        raise ConfigError(f"Dataset '{NAME}': frames must be at least 1, got {frames}.")
+    min_frames = cfg.get("min_frames")
+    min_frames = frames + 1 if min_frames is None else int(min_frames)
+    if min_frames < frames:
+        raise ConfigError(
+            f"Dataset '{NAME}': min_frames ({min_frames}) must be at least frames ({frames})."
+        )
+    list_dir = cfg.get("list_dir") or ("annotations" if layout == "C" else ".")
+    seconds = float(cfg.get("audio_seconds", 10.0))
+    if seconds <= 0:
+        raise ConfigError(f"Dataset '{NAME}': audio_seconds must be positive, got {seconds}.")
+    return Resolved(
+        layout=layout,
+        frames=frames,
+        min_frames=min_frames,
+        audio_seconds=seconds,
+        sample_rate=int(cfg.get("sample_rate", 35400)),
+        n_fft=int(cfg.get("n_fft", 512)),
+        hop_length=int(cfg.get("hop_length", 353)),
+        list_dir=root / Path(list_dir).expanduser(),  # an absolute list_dir wins the join
+        image_size=int(cfg.get("image_size", 224)),
+        sort_frames=bool(cfg.get("sort_frames", True)),
+        strict=bool(cfg.get("check_manifest", True)),
+        class_order=str(cfg.get("class_order", "sorted")),
+    )
+
+
+def _list_file(r: Resolved, split: str) -> Path:
+    if r.layout == "C":
+        return r.list_dir / f"{split}.csv"
+    return r.list_dir / LIST_NAMES[r.layout].format(split=split)
+
+
+def _splits_present(r: Resolved) -> list[str]:
+    """train and test always; valid when the layout ships a list for it."""
+    splits = ["train", "test"]
+    if r.layout == "C" and _list_file(r, "valid").is_file():
+        splits.append("valid")
+    return splits
+
+
+def _media_paths(root: Path, r: Resolved, split: str) -> tuple[Path, Path, str]:
+    """(audio folder, frames folder, audio suffix) of one split."""
+    if r.layout == "C":
+        media = split
+        if split == "valid" and not (root / "valid_wav").is_dir():
+            media = "train"  # the lab's extra lists (weight.csv) point into the train folders
+        return root / f"{media}_wav", root / f"{media}_img" / "Image-01-FPS", ".wav"
+    return root / "audio" / f"{split}_fbank", root / "visual" / f"{split}_imgs", ".npy"
+
+
+def _fix_text(r: Resolved) -> str:
+    return (
+        f"Build layout C with `{PREPARE}` and pass --data-root ROOT, or choose the layout you "
+        f"have with --set layout=C|A|B (now layout={r.layout})."
+    )
+
+
+def _layout_line(r: Resolved) -> str:
+    if r.layout == "C":
+        return (
+            "layout C: annotations/{train,test}.csv (header youtube_id,label), "
+            "{train,test}_wav/<id>.wav, {train,test}_img/Image-01-FPS/<id>/*.jpg."
+        )
+    return (
+        f"layout {r.layout}: {LIST_NAMES[r.layout].format(split='{train,test}')} in {r.list_dir}, "
+        "audio/{train,test}_fbank/<clip>.npy, visual/{train,test}_imgs/<clip>/*.jpg."
+    )
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _read_split(root: Path, r: Resolved, split: str) -> list[tuple[str, str]]:
+    """(clip id, label text) rows of one split, after checking its files and folders exist."""
+    list_file = _list_file(r, split)
+    audio_dir, frame_root, _ = _media_paths(root, r, split)
+    rels = [_rel(p, root) for p in (list_file, audio_dir, frame_root)]
+    require_paths(NAME, root, rels, _layout_line(r), _fix_text(r))
+    if r.layout == "C":
+        return _read_csv(list_file)
+    return _read_list(list_file, r.layout)
+
+
+def _read_csv(path: Path) -> list[tuple[str, str]]:
+    """The njustkmg csv: a header naming youtube_id and label, then one row per clip."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            if "youtube_id" not in fields or "label" not in fields:
+                raise DataError(
+                    f"Dataset '{NAME}': '{path}' has columns {fields}; expected a header row "
+                    f"with youtube_id and label."
+                )
+            reader.fieldnames = fields
+            rows = [(row["youtube_id"].strip(), (row["label"] or "").strip()) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"Dataset '{NAME}': cannot read '{path}' as a csv ({exc}).") from exc
+    bad = [i for i, (cid, lab) in enumerate(rows, start=2) if not cid or not lab]
+    if bad:
+        raise DataError(f"Dataset '{NAME}': '{path}' has empty youtube_id or label on line {bad[0]}.")
+    return rows
+
+
+def _read_list(path: Path, layout: str) -> list[tuple[str, str]]:
+    """OGM-GE '{clip},10,{label}' (A) or BalanceMM 'clip ... label' (B) lines; CRLF stripped."""
+    rows: list[tuple[str, str]] = []
+    for n, line in enumerate(read_text_lines(path), start=1):
+        fields = [f.strip() for f in line.split(",")] if layout == "A" else line.split()
+        ok = len(fields) >= (3 if layout == "A" else 2) and fields[-1].lstrip("-").isdigit()
+        if not ok:
+            want = "'<clip>,10,<int label>'" if layout == "A" else "'<clip> <int label>'"
+            raise DataError(
+                f"Dataset '{NAME}': line {n} of '{path}' reads {line!r}; expected {want}."
+            )
+        rows.append((fields[0], fields[-1]))
+    return rows
+
+
+def _class_names(train_rows: list[tuple[str, str]], order: str) -> list[str]:
+    """Class names in index order: sorted (numerically for integer labels) or first appearance."""
+    seen = list(dict.fromkeys(lab for _, lab in train_rows))
+    if order == "first_appearance":
+        return seen
+    if all(lab.lstrip("-").isdigit() for lab in seen):
+        return sorted(seen, key=int)
+    return sorted(seen)
+
+
+def _index(
+    root: Path,
+    r: Resolved,
+    split: str,
+    rows: list[tuple[str, str]],
+    label_of: dict[str, int],
+    notes: list[str],
+) -> list[Clip]:
+    """Keep the clips whose audio exists and whose folder has at least min_frames images."""
+    unknown = sorted({lab for _, lab in rows if lab not in label_of})
+    if unknown:
+        raise DataError(
+            f"Dataset '{NAME}', split '{split}': labels {unknown[:5]} in {_list_file(r, split)} "
+            f"never occur in the train list, so they have no class index. Use matching lists."
+        )
+    audio_dir, frame_root, suffix = _media_paths(root, r, split)
+    clips: list[Clip] = []
+    for clip_id, lab in rows:
+        audio, frame_dir = audio_dir / f"{clip_id}{suffix}", frame_root / clip_id
+        if not audio.is_file() or not frame_dir.is_dir():
+            continue
+        names = list_frames(frame_dir, sort=r.sort_frames)
+        if len(names) >= r.min_frames:
+            clips.append(Clip(clip_id, label_of[lab], audio, frame_dir, tuple(names)))
+    expected = MANIFEST.get(r.layout, {}).get(split)
+    notes += check_split(
+        NAME, split, [cid for cid, _ in rows], [c.clip_id for c in clips], expected,
+        _fix_text(r), strict=r.strict,
+    )
+    return clips
+
+
+def _audio_loader(r: Resolved):
+    if r.layout == "C":
+        return functools.partial(
+            load_log_spectrogram, sample_rate=r.sample_rate, seconds=r.audio_seconds,
+            n_fft=r.n_fft, hop_length=r.hop_length,
+        )
+    return functools.partial(load_fbank_npy, shape=FBANK_SHAPE)
+
+
+def _audio_spec(r: Resolved) -> ModalitySpec:
+    if r.layout == "C":
+        shape = spectrogram_shape(r.sample_rate, r.audio_seconds, r.n_fft, r.hop_length)
+        return ModalitySpec(
+            "spectrogram", shape, {"sample_rate": r.sample_rate, "seconds": r.audio_seconds}
+        )
+    return ModalitySpec("spectrogram", (1, *FBANK_SHAPE), {"feature": "kaldi fbank (stored)"})
+
+
+def _audio_rule(r: Resolved) -> str:
+    if r.layout == "C":
+        shape = spectrogram_shape(r.sample_rate, r.audio_seconds, r.n_fft, r.hop_length)
+        return (
+            f"wav -> mono {r.sample_rate} Hz -> tiled/cut to {r.audio_seconds:g} s -> clip [-1, 1] "
+            f"-> log(|STFT {r.n_fft}/{r.hop_length}, Hann, centred| + 1e-7) -> {shape}"
+        )
+    return "stored kaldi fbank .npy (1024, 128) as shipped (OGM-GE normalises it) -> (1, 1024, 128)"

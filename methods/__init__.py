@@ -1,0 +1,3 @@
+"""Built-in method plugins, one module per method (installed as ``mmbalance.methods``)."""
+
+BUILTIN = ("concat", "sum", "weight", "unimodal", "iprm")

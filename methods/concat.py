@@ -1,0 +1,21 @@
+"""Concat: late fusion by concatenation, o = W [z_1; ...; z_M] + b (methods-b.md 1.2)."""
+
+from mmbalance.config import Option
+from mmbalance.method import Method
+from mmbalance.registry import register_method
+
+UNIMODAL_LOSS = Option(
+    False,
+    "add a CE per modality on separate unimodal heads (the 'uniform baseline', methods-b.md 1.3); "
+    "off = one joint loss, and per-modality accuracy is the fused head's part",
+)
+
+
+@register_method("concat", "naive late fusion: concatenated features into one linear head")
+class Concat(Method):
+    name = "concat"
+    fusion = "concat"
+    options = {"unimodal_loss": UNIMODAL_LOSS}
+
+    def label(self) -> str:
+        return "Concat + uni CE" if self.cfg["unimodal_loss"] else "Concat"

@@ -1,0 +1,15 @@
+"""Sum: late fusion by adding per-modality linear heads' logits (methods-b.md 1.2)."""
+
+from mmbalance.method import Method
+from mmbalance.methods.concat import UNIMODAL_LOSS
+from mmbalance.registry import register_method
+
+
+@register_method("sum", "naive late fusion: sum of per-modality linear heads' logits")
+class Sum(Method):
+    name = "sum"
+    fusion = "sum"
+    options = {"unimodal_loss": UNIMODAL_LOSS}
+
+    def label(self) -> str:
+        return "Sum + uni CE" if self.cfg["unimodal_loss"] else "Sum"

@@ -1,0 +1,48 @@
+"""A small 2-D CNN for spectrograms and small images, cheap enough for CPU tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmbalance.backbones.weights import load_state_dict_file
+from mmbalance.data import ModalitySpec
+from mmbalance.registry import register_backbone
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, in_channels: int, widths: tuple[int, ...], out_dim: int) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c = in_channels
+        for w in widths:
+            blocks += [
+                nn.Conv2d(c, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+            c = w
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.features(x)).flatten(1)
+        return torch.relu(self.fc(h))
+
+
+@register_backbone("cnn", "small 2-D CNN (conv-BN-ReLU-pool blocks) for spectrograms and small images")
+def build_cnn(
+    spec: ModalitySpec,
+    out_dim: int | None,
+    weights: str | None = None,
+    widths: tuple[int, ...] | list[int] = (16, 32, 64),
+) -> nn.Module:
+    if spec.kind not in ("spectrogram", "image"):
+        raise ValueError(f"the cnn backbone takes spectrograms or images, not {spec.kind}")
+    net = SmallCNN(spec.shape[0], tuple(widths), out_dim or 128)
+    if weights:
+        load_state_dict_file(net, weights, "the cnn backbone")
+    return net

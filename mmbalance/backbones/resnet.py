@@ -1,0 +1,69 @@
+"""ResNet-18 trained from scratch, as in the CREMA-D / Kinetics-Sounds setup of OGM-GE and IPRM.
+
+Audio: a 1-channel first convolution on the (1, F, T) log-spectrogram, 2-D average pooling of
+the layer4 map. Video (C, T, H, W): frames are folded into the batch, run through the 2-D
+network, and the layer4 maps are average-pooled over (T, H, W) together, the 3-D pooling of
+the official model. Images (C, H, W) are treated as one-frame videos. No classifier inside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+from mmbalance.backbones.common import Projected
+from mmbalance.backbones.weights import load_state_dict_file
+from mmbalance.data import ModalitySpec
+from mmbalance.registry import register_backbone
+
+
+def official_init(net: nn.Module) -> None:
+    """Kaiming-normal convolutions, BN weight ~ N(1, 0.02), BN bias 0 (IPRM's backbone init)."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, mean=1.0, std=0.02)
+            nn.init.constant_(m.bias, 0.0)
+
+
+class ResNet18Features(nn.Module):
+    """torchvision ResNet-18 trunk returning pooled 512-d features."""
+
+    def __init__(self, in_channels: int, video: bool) -> None:
+        super().__init__()
+        net = resnet18(weights=None)
+        if in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        net.fc = nn.Identity()
+        net.avgpool = nn.Identity()
+        self.trunk = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+        )
+        self.video = video
+        official_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.video:
+            return torch.flatten(nn.functional.adaptive_avg_pool2d(self.trunk(x), 1), 1)
+        b, c, t, h, w = x.shape
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        fmap = self.trunk(frames)  # (B*T, 512, h', w')
+        fmap = fmap.reshape(b, t, *fmap.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, 512, T, h', w')
+        return torch.flatten(nn.functional.adaptive_avg_pool3d(fmap, 1), 1)
+
+
+@register_backbone("resnet18", "ResNet-18 from scratch: 1-channel for spectrograms, per-frame 3-D pooled for video")
+def build_resnet18(
+    spec: ModalitySpec, out_dim: int | None, weights: str | None = None
+) -> nn.Module:
+    if spec.kind == "video":
+        body = ResNet18Features(spec.shape[0], video=True)
+    elif spec.kind in ("spectrogram", "image"):
+        body = ResNet18Features(spec.shape[0], video=False)
+    else:
+        raise ValueError(f"resnet18 takes spectrograms, images or video, not {spec.kind}")
+    if weights:
+        load_state_dict_file(body, weights, "the resnet18 backbone")
+    return Projected(body, 512, out_dim)

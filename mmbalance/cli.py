@@ -1,0 +1,167 @@
+"""The ``mmbalance`` command line: list, run, grid, leaderboard, prepare.
+
+Problems the user can fix (unknown names, missing data, bad settings) are printed as one
+paragraph with a non-zero exit code; tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmbalance.errors import MMBalanceError
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the dataset's)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--data-root", help="data root (default $MMBALANCE_DATA_ROOT, ./data or ../shared/data)")
+    p.add_argument("--records", help="directory for run records (default ./runs)")
+    p.add_argument("--config", help="YAML file of settings (applied before --set)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting; repeatable (e.g. --set lr=0.01 --set backbone.audio=resnet18)")
+    p.add_argument("--fresh", action="store_true", help="discard an earlier record/checkpoint of this exact run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmbalance",
+        description="Benchmark suite for multimodal-imbalance (modality rebalancing) methods.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_list = sub.add_parser("list", help="list registered methods, datasets or backbones")
+    p_list.add_argument("what", choices=["methods", "datasets", "backbones"])
+
+    p_run = sub.add_parser("run", help="train one method on one dataset and record the run")
+    p_run.add_argument("--method", required=True)
+    p_run.add_argument("--dataset", required=True)
+    _add_run_args(p_run)
+
+    p_grid = sub.add_parser("grid", help="run every cell of a method x dataset x seed grid (YAML)")
+    p_grid.add_argument("grid_file", help="YAML grid definition (see benchmarks/grids/)")
+    p_grid.add_argument("--records", help="directory for run records (default: the grid's, else ./runs)")
+    p_grid.add_argument("--device", help="device for every cell")
+    p_grid.add_argument("--data-root", help="data root for every cell")
+    p_grid.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+
+    p_lb = sub.add_parser("leaderboard", help="write markdown + CSV leaderboards from recorded runs")
+    p_lb.add_argument("--records", default="runs", help="directory holding run records (default ./runs)")
+    p_lb.add_argument("--out", default="leaderboards", help="output directory (default ./leaderboards)")
+    p_lb.add_argument("--name", default="leaderboard", help="file stem of the outputs")
+    p_lb.add_argument("--title", help="title of the markdown report")
+    p_lb.add_argument("--rule", dest="rules", action="append",
+                      help="selection rule(s): best_val, best_test, last (default: all three)")
+
+    p_prep = sub.add_parser("prepare", help="one-time preparation of a raw paper dataset")
+    p_prep.add_argument("dataset")
+    p_prep.add_argument("--raw", required=True, help="folder of the raw release")
+    p_prep.add_argument("--out", required=True, help="data root to write the prepared layout into")
+    p_prep.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="preparer option (e.g. --set fps=1)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from mmbalance.config import parse_overrides
+
+    out: dict[str, Any] = {}
+    for key, attr in (("seed", "seed"), ("epochs", "epochs"), ("device", "device"),
+                      ("data_root", "data_root"), ("records", "records")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            out[key] = value
+    out.update(parse_overrides(getattr(args, "sets", [])))
+    return out
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mmbalance.registry import BACKBONES, DATASETS, METHODS
+
+    reg = {"methods": METHODS, "datasets": DATASETS, "backbones": BACKBONES}[args.what]
+    entries = reg.entries()
+    width = max(len(e.name) for e in entries)
+    for e in entries:
+        print(f"{e.name:<{width}}  {e.description}")
+    return 0
+
+
+def summary_table(record: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    header = record["header"]
+    rows = []
+    for rule, chosen in record["final"]["selection"].items():
+        test = chosen["test"]
+        row = [rule, chosen["epoch"], f"{test['fused']['acc']:.2f}", f"{test['fused']['map']:.2f}",
+               f"{test['fused']['f1']:.2f}"]
+        row += [f"{test[m]['acc']:.2f}" if m in test else "–" for m in header["modalities"]]
+        rows.append(row)
+    cols = ["rule", "epoch", "acc", "MAP", "macro-F1"] + [f"acc[{m}]" for m in header["modalities"]]
+    return tabulate(rows, headers=cols)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mmbalance.runner import run
+
+    result = run(args.method, args.dataset, _overrides(args), yaml_path=args.config, fresh=args.fresh)
+    rec = result.record
+    h = rec["header"]
+    print(f"{h['method_label']} on {h['dataset_info'].get('name', h['config']['dataset'])} "
+          f"(seed {h['config']['seed']}, {len(rec['epochs'])} epochs, {h['device']}) — test metrics in %:")
+    print(summary_table(rec))
+    print("best_test selects on the test set (the papers' protocol, optimistic); prefer best_val.")
+    print(f"record: {result.run_dir / 'record.jsonl'}")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from mmbalance.grid import load_grid, run_grid
+
+    grid = load_grid(args.grid_file)
+    shared = {k: v for k, v in (("records", args.records), ("device", args.device), ("data_root", args.data_root)) if v}
+    return run_grid(grid, shared, dry_run=args.dry_run)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from mmbalance.leaderboard import write_leaderboard
+
+    md, csv = write_leaderboard(Path(args.records), Path(args.out), args.name,
+                                tuple(args.rules or ("best_val", "best_test", "last")), args.title)
+    print(f"wrote {md} and {csv}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from mmbalance.config import parse_overrides
+    from mmbalance.prepare import prepare
+
+    summary = prepare(args.dataset, Path(args.raw), Path(args.out), **parse_overrides(args.sets))
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "grid": cmd_grid, "leaderboard": cmd_leaderboard, "prepare": cmd_prepare}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MMBalanceError as exc:
+        print("error: " + textwrap.fill(str(exc), width=100, subsequent_indent="       "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last finished epoch is checkpointed; rerun the same command to resume.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

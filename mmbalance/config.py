@@ -1,0 +1,233 @@
+"""One run configuration, assembled in layers and validated.
+
+Order (later wins): trainer defaults <- dataset defaults <- method defaults <- the dataset's
+per-method values from the papers (e.g. IPRM's alpha per dataset) <- YAML file <- CLI
+``--set key=value``. Keys are flat (``lr``, ``alpha``, ``image_noise``) except the backbone
+table, addressed as ``backbone.<modality>.<field>`` (``backbone.visual=resnet18`` is short for
+``backbone.visual.name=resnet18``). Every key must be known to the trainer, the dataset or the
+method: a typo is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmbalance.errors import ConfigError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Option:
+    """A config key with its default, allowed values and a one-line help."""
+
+    default: Any
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    type: type | tuple[type, ...] | None = None  # inferred from the default when None
+
+
+def _opt(default: Any, help: str = "", choices: Iterable[Any] | None = None, type=None) -> Option:
+    return Option(default, help, tuple(choices) if choices is not None else None, type)
+
+
+# Keys owned by the trainer. Datasets and methods override defaults, never add keys here.
+TRAINER_OPTIONS: dict[str, Option] = {
+    "method": _opt(None, "method plugin name", type=str),
+    "dataset": _opt(None, "dataset plugin name", type=str),
+    "seed": _opt(0, "random seed (same seed, same machine -> identical metrics)"),
+    "epochs": _opt(20, "training epochs"),
+    "batch_size": _opt(64, "training batch size"),
+    "eval_batch_size": _opt(None, "evaluation batch size (default: 2 x batch_size)", type=int),
+    "optimizer": _opt("sgd", "optimizer", ["sgd", "adam", "adamw"]),
+    "lr": _opt(0.01, "learning rate"),
+    "momentum": _opt(0.9, "SGD momentum"),
+    "weight_decay": _opt(1e-4, "weight decay"),
+    "scheduler": _opt("step", "learning-rate schedule, stepped once per epoch", ["none", "step", "cosine"]),
+    "step_size": _opt(70, "StepLR period in epochs"),
+    "gamma": _opt(0.1, "StepLR decay factor"),
+    "grad_clip": _opt(None, "clip the global gradient norm to this value", type=float),
+    "embed_dim": _opt(128, "common encoder output width d (a projection is added if needed)", type=int),
+    "modalities": _opt(None, "modalities to use (comma list); default: the dataset's", type=list),
+    "val_fraction": _opt(0.1, "fraction of train carved out as validation where the source has none"),
+    "backbone": _opt({}, "per-modality backbone table: backbone.<modality>.name/weights/<kwarg>", type=dict),
+    "device": _opt("auto", "auto | cpu | cuda | cuda:N", type=str),
+    "amp": _opt("auto", "mixed precision: auto = bf16 autocast on CUDA, none on CPU", ["auto", "bf16", "none"]),
+    "num_workers": _opt(0, "data-loader worker processes"),
+    "data_root": _opt(None, "data root (also $MMBALANCE_DATA_ROOT)", type=str),
+    "records": _opt("runs", "directory that holds run records", type=str),
+    "select": _opt("best_val", "selection rule shown in the summary", ["last", "best_val", "best_test"]),
+    "progress": _opt("auto", "progress bar: auto (on a terminal), on, off", ["auto", "on", "off"]),
+    "limit_train_batches": _opt(None, "stop each training epoch after this many batches (smoke tests)", type=int),
+    "limit_eval_batches": _opt(None, "evaluate on at most this many batches (smoke tests)", type=int),
+    "checkpoint": _opt(True, "save a checkpoint each epoch so a killed run resumes"),
+    "wandb": _opt(False, "log to Weights & Biases (offline unless wandb_mode=online)"),
+    "wandb_project": _opt("mmbalance", "wandb project", type=str),
+    "wandb_mode": _opt("offline", "wandb mode", ["offline", "online", "disabled"]),
+}
+
+# Keys that do not change what is computed: left out of the run's identity hash.
+NON_SEMANTIC_KEYS = frozenset(
+    {"device", "num_workers", "data_root", "records", "progress", "wandb", "wandb_project",
+     "wandb_mode", "select", "checkpoint", "eval_batch_size"}
+)
+
+
+def parse_value(text: str) -> Any:
+    """CLI text -> Python value with YAML's rules (numbers, true/false, null, [lists])."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(
+                f"Bad --set argument '{pair}': expected key=value, e.g. --set lr=0.01."
+            )
+        key, value = pair.split("=", 1)
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file '{p}' does not exist. Pass the path of a YAML file.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{p}' must hold a mapping of key: value pairs.")
+    return flatten_backbone(data)
+
+
+def flatten_backbone(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn a nested ``backbone: {audio: {name: ...}}`` into dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if k == "backbone" and isinstance(v, Mapping):
+            for mod, spec in v.items():
+                if isinstance(spec, Mapping):
+                    for field, val in spec.items():
+                        out[f"backbone.{mod}.{field}"] = val
+                else:
+                    out[f"backbone.{mod}.name"] = spec
+        else:
+            out[k] = v
+    return out
+
+
+def _check_type(key: str, value: Any, option: Option, owner: str) -> Any:
+    if value is None:
+        return None
+    if option.choices is not None:
+        if value not in option.choices:
+            raise ConfigError(
+                f"Bad value {value!r} for '{key}' ({owner}): allowed values are "
+                f"{', '.join(map(str, option.choices))}."
+            )
+        return value
+    expected = option.type or (type(option.default) if option.default is not None else None)
+    if expected is None:
+        return value
+    if expected is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if expected is tuple and isinstance(value, list):
+        return tuple(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"Bad value {value!r} for '{key}' ({owner}): expected true or false.")
+    if expected in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"Bad value {value!r} for '{key}' ({owner}): expected a number.")
+    if not isinstance(value, expected):
+        name = expected.__name__ if isinstance(expected, type) else str(expected)
+        raise ConfigError(
+            f"Bad value {value!r} for '{key}' ({owner}): expected a {name}, e.g. "
+            f"--set {key}={option.default!r}."
+        )
+    return value
+
+
+def as_option(v: Any) -> Option:
+    return v if isinstance(v, Option) else Option(v)
+
+
+def assemble(
+    dataset_cls: Any,
+    method_cls: Any,
+    yaml_values: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build and validate the full config for one run. Returns a plain dict."""
+    schema: dict[str, tuple[Option, str]] = {k: (o, "trainer") for k, o in TRAINER_OPTIONS.items()}
+    for k, v in dataset_cls.options.items():
+        schema[k] = (as_option(v), f"dataset {dataset_cls.name}")
+    for k, v in method_cls.options.items():
+        if k in schema and schema[k][1] == "trainer":
+            raise ConfigError(f"Method {method_cls.name} declares option '{k}', a trainer key.")
+        schema[k] = (as_option(v), f"method {method_cls.name}")
+
+    cfg: dict[str, Any] = {k: copy.deepcopy(o.default) for k, (o, _) in schema.items()}
+    cfg["backbone"] = {}
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        (f"defaults of dataset {dataset_cls.name}", flatten_backbone(dataset_cls.defaults)),
+        (f"defaults of method {method_cls.name}", flatten_backbone(method_cls.defaults)),
+        (
+            f"paper values of {method_cls.name} on {dataset_cls.name}",
+            dataset_cls.method_defaults.get(method_cls.name, {}),
+        ),
+        ("the YAML file", yaml_values or {}),
+        ("--set", overrides or {}),
+    ]
+    for source, values in layers:
+        for key, value in values.items():
+            _apply(cfg, schema, key, value, source, dataset_cls, method_cls)
+    cfg["method"] = method_cls.name
+    cfg["dataset"] = dataset_cls.name
+    return cfg
+
+
+def _apply(cfg, schema, key, value, source, dataset_cls, method_cls) -> None:
+    if key.startswith("backbone."):
+        parts = key.split(".")
+        if len(parts) not in (3, 2) or not parts[1]:
+            raise ConfigError(
+                f"Bad key '{key}' from {source}: backbone keys look like "
+                f"backbone.<modality>.<field>, e.g. backbone.audio.name=resnet18."
+            )
+        field = parts[2] if len(parts) == 3 else "name"
+        cfg["backbone"].setdefault(parts[1], {})[field] = value
+        return
+    if key not in schema:
+        raise ConfigError(
+            f"Unknown config key '{key}' (from {source}).{did_you_mean(key, schema)} "
+            f"Valid keys are the trainer's ({', '.join(sorted(TRAINER_OPTIONS))}), dataset "
+            f"{dataset_cls.name}'s ({', '.join(sorted(dataset_cls.options)) or 'none'}) and "
+            f"method {method_cls.name}'s ({', '.join(sorted(method_cls.options)) or 'none'})."
+        )
+    option, owner = schema[key]
+    cfg[key] = _check_type(key, value, option, owner)
+
+
+def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
+
+
+def config_hash(cfg: Mapping[str, Any], length: int = 12) -> str:
+    """Stable hash of what the run computes (device, paths and logging left out)."""
+    blob = json.dumps(identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]

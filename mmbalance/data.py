@@ -1,0 +1,211 @@
+"""The dataset plugin contract and the shared data helpers.
+
+A dataset plugin is a class registered with ``@register_dataset``. It declares its defaults
+(training recipe, backbones per modality, its own options) and builds train / val / test
+splits whose items are dicts ``{"<modality>": Tensor, ..., "label": int, "index": int}``.
+Everything downstream (model assembly, trainer, metrics) only sees :class:`Splits`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mmbalance.errors import DataError
+
+DATA_ROOT_ENV = "MMBALANCE_DATA_ROOT"
+# Used when neither --data-root nor $MMBALANCE_DATA_ROOT is given: ./data, then the shared data
+# folder that sits beside a checkout of this project.
+DEFAULT_ROOTS = (Path("data"), Path("../shared/data"))
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """What one modality's tensors look like, so a backbone can be built for it.
+
+    kind: "vector" (C,), "spectrogram" (1, F, T), "image" (C, H, W), "video" (C, T, H, W),
+    "tokens" (L,) integer ids, or "sequence" (L, C) features.
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Splits:
+    """The three splits of one dataset plus what the model needs to know about them."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    modalities: dict[str, ModalitySpec]
+    num_classes: int
+    class_names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)  # recorded with the run (split rule...)
+    collate: Any = None  # optional custom collate_fn (e.g. token padding)
+
+
+class DatasetPlugin:
+    """Base class of dataset plugins.
+
+    Subclasses set ``modality_names`` (default modality order), ``defaults`` (config values
+    this dataset wants: epochs, lr, batch_size, ``backbone`` per modality, ...), ``options``
+    (dataset-only keys and their defaults, e.g. ``image_noise``) and ``method_defaults``
+    (per-method option values from the papers, e.g. IPRM's alpha per dataset), and implement
+    :meth:`build`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    modality_names: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+    options: ClassVar[dict[str, Any]] = {}
+    method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    needs_data_root: ClassVar[bool] = True
+    layout_help: ClassVar[str] = ""
+
+    def available_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
+        """Modalities this dataset can provide under ``cfg`` (files may decide, e.g. features)."""
+        return list(self.modality_names)
+
+    def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
+        """Build the splits, loading only ``modalities`` (a subset of the available ones)."""
+        raise NotImplementedError
+
+
+class DictDataset(Dataset):
+    """In-memory dataset of per-modality tensors; items are the contract's dicts."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], labels: torch.Tensor) -> None:
+        n = len(labels)
+        for name, t in tensors.items():
+            if len(t) != n:
+                raise ValueError(f"modality {name} has {len(t)} rows for {n} labels")
+        self.tensors = dict(tensors)
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {m: t[i] for m, t in self.tensors.items()}
+        item["label"] = int(self.labels[i])
+        item["index"] = int(i)
+        return item
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Whole-batch fetch (the DataLoader uses it when present): one index op per modality
+        instead of one dict per sample, which is most of the cost of small in-memory data."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        batch: dict[str, Any] = {m: t[idx] for m, t in self.tensors.items()}
+        batch["label"] = self.labels[idx]
+        batch["index"] = idx
+        return batch
+
+    def subset(self, idx: np.ndarray) -> DictDataset:
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        return DictDataset({m: t[idx_t] for m, t in self.tensors.items()}, self.labels[idx_t])
+
+
+def stratified_holdout(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (keep, holdout) with ``fraction`` of each class held out.
+
+    Used to carve a validation split from train where the source ships none; the seed is fixed
+    per dataset (not the run seed) so every run of a grid validates on the same samples.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    keep, hold = train_test_split(
+        idx, test_size=fraction, random_state=seed, stratify=labels, shuffle=True
+    )
+    return np.sort(keep), np.sort(hold)
+
+
+def resolve_data_root(cfg: Mapping[str, Any], dataset: str, subdir: str | None = None) -> Path:
+    """The directory a dataset reads: ``data_root`` from the config, else $MMBALANCE_DATA_ROOT.
+
+    With ``subdir``, ``<root>/<subdir>`` is used when it exists, so one root can hold several
+    datasets, and a root pointing straight at the dataset folder works too.
+    """
+    raw = cfg.get("data_root") or os.environ.get(DATA_ROOT_ENV)
+    if not raw:
+        fallback = next((p for p in DEFAULT_ROOTS if p.is_dir()), None)
+        if fallback is None:
+            raise DataError(
+                f"Dataset '{dataset}' needs a data root: pass --data-root DIR or set the "
+                f"environment variable {DATA_ROOT_ENV} (looked for a default in "
+                f"{', '.join(str(p) for p in DEFAULT_ROOTS)})."
+            )
+        raw = str(fallback)
+    root = Path(raw).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"Data root '{root}' for dataset '{dataset}' does not exist or is not a directory. "
+            f"Pass --data-root DIR (or set {DATA_ROOT_ENV}) to the folder that holds the data."
+        )
+    if subdir and (root / subdir).is_dir():
+        return root / subdir
+    return root
+
+
+def require_paths(dataset: str, root: Path, rel_paths: Sequence[str], layout: str, fix: str = "") -> None:
+    """Raise one DataError listing every expected path under ``root`` that is missing."""
+    missing = [p for p in rel_paths if not (root / p).exists()]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else "")
+        raise DataError(
+            f"Dataset '{dataset}': looked in '{root}' and did not find {shown}. Expected layout: "
+            f"{layout}{(' ' + fix) if fix else ''}"
+        )
+
+
+def check_split(
+    dataset: str,
+    split: str,
+    listed: Sequence[str],
+    usable: Sequence[str],
+    expected: int | None,
+    fix: str,
+    strict: bool = True,
+) -> list[str]:
+    """Compare a split's listed samples with those whose files exist, and with the manifest.
+
+    ``listed``: ids named by the split file; ``usable``: those whose files are all present;
+    ``expected``: the manifest count for the paper's split (None when the split is the user's
+    own). A manifest mismatch is an error only when ``strict`` (fixtures and subsets pass
+    ``strict=False`` via the dataset's ``check_manifest`` option). Returns the notes recorded
+    with the run.
+    """
+    usable_set = set(usable)
+    missing = [i for i in listed if i not in usable_set]
+    notes: list[str] = []
+    if not usable:
+        raise DataError(
+            f"Dataset '{dataset}', split '{split}': none of the {len(listed)} listed samples "
+            f"has its files on disk. {fix}"
+        )
+    if missing:
+        notes.append(f"{split}: {len(missing)} listed samples lack files (e.g. {missing[:3]})")
+    if expected is not None and len(usable) != expected:
+        msg = (
+            f"Dataset '{dataset}', split '{split}': the manifest expects {expected} samples, "
+            f"found {len(usable)} usable of {len(listed)} listed"
+            + (f"; missing files for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "") if missing else "")
+            + (f"; {len(usable) - expected} more than expected" if len(usable) > expected else "")
+            + f". {fix} To run on a subset on purpose, pass --set check_manifest=false."
+        )
+        if strict:
+            raise DataError(msg)
+        notes.append(msg)
+    return notes

@@ -1,0 +1,433 @@
+"""Audio and image helpers shared by the dataset plugins.
+
+The field's loaders compute their inputs with librosa, PIL and torchvision; these functions
+reproduce those recipes with soundfile, torchaudio and torch so every plugin gets the same
+numbers for the same file (see reference/datasets.md, "Common conventions"):
+
+* audio: read a WAV (soundfile), mix to mono (channel mean, as ``librosa.load``), resample
+  (torchaudio), tile/crop to a fixed length, clip to [-1, 1];
+* "spectrogram" (librosa family): ``log(|STFT| + 1e-7)`` with a periodic Hann window, centred
+  frames, so ``frames = 1 + n_samples // hop`` -> shape (1, 1 + n_fft // 2, frames);
+* "fbank" (torchaudio family): kaldi fbank of the mean-removed waveform, 128 mel bins, 10 ms
+  shift, zero-padded or cut to 1024 frames -> (1024, 128);
+* frames: list a clip's frame folder (sorted, or in the filesystem's order as the official
+  code does), choose k of them, load as RGB, ImageNet train/test transforms.
+
+Every failure to read a file raises :class:`DataError` naming that file, so a corrupt sample in
+a 7,000-clip dataset points at itself instead of at a worker traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mmbalance.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+LOG_EPS = 1e-7
+
+# ----------------------------------------------------------------------------------- audio
+
+
+def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
+    """Read a sound file as float32 (channels, samples) in [-1, 1] and its sample rate.
+
+    soundfile scales integer PCM by 1/32768 (int16) like librosa, so values match the field's
+    loaders. Any read failure (missing, truncated, not audio) becomes a DataError naming the
+    file.
+    """
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"Audio file '{p}' does not exist. Re-run the dataset's prepare step.")
+    try:
+        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise DataError(
+            f"Audio file '{p}' is corrupt or not a readable sound file ({exc}). Replace it "
+            f"from the raw release (or delete it so the sample is skipped) and run again."
+        ) from exc
+    return torch.from_numpy(np.ascontiguousarray(data.T)), int(rate)
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(orig: int, new: int):
+    """One cached torchaudio Resample per rate pair: its sinc kernel is built once."""
+    import torchaudio
+
+    return torchaudio.transforms.Resample(orig_freq=orig, new_freq=new)
+
+
+def resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    """Resample the last axis from ``orig`` Hz to ``new`` Hz (identity when equal)."""
+    if orig == new:
+        return wave
+    with torch.no_grad():
+        return _resampler(int(orig), int(new))(wave)
+
+
+def load_audio(path: str | Path, sample_rate: int | None = None, mono: bool = True) -> torch.Tensor:
+    """Load a sound file like ``librosa.load(path, sr=sample_rate, mono=mono)``.
+
+    Returns float32 (samples,) when ``mono`` (channel mean), else (channels, samples).
+    ``sample_rate=None`` keeps the file's rate.
+    """
+    wave, rate = read_wav(path)
+    if mono:
+        wave = wave.mean(dim=0)
+    if sample_rate is not None:
+        wave = resample(wave, rate, sample_rate)
+    return wave.to(torch.float32)
+
+
+def tile_to_length(wave: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Repeat the waveform end to end until it has ``num_samples``, then keep the first ones.
+
+    This is the field's loop "tile until at least N seconds, cut to N" (the IGM/AUG KS loader
+    doubles, IPRM's CREMA-D loader tiles 20 times: both give this prefix whenever the clip is
+    long enough for theirs to reach N). An empty waveform becomes silence, as in the lab code.
+    """
+    if wave.shape[-1] == 0:
+        return wave.new_zeros(*wave.shape[:-1], num_samples)
+    reps = math.ceil(num_samples / wave.shape[-1])
+    if reps > 1:
+        wave = wave.repeat(*([1] * (wave.dim() - 1)), reps)
+    return wave[..., :num_samples]
+
+
+def clip_unit(wave: torch.Tensor) -> torch.Tensor:
+    """Clip to [-1, 1] (the loaders do this before the STFT)."""
+    return wave.clamp(-1.0, 1.0)
+
+
+def log_stft(
+    wave: torch.Tensor,
+    n_fft: int = 512,
+    hop_length: int = 353,
+    eps: float = LOG_EPS,
+    pad_mode: str = "constant",
+) -> torch.Tensor:
+    """``log(|librosa.stft(wave, n_fft, hop_length)| + eps)`` as a (1 + n_fft // 2, T) tensor.
+
+    librosa's defaults: periodic Hann window of length n_fft, centred frames (n_fft // 2
+    padding each side), so T = 1 + len(wave) // hop_length. ``pad_mode`` "constant" (zeros) is
+    librosa >= 0.10's default; older librosa reflected.
+    """
+    wave = wave.to(torch.float32)
+    if pad_mode == "reflect" and wave.shape[-1] <= n_fft // 2:
+        pad_mode = "constant"  # reflection needs more samples than the pad
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float32, device=wave.device)
+    spec = torch.stft(
+        wave,
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=n_fft,
+        window=window,
+        center=True,
+        pad_mode=pad_mode,
+        return_complex=True,
+    )
+    return torch.log(spec.abs() + eps)
+
+
+def wav_to_log_spectrogram(
+    path: str | Path,
+    sample_rate: int,
+    seconds: float,
+    n_fft: int = 512,
+    hop_length: int = 353,
+) -> torch.Tensor:
+    """The librosa-family audio input of CREMA-D / Kinetics-Sounds: (1, F, T) float32.
+
+    load mono at ``sample_rate`` -> tile/crop to ``seconds`` -> clip to [-1, 1] -> log STFT.
+    """
+    wave = load_audio(path, sample_rate)
+    wave = clip_unit(tile_to_length(wave, int(round(sample_rate * seconds))))
+    return log_stft(wave, n_fft, hop_length).unsqueeze(0).contiguous()
+
+
+def spectrogram_shape(sample_rate: int, seconds: float, n_fft: int = 512, hop_length: int = 353) -> tuple[int, int, int]:
+    """The (1, F, T) shape :func:`wav_to_log_spectrogram` returns, without reading a file."""
+    return (1, 1 + n_fft // 2, 1 + int(round(sample_rate * seconds)) // hop_length)
+
+
+def kaldi_fbank(
+    wave: torch.Tensor,
+    sample_rate: int,
+    num_mel_bins: int = 128,
+    target_frames: int | None = 1024,
+    frame_shift_ms: float = 10.0,
+    frame_length_ms: float = 25.0,
+) -> torch.Tensor:
+    """The torchaudio-family audio input: kaldi fbank of the mean-removed waveform.
+
+    htk_compat, no energy, Hann ("hanning") window, no dither; then zero-padded or cut to
+    ``target_frames`` (None keeps every frame). Returns float32 (frames, num_mel_bins), time
+    first, as the ``.npy`` files of OGM-GE / BalanceMM / MLA store it.
+    """
+    from torchaudio.compliance import kaldi
+
+    if wave.dim() == 1:
+        wave = wave.unsqueeze(0)
+    wave = wave.to(torch.float32)
+    wave = wave - wave.mean()
+    feats = kaldi.fbank(
+        wave,
+        htk_compat=True,
+        sample_frequency=float(sample_rate),
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=num_mel_bins,
+        dither=0.0,
+        frame_shift=frame_shift_ms,
+        frame_length=frame_length_ms,
+    )
+    if target_frames is not None:
+        feats = pad_or_cut(feats, target_frames)
+    return feats.to(torch.float32)
+
+
+def pad_or_cut(feats: torch.Tensor, frames: int) -> torch.Tensor:
+    """Zero-pad or cut the first axis to ``frames`` rows."""
+    n = feats.shape[0]
+    if n < frames:
+        return torch.nn.functional.pad(feats, (0, 0, 0, frames - n))
+    return feats[:frames]
+
+
+def normalise_fbank(feats: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """AST-style normalisation ``(x - mean) / (2 std)`` (OGM-GE's KS: mean -4.503877, std 5.141276)."""
+    return (feats - mean) / (2.0 * std)
+
+
+def load_npy_feature(path: str | Path, ndim: int | None = None) -> torch.Tensor:
+    """Load a precomputed feature array (.npy) as float32, DataError naming a bad file."""
+    p = Path(path)
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(
+            f"Feature file '{p}' is missing, corrupt or not a .npy array ({exc}). Recreate it "
+            f"with the dataset's prepare step."
+        ) from exc
+    if ndim is not None and arr.ndim != ndim:
+        raise DataError(
+            f"Feature file '{p}' holds an array of shape {arr.shape}; expected {ndim} "
+            f"dimensions. Recreate it with the dataset's prepare step."
+        )
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------------- images
+
+
+def list_frames(folder: str | Path, sort: bool = True) -> list[str]:
+    """Image file names in a clip's frame folder.
+
+    ``sort=False`` keeps ``os.listdir`` order, which is what the official loaders index into
+    (and which differs between filesystems, hence the sorted default).
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError as exc:
+        raise DataError(f"Frame folder '{folder}' cannot be listed ({exc}).") from exc
+    names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    return sorted(names) if sort else names
+
+
+def count_frames(folder: str | Path) -> int:
+    """How many image files a frame folder holds (0 when it does not exist)."""
+    try:
+        return len(list_frames(folder, sort=False))
+    except DataError:
+        return 0
+
+
+def choose_frames(available: int, k: int, train: bool) -> list[int]:
+    """Which of ``available`` listed frames to read.
+
+    Train: k distinct random indices, sorted (IPRM's CREMA-D rule), drawn from torch's global
+    RNG so the trainer's per-epoch/per-worker seeding makes them reproducible. Test: the first
+    k. Fewer than k frames -> DataError (the plugins drop such clips when indexing).
+    """
+    if available < k:
+        raise DataError(f"Need {k} frames but the clip has only {available}.")
+    if not train:
+        return list(range(k))
+    return sorted(torch.randperm(available)[:k].tolist())
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as an RGB PIL image; DataError naming the file if it is unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as exc:
+        raise DataError(
+            f"Image file '{path}' is missing, corrupt or not an image ({exc}). Re-extract the "
+            f"frames with the dataset's prepare step."
+        ) from exc
+
+
+def imagenet_transform(train: bool, size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
+    """The field's frame transforms, ImageNet-normalised.
+
+    Train: RandomResizedCrop(size) + horizontal flip (torch's global RNG). Test:
+    Resize((size, size)), no crop.
+    """
+    from torchvision import transforms as T
+
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
+    return T.Compose([T.Resize((size, size)), *norm])
+
+
+def load_frame_stack(
+    paths: Sequence[str | Path], transform: Callable[[Image.Image], torch.Tensor]
+) -> torch.Tensor:
+    """Load frames, transform each independently (as the official loaders do), stack to
+    (C, T, H, W) float32."""
+    frames = [transform(load_rgb(p)) for p in paths]
+    return torch.stack(frames, dim=1).to(torch.float32).contiguous()
+
+
+def read_text_lines(path: str | Path) -> list[str]:
+    """Non-empty lines of a list/csv file: UTF-8 with optional BOM, CRLF stripped."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"List file '{p}' cannot be read as UTF-8 text ({exc}).") from exc
+    return [ln.strip("\r\n\t ") for ln in text.splitlines() if ln.strip("\r\n\t ")]
+
+
+# ------------------------------------------------------------------------- clip datasets
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One audio-visual sample on disk: an audio source and a folder of frames."""
+
+    clip_id: str
+    label: int
+    audio: Path  # a sound file or a precomputed feature file, per the dataset's audio loader
+    frame_dir: Path
+    frame_names: tuple[str, ...]  # the folder listing, in the order frames are indexed
+
+
+class AVClipDataset(Dataset):
+    """Audio + frame-folder clips as the contract's dicts ``{"audio", "visual", "label", "index"}``.
+
+    ``audio_loader`` maps a clip's audio path to a (1, F, T) float32 tensor (a
+    ``functools.partial`` of a module-level function, so worker processes can pickle it).
+    Train mode draws k random frames and random crops from torch's global RNG; eval mode reads
+    the first k frames with a plain resize. Modalities not in ``modalities`` are never read.
+    """
+
+    def __init__(
+        self,
+        clips: Sequence[Clip],
+        modalities: Sequence[str],
+        audio_loader: Callable[[Path], torch.Tensor],
+        frames: int,
+        image_size: int,
+        train: bool,
+    ) -> None:
+        self.clips = list(clips)
+        self.modalities = tuple(modalities)
+        self.audio_loader = audio_loader
+        self.frames = frames
+        self.image_size = image_size
+        self.train = train
+        self.transform = imagenet_transform(train, image_size)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([c.label for c in self.clips], dtype=np.int64)
+
+    def subset(self, idx: Sequence[int], train: bool) -> AVClipDataset:
+        """The clips at ``idx`` with train- or eval-mode sampling (a carved val split is eval)."""
+        return AVClipDataset(
+            [self.clips[i] for i in idx], self.modalities, self.audio_loader, self.frames,
+            self.image_size, train,
+        )
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        clip = self.clips[i]
+        item: dict[str, Any] = {}
+        if "audio" in self.modalities:
+            item["audio"] = self.audio_loader(clip.audio)
+        if "visual" in self.modalities:
+            picks = choose_frames(len(clip.frame_names), self.frames, self.train)
+            paths = [clip.frame_dir / clip.frame_names[k] for k in picks]
+            item["visual"] = load_frame_stack(paths, self.transform)
+        item["label"] = int(clip.label)
+        item["index"] = int(i)
+        return item
+
+
+def load_log_spectrogram(
+    path: Path, sample_rate: int, seconds: float, n_fft: int, hop_length: int
+) -> torch.Tensor:
+    """Audio loader for :class:`AVClipDataset`: a WAV -> (1, F, T) log spectrogram."""
+    return wav_to_log_spectrogram(path, sample_rate, seconds, n_fft, hop_length)
+
+
+def load_fbank_npy(path: Path, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """Audio loader for :class:`AVClipDataset`: a stored (frames, mel) fbank -> (1, frames, mel)."""
+    feats = load_npy_feature(path, ndim=2)
+    if shape is not None and tuple(feats.shape) != tuple(shape):
+        raise DataError(
+            f"Feature file '{path}' has shape {tuple(feats.shape)}; expected {tuple(shape)}. "
+            f"Recreate it with the dataset's prepare step."
+        )
+    return feats.unsqueeze(0).contiguous()
+
+
+def carve_validation(
+    train: AVClipDataset, test: Dataset, fraction: float, seed: int, dataset: str
+) -> tuple[AVClipDataset, Dataset, str]:
+    """Hold out a stratified ``fraction`` of train as validation (eval-mode sampling).
+
+    The seed is the dataset's fixed one, not the run seed, so every cell of a grid validates on
+    the same clips. ``fraction == 0`` keeps all of train (the papers' protocol) and validates
+    on the test split, which the returned rule says. Returns (train, val, rule).
+    """
+    from mmbalance.data import stratified_holdout
+
+    if fraction <= 0:
+        rule = "val_fraction=0: no holdout, training on the full train split; val is the test split"
+        return train, test, rule
+    if fraction >= 1:
+        raise DataError(f"Dataset '{dataset}': val_fraction must be below 1, got {fraction}.")
+    try:
+        keep, hold = stratified_holdout(train.labels, fraction, seed)
+    except ValueError as exc:
+        raise DataError(
+            f"Dataset '{dataset}': cannot hold out a stratified val_fraction={fraction} of "
+            f"{len(train)} training clips ({exc}). Use a larger train split or change "
+            f"--set val_fraction=..."
+        ) from exc
+    rule = (
+        f"val = stratified {fraction:g} of the train split (sklearn train_test_split, fixed "
+        f"seed {seed}, not the run seed); {len(keep)} train / {len(hold)} val"
+    )
+    return train.subset(keep, train=True), train.subset(hold, train=False), rule

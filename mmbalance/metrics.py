@@ -1,0 +1,62 @@
+"""Classification metrics from scikit-learn, and the named model-selection rules.
+
+MAP is the lab protocol of LFM/IPRM (iprm.md section 9): one-vs-rest average precision per
+class on softmax scores, averaged without weights over the classes present in the labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score
+
+SELECTION_RULES = ("last", "best_val", "best_test")
+RULE_CAPTIONS = {
+    "last": "test metrics at the last epoch",
+    "best_val": "test metrics at the epoch of best validation accuracy",
+    "best_test": "test metrics at the epoch of best test accuracy (the papers' protocol: "
+    "selection on the test set, optimistic)",
+}
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy, MAP and macro-F1 (all in %) of ``logits`` (N, K) against ``labels`` (N,)."""
+    scores = torch.softmax(logits.float(), dim=1).numpy()
+    y = labels.numpy()
+    pred = scores.argmax(1)
+    present = [k for k in range(num_classes) if (y == k).any()]
+    onehot = np.eye(num_classes, dtype=np.int64)[y]
+    ap = [average_precision_score(onehot[:, k], scores[:, k]) for k in present]
+    return {
+        "acc": 100.0 * float(accuracy_score(y, pred)),
+        "map": 100.0 * float(np.mean(ap)) if ap else float("nan"),
+        "f1": 100.0 * float(f1_score(y, pred, labels=list(range(num_classes)), average="macro", zero_division=0)),
+    }
+
+
+def select_epoch(history: Sequence[dict[str, Any]], rule: str) -> dict[str, Any] | None:
+    """The epoch entry chosen by ``rule``; ties go to the first epoch reaching the maximum."""
+    if not history:
+        return None
+    if rule == "last":
+        return history[-1]
+    split = {"best_val": "val", "best_test": "test"}[rule]
+    best = None
+    for entry in history:
+        acc = entry[split]["fused"]["acc"]
+        if best is None or acc > best[split]["fused"]["acc"]:
+            best = entry
+    return best
+
+
+def final_metrics(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Test (and val) metrics under every selection rule, labelled with its epoch."""
+    out: dict[str, Any] = {}
+    for rule in SELECTION_RULES:
+        entry = select_epoch(history, rule)
+        if entry is not None:
+            out[rule] = {"epoch": entry["epoch"], "test": entry["test"], "val": entry["val"]}
+    return out

@@ -1,0 +1,108 @@
+"""Model assembly: one encoder and one unimodal head per modality, plus a method-built fusion.
+
+Parameters are addressed by group (``encoder_params(m)``, ``uni_head_params(m)``,
+``fusion_params()``), never by substring-matching names, so gradient methods modulate exactly
+the encoder whatever its architecture (methods-a.md 0.3-3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmbalance.data import ModalitySpec
+from mmbalance.errors import ConfigError
+from mmbalance.registry import BACKBONES
+
+
+@dataclass
+class Outputs:
+    feats: dict[str, torch.Tensor]
+    uni: dict[str, torch.Tensor]
+    fused: torch.Tensor | None
+
+
+class MultimodalModel(nn.Module):
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        num_classes: int,
+        fusion: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.modalities = list(encoders)
+        self.num_classes = num_classes
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.uni_heads = nn.ModuleDict(
+            {m: nn.Linear(enc.out_dim, num_classes) for m, enc in encoders.items()}
+        )
+        self.fusion = fusion
+        self.extra = nn.ModuleDict()  # method-owned modules/parameters (e.g. a learnable beta)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {m: enc.out_dim for m, enc in self.encoders.items()}
+
+    def encode(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {m: enc(batch[m]) for m, enc in self.encoders.items()}
+
+    def unimodal_logits(self, feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.uni_heads[m](feats[m]) for m in self.modalities}
+
+    def fuse(self, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.fusion is None:
+            raise RuntimeError("this model has no fused head")
+        return self.fusion(feats)
+
+    def forward(self, batch: Mapping[str, Any]) -> Outputs:
+        feats = self.encode(batch)
+        fused = self.fuse(feats) if self.fusion is not None else None
+        return Outputs(feats, self.unimodal_logits(feats), fused)
+
+    # parameter groups -------------------------------------------------------------------
+    def encoder_params(self, m: str) -> list[nn.Parameter]:
+        return list(self.encoders[m].parameters())
+
+    def uni_head_params(self, m: str) -> list[nn.Parameter]:
+        return list(self.uni_heads[m].parameters())
+
+    def fusion_params(self) -> list[nn.Parameter]:
+        return list(self.fusion.parameters()) if self.fusion is not None else []
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups: dict[str, list[nn.Parameter]] = {}
+        for m in self.modalities:
+            groups[f"encoder.{m}"] = self.encoder_params(m)
+            groups[f"uni_head.{m}"] = self.uni_head_params(m)
+        groups["fusion"] = self.fusion_params()
+        groups["extra"] = list(self.extra.parameters())
+        return groups
+
+
+def build_encoder(
+    modality: str, spec: ModalitySpec, table: Mapping[str, Any], embed_dim: int | None
+) -> nn.Module:
+    """Build one encoder from its ``backbone.<modality>`` config entry."""
+    entry = dict(table.get(modality) or {})
+    name = entry.pop("name", None) or spec.extras.get("default_backbone")
+    if not name:
+        raise ConfigError(
+            f"No backbone is configured for modality '{modality}'. Set one with "
+            f"--set backbone.{modality}.name=NAME (see 'mmbalance list backbones')."
+        )
+    builder = BACKBONES.get(name)
+    weights = entry.pop("weights", None)
+    try:
+        enc = builder(spec, embed_dim, weights=weights, **entry)
+    except TypeError as exc:
+        raise ConfigError(
+            f"Backbone '{name}' for modality '{modality}' rejected its settings {entry}: {exc}. "
+            f"Check the backbone.{modality}.* keys."
+        ) from exc
+    if not hasattr(enc, "out_dim"):
+        raise TypeError(f"backbone {name} did not set out_dim on the module it built")
+    return enc

@@ -1,0 +1,63 @@
+"""Programmatic entry point: one call runs (or resumes, or skips) one cell."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmbalance import config as config_mod
+from mmbalance.registry import DATASETS, METHODS
+from mmbalance.trainer import Trainer
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    record: dict[str, Any]  # folded record: header, epochs, final, done
+    config: dict[str, Any]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.record["final"]["selection"]
+
+
+def resolve_config(
+    method: str,
+    dataset: str,
+    overrides: Mapping[str, Any] | None = None,
+    yaml_path: str | Path | None = None,
+) -> tuple[dict[str, Any], Any, Any]:
+    method_cls = METHODS.get(method)
+    dataset_cls = DATASETS.get(dataset)
+    yaml_values = config_mod.load_yaml(yaml_path) if yaml_path else None
+    cfg = config_mod.assemble(dataset_cls, method_cls, yaml_values, overrides)
+    return cfg, dataset_cls, method_cls
+
+
+def make_trainer(
+    method: str,
+    dataset: str,
+    overrides: Mapping[str, Any] | None = None,
+    yaml_path: str | Path | None = None,
+) -> Trainer:
+    cfg, dataset_cls, method_cls = resolve_config(method, dataset, overrides, yaml_path)
+    return Trainer(cfg, dataset_cls(), method_cls(cfg))
+
+
+def run(
+    method: str,
+    dataset: str,
+    overrides: Mapping[str, Any] | None = None,
+    yaml_path: str | Path | None = None,
+    fresh: bool = False,
+) -> RunResult:
+    """Train one cell and return its record. A finished cell is not trained again; a killed
+    one resumes from its last epoch checkpoint; ``fresh=True`` discards both and starts over."""
+    trainer = make_trainer(method, dataset, overrides, yaml_path)
+    if fresh and trainer.run_dir.exists():
+        shutil.rmtree(trainer.run_dir)
+    record = trainer.fit()
+    return RunResult(trainer.run_dir, record, trainer.cfg)

@@ -1,0 +1,40 @@
+"""Test-wide settings: offline hubs, no wandb by default, the shared data root, GPU skipping."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MMBALANCE_TEST_DATA", REPO.parent / "shared" / "data"))
+os.environ.setdefault("MMBALANCE_DATA_ROOT", str(SHARED_DATA))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "fsdd" / "recordings").is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def fast(tmp_path: Path) -> dict:
+    """Overrides for quick CPU runs writing records under tmp_path."""
+    return {"records": str(tmp_path / "runs"), "progress": "off", "device": "cpu"}
