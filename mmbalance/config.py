@@ -79,8 +79,18 @@ NON_SEMANTIC_KEYS = frozenset(
 )
 
 
+YAML11_BOOL_WORDS = {"on", "off", "yes", "no", "y", "n"}
+BOOL_WORDS = {"true": True, "false": False, "on": True, "off": False, "yes": True, "no": False, "1": True, "0": False}
+
+
 def parse_value(text: str) -> Any:
-    """CLI text -> Python value with YAML's rules (numbers, true/false, null, [lists])."""
+    """CLI text -> Python value with YAML's rules (numbers, true/false, null, [lists]).
+
+    YAML 1.1's on/off/yes/no stay strings (``progress=off`` is a choice, not False); boolean
+    options accept them anyway.
+    """
+    if text.strip().lower() in YAML11_BOOL_WORDS:
+        return text.strip()
     try:
         return yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -132,6 +142,8 @@ def _check_type(key: str, value: Any, option: Option, owner: str) -> Any:
     if value is None:
         return None
     if option.choices is not None:
+        if isinstance(value, bool) and ("on" if value else "off") in option.choices:
+            value = "on" if value else "off"  # YAML 1.1 files read on/off as booleans
         if value not in option.choices:
             raise ConfigError(
                 f"Bad value {value!r} for '{key}' ({owner}): allowed values are "
@@ -149,6 +161,8 @@ def _check_type(key: str, value: Any, option: Option, owner: str) -> Any:
         return int(value)
     if expected is tuple and isinstance(value, list):
         return tuple(value)
+    if expected is bool and isinstance(value, str | int) and str(value).lower() in BOOL_WORDS:
+        return BOOL_WORDS[str(value).lower()]
     if expected is bool and not isinstance(value, bool):
         raise ConfigError(f"Bad value {value!r} for '{key}' ({owner}): expected true or false.")
     if expected in (int, float) and isinstance(value, bool):

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from mmbalance import records
+from mmbalance.config import config_hash
 from mmbalance.errors import MMBalanceError
 from mmbalance.metrics import RULE_CAPTIONS, SELECTION_RULES
 
@@ -47,6 +48,8 @@ def runs_table(record_dirs: Iterable[Path], root: Path | None = None) -> pd.Data
             "epochs": len(epochs),
             "device": header["device"],
             "config_hash": header["config_hash"],
+            "cell": config_hash({k: v for k, v in header["config"].items() if k != "seed"}),
+            "_config": header["config"],
             "run_dir": str(run_dir.relative_to(root)) if root else str(run_dir),
             "epoch_time_s": sum(e["train_time_s"] for e in epochs) / max(1, len(epochs)),
         }
@@ -57,7 +60,27 @@ def runs_table(record_dirs: Iterable[Path], root: Path | None = None) -> pd.Data
                     for metric, value in metrics.items():
                         row[f"{rule}.{part}.{metric}"] = value
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df = disambiguate(df)
+    return df.drop(columns=["_config"]) if "_config" in df else df
+
+
+def disambiguate(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs that share a method label and dataset but differ in configuration (other than the
+    seed) must not be averaged together: their labels get the differing settings appended."""
+    df = df.copy()
+    for (_, _), sub in df.groupby(["method", "dataset"]):
+        cells = sub.drop_duplicates("cell")
+        if len(cells) < 2:
+            continue
+        configs = [c for c in cells["_config"]]
+        keys = sorted(k for k in set().union(*configs)
+                      if k != "seed" and len({repr(c.get(k)) for c in configs}) > 1)
+        for idx, row in sub.iterrows():
+            extra = ", ".join(f"{k}={row['_config'].get(k)}" for k in keys)
+            df.at[idx, "method"] = f"{row['method']} ({extra})"
+    return df
 
 
 def _fmt(mean: float, std: float, n: int, n_max: int) -> str:

@@ -46,9 +46,9 @@ def setup_trainer(tmp_path, **overrides):
     return trainer
 
 
-def first_batch(trainer, n: int = 16):
-    loader = torch.utils.data.DataLoader(trainer.splits.train, batch_size=n, shuffle=False)
-    return to_device(next(iter(loader)), trainer.device)
+def first_batch(trainer):
+    """The first (unshuffled) training batch, through the trainer's own loader and collate."""
+    return to_device(next(iter(trainer.loader(trainer.splits.train, train=False))), trainer.device)
 
 
 def params_of(model) -> dict[str, torch.Tensor]:
@@ -110,7 +110,7 @@ def _plugin_step(trainer, batch) -> torch.Tensor:
 
 def _warm_up(trainer, steps: int = 5) -> None:
     """A few plugin steps, so the encoders and the probe state are no longer at init."""
-    loader = torch.utils.data.DataLoader(trainer.splits.train, batch_size=32)
+    loader = trainer.loader(trainer.splits.train, train=True)
     for batch, _ in zip(loader, range(steps), strict=False):
         _plugin_step(trainer, to_device(batch, trainer.device))
 
@@ -157,7 +157,7 @@ def test_default_step_rebalances_at_the_probe_weight(tmp_path):
 def test_state_follows_eq4_across_steps_and_round_trips(tmp_path):
     trainer = setup_trainer(tmp_path, alpha=0.6)
     method, fusion = trainer.method, trainer.model.fusion
-    loader = torch.utils.data.DataLoader(trainer.splits.train, batch_size=32)
+    loader = trainer.loader(trainer.splits.train, train=True)
     lam_prev, omega_prev = torch.tensor(0.5), torch.tensor(0.5)
     for batch, _ in zip(loader, range(4), strict=False):
         _plugin_step(trainer, to_device(batch, trainer.device))
@@ -376,3 +376,25 @@ def test_resume_restores_probe_state(tmp_path):
     for key in ("lambda_m1", "omega_m1", "kl_m2"):
         assert b["diagnostics"][key] == pytest.approx(a["diagnostics"][key], abs=1e-6)
     assert b["test"]["fused"]["acc"] == pytest.approx(a["test"]["fused"]["acc"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overrides", [{}, {"n_modalities": 3}, {"n_modalities": 3, "pair_mode": "single_cls"}])
+def test_cuda_bf16_step_never_syncs_with_the_host(tmp_path, overrides):
+    """Probe, rebalance, state update and logging stay on the device: with CUDA's sync debug
+    mode set to "error", any .item()/bool() on a device tensor inside the step would raise."""
+    trainer = setup_trainer(tmp_path, device="cuda", amp="bf16", **overrides)
+    batch = first_batch(trainer)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with trainer.autocast():
+            loss = trainer.method.training_step(batch, 0)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+    fusion = trainer.model.fusion
+    assert fusion.lam.device.type == "cuda" and fusion.lam.dtype == torch.float32
+    assert all(0.0 < w < 1.0 for w in fusion.omega.tolist())

@@ -414,3 +414,14 @@ def test_iemocap_without_lists_or_wavs(tmp_path):
     (tmp_path / "raw" / "my_test_iemo.txt").write_text("u2.mp4 [split|sign] hi [split|sign] Sad\n")
     with pytest.raises(DataError, match="has a <utt>.wav"):
         prep.prepare("iemocap", tmp_path / "raw", tmp_path / "out")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_horn_schunck_on_cuda_matches_cpu():
+    big = _texture(96)
+    moved = prep.warp(big[None, None], torch.tensor([-3.0, 1.0]).view(1, 2, 1, 1).expand(1, 2, 96, 96))
+    i1, i2 = big[16:80, 16:80][None], moved[0, :, 16:80, 16:80]
+    cpu = prep.horn_schunck(i1, i2)
+    gpu = prep.horn_schunck(i1.cuda(), i2.cuda()).cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-3)
