@@ -76,7 +76,7 @@ def read_wav(path: Path) -> np.ndarray:
 def log_mel(waves: np.ndarray, n_mels: int, seconds: float) -> torch.Tensor:
     """(N, samples) -> (N, 1, n_mels, frames) log-mel spectrograms."""
     mel = torchaudio.transforms.MelSpectrogram(
-        sample_rate=SAMPLE_RATE, n_fft=256, win_length=256, hop_length=64, n_mels=n_mels, f_max=SAMPLE_RATE / 2
+        sample_rate=SAMPLE_RATE, n_fft=256, win_length=256, hop_length=128, n_mels=n_mels, f_max=SAMPLE_RATE / 2
     )
     with torch.no_grad():
         spec = mel(torch.from_numpy(waves))

@@ -81,6 +81,20 @@ class DatasetPlugin:
         raise NotImplementedError
 
 
+class BatchView(Dataset):
+    """Wraps a dataset with ``get_batch`` so a DataLoader driven by a BatchSampler (with
+    ``batch_size=None``) fetches whole batches in one call."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, indices: Sequence[int]) -> dict[str, Any]:
+        return self.base.get_batch(indices)
+
+
 class DictDataset(Dataset):
     """In-memory dataset of per-modality tensors; items are the contract's dicts."""
 
@@ -101,9 +115,9 @@ class DictDataset(Dataset):
         item["index"] = int(i)
         return item
 
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
-        """Whole-batch fetch (the DataLoader uses it when present): one index op per modality
-        instead of one dict per sample, which is most of the cost of small in-memory data."""
+    def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Whole-batch fetch used by the trainer: one index op per modality instead of one
+        dict per sample, which is most of the cost of small in-memory data."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         batch: dict[str, Any] = {m: t[idx] for m, t in self.tensors.items()}
         batch["label"] = self.labels[idx]

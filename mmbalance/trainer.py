@@ -25,11 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    default_collate,
+)
 
 from mmbalance import records
 from mmbalance.config import config_hash
-from mmbalance.data import DatasetPlugin, Splits
+from mmbalance.data import BatchView, DatasetPlugin, Splits
 from mmbalance.errors import ConfigError, MMBalanceError
 from mmbalance.method import Method, Prediction
 from mmbalance.metrics import classification_metrics, final_metrics
@@ -165,27 +172,25 @@ class Trainer:
 
     # ---- data -----------------------------------------------------------------------------
     def loader(self, ds: Dataset, train: bool, epoch: int = 0) -> DataLoader:
+        """Shuffled (train) or ordered loader; the shuffle is seeded from (seed, epoch)."""
         cfg = self.cfg
         gen = torch.Generator()
         gen.manual_seed(epoch_seed(cfg["seed"], epoch))
         bs = cfg["batch_size"] if train else (cfg["eval_batch_size"] or 2 * cfg["batch_size"])
         workers = cfg["num_workers"]
-        return DataLoader(
-            ds,
-            batch_size=bs,
-            shuffle=train,
-            drop_last=False,
-            num_workers=workers,
-            generator=gen,
-            worker_init_fn=_worker_init if workers else None,
-            pin_memory=self.device.type == "cuda",
-            collate_fn=self._collate,
-            persistent_workers=False,
-        )
+        common = {
+            "num_workers": workers,
+            "worker_init_fn": _worker_init if workers else None,
+            "pin_memory": self.device.type == "cuda",
+            "generator": gen,
+        }
+        if hasattr(ds, "get_batch"):  # in-memory data: fetch whole batches at once
+            order = RandomSampler(ds, generator=gen) if train else SequentialSampler(ds)
+            sampler = BatchSampler(order, batch_size=bs, drop_last=False)
+            return DataLoader(BatchView(ds), batch_size=None, sampler=sampler, **common)
+        return DataLoader(ds, batch_size=bs, shuffle=train, drop_last=False, collate_fn=self._collate, **common)
 
     def _collate(self, items: Any) -> Any:
-        if isinstance(items, Mapping):  # already a batch (DictDataset.__getitems__)
-            return items
         assert self.splits is not None
         return (self.splits.collate or default_collate)(items)
 

@@ -179,6 +179,15 @@ def test_cremad_random_split_writes_layout_b_the_loader_reads(tmp_path):
     item = splits.test[0]
     assert item["visual"].shape == (3, 2, 32, 32) and item["audio"].shape[0] == 1
 
+    from mmbalance.runner import run
+
+    result = run("concat", "cremad", overrides={
+        "data_root": str(out), "epochs": 1, "device": "cpu", "records": str(tmp_path / "runs"),
+        "limit_train_batches": 1, "limit_eval_batches": 1, "batch_size": 2,
+        "check_manifest": False, "val_fraction": 0.0, "image_size": 32, "audio_seconds": 0.5,
+    })
+    assert "final" in result.record and result.run_dir.is_dir()
+
 
 def test_cremad_user_split_files_resume_and_workers(tmp_path):
     raw = make_cremad_raw(tmp_path)
