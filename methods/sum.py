@@ -1,7 +1,8 @@
 """Sum: late fusion by adding per-modality linear heads' logits (methods-b.md 1.2)."""
 
-from mmbalance.method import Method
 from mmbalance.methods.concat import UNIMODAL_LOSS
+
+from mmbalance.method import Method
 from mmbalance.registry import register_method
 
 

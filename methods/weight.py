@@ -5,9 +5,10 @@ across modalities, and the weighted sum of features feeds one shared linear head
 scalar attention is available as ``weight_mode=cmml_attention``.
 """
 
+from mmbalance.methods.concat import UNIMODAL_LOSS
+
 from mmbalance.config import Option
 from mmbalance.method import Method
-from mmbalance.methods.concat import UNIMODAL_LOSS
 from mmbalance.registry import register_method
 
 

@@ -28,6 +28,17 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="discard an earlier record/checkpoint of this exact run")
 
 
+def _prepare_epilog() -> str:
+    from mmbalance.prepare import RAW_LAYOUTS, preparer_options
+
+    parts = []
+    for name, layout in RAW_LAYOUTS.items():
+        opts = ", ".join(f"{k}={v!r}" for k, v in preparer_options(name).items())
+        parts.append(f"{name}:\n" + textwrap.indent(textwrap.fill(layout, 96), "  ")
+                     + "\n" + textwrap.indent(textwrap.fill(f"options (--set): {opts}", 96), "  "))
+    return "\n\n".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmbalance",
@@ -58,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_lb.add_argument("--rule", dest="rules", action="append",
                       help="selection rule(s): best_val, best_test, last (default: all three)")
 
-    p_prep = sub.add_parser("prepare", help="one-time preparation of a raw paper dataset")
+    p_prep = sub.add_parser(
+        "prepare", help="one-time preparation of a raw paper dataset",
+        description="Turn a raw release into the layout a dataset plugin reads.",
+        epilog=_prepare_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p_prep.add_argument("dataset")
     p_prep.add_argument("--raw", required=True, help="folder of the raw release")
     p_prep.add_argument("--out", required=True, help="data root to write the prepared layout into")

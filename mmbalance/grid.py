@@ -85,8 +85,8 @@ def load_grid(path: str | Path) -> Grid:
 
 def run_grid(grid: Grid, shared: Mapping[str, Any], dry_run: bool = False) -> int:
     """Run every cell; returns 0 when all ran or were skipped as unsupported, 1 otherwise."""
-    from mmbalance.runner import make_trainer
     from mmbalance.records import CHECKPOINT, DONE
+    from mmbalance.runner import make_trainer
 
     base = {"records": grid.records or "runs", "progress": "off", **shared}
     failed = 0

@@ -47,15 +47,8 @@ class Registry:
                     f"Two {self.kind}s are registered under the name '{key}': "
                     f"{_qualname(old.obj)} and {_qualname(obj)}. Rename one of them."
                 )
-            desc = description or (obj.__doc__ or "").strip().splitlines()[0:1]
-            if isinstance(desc, list):
-                desc = desc[0] if desc else ""
-            self._entries[key] = Entry(key, obj, desc)
-            if hasattr(obj, "__dict__") and not isinstance(obj, type(lambda: 0)):
-                try:
-                    obj.registry_name = key
-                except (AttributeError, TypeError):
-                    pass
+            doc = (getattr(obj, "__doc__", None) or "").strip()
+            self._entries[key] = Entry(key, obj, description or (doc.splitlines()[0] if doc else ""))
             return obj
 
         return decorate

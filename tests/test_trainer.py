@@ -181,3 +181,11 @@ def test_cuda_requested_without_cuda_is_a_clear_error(fast):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="no CUDA device"):
         make_trainer("concat", "synthetic", {**fast, "device": "cuda"})
+
+
+def test_wandb_logging_works_offline(fast, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    r = run("concat", "synthetic", {**fast, **SMALL, "epochs": 1, "wandb": True, "wandb_mode": "offline"})
+    files = list((r.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert files and files[0].stat().st_size > 0
