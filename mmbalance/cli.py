@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--dataset", required=True)
     _add_run_args(p_run)
 
+    p_cfg = sub.add_parser("config", help="show every setting a run would use, with its help and owner")
+    p_cfg.add_argument("--method", required=True)
+    p_cfg.add_argument("--dataset", required=True)
+    _add_run_args(p_cfg)
+
     p_grid = sub.add_parser("grid", help="run every cell of a method x dataset x seed grid (YAML)")
     p_grid.add_argument("grid_file", help="YAML grid definition (see benchmarks/grids/)")
     p_grid.add_argument("--records", help="directory for run records (default: the grid's, else ./runs)")
@@ -135,6 +140,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from mmbalance.config import describe
+    from mmbalance.runner import resolve_config
+
+    cfg, dataset_cls, method_cls = resolve_config(args.method, args.dataset, _overrides(args), args.config)
+    print(describe(cfg, dataset_cls, method_cls))
+    return 0
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     from mmbalance.grid import load_grid, run_grid
 
@@ -162,7 +176,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "grid": cmd_grid, "leaderboard": cmd_leaderboard, "prepare": cmd_prepare}
+COMMANDS = {"list": cmd_list, "config": cmd_config, "run": cmd_run, "grid": cmd_grid, "leaderboard": cmd_leaderboard, "prepare": cmd_prepare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,7 +59,7 @@ TRAINER_OPTIONS: dict[str, Option] = {
     "backbone": _opt({}, "per-modality backbone table: backbone.<modality>.name/weights/<kwarg>", type=dict),
     "device": _opt("auto", "auto | cpu | cuda | cuda:N", type=str),
     "amp": _opt("auto", "mixed precision: auto = bf16 autocast on CUDA, none on CPU", ["auto", "bf16", "none"]),
-    "num_workers": _opt(0, "data-loader worker processes"),
+    "num_workers": _opt(None, "data-loader worker processes (default: 0 for in-memory data, else up to 8)", type=int),
     "data_root": _opt(None, "data root (also $MMBALANCE_DATA_ROOT)", type=str),
     "records": _opt("runs", "directory that holds run records", type=str),
     "select": _opt("best_val", "selection rule shown in the summary", ["last", "best_val", "best_test"]),
@@ -109,17 +109,22 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every problem is a ConfigError naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"Config file '{p}' does not exist. Pass the path of a YAML file.")
+        raise ConfigError(f"{what} '{p}' does not exist. Pass the path of a YAML file.")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{what} '{p}' is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file '{p}' must hold a mapping of key: value pairs.")
-    return flatten_backbone(data)
+        raise ConfigError(f"{what} '{p}' must hold a mapping of key: value pairs.")
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    return flatten_backbone(read_yaml_mapping(path))
 
 
 def flatten_backbone(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -235,6 +240,24 @@ def _apply(cfg, schema, key, value, source, dataset_cls, method_cls) -> None:
         )
     option, owner = schema[key]
     cfg[key] = _check_type(key, value, option, owner)
+
+
+def describe(cfg: Mapping[str, Any], dataset_cls: Any, method_cls: Any) -> str:
+    """The resolved config as commented YAML lines: value, owner and help of every key."""
+    owners = [("trainer", TRAINER_OPTIONS), (f"dataset {dataset_cls.name}", dataset_cls.options),
+              (f"method {method_cls.name}", method_cls.options)]
+    lines = []
+    for owner, options in owners:
+        lines.append(f"# --- {owner} ---")
+        for key, opt in options.items():
+            if key == "backbone":
+                continue
+            value = yaml.safe_dump({key: cfg.get(key)}, default_flow_style=True).strip()[1:-1]
+            lines.append(f"{value}  # {as_option(opt).help}")
+    lines.append("# --- backbones (backbone.<modality>.<field>) ---")
+    for mod, entry in cfg["backbone"].items():
+        lines.append(f"backbone.{mod}: {yaml.safe_dump(entry, default_flow_style=True).strip()}")
+    return "\n".join(lines)
 
 
 def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mmbalance.config import read_yaml_mapping
 from mmbalance.errors import ConfigError, MMBalanceError, UnsupportedError
 
 
@@ -63,12 +62,7 @@ def _entries(items: Any, what: str, path: Path) -> list[tuple[str, dict[str, Any
 
 def load_grid(path: str | Path) -> Grid:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"Grid file '{p}' does not exist.")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Grid file '{p}' is not valid YAML: {exc}") from exc
+    data = read_yaml_mapping(p, "Grid file")
     unknown = set(data) - {"name", "records", "seeds", "set", "datasets", "methods"}
     if unknown:
         raise ConfigError(f"Grid file '{p}' has unknown keys {sorted(unknown)}; allowed: name, records, seeds, set, datasets, methods.")

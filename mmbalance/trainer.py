@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -178,6 +179,8 @@ class Trainer:
         gen.manual_seed(epoch_seed(cfg["seed"], epoch))
         bs = cfg["batch_size"] if train else (cfg["eval_batch_size"] or 2 * cfg["batch_size"])
         workers = cfg["num_workers"]
+        if workers is None:  # auto: in-memory data needs none; files are decoded in parallel
+            workers = 0 if hasattr(ds, "get_batch") else min(8, os.cpu_count() or 1)
         common = {
             "num_workers": workers,
             "worker_init_fn": _worker_init if workers else None,
@@ -285,13 +288,13 @@ class Trainer:
             batch = to_device(batch, self.device)
             with self.autocast():
                 pred: Prediction = self.method.predict(batch)
-            fused.append(pred.fused.float().cpu())
+            fused.append(pred.fused.float())  # stays on the device: one copy per split, not per batch
             for m, logits in pred.per_modality.items():
-                per.setdefault(m, []).append(logits.float().cpu())
-            labels.append(batch["label"].cpu())
-        y = torch.cat(labels)
+                per.setdefault(m, []).append(logits.float())
+            labels.append(batch["label"])
+        y = torch.cat(labels).cpu()
         k = self.splits.num_classes
-        logits = torch.cat(fused)
+        logits = torch.cat(fused).cpu()
         out: dict[str, Any] = {
             "fused": classification_metrics(logits, y, k),
             "loss": float(F.cross_entropy(logits, y)),
@@ -299,15 +302,17 @@ class Trainer:
         }
         for m, chunks in per.items():
             if chunks:
-                out[m] = classification_metrics(torch.cat(chunks), y, k)
+                out[m] = classification_metrics(torch.cat(chunks).cpu(), y, k)
         return out
 
     def _diagnostics(self, epoch: int) -> dict[str, float]:
         """Write this epoch's per-step diagnostics and return their epoch means."""
         if not self._step_logs:
             return {}
-        cols = {k: torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in vals]).tolist()
-                for k, vals in self._step_logs.items()}
+        cols = {
+            k: torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in vals]).cpu().tolist()
+            for k, vals in self._step_logs.items()
+        }  # one device-to-host copy per diagnostic per epoch
         n = max(len(v) for v in cols.values())
         rows = [{k: (v[i] if i < len(v) else None) for k, v in cols.items()} | {"step": i} for i in range(n)]
         records.write_jsonl(self.run_dir / "diagnostics" / f"epoch_{epoch:04d}.jsonl", rows)

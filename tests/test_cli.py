@@ -32,6 +32,13 @@ def test_list_has_descriptions(capsys):
     assert "resnet18" in capsys.readouterr().out
 
 
+def test_config_shows_layers_and_help(capsys):
+    assert main(["config", "--method", "iprm", "--dataset", "avdigits-noisy", "--set", "alpha=0.6"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha: 0.6  # EMA momentum" in out and "image_noise: 0.5" in out
+    assert "backbone.audio: {name: cnn}" in out
+
+
 @pytest.mark.parametrize(
     ("args", "pattern"),
     [
