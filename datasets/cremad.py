@@ -12,7 +12,6 @@ CREMA-D ships no validation split: one is carved from train with a fixed seed (s
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,23 +20,22 @@ from typing import Any
 
 from mmbalance.config import Option
 from mmbalance.data import (
-    DatasetPlugin,
-    ModalitySpec,
     Splits,
+    check_modalities,
     check_split,
+    option,
     require_paths,
     resolve_data_root,
 )
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import (
-    AVClipDataset,
+    AVClipPlugin,
+    AVSettings,
     Clip,
-    carve_validation,
-    list_frames,
-    load_fbank_npy,
-    load_log_spectrogram,
+    av_clip_splits,
+    find_clip,
     read_text_lines,
-    spectrogram_shape,
+    stored_fbank_input,
 )
 from mmbalance.registry import register_dataset
 
@@ -67,48 +65,21 @@ LAYOUT_DEFAULTS = {
     "A": {"frames": 1, "audio_seconds": 3.0, "split": "ogm", "list_dir": "data/CREMAD"},
     "D": {"frames": 3, "audio_seconds": None, "split": "mla", "list_dir": "data"},
 }
-FBANK_SHAPE = (1024, 128)
 
 
 @dataclass(frozen=True)
-class Resolved:
+class Resolved(AVSettings):
     """The effective settings after layout defaults are filled in."""
 
-    layout: str
     split: str
-    frames: int
-    audio_seconds: float | None
-    sample_rate: int
-    n_fft: int
-    hop_length: int
-    list_dir: Path
-    image_size: int
-    sort_frames: bool
-    strict: bool
-    class_order: str
 
 
 @register_dataset(NAME, "CREMA-D: speech audio + face frames, 6 emotions (IPRM recipe by default)")
-class CremaD(DatasetPlugin):
+class CremaD(AVClipPlugin):
     """CREMA-D audio-visual emotion recognition."""
 
     name = NAME
     description = "CREMA-D: speech audio + face frames, 6 emotions (IPRM recipe by default)"
-    modality_names = ("audio", "visual")
-    defaults = {
-        "batch_size": 64,
-        "optimizer": "sgd",
-        "lr": 1e-2,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "scheduler": "step",
-        "step_size": 70,
-        "gamma": 0.1,
-        "epochs": 100,
-        "embed_dim": 512,
-        "backbone": {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}},
-    }
-    method_defaults = {"iprm": {"alpha": 0.8}}
     options = {
         "layout": Option(
             "B",
@@ -162,56 +133,24 @@ class CremaD(DatasetPlugin):
     )
 
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
-        mods = _check_modalities(modalities, self.modality_names)
+        mods = check_modalities(NAME, modalities, self.modality_names)
         root = _find_root(cfg)
         r = _resolve(cfg, root)
         names = OFFICIAL_ORDER if r.class_order == "official" else tuple(sorted(OFFICIAL_ORDER))
         label_of = {c: i for i, c in enumerate(names)}
         notes: list[str] = []
-        parts: dict[str, list[Clip]] = {}
-        for split in ("train", "test"):
-            parts[split] = _index_split(root, r, split, label_of, names, notes)
-        loader = _audio_loader(r)
-        train = AVClipDataset(parts["train"], mods, loader, r.frames, r.image_size, train=True)
-        test = AVClipDataset(parts["test"], mods, loader, r.frames, r.image_size, train=False)
-        train, val, rule = carve_validation(train, test, float(cfg.get("val_fraction", 0.1)), VAL_SEED, NAME)
-        specs = {
-            "audio": _audio_spec(r),
-            "visual": ModalitySpec("video", (3, r.frames, r.image_size, r.image_size)),
-        }
+        parts = {split: _index_split(root, r, split, label_of, names, notes) for split in ("train", "test")}
         info = {
             "layout": r.layout,
             "split": r.split,
-            "val_rule": rule,
-            "label_map": {c: i for i, c in enumerate(names)},
+            "label_map": dict(label_of),
             "frames": r.frames,
             "frame_order": "sorted listing" if r.sort_frames else "os.listdir order (official)",
-            "frame_rule": f"train: {r.frames} distinct random sorted indices + RandomResizedCrop"
-            f"({r.image_size}) + flip; eval: first {r.frames} + Resize",
-            "audio": _audio_rule(r),
-            "sizes": {"train": len(train), "val": len(val), "test": len(test)},
-            "notes": notes,
         }
-        return Splits(
-            train=train,
-            val=val,
-            test=test,
-            modalities={m: specs[m] for m in mods},
-            num_classes=len(names),
-            class_names=list(names),
-            info=info,
+        return av_clip_splits(
+            parts, mods, r, names, info, notes,
+            val_fraction=option(cfg, self, "val_fraction"), seed=VAL_SEED, dataset=NAME,
         )
-
-
-def _check_modalities(modalities: Sequence[str] | None, known: tuple[str, ...]) -> tuple[str, ...]:
-    mods = tuple(modalities) if modalities else known
-    bad = [m for m in mods if m not in known]
-    if bad:
-        raise ConfigError(
-            f"Dataset '{NAME}' has modalities {', '.join(known)}; got {', '.join(bad)}. "
-            f"Pass --set modalities=audio,visual (or a subset)."
-        )
-    return mods
 
 
 def _find_root(cfg: Mapping[str, Any]) -> Path:
@@ -234,25 +173,16 @@ def _resolve(cfg: Mapping[str, Any], root: Path) -> Resolved:
             f"not {split}. Use layout B for the OGM-GE split."
         )
     list_dir = cfg.get("list_dir") or ("data" if split == "mla" else base["list_dir"])
-    frames = int(_pick(cfg.get("frames"), base["frames"]))
-    if frames < 1:
-        raise ConfigError(f"Dataset '{NAME}': frames must be at least 1, got {frames}.")
-    seconds = _pick(cfg.get("audio_seconds"), base["audio_seconds"])
-    if seconds is not None and seconds <= 0:
-        raise ConfigError(f"Dataset '{NAME}': audio_seconds must be positive, got {seconds}.")
-    return Resolved(
+    return Resolved.from_options(
+        cfg, NAME, root,
         layout=layout,
+        frames=int(_pick(cfg.get("frames"), base["frames"])),
+        seconds=_pick(cfg.get("audio_seconds"), base["audio_seconds"]),
+        list_dir=list_dir,
+        stored_fbank=stored_fbank_input("kaldi fbank (MLA)", ", unnormalised") if layout == "D" else None,
+        default_rate=22050,
+        default_order="official",
         split=split,
-        frames=frames,
-        audio_seconds=float(seconds) if seconds is not None else None,
-        sample_rate=int(cfg.get("sample_rate", 22050)),
-        n_fft=int(cfg.get("n_fft", 512)),
-        hop_length=int(cfg.get("hop_length", 353)),
-        list_dir=root / Path(list_dir).expanduser(),  # an absolute list_dir wins the join
-        image_size=int(cfg.get("image_size", 224)),
-        sort_frames=bool(cfg.get("sort_frames", True)),
-        strict=bool(cfg.get("check_manifest", True)),
-        class_order=str(cfg.get("class_order", "official")),
     )
 
 
@@ -290,28 +220,19 @@ def _index_split(
     """Read one split list, keep the clips whose files exist, and check the manifest."""
     list_file = _list_file(r, split)
     audio_dir, frame_root, suffix = _media_paths(root, r, split)
-    rels = [list_file, audio_dir, frame_root]
-    require_paths(NAME, root, [_rel(p, root) for p in rels], _layout_line(r), _fix_text(r))
+    require_paths(NAME, root, [list_file, audio_dir, frame_root], _layout_line(r), _fix_text(r))
     rows = _read_rows(list_file, r.split)
-    clips: list[Clip] = []
-    for clip_id, emo in rows:
-        clip = _make_clip(clip_id, label_of[emo], audio_dir / f"{clip_id}{suffix}", frame_root / clip_id, r)
-        if clip is not None:
-            clips.append(clip)
+    found = (
+        find_clip(cid, label_of[emo], audio_dir / f"{cid}{suffix}", frame_root / cid, r.frames, r.sort_frames)
+        for cid, emo in rows
+    )
+    clips = [c for c in found if c is not None]
     listed = [cid for cid, _ in rows]
     usable = [c.clip_id for c in clips]
     expected = MANIFEST[r.split][split]
     notes += check_split(NAME, split, listed, usable, expected, _fix_text(r), strict=r.strict)
     notes += _check_class_counts(r, split, [names[c.label] for c in clips])
     return clips
-
-
-def _rel(path: Path, root: Path) -> str:
-    """A path relative to root when it is inside it (as require_paths joins them), else absolute."""
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def _layout_line(r: Resolved) -> str:
@@ -349,17 +270,6 @@ def _read_rows(path: Path, split_kind: str) -> list[tuple[str, str]]:
     return rows
 
 
-def _make_clip(clip_id: str, label: int, audio: Path, frame_dir: Path, r: Resolved) -> Clip | None:
-    """A Clip when its audio exists and its folder holds at least ``frames`` images, else None
-    (the official loaders skip such rows; the manifest check reports them)."""
-    if not audio.is_file() or not frame_dir.is_dir():
-        return None
-    names = list_frames(frame_dir, sort=r.sort_frames)
-    if len(names) < r.frames:
-        return None
-    return Clip(clip_id, label, audio, frame_dir, tuple(names))
-
-
 def _check_class_counts(r: Resolved, split: str, emos: list[str]) -> list[str]:
     """Compare per-class counts with the published OGM-GE split (only when the totals are the
     manifest's, so a subset run with check_manifest=false is not flooded with notes)."""
@@ -379,32 +289,3 @@ def _check_class_counts(r: Resolved, split: str, emos: list[str]) -> list[str]:
     if r.strict:
         raise DataError(msg)
     return [msg]
-
-
-def _audio_loader(r: Resolved):
-    if r.layout == "D":
-        return functools.partial(load_fbank_npy, shape=FBANK_SHAPE)
-    assert r.audio_seconds is not None
-    return functools.partial(
-        load_log_spectrogram, sample_rate=r.sample_rate, seconds=r.audio_seconds,
-        n_fft=r.n_fft, hop_length=r.hop_length,
-    )
-
-
-def _audio_spec(r: Resolved) -> ModalitySpec:
-    if r.layout == "D":
-        return ModalitySpec("spectrogram", (1, *FBANK_SHAPE), {"feature": "kaldi fbank (MLA)"})
-    shape = spectrogram_shape(r.sample_rate, r.audio_seconds or 0.0, r.n_fft, r.hop_length)
-    return ModalitySpec(
-        "spectrogram", shape, {"sample_rate": r.sample_rate, "seconds": r.audio_seconds}
-    )
-
-
-def _audio_rule(r: Resolved) -> str:
-    if r.layout == "D":
-        return "stored kaldi fbank .npy (1024, 128), unnormalised -> (1, 1024, 128)"
-    return (
-        f"wav -> mono {r.sample_rate} Hz -> tiled/cut to {r.audio_seconds:g} s -> clip [-1, 1] -> "
-        f"log(|STFT {r.n_fft}/{r.hop_length}, Hann, centred| + 1e-7) -> "
-        f"{spectrogram_shape(r.sample_rate, r.audio_seconds or 0.0, r.n_fft, r.hop_length)}"
-    )

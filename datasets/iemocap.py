@@ -27,16 +27,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from mmbalance.datasets.nvgesture import carve_validation, check_modalities, option
 from torch.utils.data import Dataset
 
 from mmbalance.config import Option
 from mmbalance.data import (
+    PAPER_SCHEDULE,
     DatasetPlugin,
     DictDataset,
     ModalitySpec,
     Splits,
+    carve_validation,
+    check_modalities,
     check_split,
+    option,
     require_paths,
     resolve_data_root,
 )
@@ -253,12 +256,7 @@ class IEMOCAP(DatasetPlugin):
         "batch_size": 16,
         "optimizer": "sgd",
         "lr": 1e-3,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "scheduler": "step",
-        "step_size": 70,
-        "gamma": 0.1,
-        "epochs": 100,
+        **PAPER_SCHEDULE,
         "embed_dim": 768,
         "backbone": {
             "audio": {"name": "fbank_transformer"},
@@ -289,7 +287,7 @@ class IEMOCAP(DatasetPlugin):
     )
 
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
-        mods = check_modalities(modalities, self.modality_names)
+        mods = check_modalities(self.name, modalities, self.modality_names)
         root = resolve_data_root(cfg, self.name, subdir="IEMOCAP")
         layout = self._layout(cfg, root)
         if layout == "mult":
@@ -344,8 +342,10 @@ class IEMOCAP(DatasetPlugin):
                 MANIFEST_MLA[split], fix, strict=strict,
             )
             usable[split] = ok
-        labels = np.array([u.label for u in usable["train"]])
-        keep, hold, rule = carve_validation(labels, float(option(cfg, self, "val_fraction")), VAL_SEED)
+        train_u, held, rule = carve_validation(
+            usable["train"], option(cfg, self, "val_fraction"), VAL_SEED, self.name, fallback=True
+        )
+        val_u = held if held is not None else usable["test"]
         fbank_shape = _first_shape(paths.fbank(usable["train"][0])) if "audio" in mods else None
         size = int(option(cfg, self, "image_size"))
         sorted_frames = option(cfg, self, "frame_pick") == "sorted"
@@ -353,15 +353,13 @@ class IEMOCAP(DatasetPlugin):
         def make(utts: Sequence[Utterance], train: bool) -> MLAUtterances:
             return MLAUtterances(utts, mods, paths, train, size, sorted_frames, fbank_shape)
 
-        train_u = [usable["train"][i] for i in keep]
-        val_u = [usable["train"][i] for i in hold] if hold is not None else usable["test"]
         specs = {m: self._mla_spec(m, paths, usable["train"][0], size, fbank_shape) for m in mods}
         info = {
             "layout": "mla",
             "root": str(root),
             "lists": {k: str(v) for k, v in lists.items()},
             "val_split": rule,
-            "val_utterances": [u.utt for u in val_u] if hold is not None else None,
+            "val_utterances": [u.utt for u in held] if held is not None else None,
             "frame_pick": option(cfg, self, "frame_pick"),
             "notes": notes,
         }

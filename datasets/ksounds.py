@@ -15,7 +15,6 @@ mapping is recorded in ``Splits.info`` and ``class_names``.
 from __future__ import annotations
 
 import csv
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,23 +22,22 @@ from typing import Any
 
 from mmbalance.config import Option
 from mmbalance.data import (
-    DatasetPlugin,
-    ModalitySpec,
     Splits,
+    check_modalities,
     check_split,
+    option,
     require_paths,
     resolve_data_root,
 )
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import (
-    AVClipDataset,
+    AVClipPlugin,
+    AVSettings,
     Clip,
-    carve_validation,
-    list_frames,
-    load_fbank_npy,
-    load_log_spectrogram,
+    av_clip_splits,
+    find_clip,
     read_text_lines,
-    spectrogram_shape,
+    stored_fbank_input,
 )
 from mmbalance.registry import register_dataset
 
@@ -50,49 +48,22 @@ PAPER_CLASSES = 31
 # 1.9K in the paper) and BalanceMM's lists have no published exact counts.
 MANIFEST = {"A": {"train": 14799, "test": 2597}}
 VAL_SEED = 20220602
-FBANK_SHAPE = (1024, 128)
 LIST_NAMES = {"A": "my_{split}.txt", "B": "{split}.txt"}
 
 
 @dataclass(frozen=True)
-class Resolved:
+class Resolved(AVSettings):
     """The effective settings after defaults are filled in."""
 
-    layout: str
-    frames: int
     min_frames: int
-    audio_seconds: float
-    sample_rate: int
-    n_fft: int
-    hop_length: int
-    list_dir: Path
-    image_size: int
-    sort_frames: bool
-    strict: bool
-    class_order: str
 
 
 @register_dataset(NAME, "Kinetics-Sounds: audio + RGB frames of audible Kinetics classes (31 in the papers)")
-class KineticsSounds(DatasetPlugin):
+class KineticsSounds(AVClipPlugin):
     """Kinetics-Sounds audio-visual action recognition."""
 
     name = NAME
     description = "Kinetics-Sounds: audio + RGB frames of audible Kinetics classes (31 in the papers)"
-    modality_names = ("audio", "visual")
-    defaults = {
-        "batch_size": 64,
-        "optimizer": "sgd",
-        "lr": 1e-2,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "scheduler": "step",
-        "step_size": 70,
-        "gamma": 0.1,
-        "epochs": 100,
-        "embed_dim": 512,
-        "backbone": {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}},
-    }
-    method_defaults = {"iprm": {"alpha": 0.8}}
     options = {
         "layout": Option(
             "C",
@@ -146,7 +117,7 @@ class KineticsSounds(DatasetPlugin):
     )
 
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
-        mods = _check_modalities(modalities, self.modality_names)
+        mods = check_modalities(NAME, modalities, self.modality_names)
         root = _find_root(cfg)
         r = _resolve(cfg, root)
         notes: list[str] = []
@@ -154,60 +125,22 @@ class KineticsSounds(DatasetPlugin):
         class_names = _class_names(rows["train"], r.class_order)
         label_of = {c: i for i, c in enumerate(class_names)}
         parts = {s: _index(root, r, s, rs, label_of, notes) for s, rs in rows.items()}
-        loader = _audio_loader(r)
-
-        def make(split: str, train: bool) -> AVClipDataset:
-            return AVClipDataset(parts[split], mods, loader, r.frames, r.image_size, train)
-
-        train, test = make("train", True), make("test", False)
-        if "valid" in parts:
-            val = make("valid", False)
-            rule = f"val = the layout's own valid split ({_list_file(r, 'valid')})"
-        else:
-            train, val, rule = carve_validation(
-                train, test, float(cfg.get("val_fraction", 0.1)), VAL_SEED, NAME
-            )
         if len(class_names) != PAPER_CLASSES:
             notes.append(f"{len(class_names)} classes in the train list (the papers use {PAPER_CLASSES})")
-        specs = {
-            "audio": _audio_spec(r),
-            "visual": ModalitySpec("video", (3, r.frames, r.image_size, r.image_size)),
-        }
         info = {
             "layout": r.layout,
-            "val_rule": rule,
             "num_classes": len(class_names),
             "class_order": r.class_order,
             "label_map": dict(label_of),
             "frames": r.frames,
             "min_frames": r.min_frames,
             "frame_order": "sorted listing" if r.sort_frames else "os.listdir order",
-            "frame_rule": f"train: {r.frames} distinct random sorted indices + RandomResizedCrop"
-            f"({r.image_size}) + flip; eval: first {r.frames} + Resize",
-            "audio": _audio_rule(r),
-            "sizes": {"train": len(train), "val": len(val), "test": len(test)},
-            "notes": notes,
         }
-        return Splits(
-            train=train,
-            val=val,
-            test=test,
-            modalities={m: specs[m] for m in mods},
-            num_classes=len(class_names),
-            class_names=list(class_names),
-            info=info,
+        return av_clip_splits(
+            parts, mods, r, class_names, info, notes,
+            val_fraction=option(cfg, self, "val_fraction"), seed=VAL_SEED, dataset=NAME,
+            valid_rule=f"val = the layout's own valid split ({_list_file(r, 'valid')})",
         )
-
-
-def _check_modalities(modalities: Sequence[str] | None, known: tuple[str, ...]) -> tuple[str, ...]:
-    mods = tuple(modalities) if modalities else known
-    bad = [m for m in mods if m not in known]
-    if bad:
-        raise ConfigError(
-            f"Dataset '{NAME}' has modalities {', '.join(known)}; got {', '.join(bad)}. "
-            f"Pass --set modalities=audio,visual (or a subset)."
-        )
-    return mods
 
 
 def _find_root(cfg: Mapping[str, Any]) -> Path:
@@ -223,31 +156,24 @@ def _resolve(cfg: Mapping[str, Any], root: Path) -> Resolved:
     if layout not in ("A", "B", "C"):
         raise ConfigError(f"Dataset '{NAME}': unknown layout '{layout}'. Use C, A or B.")
     frames = int(cfg.get("frames", 3))
-    if frames < 1:
-        raise ConfigError(f"Dataset '{NAME}': frames must be at least 1, got {frames}.")
     min_frames = cfg.get("min_frames")
     min_frames = frames + 1 if min_frames is None else int(min_frames)
     if min_frames < frames:
         raise ConfigError(
             f"Dataset '{NAME}': min_frames ({min_frames}) must be at least frames ({frames})."
         )
-    list_dir = cfg.get("list_dir") or ("annotations" if layout == "C" else ".")
-    seconds = float(cfg.get("audio_seconds", 10.0))
-    if seconds <= 0:
-        raise ConfigError(f"Dataset '{NAME}': audio_seconds must be positive, got {seconds}.")
-    return Resolved(
+    return Resolved.from_options(
+        cfg, NAME, root,
         layout=layout,
         frames=frames,
+        seconds=float(cfg.get("audio_seconds", 10.0)),
+        list_dir=cfg.get("list_dir") or ("annotations" if layout == "C" else "."),
+        stored_fbank=None if layout == "C" else stored_fbank_input(
+            "kaldi fbank (stored)", " as shipped (OGM-GE normalises it)"
+        ),
+        default_rate=35400,
+        default_order="sorted",
         min_frames=min_frames,
-        audio_seconds=seconds,
-        sample_rate=int(cfg.get("sample_rate", 35400)),
-        n_fft=int(cfg.get("n_fft", 512)),
-        hop_length=int(cfg.get("hop_length", 353)),
-        list_dir=root / Path(list_dir).expanduser(),  # an absolute list_dir wins the join
-        image_size=int(cfg.get("image_size", 224)),
-        sort_frames=bool(cfg.get("sort_frames", True)),
-        strict=bool(cfg.get("check_manifest", True)),
-        class_order=str(cfg.get("class_order", "sorted")),
     )
 
 
@@ -294,19 +220,11 @@ def _layout_line(r: Resolved) -> str:
     )
 
 
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
-
-
 def _read_split(root: Path, r: Resolved, split: str) -> list[tuple[str, str]]:
     """(clip id, label text) rows of one split, after checking its files and folders exist."""
     list_file = _list_file(r, split)
     audio_dir, frame_root, _ = _media_paths(root, r, split)
-    rels = [_rel(p, root) for p in (list_file, audio_dir, frame_root)]
-    require_paths(NAME, root, rels, _layout_line(r), _fix_text(r))
+    require_paths(NAME, root, [list_file, audio_dir, frame_root], _layout_line(r), _fix_text(r))
     if r.layout == "C":
         return _read_csv(list_file)
     return _read_list(list_file, r.layout)
@@ -374,45 +292,14 @@ def _index(
             f"never occur in the train list, so they have no class index. Use matching lists."
         )
     audio_dir, frame_root, suffix = _media_paths(root, r, split)
-    clips: list[Clip] = []
-    for clip_id, lab in rows:
-        audio, frame_dir = audio_dir / f"{clip_id}{suffix}", frame_root / clip_id
-        if not audio.is_file() or not frame_dir.is_dir():
-            continue
-        names = list_frames(frame_dir, sort=r.sort_frames)
-        if len(names) >= r.min_frames:
-            clips.append(Clip(clip_id, label_of[lab], audio, frame_dir, tuple(names)))
+    found = (
+        find_clip(cid, label_of[lab], audio_dir / f"{cid}{suffix}", frame_root / cid, r.min_frames, r.sort_frames)
+        for cid, lab in rows
+    )
+    clips = [c for c in found if c is not None]
     expected = MANIFEST.get(r.layout, {}).get(split)
     notes += check_split(
         NAME, split, [cid for cid, _ in rows], [c.clip_id for c in clips], expected,
         _fix_text(r), strict=r.strict,
     )
     return clips
-
-
-def _audio_loader(r: Resolved):
-    if r.layout == "C":
-        return functools.partial(
-            load_log_spectrogram, sample_rate=r.sample_rate, seconds=r.audio_seconds,
-            n_fft=r.n_fft, hop_length=r.hop_length,
-        )
-    return functools.partial(load_fbank_npy, shape=FBANK_SHAPE)
-
-
-def _audio_spec(r: Resolved) -> ModalitySpec:
-    if r.layout == "C":
-        shape = spectrogram_shape(r.sample_rate, r.audio_seconds, r.n_fft, r.hop_length)
-        return ModalitySpec(
-            "spectrogram", shape, {"sample_rate": r.sample_rate, "seconds": r.audio_seconds}
-        )
-    return ModalitySpec("spectrogram", (1, *FBANK_SHAPE), {"feature": "kaldi fbank (stored)"})
-
-
-def _audio_rule(r: Resolved) -> str:
-    if r.layout == "C":
-        shape = spectrogram_shape(r.sample_rate, r.audio_seconds, r.n_fft, r.hop_length)
-        return (
-            f"wav -> mono {r.sample_rate} Hz -> tiled/cut to {r.audio_seconds:g} s -> clip [-1, 1] "
-            f"-> log(|STFT {r.n_fft}/{r.hop_length}, Hann, centred| + 1e-7) -> {shape}"
-        )
-    return "stored kaldi fbank .npy (1024, 128) as shipped (OGM-GE normalises it) -> (1, 1024, 128)"

@@ -26,13 +26,16 @@ from torch.utils.data import Dataset
 
 from mmbalance.config import Option
 from mmbalance.data import (
+    PAPER_SCHEDULE,
     DatasetPlugin,
     ModalitySpec,
     Splits,
+    carve_validation,
+    check_modalities,
     check_split,
+    option,
     require_paths,
     resolve_data_root,
-    stratified_holdout,
 )
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import IMAGENET_MEAN, IMAGENET_STD
@@ -104,45 +107,6 @@ def find_list(root: Path, split: str) -> Path | None:
         if p.is_file():
             return p
     return None
-
-
-def option(cfg: Mapping[str, Any], plugin: type[DatasetPlugin] | DatasetPlugin, key: str) -> Any:
-    """A dataset option from the run config, falling back to the plugin's declared default."""
-    if key in cfg and cfg[key] is not None:
-        return cfg[key]
-    default = plugin.options[key]
-    return default.default if isinstance(default, Option) else default
-
-
-def carve_validation(
-    labels: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """(keep, holdout, rule) for a source without a validation split.
-
-    A stratified holdout with the dataset's fixed seed; a plain seeded holdout when some class
-    is too small to stratify (tiny subsets); ``fraction == 0`` keeps all of train and returns
-    ``holdout=None``: validate on the test split (the papers' protocol), as media.py's
-    AV datasets do. The rule string is recorded with the run.
-    """
-    if fraction <= 0:
-        return np.arange(len(labels)), None, "val_fraction=0: no holdout; val is the test split"
-    if fraction >= 1:
-        raise ConfigError(
-            f"val_fraction must be below 1 (the share of train held out for validation), got "
-            f"{fraction}. Use e.g. --set val_fraction=0.1."
-        )
-    try:
-        keep, hold = stratified_holdout(labels, fraction, seed)
-        rule = "stratified"
-    except ValueError:
-        order = np.random.default_rng(seed).permutation(len(labels))
-        n_hold = min(max(1, round(fraction * len(labels))), len(labels) - 1)
-        hold, keep = np.sort(order[:n_hold]), np.sort(order[n_hold:])
-        rule = "random (too few samples per class to stratify)"
-    return keep, hold, (
-        f"val = {rule} {fraction:g} of the train split, fixed seed {seed} (not the run seed); "
-        f"{len(keep)} train / {len(hold)} val"
-    )
 
 
 class NVGestureClips(Dataset):
@@ -239,12 +203,7 @@ class NVGesture(DatasetPlugin):
         "batch_size": 2,
         "optimizer": "sgd",
         "lr": 1e-2,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "scheduler": "step",
-        "step_size": 70,
-        "gamma": 0.1,
-        "epochs": 100,
+        **PAPER_SCHEDULE,
         "embed_dim": 1024,
         "backbone": {
             "rgb": {"name": "i3d", "pool": "official"},
@@ -274,7 +233,7 @@ class NVGesture(DatasetPlugin):
     )
 
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
-        mods = check_modalities(modalities, self.modality_names)
+        mods = check_modalities(self.name, modalities, self.modality_names)
         opts = self._options(cfg, mods)
         root = _nvgesture_root(cfg)
         lists = self._lists(root)
@@ -294,15 +253,15 @@ class NVGesture(DatasetPlugin):
             )
             usable[split] = ok
         flow_frames = self._flow_frames(usable["train"], root, opts) if "flow" in mods else None
-        labels = np.array([c.label for c in usable["train"]])
-        keep, hold, rule = carve_validation(labels, float(option(cfg, self, "val_fraction")), VAL_SEED)
-        train_clips = [usable["train"][i] for i in keep]
-        val_clips = [usable["train"][i] for i in hold] if hold is not None else usable["test"]
+        train_clips, held, rule = carve_validation(
+            usable["train"], option(cfg, self, "val_fraction"), VAL_SEED, self.name, fallback=True
+        )
+        val_clips = held if held is not None else usable["test"]
         info = {
             "root": str(root),
             "lists": {k: str(v) for k, v in lists.items()},
             "val_split": rule,
-            "val_lines": [c.line for c in val_clips] if hold is not None else None,
+            "val_lines": [c.line for c in held] if held is not None else None,
             "color_order": opts["color_order"],
             "notes": notes,
         }
@@ -361,17 +320,6 @@ class NVGesture(DatasetPlugin):
         if m == "rgb":
             extras["color_order"] = opts["color_order"]
         return ModalitySpec("video", (channels, int(opts["train_frames"]), c, c), extras)
-
-
-def check_modalities(modalities: Sequence[str] | None, known: Sequence[str]) -> tuple[str, ...]:
-    mods = tuple(modalities or known)
-    bad = [m for m in mods if m not in known]
-    if bad:
-        raise ConfigError(
-            f"Unknown modality {', '.join(bad)}: this dataset has {', '.join(known)}. "
-            f"Pick from those with --set modalities=..."
-        )
-    return mods
 
 
 def _nvgesture_root(cfg: Mapping[str, Any]) -> Path:

@@ -29,13 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-import numpy as np
 import torch
-from mmbalance.datasets.nvgesture import carve_validation, check_modalities, option
 from torch.utils.data import Dataset
 
 from mmbalance.config import Option
-from mmbalance.data import DatasetPlugin, ModalitySpec, Splits, check_split, resolve_data_root
+from mmbalance.data import (
+    PAPER_SCHEDULE,
+    DatasetPlugin,
+    ModalitySpec,
+    Splits,
+    carve_validation,
+    check_modalities,
+    check_split,
+    option,
+    resolve_data_root,
+)
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import IMAGENET_MEAN, IMAGENET_STD, load_rgb, read_text_lines
 from mmbalance.registry import register_dataset
@@ -197,12 +205,7 @@ class Sarcasm(DatasetPlugin):
         "batch_size": 64,
         "optimizer": "adam",
         "lr": 1e-4,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "scheduler": "step",
-        "step_size": 70,
-        "gamma": 0.1,
-        "epochs": 100,
+        **PAPER_SCHEDULE,
         "embed_dim": 768,
         "backbone": {"image": {"name": "resnet50"}, "text": {"name": "bert"}},
     }
@@ -228,7 +231,7 @@ class Sarcasm(DatasetPlugin):
     )
 
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
-        mods = check_modalities(modalities, self.modality_names)
+        mods = check_modalities(self.name, modalities, self.modality_names)
         root = resolve_data_root(cfg, self.name, subdir="Sarcasm")
         layout = self._layout(cfg, root)
         images = _image_dir(root)
@@ -244,11 +247,10 @@ class Sarcasm(DatasetPlugin):
             posts[split] = [p for p, ok in zip(posts[split], have, strict=True) if ok]
         rule = "the layout's validation file"
         if "valid" not in posts:
-            labels = np.array([p.label for p in posts["train"]])
-            keep, hold, rule = carve_validation(labels, float(option(cfg, self, "val_fraction")), VAL_SEED)
-            train = posts["train"]
-            posts["train"] = [train[i] for i in keep]
-            posts["valid"] = [train[i] for i in hold] if hold is not None else posts["test"]
+            posts["train"], held, rule = carve_validation(
+                posts["train"], option(cfg, self, "val_fraction"), VAL_SEED, self.name, fallback=True
+            )
+            posts["valid"] = held if held is not None else posts["test"]
         return self._splits(cfg, mods, posts, {
             "layout": layout, "root": str(root), "val_split": rule, "notes": notes,
         })

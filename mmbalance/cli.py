@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_grid.add_argument("--device", help="device for every cell")
     p_grid.add_argument("--data-root", help="data root for every cell")
     p_grid.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    p_grid.add_argument("--jobs", type=int, default=1, help="cells run at once in worker processes (default 1)")
+    p_grid.add_argument("--gpus", help="one cell per GPU at a time: 'all' or a list like 0,1")
 
     p_lb = sub.add_parser("leaderboard", help="write markdown + CSV leaderboards from recorded runs")
     p_lb.add_argument("--records", default="runs", help="directory holding run records (default ./runs)")
@@ -154,7 +156,16 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid_file)
     shared = {k: v for k, v in (("records", args.records), ("device", args.device), ("data_root", args.data_root)) if v}
-    return run_grid(grid, shared, dry_run=args.dry_run)
+    gpus = None
+    if args.gpus:
+        import torch
+
+        gpus = ([str(i) for i in range(torch.cuda.device_count())] if args.gpus == "all"
+                else [g.strip() for g in args.gpus.split(",") if g.strip()])
+        if not gpus:
+            raise MMBalanceError("--gpus all was given, but PyTorch sees no CUDA device; drop --gpus.")
+        shared["device"] = "cuda"
+    return run_grid(grid, shared, dry_run=args.dry_run, jobs=args.jobs, gpus=gpus)
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:

@@ -12,18 +12,32 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmbalance.errors import DataError
+from mmbalance.config import TRAINER_OPTIONS, Option
+from mmbalance.errors import ConfigError, DataError
+
+T = TypeVar("T")
 
 DATA_ROOT_ENV = "MMBALANCE_DATA_ROOT"
 # Used when neither --data-root nor $MMBALANCE_DATA_ROOT is given: ./data, then the shared data
 # folder that sits beside a checkout of this project.
 DEFAULT_ROOTS = (Path("data"), Path("../shared/data"))
+# The schedule the IPRM paper trains all five of its datasets with (iprm.md): momentum 0.9,
+# weight decay 1e-4, StepLR every 70 epochs by 0.1, 100 epochs. Plugins spread it between
+# their batch size / optimiser / lr and their embed_dim / backbones.
+PAPER_SCHEDULE: dict[str, Any] = {
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "scheduler": "step",
+    "step_size": 70,
+    "gamma": 0.1,
+    "epochs": 100,
+}
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,8 @@ def stratified_holdout(
 
     Used to carve a validation split from train where the source ships none; the seed is fixed
     per dataset (not the run seed) so every run of a grid validates on the same samples.
+    Raises ValueError (sklearn's) when some class is too small to stratify; see
+    :func:`carve_validation` for the plugins' policy around it.
     """
     from sklearn.model_selection import train_test_split
 
@@ -144,6 +160,87 @@ def stratified_holdout(
         idx, test_size=fraction, random_state=seed, stratify=labels, shuffle=True
     )
     return np.sort(keep), np.sort(hold)
+
+
+def random_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, holdout) indices of a plain seeded holdout of ``fraction`` of ``n`` samples
+    (at least one held out, at least one kept): the fallback where stratifying is impossible."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold = min(max(1, round(fraction * n)), n - 1)
+    return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+
+
+def carve_validation(
+    items: Sequence[T],
+    fraction: float,
+    seed: int,
+    dataset: str,
+    *,
+    labels: Sequence[int] | np.ndarray | None = None,
+    fallback: bool = False,
+) -> tuple[list[T], list[T] | None, str]:
+    """Hold out ``fraction`` of a train split's ``items`` as validation: (train, val, rule).
+
+    The one rule every plugin without a validation split follows: a holdout stratified by
+    ``labels`` (default: each item's ``.label``) with the dataset's fixed ``seed``, not the run
+    seed, so every cell of a grid validates on the same samples. ``fraction == 0`` keeps all
+    of train and returns ``val=None``: validate on the test split (the papers' protocol). When
+    some class is too small to stratify, ``fallback=True`` takes a plain seeded holdout instead
+    (tiny subsets); without it that is a DataError. ``rule`` says what was done and is recorded
+    with the run.
+    """
+    fraction = float(fraction)
+    if fraction <= 0:
+        rule = "val_fraction=0: no holdout, training on the full train split; val is the test split"
+        return list(items), None, rule
+    if fraction >= 1:
+        raise ConfigError(
+            f"Dataset '{dataset}': val_fraction must be below 1 (the share of train held out "
+            f"for validation), got {fraction}. Use e.g. --set val_fraction=0.1."
+        )
+    if labels is None:
+        labels = [item.label for item in items]  # type: ignore[attr-defined]
+    try:
+        keep, hold = stratified_holdout(np.asarray(labels), fraction, seed)
+        kind, how = "stratified", "sklearn train_test_split"
+    except ValueError as exc:
+        if not fallback:
+            raise DataError(
+                f"Dataset '{dataset}': cannot hold out a stratified val_fraction={fraction} of "
+                f"{len(items)} training samples ({exc}). Use a larger train split or change "
+                f"--set val_fraction=..."
+            ) from exc
+        keep, hold = random_holdout(len(items), fraction, seed)
+        kind, how = "random", "too few samples per class to stratify"
+    rule = (
+        f"val = {kind} {fraction:g} of the train split ({how}, fixed seed {seed}, not the run "
+        f"seed); {len(keep)} train / {len(hold)} val"
+    )
+    return [items[i] for i in keep], [items[i] for i in hold], rule
+
+
+def option(cfg: Mapping[str, Any], plugin: type[DatasetPlugin] | DatasetPlugin, key: str) -> Any:
+    """A dataset option from the run config, falling back to the plugin's declared default
+    (or, for a trainer key such as ``val_fraction``, the trainer's)."""
+    if key in cfg and cfg[key] is not None:
+        return cfg[key]
+    default = plugin.options[key] if key in plugin.options else TRAINER_OPTIONS[key]
+    return default.default if isinstance(default, Option) else default
+
+
+def check_modalities(
+    dataset: str, modalities: Sequence[str] | None, known: Sequence[str]
+) -> tuple[str, ...]:
+    """The requested modalities (all of ``known`` when none are given), refusing unknown ones."""
+    mods = tuple(modalities or known)
+    bad = [m for m in mods if m not in known]
+    if bad:
+        raise ConfigError(
+            f"Dataset '{dataset}' has modalities {', '.join(known)}; got unknown modality "
+            f"{', '.join(bad)}. Pick from those with --set modalities={','.join(known)} (or a "
+            f"subset)."
+        )
+    return mods
 
 
 def resolve_data_root(cfg: Mapping[str, Any], dataset: str, subdir: str | None = None) -> Path:
@@ -173,15 +270,29 @@ def resolve_data_root(cfg: Mapping[str, Any], dataset: str, subdir: str | None =
     return root
 
 
-def require_paths(dataset: str, root: Path, rel_paths: Sequence[str], layout: str, fix: str = "") -> None:
-    """Raise one DataError listing every expected path under ``root`` that is missing."""
-    missing = [p for p in rel_paths if not (root / p).exists()]
+def require_paths(
+    dataset: str, root: Path, rel_paths: Sequence[str | Path], layout: str, fix: str = ""
+) -> None:
+    """Raise one DataError listing every expected path under ``root`` that is missing.
+
+    ``rel_paths`` are relative to ``root`` or full paths; a full path inside ``root`` is shown
+    relative to it.
+    """
+    missing = [_shown(root, p) for p in rel_paths if not (root / p).exists()]
     if missing:
         shown = ", ".join(missing[:8]) + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else "")
         raise DataError(
             f"Dataset '{dataset}': looked in '{root}' and did not find {shown}. Expected layout: "
             f"{layout}{(' ' + fix) if fix else ''}"
         )
+
+
+def _shown(root: Path, path: str | Path) -> str:
+    """``path`` (relative to ``root``, or full) as relative to ``root`` when it is inside it."""
+    try:
+        return str((root / path).relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def check_split(

@@ -11,7 +11,9 @@ numbers for the same file (see reference/datasets.md, "Common conventions"):
 * "fbank" (torchaudio family): kaldi fbank of the mean-removed waveform, 128 mel bins, 10 ms
   shift, zero-padded or cut to 1024 frames -> (1024, 128);
 * frames: list a clip's frame folder (sorted, or in the filesystem's order as the official
-  code does), choose k of them, load as RGB, ImageNet train/test transforms.
+  code does), choose k of them, load as RGB, ImageNet train/test transforms;
+* audio + frame-folder plugins (CREMA-D, Kinetics-Sounds): their base class, settings, audio
+  input, clip indexing and Splits assembly (validation carved by ``data.carve_validation``).
 
 Every failure to read a file raises :class:`DataError` naming that file, so a corrupt sample in
 a 7,000-clip dataset points at itself instead of at a worker traceback.
@@ -22,22 +24,24 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmbalance.errors import DataError
+from mmbalance.data import PAPER_SCHEDULE, DatasetPlugin, ModalitySpec, Splits, carve_validation
+from mmbalance.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 LOG_EPS = 1e-7
+FBANK_SHAPE = (1024, 128)  # the stored kaldi fbanks of OGM-GE / BalanceMM / MLA: (frames, mel)
 
 # ----------------------------------------------------------------------------------- audio
 
@@ -363,13 +367,6 @@ class AVClipDataset(Dataset):
     def labels(self) -> np.ndarray:
         return np.array([c.label for c in self.clips], dtype=np.int64)
 
-    def subset(self, idx: Sequence[int], train: bool) -> AVClipDataset:
-        """The clips at ``idx`` with train- or eval-mode sampling (a carved val split is eval)."""
-        return AVClipDataset(
-            [self.clips[i] for i in idx], self.modalities, self.audio_loader, self.frames,
-            self.image_size, train,
-        )
-
     def __getitem__(self, i: int) -> dict[str, Any]:
         clip = self.clips[i]
         item: dict[str, Any] = {}
@@ -402,32 +399,183 @@ def load_fbank_npy(path: Path, shape: tuple[int, int] | None = None) -> torch.Te
     return feats.unsqueeze(0).contiguous()
 
 
-def carve_validation(
-    train: AVClipDataset, test: Dataset, fraction: float, seed: int, dataset: str
-) -> tuple[AVClipDataset, Dataset, str]:
-    """Hold out a stratified ``fraction`` of train as validation (eval-mode sampling).
+@dataclass(frozen=True)
+class AudioInput:
+    """How an audio-visual dataset turns a clip's audio file into its input tensor.
 
-    The seed is the dataset's fixed one, not the run seed, so every cell of a grid validates on
-    the same clips. ``fraction == 0`` keeps all of train (the papers' protocol) and validates
-    on the test split, which the returned rule says. Returns (train, val, rule).
+    ``loader`` is the :class:`AVClipDataset` audio loader (a picklable ``functools.partial``),
+    ``spec`` the ModalitySpec it yields, ``rule`` the recipe recorded with the run.
     """
-    from mmbalance.data import stratified_holdout
 
-    if fraction <= 0:
-        rule = "val_fraction=0: no holdout, training on the full train split; val is the test split"
-        return train, test, rule
-    if fraction >= 1:
-        raise DataError(f"Dataset '{dataset}': val_fraction must be below 1, got {fraction}.")
-    try:
-        keep, hold = stratified_holdout(train.labels, fraction, seed)
-    except ValueError as exc:
-        raise DataError(
-            f"Dataset '{dataset}': cannot hold out a stratified val_fraction={fraction} of "
-            f"{len(train)} training clips ({exc}). Use a larger train split or change "
-            f"--set val_fraction=..."
-        ) from exc
-    rule = (
-        f"val = stratified {fraction:g} of the train split (sklearn train_test_split, fixed "
-        f"seed {seed}, not the run seed); {len(keep)} train / {len(hold)} val"
+    loader: Callable[[Path], torch.Tensor]
+    spec: ModalitySpec
+    rule: str
+
+
+def log_spectrogram_input(sample_rate: int, seconds: float, n_fft: int, hop_length: int) -> AudioInput:
+    """The librosa-family input: WAVs -> (1, F, T) log spectrograms (:func:`wav_to_log_spectrogram`)."""
+    shape = spectrogram_shape(sample_rate, seconds, n_fft, hop_length)
+    return AudioInput(
+        loader=functools.partial(
+            load_log_spectrogram, sample_rate=sample_rate, seconds=seconds, n_fft=n_fft,
+            hop_length=hop_length,
+        ),
+        spec=ModalitySpec("spectrogram", shape, {"sample_rate": sample_rate, "seconds": seconds}),
+        rule=f"wav -> mono {sample_rate} Hz -> tiled/cut to {seconds:g} s -> clip [-1, 1] -> "
+        f"log(|STFT {n_fft}/{hop_length}, Hann, centred| + 1e-7) -> {shape}",
     )
-    return train.subset(keep, train=True), train.subset(hold, train=False), rule
+
+
+def stored_fbank_input(feature: str, note: str) -> AudioInput:
+    """The torchaudio-family input as released: stored (1024, 128) fbank .npy -> (1, 1024, 128).
+
+    ``feature`` names it in the ModalitySpec; ``note`` (e.g. ", unnormalised") goes in the rule.
+    """
+    return AudioInput(
+        loader=functools.partial(load_fbank_npy, shape=FBANK_SHAPE),
+        spec=ModalitySpec("spectrogram", (1, *FBANK_SHAPE), {"feature": feature}),
+        rule=f"stored kaldi fbank .npy (1024, 128){note} -> (1, 1024, 128)",
+    )
+
+
+@dataclass(frozen=True)
+class AVSettings:
+    """What an audio + frames plugin resolves from its options (its own settings extend it)."""
+
+    layout: str
+    frames: int  # frames read per clip
+    audio: AudioInput
+    list_dir: Path
+    image_size: int
+    sort_frames: bool
+    strict: bool  # check_manifest
+    class_order: str
+
+    @classmethod
+    def from_options(
+        cls,
+        cfg: Mapping[str, Any],
+        dataset: str,
+        root: Path,
+        *,
+        layout: str,
+        frames: int,
+        seconds: float | None,
+        list_dir: str | Path,
+        stored_fbank: AudioInput | None,
+        default_rate: int,
+        default_order: str,
+        **extra: Any,
+    ) -> Self:
+        """The settings from the options both AV plugins read alike; ``extra`` fills the
+        subclass's own fields.
+
+        Checks ``frames`` and ``seconds`` (the audio_seconds in effect), then reads the audio as
+        ``stored_fbank`` when the layout stores fbanks, else as log spectrograms of
+        ``sample_rate`` (default ``default_rate``), n_fft and hop_length; ``list_dir`` is joined
+        to ``root`` (an absolute one wins the join).
+        """
+        if frames < 1:
+            raise ConfigError(f"Dataset '{dataset}': frames must be at least 1, got {frames}.")
+        if seconds is not None and seconds <= 0:
+            raise ConfigError(f"Dataset '{dataset}': audio_seconds must be positive, got {seconds}.")
+        audio = stored_fbank or log_spectrogram_input(
+            int(cfg.get("sample_rate", default_rate)), float(seconds or 0.0),
+            int(cfg.get("n_fft", 512)), int(cfg.get("hop_length", 353)),
+        )
+        return cls(
+            layout=layout,
+            frames=frames,
+            audio=audio,
+            list_dir=root / Path(list_dir).expanduser(),
+            image_size=int(cfg.get("image_size", 224)),
+            sort_frames=bool(cfg.get("sort_frames", True)),
+            strict=bool(cfg.get("check_manifest", True)),
+            class_order=str(cfg.get("class_order", default_order)),
+            **extra,
+        )
+
+
+class AVClipPlugin(DatasetPlugin):
+    """Base of the audio + frame-folder datasets (CREMA-D, Kinetics-Sounds): their modalities
+    and the IPRM paper's recipe for both (ResNet-18 per modality, SGD 1e-2, alpha 0.8)."""
+
+    modality_names = ("audio", "visual")
+    defaults = {
+        "batch_size": 64,
+        "optimizer": "sgd",
+        "lr": 1e-2,
+        **PAPER_SCHEDULE,
+        "embed_dim": 512,
+        "backbone": {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}},
+    }
+    method_defaults = {"iprm": {"alpha": 0.8}}
+
+
+def find_clip(
+    clip_id: str, label: int, audio: Path, frame_dir: Path, min_frames: int, sort: bool
+) -> Clip | None:
+    """A Clip when its audio exists and its folder holds at least ``min_frames`` images, else
+    None (the official loaders skip such rows; the manifest check reports them). ``sort``: index
+    the sorted frame listing, else ``os.listdir`` order."""
+    if not audio.is_file() or not frame_dir.is_dir():
+        return None
+    names = list_frames(frame_dir, sort=sort)
+    if len(names) < min_frames:
+        return None
+    return Clip(clip_id, label, audio, frame_dir, tuple(names))
+
+
+def av_clip_splits(
+    parts: Mapping[str, Sequence[Clip]],
+    modalities: Sequence[str],
+    r: AVSettings,
+    class_names: Sequence[str],
+    info: Mapping[str, Any],
+    notes: list[str],
+    *,
+    val_fraction: float,
+    seed: int,
+    dataset: str,
+    valid_rule: str = "",
+) -> Splits:
+    """The Splits of an audio + frames dataset from its indexed clips.
+
+    ``parts`` holds "train" and "test", and "valid" when the layout ships one (then
+    ``valid_rule`` describes it); otherwise validation is carved from train with the dataset's
+    fixed ``seed`` (:func:`mmbalance.data.carve_validation`; val_fraction=0 validates on the
+    test split). Validation and test use eval-mode sampling. ``info`` (the dataset's own
+    entries) is recorded with the val, frame and audio rules, the sizes and ``notes`` added.
+    """
+
+    frames, size = r.frames, r.image_size
+
+    def make(clips: Sequence[Clip], train: bool) -> AVClipDataset:
+        return AVClipDataset(clips, modalities, r.audio.loader, frames, size, train)
+
+    test = make(parts["test"], False)
+    if "valid" in parts:
+        train, val, rule = make(parts["train"], True), make(parts["valid"], False), valid_rule
+    else:
+        keep, hold, rule = carve_validation(parts["train"], val_fraction, seed, dataset)
+        train = make(keep, True)
+        val = make(hold, False) if hold is not None else test
+    specs = {"audio": r.audio.spec, "visual": ModalitySpec("video", (3, frames, size, size))}
+    info = {
+        **info,
+        "val_rule": rule,
+        "frame_rule": f"train: {frames} distinct random sorted indices + RandomResizedCrop"
+        f"({size}) + flip; eval: first {frames} + Resize",
+        "audio": r.audio.rule,
+        "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+        "notes": notes,
+    }
+    return Splits(
+        train=train,
+        val=val,
+        test=test,
+        modalities={m: specs[m] for m in modalities},
+        num_classes=len(class_names),
+        class_names=list(class_names),
+        info=info,
+    )

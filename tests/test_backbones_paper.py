@@ -7,20 +7,15 @@ compared parameter by parameter. Nothing touches the network.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import (  # noqa: E402
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from transformers import (
     BertConfig,
     BertForPreTraining,
     BertModel,
@@ -30,11 +25,11 @@ from transformers import (  # noqa: E402
     CLIPVisionModel,
 )
 
-from mmbalance.backbones.i3d import InceptionI3d, mixed5c_cells, official_pool  # noqa: E402
-from mmbalance.data import ModalitySpec  # noqa: E402
-from mmbalance.errors import ConfigError  # noqa: E402
-from mmbalance.model import build_encoder  # noqa: E402
-from mmbalance.registry import BACKBONES  # noqa: E402
+from mmbalance.backbones.i3d import InceptionI3d, mixed5c_cells, official_pool
+from mmbalance.data import ModalitySpec
+from mmbalance.errors import ConfigError
+from mmbalance.model import build_encoder
+from mmbalance.registry import BACKBONES
 
 BERT_TINY = {
     "hidden_size": 32,
@@ -515,7 +510,6 @@ def test_wrong_modality_kind_is_a_config_error(name: str, spec: ModalitySpec) ->
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_paper_backbones_train_step_on_cuda_bf16() -> None:
     dev = torch.device("cuda")
     cases: list[tuple[str, ModalitySpec, dict, object]] = [

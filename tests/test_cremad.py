@@ -7,25 +7,25 @@ with soundfile, small JPEGs written with PIL, CRLF csvs with a UTF-8 BOM, MLA li
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from PIL import Image
+from fixtures_media import (
+    check_av_bf16_steps_on_cuda,
+    check_av_concat_step,
+    write_frames,
+    write_wav,
+)
 from torch.utils.data import DataLoader
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from mmbalance import media  # noqa: E402
-from mmbalance.config import assemble  # noqa: E402
-from mmbalance.data import Splits  # noqa: E402
-from mmbalance.errors import ConfigError, DataError  # noqa: E402
-from mmbalance.registry import DATASETS  # noqa: E402
+from mmbalance import media
+from mmbalance.config import assemble
+from mmbalance.data import Splits
+from mmbalance.errors import ConfigError, DataError
+from mmbalance.registry import DATASETS
 
 EMOS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 MLA_WORDS = {"ANG": "Anger", "DIS": "Disgust", "FEA": "Fear", "HAP": "Happy", "NEU": "Neutral", "SAD": "Sad"}
@@ -33,28 +33,6 @@ SENTENCES = ("DFA", "IEO", "TIE", "IOM", "IWW", "TAI")
 
 
 # ---------------------------------------------------------------------------------- fixtures
-
-
-def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000, channels: int = 1, seed: int = 0) -> np.ndarray:
-    """A real 16-bit PCM WAV of noise + a tone; returns the int16 samples written."""
-    rng = np.random.default_rng(seed)
-    n = int(rate * seconds)
-    t = np.arange(n) / rate
-    sig = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(n)
-    data = (np.clip(sig, -1, 1) * 32767).astype(np.int16)
-    if channels > 1:
-        data = np.stack([data] + [(data // (c + 1)) for c in range(1, channels)], axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), data, rate, subtype="PCM_16")
-    return data
-
-
-def write_frames(folder: Path, count: int, names: str = "{:05d}.jpg", step: int = 30, size=(40, 36)) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(count)
-    for k in range(count):
-        arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(arr).save(folder / names.format(k * step), format="JPEG")
 
 
 def clip_ids(n_per_class: int) -> list[tuple[str, str]]:
@@ -396,35 +374,12 @@ def test_plugin_declares_the_iprm_recipe():
 # ------------------------------------------------------------------------------ with trainer
 
 
-def _runner():
-    """The trainer's entry point, or a skip while it is still being written."""
-    if not Path("/tmp/mmbalance_trainer_ready").exists():
-        pytest.importorskip("mmbalance.runner", reason="the trainer is not written yet")
-    return pytest.importorskip("mmbalance.runner")
-
-
-def _run_overrides(root: Path, tmp_path: Path, device: str) -> dict:
-    return {
-        "data_root": str(root), "epochs": 1, "device": device, "records": str(tmp_path / "runs"),
-        "limit_train_batches": 1, "limit_eval_batches": 1, "batch_size": 2, "check_manifest": False,
-        "image_size": 32, "audio_seconds": 0.5, "val_fraction": 0.5, "embed_dim": 64,
-        "checkpoint": False,
-    }
-
-
 def test_concat_one_step_through_runner(tmp_path):
     make_cremad_b(tmp_path / "data")
-    result = _runner().run("concat", "cremad", overrides=_run_overrides(tmp_path / "data", tmp_path, "cpu"))
-    final = result.record["final"]
-    assert final and result.run_dir.exists()
-    assert "best_test" in json.dumps(final)  # the selection rules of DESIGN.md were recorded
+    check_av_concat_step("cremad", tmp_path / "data", tmp_path)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_concat_bf16_steps_on_cuda(tmp_path):
     make_cremad_b(tmp_path / "data", n_train=4)
-    over = _run_overrides(tmp_path / "data", tmp_path, "cuda")
-    over.update({"limit_train_batches": 3, "epochs": 2, "amp": "bf16", "image_size": 64, "audio_seconds": 3.0})
-    result = _runner().run("concat", "cremad", overrides=over)
-    assert result.record["final"]
+    check_av_bf16_steps_on_cuda("cremad", tmp_path / "data", tmp_path)

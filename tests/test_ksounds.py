@@ -7,45 +7,28 @@ float32 fbank .npy files and frame_0000k.jpg frames.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from PIL import Image
+from fixtures_media import (
+    check_av_bf16_steps_on_cuda,
+    check_av_concat_step,
+    write_frames,
+    write_wav,
+)
 from torch.utils.data import DataLoader
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from mmbalance.config import assemble  # noqa: E402
-from mmbalance.data import Splits  # noqa: E402
-from mmbalance.errors import ConfigError, DataError  # noqa: E402
-from mmbalance.registry import DATASETS  # noqa: E402
+from mmbalance.config import assemble
+from mmbalance.data import Splits
+from mmbalance.errors import ConfigError, DataError
+from mmbalance.registry import DATASETS
 
 # Names given in an unsorted, first-appearance order on purpose.
 CLASSES = ("playing bagpipes", "bowling", "tap dancing")
 IDS = ("--4-0ihtnBU_000058_000068", "-a1B2c3D4e5_000010_000020", "Zx9_yW8vU7t_000003_000013",
        "abcdefghijk_000000_000010", "-Qq_Ww-Ee_r_000100_000110", "mnopqrstuvw_000020_000030")
-
-
-def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    n = int(rate * seconds)
-    sig = 0.2 * np.sin(2 * np.pi * 330 * np.arange(n) / rate) + 0.05 * rng.standard_normal(n)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), (np.clip(sig, -1, 1) * 32767).astype(np.int16), rate, subtype="PCM_16")
-
-
-def write_frames(folder: Path, count: int, names: str = "frame_{:05d}.jpg") -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(count)
-    for k in range(count):
-        arr = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(folder / names.format(k), format="JPEG")
 
 
 def clips(split: str, per_class: int) -> list[tuple[str, str]]:
@@ -69,7 +52,7 @@ def make_layout_c(root: Path, per_class: int = 2, frames: int = 5, valid: bool =
         media = "train" if s == "valid" else s
         for i, (cid, _) in enumerate(rows):
             write_wav(base / f"{media}_wav" / f"{cid}.wav", seed=i)
-            write_frames(base / f"{media}_img" / "Image-01-FPS" / cid, frames)
+            write_frames(base / f"{media}_img" / "Image-01-FPS" / cid, frames, "frame_{:05d}.jpg", step=1)
     return base
 
 
@@ -85,7 +68,7 @@ def make_fbank_layout(root: Path, layout: str, per_class: int = 2, n_classes: in
                 fb = base / "audio" / f"{s}_fbank" / f"{cid}.npy"
                 fb.parent.mkdir(parents=True, exist_ok=True)
                 np.save(fb, np.full((1024, 128), float(label), dtype=np.float32))
-                write_frames(base / "visual" / f"{s}_imgs" / cid, 10, "frame_0000{}.jpg")
+                write_frames(base / "visual" / f"{s}_imgs" / cid, 10, "frame_0000{}.jpg", step=1)
         name = f"my_{s}.txt" if layout == "A" else f"{s}.txt"
         (base / name).write_bytes("".join(lines).encode())
     return base
@@ -250,34 +233,12 @@ def test_unknown_modality_is_refused(tmp_path):
 # ------------------------------------------------------------------------------ with trainer
 
 
-def _runner():
-    if not Path("/tmp/mmbalance_trainer_ready").exists():
-        pytest.importorskip("mmbalance.runner", reason="the trainer is not written yet")
-    return pytest.importorskip("mmbalance.runner")
-
-
-def _run_overrides(root: Path, tmp_path: Path, device: str) -> dict:
-    return {
-        "data_root": str(root), "epochs": 1, "device": device, "records": str(tmp_path / "runs"),
-        "limit_train_batches": 1, "limit_eval_batches": 1, "batch_size": 2, "check_manifest": False,
-        "image_size": 32, "audio_seconds": 0.5, "val_fraction": 0.5, "embed_dim": 64,
-        "checkpoint": False,
-    }
-
-
 def test_concat_one_step_through_runner(tmp_path):
     make_layout_c(tmp_path / "data")
-    result = _runner().run("concat", "ksounds", overrides=_run_overrides(tmp_path / "data", tmp_path, "cpu"))
-    final = result.record["final"]
-    assert final and result.run_dir.exists()
-    assert "best_test" in json.dumps(final)  # the selection rules of DESIGN.md were recorded
+    check_av_concat_step("ksounds", tmp_path / "data", tmp_path)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_concat_bf16_steps_on_cuda(tmp_path):
     make_layout_c(tmp_path / "data", per_class=4)
-    over = _run_overrides(tmp_path / "data", tmp_path, "cuda")
-    over.update({"limit_train_batches": 3, "epochs": 2, "amp": "bf16", "image_size": 64, "audio_seconds": 3.0})
-    result = _runner().run("concat", "ksounds", overrides=over)
-    assert result.record["final"]
+    check_av_bf16_steps_on_cuda("ksounds", tmp_path / "data", tmp_path)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import pytest
 import torch
+from fixtures_media import CUDA_BF16, check_cuda_bf16_steps
 from mmbalance.datasets.nvgesture import NVGesture, parse_list_line, read_split_list
 
 from mmbalance.data import Splits
@@ -301,14 +298,5 @@ def test_one_concat_step_with_i3d_backbones(nv_root: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_few_cuda_bf16_steps(nv_root: Path, tmp_path: Path) -> None:
-    from mmbalance.runner import run
-
-    ov = tiny_overrides(nv_root, tmp_path / "runs", device="cuda", amp="bf16", epochs=2,
-                        limit_train_batches=2, num_workers=2)
-    result = run("concat", "nvgesture", overrides=ov)
-    assert len(result.record["epochs"]) == 2
-    assert all(np.isfinite(e["train_loss"]) for e in result.record["epochs"])
-    assert result.record["header"]["device"].startswith("cuda")
-    assert result.record["header"]["amp"] == "bfloat16"
+    check_cuda_bf16_steps("nvgesture", tiny_overrides(nv_root, tmp_path / "runs", **CUDA_BF16))

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import pytest
 import torch
+from fixtures_media import CUDA_BF16, check_cuda_bf16_steps
 from mmbalance.datasets.sarcasm import (
     CLASS_NAMES,
     CLIP_MEAN,
@@ -249,14 +246,5 @@ def test_one_concat_step_resnet50_bert(json_root: Path, vocab: Path, tmp_path: P
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_few_cuda_bf16_steps(json_root: Path, vocab: Path, tmp_path: Path) -> None:
-    from mmbalance.runner import run
-
-    ov = tiny_overrides(json_root, vocab, tmp_path / "runs", device="cuda", amp="bf16", epochs=2,
-                        limit_train_batches=2, num_workers=2)
-    result = run("concat", "sarcasm", overrides=ov)
-    assert len(result.record["epochs"]) == 2
-    assert all(np.isfinite(e["train_loss"]) for e in result.record["epochs"])
-    assert result.record["header"]["device"].startswith("cuda")
-    assert result.record["header"]["amp"] == "bfloat16"
+    check_cuda_bf16_steps("sarcasm", tiny_overrides(json_root, vocab, tmp_path / "runs", **CUDA_BF16))
