@@ -1,7 +1,7 @@
 """A generated dataset with a known, tunable imbalance between modalities. No files.
 
 Every modality m is a D-dim vector ``x_m = s_m * mu_m[y] * keep_m + noise``, with class means
-``mu_m`` drawn once (unit-norm rows scaled by sqrt(D)), noise N(0, I), an informativeness
+``mu_m`` drawn once (Gaussian rows rescaled to norm 3), noise N(0, I), an informativeness
 ``s_m`` and a corruption rate ``c_m``: with probability ``c_m`` a sample's modality-m signal is
 dropped (``keep_m = 0``), so that modality says nothing about that sample.
 

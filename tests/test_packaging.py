@@ -19,7 +19,8 @@ def test_wheel_contains_core_and_plugins(tmp_path):
     wheel = next(tmp_path.glob("mmbalance-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ("mmbalance/trainer.py", "mmbalance/methods/concat.py", "mmbalance/methods/unimodal.py",
-                 "mmbalance/datasets/avdigits.py", "mmbalance/datasets/synthetic.py", "mmbalance/backbones/resnet.py"):
+                 "mmbalance/datasets/avdigits.py", "mmbalance/datasets/synthetic.py", "mmbalance/backbones/resnet.py",
+                 "mmbalance/prepare/cremad.py", "mmbalance/backbones/i3d.py"):
         assert path in names, path
     assert not any(n.startswith("datasets/") or n.startswith("methods/") for n in names)
 

@@ -1,0 +1,156 @@
+"""``mmbalance prepare``: one-time conversion of a raw paper release into a loader layout.
+
+The dataset plugins read the layouts the field's code reads (reference/datasets.md). Some of
+those layouts are derived from the raw releases by scripts that run once (frame extraction,
+audio extraction, optical flow, fbank features); this package is those scripts, written with
+PyAV (FFmpeg) instead of OpenCV / moviepy / ffmpeg subprocesses:
+
+* ``cremad``: raw CREMA-D (``VideoFlash/*.flv`` + ``AudioWAV/*.wav``) -> Layout B
+  (``annotations/{train,test}.csv``, ``AudioWAV/``, ``Image-01-FPS/<clip>/frame_00001.jpg``).
+* ``ksounds``: a folder of Kinetics clips + ``youtube_id,label`` csvs -> Layout C
+  (``annotations/*.csv``, ``{split}_wav/<id>.wav``, ``{split}_img/Image-01-FPS/<id>/``).
+* ``nvgesture``: the NVIDIA release -> renamed ``*_correct_v2.lst`` lists, the AVIs verified,
+  and dense optical flow ``Video_data/flow_data/{split}/<line>.npy`` (256, 256, 2, T) computed
+  with our own pyramidal Horn-Schunck (the official flow algorithm is unknown, iprm.md 10.3).
+* ``iemocap``: IEMOCAP sentence WAVs + MLA's split lists -> MLA Layout A (kaldi fbank
+  ``.npy``, BERT token ``.npy`` when a local vocab is given, 256x256 faces when face crops
+  are given).
+
+``sarcasm`` needs no preparation (its loader reads the original release as distributed), so
+it is listed in :data:`NOT_OFFERED` with the reason instead of being half-done here.
+
+Every preparer is resumable: outputs are written to a temporary name and renamed into place,
+finished outputs are skipped unless ``overwrite=True``, and a clip that cannot be decoded is
+reported in the summary instead of stopping a 7,000-clip run. The summary (also written to
+``<out>/mmbalance_prepare.json``) says what was written, skipped and why anything failed.
+
+Layout: this ``__init__`` holds the registry and :func:`prepare`; one module per dataset
+(``cremad``, ``ksounds``, ``nvgesture``, ``iemocap``, each with its ``RAW_LAYOUT`` text);
+``flow`` is the Horn-Schunck optical flow; ``common`` the shared report, file, split, worker
+pool and PyAV frame / audio extraction helpers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mmbalance.errors import ConfigError, DataError, MMBalanceError, did_you_mean
+from mmbalance.prepare import cremad, iemocap, ksounds, nvgesture
+from mmbalance.prepare.common import Report, frame_plan, stratified_split
+from mmbalance.prepare.cremad import prepare_cremad
+from mmbalance.prepare.flow import FlowSettings, horn_schunck
+from mmbalance.prepare.flow import _gaussian_blur as _gaussian_blur  # used by tests
+from mmbalance.prepare.flow import warp as warp
+from mmbalance.prepare.iemocap import prepare_iemocap
+from mmbalance.prepare.ksounds import prepare_ksounds
+from mmbalance.prepare.nvgesture import prepare_nvgesture
+
+SUMMARY_FILE = "mmbalance_prepare.json"
+
+RAW_LAYOUTS: dict[str, str] = {
+    "cremad": cremad.RAW_LAYOUT,
+    "ksounds": ksounds.RAW_LAYOUT,
+    "nvgesture": nvgesture.RAW_LAYOUT,
+    "iemocap": iemocap.RAW_LAYOUT,
+}
+
+NOT_OFFERED: dict[str, str] = {
+    "sarcasm": (
+        "Dataset 'sarcasm' needs no preparation: its loader reads the original release "
+        "(text/train.txt, text/valid2.txt, text/test2.txt with images/ or dataset_image/) as "
+        "distributed and applies the authors' keyword filter itself. Point --data-root at the "
+        "release folder and run."
+    ),
+}
+
+
+PREPARERS: dict[str, Callable[..., Report]] = {
+    "cremad": prepare_cremad,
+    "ksounds": prepare_ksounds,
+    "nvgesture": prepare_nvgesture,
+    "iemocap": prepare_iemocap,
+}
+
+
+def preparer_options(dataset: str) -> dict[str, Any]:
+    """Option name -> default of one preparer (for the CLI's help and for validation)."""
+    fn = _preparer(dataset)
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _preparer(dataset: str) -> Callable[..., Report]:
+    key = dataset.lower()
+    if key in PREPARERS:
+        return PREPARERS[key]
+    if key in NOT_OFFERED:
+        raise MMBalanceError(NOT_OFFERED[key])
+    known = sorted(PREPARERS)
+    raise ConfigError(
+        f"No preparation step for dataset '{dataset}'. Known: {', '.join(known)} "
+        f"(and {', '.join(sorted(NOT_OFFERED))}, which needs none).{did_you_mean(key, known + sorted(NOT_OFFERED))}"
+    )
+
+
+def prepare(dataset: str, raw: Path | str, out: Path | str, **options: Any) -> dict[str, Any]:
+    """Run one dataset's preparer; returns (and writes to OUT/mmbalance_prepare.json) a summary.
+
+    ``options`` are the preparer's keyword options (see :func:`preparer_options`); an unknown
+    one is a ConfigError listing the valid names. Raises DataError when RAW does not hold the
+    expected raw release (the message shows :data:`RAW_LAYOUTS`), or when nothing at all
+    could be prepared.
+    """
+    fn = _preparer(dataset)
+    allowed = preparer_options(dataset)
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise ConfigError(
+            f"Unknown option(s) {', '.join(unknown)} for 'mmbalance prepare {dataset}'. Valid: "
+            f"{', '.join(f'{k} (default {v!r})' for k, v in allowed.items())}."
+            f"{did_you_mean(unknown[0], allowed)}"
+        )
+    raw_p, out_p = Path(raw).expanduser(), Path(out).expanduser()
+    if not raw_p.is_dir():
+        raise DataError(
+            f"Raw folder '{raw_p}' does not exist or is not a directory. Expected: "
+            f"{RAW_LAYOUTS.get(dataset.lower(), '')}"
+        )
+    out_p.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    report = fn(raw_p, out_p, **options)
+    report.options = {**allowed, **options}
+    summary = report.summary(time.monotonic() - start)
+    _write_summary(out_p, summary)
+    done = sum(report.written.values()) + sum(report.skipped.values())
+    if report.failures and not done:
+        raise DataError(
+            f"'mmbalance prepare {dataset}' could not prepare anything: {len(report.failures)} "
+            f"failures, e.g. {report.failures[0]['item']}: {report.failures[0]['error']}"
+        )
+    return summary
+
+
+def _write_summary(out: Path, summary: Mapping[str, Any]) -> None:
+    path = out / SUMMARY_FILE
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+__all__ = [
+    "NOT_OFFERED",
+    "PREPARERS",
+    "RAW_LAYOUTS",
+    "FlowSettings",
+    "frame_plan",
+    "horn_schunck",
+    "prepare",
+    "preparer_options",
+    "stratified_split",
+]

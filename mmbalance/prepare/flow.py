@@ -1,0 +1,173 @@
+"""Dense optical flow: our own pyramidal Horn-Schunck in torch (used by ``nvgesture``).
+
+The official NVGesture flow algorithm is unknown (iprm.md 10.3), so this is mmbalance's own
+coarse-to-fine Horn & Schunck (1981). torch is imported inside the functions, so importing
+this module stays light.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mmbalance.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """Horn-Schunck parameters; intensities are in [0, 1], so ``alpha`` is on that scale."""
+
+    alpha: float = 0.03
+    iterations: int = 30
+    warps: int = 2
+    levels: int = 4
+    sigma: float = 1.0
+
+
+def _torch_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device='{name}' was asked for, but no CUDA device is visible. Use device=cpu.")
+    return torch.device(name)
+
+
+def _gaussian_blur(x: Any, sigma: float) -> Any:
+    """Separable Gaussian blur of (B, 1, H, W) with replicate borders.
+
+    Written as weighted sums of shifted slices (a 7-tap kernel at sigma 1) rather than
+    ``conv2d``: as fast on a free machine and far faster on an oversubscribed CPU.
+    """
+    import torch
+
+    if sigma <= 0:
+        return x
+    r = max(1, math.ceil(2.5 * sigma))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    h, w = x.shape[-2:]
+    p = _replicate_pad(x, r, 0)
+    x = sum(k[j] * p[..., :, j : j + w] for j in range(2 * r + 1))
+    p = _replicate_pad(x, 0, r)
+    return sum(k[j] * p[..., j : j + h, :] for j in range(2 * r + 1))
+
+
+def _replicate_pad(x: Any, rx: int, ry: int) -> Any:
+    """Edge padding by clamped indexing.
+
+    ``F.pad(mode="replicate")`` is orders of magnitude slower on CPUs shared with other
+    processes (its OpenMP loop stalls when the cores are oversubscribed); indexing is not.
+    """
+    import torch
+
+    h, w = x.shape[-2:]
+    if rx:
+        cols = torch.arange(-rx, w + rx, device=x.device).clamp_(0, w - 1)
+        x = x.index_select(-1, cols)
+    if ry:
+        rows = torch.arange(-ry, h + ry, device=x.device).clamp_(0, h - 1)
+        x = x.index_select(-2, rows)
+    return x
+
+
+def _gradients(x: Any) -> tuple[Any, Any]:
+    """Central differences with replicate borders."""
+    p = _replicate_pad(x, 1, 1)
+    return (p[..., 1:-1, 2:] - p[..., 1:-1, :-2]) / 2, (p[..., 2:, 1:-1] - p[..., :-2, 1:-1]) / 2
+
+
+def _neighbour_mean(f: Any) -> Any:
+    """Horn & Schunck's weighted neighbourhood average (1/6 edge, 1/12 corner neighbours)."""
+    p = _replicate_pad(f, 1, 1)
+    sides = p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
+    corners = p[..., :-2, :-2] + p[..., :-2, 2:] + p[..., 2:, :-2] + p[..., 2:, 2:]
+    return sides / 6 + corners / 12
+
+
+def warp(image: Any, flow: Any) -> Any:
+    """Sample ``image`` (B, 1, H, W) at x + flow (bilinear, borders replicated)."""
+    import torch
+    import torch.nn.functional as F
+
+    _, _, h, w = image.shape
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=image.dtype, device=image.device),
+        torch.arange(w, dtype=image.dtype, device=image.device),
+        indexing="ij",
+    )
+    gx = (xs + flow[:, 0]) * (2 / max(w - 1, 1)) - 1
+    gy = (ys + flow[:, 1]) * (2 / max(h - 1, 1)) - 1
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _refine(i1: Any, i2: Any, flow: Any, s: FlowSettings) -> Any:
+    """Horn-Schunck at one pyramid level, linearised around ``flow`` and re-warped ``warps`` times.
+
+    With I2 warped by the current flow w0, the data term Ix (u - u0) + Iy (v - v0) + It = 0 is
+    solved jointly with the smoothness term by HS's Jacobi iteration on the total flow.
+    """
+    import torch
+
+    for _ in range(s.warps):
+        i2w = warp(i2, flow)
+        g1x, g1y = _gradients(i1)
+        g2x, g2y = _gradients(i2w)
+        ix, iy = (g1x + g2x) / 2, (g1y + g2y) / 2
+        it = i2w - i1 - ix * flow[:, :1] - iy * flow[:, 1:]
+        grad = torch.cat([ix, iy], dim=1)
+        inv_denom = 1.0 / (s.alpha**2 + ix**2 + iy**2)
+        for _ in range(s.iterations):
+            mean = _neighbour_mean(flow)
+            r = (ix * mean[:, :1] + iy * mean[:, 1:] + it) * inv_denom
+            flow = mean - grad * r
+    return flow
+
+
+def _pyramid(x: Any, levels: int) -> list[Any]:
+    """Blur-and-halve levels, finest first; stops before a side drops below 16 pixels."""
+    out = [x]
+    while len(out) < levels and min(out[-1].shape[-2:]) >= 32:
+        y = _gaussian_blur(out[-1], 1.0)
+        h, w = (y.shape[-2] // 2) * 2, (y.shape[-1] // 2) * 2
+        y = y[..., :h, :w]
+        out.append((y[..., 0::2, 0::2] + y[..., 1::2, 0::2] + y[..., 0::2, 1::2] + y[..., 1::2, 1::2]) / 4)
+    return out
+
+
+def horn_schunck(prev: Any, nxt: Any, settings: FlowSettings | None = None) -> Any:
+    """Dense optical flow (B, 2, H, W) from grey frames ``prev`` to ``nxt`` (B, H, W) in [0, 1].
+
+    Our own coarse-to-fine Horn & Schunck (1981): Gaussian pre-smoothing, an image pyramid
+    (halving down to >= 16 px), and at each level HS's iteration linearised around the
+    upsampled coarser flow with the second frame warped by it, so displacements of several
+    pixels are recovered. Convention (as OpenCV's): prev(y, x) ~ nxt(y + v, x + u); channel 0
+    is u (x, rightwards), channel 1 is v (y, downwards), in pixels.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    s = settings or FlowSettings()
+    a = _gaussian_blur(prev.unsqueeze(1).float(), s.sigma)
+    b = _gaussian_blur(nxt.unsqueeze(1).float(), s.sigma)
+    pa, pb = _pyramid(a, s.levels), _pyramid(b, s.levels)
+    flow = torch.zeros(a.shape[0], 2, *pa[-1].shape[-2:], dtype=a.dtype, device=a.device)
+    for ia, ib in zip(reversed(pa), reversed(pb), strict=True):
+        if flow.shape[-2:] != ia.shape[-2:]:
+            sy, sx = ia.shape[-2] / flow.shape[-2], ia.shape[-1] / flow.shape[-1]
+            flow = F.interpolate(flow, size=ia.shape[-2:], mode="bilinear", align_corners=False)
+            flow = torch.cat([flow[:, :1] * sx, flow[:, 1:] * sy], dim=1)
+        flow = _refine(ia, ib, flow, s)
+    return flow
+
+
+def grey(frames: np.ndarray) -> np.ndarray:
+    """uint8 RGB (T, H, W, 3) -> float32 luma in [0, 1] (ITU-R BT.601, as OpenCV's RGB2GRAY)."""
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return (frames.astype(np.float32) @ weights) / 255.0
