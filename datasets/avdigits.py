@@ -116,7 +116,7 @@ class AVDigits(DatasetPlugin):
         "weight_decay": 1e-4,
         "scheduler": "cosine",
         "embed_dim": 128,
-        "backbone": {"audio": {"name": "cnn"}, "image": {"name": "mlp", "hidden": 128}},
+        "backbone": {"audio": {"name": "cnn", "widths": [16, 32, 64, 128]}, "image": {"name": "mlp", "hidden": 128}},
     }
     options = {
         "image_noise": Option(0.0, "std of fixed Gaussian pixel noise (pixels 0..1), drawn once per image"),

@@ -36,7 +36,7 @@ def test_config_shows_layers_and_help(capsys):
     assert main(["config", "--method", "iprm", "--dataset", "avdigits-noisy", "--set", "alpha=0.6"]) == 0
     out = capsys.readouterr().out
     assert "alpha: 0.6  # EMA momentum" in out and "image_noise: 0.5" in out
-    assert "backbone.audio: {name: cnn}" in out
+    assert "backbone.audio: {name: cnn, widths: [16, 32, 64, 128]}" in out
 
 
 @pytest.mark.parametrize(
