@@ -256,7 +256,7 @@ def resolve_data_root(cfg: Mapping[str, Any], dataset: str, subdir: str | None =
             raise DataError(
                 f"Dataset '{dataset}' needs a data root: pass --data-root DIR or set the "
                 f"environment variable {DATA_ROOT_ENV} (looked for a default in "
-                f"{', '.join(str(p) for p in DEFAULT_ROOTS)})."
+                f"{', '.join(str(p.resolve()) for p in DEFAULT_ROOTS)})."
             )
         raw = str(fallback)
     root = Path(raw).expanduser()

@@ -371,6 +371,7 @@ class Trainer:
             },
             "device": dev,
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
+            "cpu_threads": torch.get_num_threads(),  # float sums depend on it: same seed, same threads
             "code_version": records.code_version(),
             "versions": records.library_versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
