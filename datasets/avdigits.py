@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio
 
+from mmbalance import media
 from mmbalance.config import Option
 from mmbalance.data import (
     DatasetPlugin,
@@ -58,19 +58,13 @@ def list_clips(rec_dir: Path) -> list[tuple[int, str, int, Path]]:
 
 
 def read_wav(path: Path) -> np.ndarray:
-    """Mono float32 samples of an 8 kHz WAV; a broken file is a DataError naming it."""
-    try:
-        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:
-        raise DataError(
-            f"Could not read the WAV file '{path}': {exc}. The file is corrupt or not a WAV; "
-            f"restore it from the dataset release (or delete it to leave the clip out)."
-        ) from exc
+    """Mono float32 samples of an 8 kHz FSDD clip (a broken file is media.read_wav's DataError)."""
+    wave, sr = media.read_wav(path)
     if sr != SAMPLE_RATE:
         raise DataError(f"'{path}' has a sample rate of {sr} Hz; FSDD clips are {SAMPLE_RATE} Hz.")
-    if audio.shape[0] == 0:
+    if wave.shape[1] == 0:
         raise DataError(f"The WAV file '{path}' holds no samples; restore it from the release.")
-    return audio.mean(axis=1)
+    return wave.mean(dim=0).numpy()
 
 
 def log_mel(waves: np.ndarray, n_mels: int, seconds: float) -> torch.Tensor:

@@ -53,7 +53,10 @@ class MFeat(DatasetPlugin):
     options = {"split_seed": Option(0, "seed of the stratified validation carve-out from train")}
 
     def available_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
-        return list(VIEWS) if cfg.get("modalities") else list(self.modality_names)
+        return list(VIEWS)
+
+    def default_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
+        return list(self.modality_names)
 
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
         from scipy.io import loadmat

@@ -90,6 +90,10 @@ class DatasetPlugin:
         """Modalities this dataset can provide under ``cfg`` (files may decide, e.g. features)."""
         return list(self.modality_names)
 
+    def default_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
+        """Modalities a run uses when ``--set modalities=`` is not given (default: all)."""
+        return self.available_modalities(cfg)
+
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
         """Build the splits, loading only ``modalities`` (a subset of the available ones)."""
         raise NotImplementedError

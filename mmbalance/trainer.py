@@ -120,7 +120,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         available = self.dataset.available_modalities(cfg)
-        requested = cfg.get("modalities") or available
+        requested = cfg.get("modalities") or self.dataset.default_modalities(cfg)
         unknown = [m for m in requested if m not in available]
         if unknown:
             raise ConfigError(

@@ -15,7 +15,7 @@ from mmbalance.runner import resolve_config, run
 def build(dataset, overrides=None, modalities=None):
     cfg, ds_cls, _ = resolve_config("concat", dataset, overrides or {})
     ds = ds_cls()
-    return ds.build(cfg, modalities or ds.available_modalities(cfg))
+    return ds.build(cfg, modalities or ds.default_modalities(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,15 @@ def test_synthetic_shows_a_real_imbalance(fast):
     weak_alone = alone.final["last"]["test"]["m2"]["acc"]
     weak_joint = joint.final["last"]["test"]["m2"]["acc"]
     assert weak_joint < weak_alone - 5.0
+
+
+def test_mfeat_defaults_to_fac_mor_and_refuses_unknown_views(shared_data, fast):
+    from mmbalance.errors import ConfigError
+    from mmbalance.runner import make_trainer
+
+    t = make_trainer("concat", "mfeat", {**fast, "data_root": str(shared_data)})
+    t.setup()
+    assert t.modalities == ["fac", "mor"]
+    bad = make_trainer("concat", "mfeat", {**fast, "data_root": str(shared_data), "modalities": "fac,xyz"})
+    with pytest.raises(ConfigError, match="no modality xyz.*pix, fou, fac, zer, kar, mor"):
+        bad.setup()
