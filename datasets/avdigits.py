@@ -4,7 +4,8 @@ Split and pairing follow shared/data/README.md exactly: audio index 0-4 -> test,
 per class, images ``I_c[:30]`` -> test and ``I_c[30:]`` -> train; within a class and split the
 clips, sorted by (speaker, index), take image ``I_c[k mod len(I_c)]``. Audio becomes a 64-mel
 log spectrogram of the first second (zero-padded), standardised with train statistics; images
-are the 64 pixels scaled to 0..1.
+are the 64 pixels scaled to 0..1. Validation is a stratified ``val_fraction`` of train (fixed
+``split_seed``); ``val_fraction=0`` validates on the test split.
 
 Degradation (``image_noise``): fixed Gaussian pixel noise of that std, drawn once per image
 with ``noise_seed``, so the image modality is weak but still informative. Measured in the data
@@ -15,6 +16,7 @@ falls from 96.9 % to 90.2 % while audio alone stays at 98.2 %: room for rebalanc
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,9 +33,10 @@ from mmbalance.data import (
     DictDataset,
     ModalitySpec,
     Splits,
+    carve_validation,
+    hash_files,
     require_paths,
     resolve_data_root,
-    stratified_holdout,
 )
 from mmbalance.errors import DataError
 from mmbalance.registry import register_dataset
@@ -113,19 +116,30 @@ class AVDigits(DatasetPlugin):
         "backbone": {"audio": {"name": "cnn", "widths": [16, 32, 64, 128]}, "image": {"name": "mlp", "hidden": 128}},
     }
     options = {
-        "image_noise": Option(0.0, "std of fixed Gaussian pixel noise (pixels 0..1), drawn once per image"),
+        "image_noise": Option(0.0, "std of fixed Gaussian pixel noise (pixels 0..1), drawn once per image", min=0),
         "noise_seed": Option(0, "seed of the fixed pixel noise"),
-        "n_mels": Option(64, "mel bands of the audio spectrogram"),
-        "audio_seconds": Option(1.0, "audio crop length in seconds (zero-padded)"),
+        "n_mels": Option(64, "mel bands of the audio spectrogram", min=1),
+        "audio_seconds": Option(1.0, "audio crop length in seconds (zero-padded)", min=0, min_open=True),
         "split_seed": Option(0, "seed of the stratified validation carve-out from train"),
     }
 
-    def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
+    def _clips(self, cfg: Mapping[str, Any]) -> tuple[Path, list[tuple[int, str, int, Path]]]:
         root = resolve_data_root(cfg, self.name, subdir="fsdd")
         require_paths(self.name, root, ["recordings"], LAYOUT)
         clips = list_clips(root / "recordings")
         if not clips:
             raise DataError(f"Dataset '{self.name}': '{root / 'recordings'}' holds no clips. Expected layout: {LAYOUT}")
+        return root, clips
+
+    def data_fingerprint(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """Content hash of the WAV files the splits are built from (all listed clips, audio
+        loaded or not: they also decide the samples and labels). The images are scikit-learn's
+        bundled digits, fixed by the pinned scikit-learn version, so they are not hashed."""
+        root, clips = self._clips(cfg)
+        return {"files": hash_files([c[3] for c in clips], root)}
+
+    def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
+        root, clips = self._clips(cfg)
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -159,7 +173,12 @@ class AVDigits(DatasetPlugin):
             for split in tensors:
                 tensors[split]["audio"] = (tensors[split]["audio"] - mean) / std
         full_train = DictDataset(tensors["train"], labels["train"])
-        keep, hold = stratified_holdout(labels["train"].numpy(), cfg["val_fraction"], cfg["split_seed"])
+        test = DictDataset(tensors["test"], labels["test"])
+        keep, hold, rule = carve_validation(
+            list(range(len(full_train))), cfg["val_fraction"], cfg["split_seed"], self.name,
+            labels=labels["train"].numpy(),
+        )
+        val = full_train.subset(np.asarray(hold)) if hold is not None else test
         specs = {}
         if "audio" in modalities:
             specs["audio"] = ModalitySpec("spectrogram", tuple(tensors["train"]["audio"].shape[1:]))
@@ -168,17 +187,15 @@ class AVDigits(DatasetPlugin):
         info = {
             "root": str(root),
             "split": "FSDD index 0-4 test / 5-49 train; images I_c[:30] test; pairing per shared/data/README.md",
-            "val_rule": f"stratified {cfg['val_fraction']:.0%} of train, seed {cfg['split_seed']}",
+            "val_rule": rule,
+            "val_is_test": hold is None,
             "image_noise": cfg["image_noise"],
         }
-        return Splits(
-            full_train.subset(keep), full_train.subset(hold), DictDataset(tensors["test"], labels["test"]),
-            specs, 10, [str(i) for i in range(10)], info,
-        )
+        return Splits(full_train.subset(np.asarray(keep)), val, test, specs, 10, [str(i) for i in range(10)], info)
 
 
 @register_dataset("avdigits-noisy", "AV-digits with fixed Gaussian pixel noise of std 0.5 (weak image modality)")
 class AVDigitsNoisy(AVDigits):
     name = "avdigits-noisy"
     description = "AV-digits with fixed Gaussian pixel noise of std 0.5 (weak image modality)"
-    options = {**AVDigits.options, "image_noise": Option(0.5, AVDigits.options["image_noise"].help)}
+    options = {**AVDigits.options, "image_noise": dataclasses.replace(AVDigits.options["image_noise"], default=0.5)}

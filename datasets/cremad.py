@@ -77,6 +77,8 @@ class Resolved(AVSettings):
 @register_dataset(NAME, "CREMA-D: speech audio + face frames, 6 emotions (IPRM recipe by default)")
 class CremaD(AVClipPlugin):
     """CREMA-D audio-visual emotion recognition."""
+    data_subdir = "CREMA-D"
+    prepare_command = PREPARE
 
     name = NAME
     description = "CREMA-D: speech audio + face frames, 6 emotions (IPRM recipe by default)"
@@ -150,6 +152,7 @@ class CremaD(AVClipPlugin):
         return av_clip_splits(
             parts, mods, r, names, info, notes,
             val_fraction=option(cfg, self, "val_fraction"), seed=VAL_SEED, dataset=NAME,
+            fix=f"If the prepared layout is incomplete, re-run `{PREPARE}` (it skips finished clips).",
         )
 
 

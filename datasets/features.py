@@ -2,9 +2,25 @@
 
 A directory (``--data-root DIR``) holding ``train.npz`` and ``test.npz`` and optionally
 ``val.npz``. Each file has one 2-D float array per modality, named by the modality, and a 1-D
-integer array ``label`` (0..K-1). Modalities and the class count are read from the files;
-without ``val.npz`` a stratified validation split is carved from train with a fixed seed.
-Features are used as stored (standardise them yourself, or set ``standardize=true``).
+integer array ``label`` (0..K-1). Modalities and the class count are read from the files
+(K = largest label + 1 over all files, so a class may be absent from one split).
+
+Validation: ``val.npz`` when present (``val_fraction`` is then ignored); otherwise a stratified
+``val_fraction`` of train is held out with the fixed ``split_seed`` (not the run seed), which
+needs at least 2 training samples per class; ``val_fraction=0`` holds nothing out and
+validates on the test split (recorded as ``val_is_test``).
+
+Standardisation (``standardize``, default on): every feature is shifted and scaled by the
+mean and std of the training rows (a feature that is constant in train is only shifted). Left
+as stored, features on a tiny scale starve the default MLP: histogram-like features that sum
+to 1 over a few hundred bins have a per-feature std around 3e-4, and the default recipe then
+predicts the majority class. ``--set standardize=false`` uses the features as stored.
+
+Input is checked before training, each problem a DataError naming the file and the array:
+NaN/inf values, a modality whose width differs between files, fewer than 2 samples of a class
+when validation must be carved from train, and a label range far larger than the labels used
+(largest label + 1 > 2 x distinct labels and > distinct labels + 10, e.g. a stray label
+1000000, which would allocate a million-class head).
 """
 
 from __future__ import annotations
@@ -22,18 +38,25 @@ from mmbalance.data import (
     DictDataset,
     ModalitySpec,
     Splits,
+    carve_validation,
+    hash_files,
     require_paths,
     resolve_data_root,
-    stratified_holdout,
 )
 from mmbalance.errors import DataError
 from mmbalance.registry import register_dataset
 
+NAME = "features"
+SPLITS = ("train", "val", "test")
 LAYOUT = (
     "DIR/train.npz and DIR/test.npz (optionally DIR/val.npz), each holding one 2-D float array "
     "per modality named by the modality (rows = samples) and a 1-D integer array 'label'; e.g. "
     "np.savez(DIR/'train.npz', audio=A, video=V, label=y)."
 )
+# A label range is refused when max+1 exceeds both of these relative to the distinct labels:
+# gaps (a class missing from the data, 1-based labels) pass, a stray huge label does not.
+RANGE_FACTOR = 2
+RANGE_SLACK = 10
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
@@ -45,6 +68,7 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def _validate(path: Path, arrays: Mapping[str, np.ndarray], modalities: Sequence[str] | None) -> None:
+    """Layout of one file: a 1-D integer label, 2-D float modalities with one row per label."""
     if "label" not in arrays:
         raise DataError(f"'{path}' has no 'label' array. Expected layout: {LAYOUT}")
     y = arrays["label"]
@@ -64,9 +88,82 @@ def _validate(path: Path, arrays: Mapping[str, np.ndarray], modalities: Sequence
         raise DataError(f"'{path}' has modalities {sorted(mods)} but train.npz has {sorted(modalities)}.")
 
 
+def _check_finite(path: Path, name: str, a: np.ndarray) -> None:
+    bad = ~np.isfinite(a)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise DataError(
+            f"'{path}': array '{name}' holds {int(bad.sum())} NaN/inf values (first at row "
+            f"{int(rows[0])}; {len(rows)} rows affected); clean the features (drop or impute those "
+            f"rows, or fix the extractor) before training: NaN/inf inputs make every loss NaN."
+        )
+
+
+def _check_widths(files: Mapping[str, Path], arrays: Mapping[str, Mapping[str, np.ndarray]], mods: Sequence[str]) -> None:
+    for m in mods:
+        w_train = arrays["train"][m].shape[1]
+        for s in files:
+            w = arrays[s][m].shape[1]
+            if w != w_train:
+                raise DataError(
+                    f"'{files['train']}' and '{files[s]}': array '{m}' is {w_train} wide in "
+                    f"train.npz but {w} wide in {s}.npz; a modality must have the same number of "
+                    f"features (second dimension) in every file."
+                )
+
+
+def _check_labels(files: Mapping[str, Path], arrays: Mapping[str, Mapping[str, np.ndarray]]) -> int:
+    """The class count K (largest label + 1), after refusing negative or stray labels."""
+    for s, p in files.items():
+        y = arrays[s]["label"]
+        if len(y) and y.min() < 0:
+            raise DataError(
+                f"'{p}': array 'label' holds {int(y.min())} (row {int(np.argmin(y))}); labels must "
+                f"be 0..K-1."
+            )
+    distinct = np.unique(np.concatenate([arrays[s]["label"] for s in files]))
+    top = int(distinct[-1])
+    k = top + 1
+    if k > RANGE_FACTOR * len(distinct) and k > len(distinct) + RANGE_SLACK:
+        where = next(s for s in files if len(arrays[s]["label"]) and int(arrays[s]["label"].max()) == top)
+        row = int(np.argmax(arrays[where]["label"]))
+        raise DataError(
+            f"'{files[where]}': array 'label' holds {top} (row {row}), but only {len(distinct)} "
+            f"distinct labels occur in {', '.join(f'{s}.npz' for s in files)}; labels must be 0..K-1 "
+            f"(K classes), and {top} would make a {k}-class model. Remap them, e.g. "
+            f"np.unique(all_labels, return_inverse=True)."
+        )
+    return k
+
+
+def _check_carvable(path: Path, y: np.ndarray, fraction: float) -> None:
+    """Stratified holdout needs 2+ samples of every class present in train."""
+    counts = np.bincount(y)
+    small = [(c, int(n)) for c, n in enumerate(counts) if 0 < n < 2]
+    if small:
+        shown = ", ".join(f"class {c} has {n} sample" for c, n in small[:5])
+        more = f" (and {len(small) - 5} more classes)" if len(small) > 5 else ""
+        raise DataError(
+            f"'{path}': array 'label': {shown}{more}; a stratified validation split "
+            f"(val_fraction={fraction:g}) needs at least 2 training samples per class. Provide "
+            f"your own DIR/val.npz, or --set val_fraction=0 to validate on the test split."
+        )
+
+
+def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Train mean and std per feature, and how many features are constant in train: those
+    get std 1 (shifted only), so a zero std never turns into inf/NaN."""
+    x = x.astype(np.float64)
+    mean = x.mean(0)
+    std = x.std(0)
+    # exactly constant columns can still get a rounding-sized std (mean != value by an ulp)
+    constant = (x.max(0) <= x.min(0)) | ~(std > 0)
+    return mean, np.where(constant, 1.0, std), int(constant.sum())
+
+
 @register_dataset("features", "your own pre-extracted features: DIR/{train,val,test}.npz, one array per modality")
 class Features(DatasetPlugin):
-    name = "features"
+    name = NAME
     description = "your own pre-extracted features: DIR/{train,val,test}.npz, one array per modality"
     layout_help = LAYOUT
     defaults = {
@@ -76,7 +173,7 @@ class Features(DatasetPlugin):
         "backbone": {},
     }
     options = {
-        "standardize": Option(False, "standardise each modality with train mean/std"),
+        "standardize": Option(True, "standardise every feature with the train mean/std (false: use as stored)"),
         "split_seed": Option(0, "seed of the stratified validation carve-out when there is no val.npz"),
         "encoder": Option("mlp", "backbone for every modality unless backbone.<m> is set", type=str),
     }
@@ -86,6 +183,9 @@ class Features(DatasetPlugin):
         require_paths(self.name, root, ["train.npz", "test.npz"], LAYOUT)
         return root
 
+    def _files(self, root: Path) -> dict[str, Path]:
+        return {s: root / f"{s}.npz" for s in SPLITS if (root / f"{s}.npz").exists()}
+
     def available_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
         path = self._root(cfg) / "train.npz"
         try:
@@ -94,43 +194,83 @@ class Features(DatasetPlugin):
         except Exception as exc:
             raise DataError(f"Could not read '{path}': {exc}. Expected layout: {LAYOUT}") from exc
 
+    def data_fingerprint(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """Content hash of the .npz files present: a copied folder is the same cell."""
+        root = self._root(cfg)
+        return {"files": hash_files(list(self._files(root).values()), root)}
+
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
         root = self._root(cfg)
-        files = {s: root / f"{s}.npz" for s in ("train", "val", "test") if (root / f"{s}.npz").exists()}
+        files = self._files(root)
         arrays = {s: _load(p) for s, p in files.items()}
         all_mods = [k for k in arrays["train"] if k != "label"]
         for s, p in files.items():
             _validate(p, arrays[s], all_mods if s != "train" else None)
-        labels = np.concatenate([a["label"] for a in arrays.values()])
-        if labels.min() < 0:
-            raise DataError(f"Labels in '{root}' must be 0..K-1; found {labels.min()}.")
-        num_classes = int(labels.max()) + 1
-        stats = {}
-        if cfg["standardize"]:
+        _check_widths(files, arrays, all_mods)
+        for s, p in files.items():
             for m in modalities:
-                x = arrays["train"][m]
-                stats[m] = (x.mean(0), x.std(0) + 1e-6)
+                _check_finite(p, m, arrays[s][m])
+        y_train = arrays["train"]["label"]
+        if not len(y_train):
+            raise DataError(f"'{files['train']}' holds no samples (array 'label' is empty).")
+        num_classes = _check_labels(files, arrays)
+        fraction = float(cfg["val_fraction"])
+
+        if "val" in files:
+            keep = np.arange(len(y_train))
+            hold = None
+            rule = "val = the directory's own val.npz (val_fraction is ignored)"
+        else:
+            if fraction > 0:
+                _check_carvable(files["train"], y_train, fraction)
+            try:
+                kept, held, rule = carve_validation(
+                    list(range(len(y_train))), fraction, cfg["split_seed"], self.name,
+                    labels=y_train, fallback=False,
+                )
+            except DataError as exc:
+                raise DataError(
+                    f"'{files['train']}': {exc} Or provide your own DIR/val.npz, or --set "
+                    f"val_fraction=0 to validate on the test split."
+                ) from exc
+            keep = np.asarray(kept, dtype=np.int64)
+            hold = None if held is None else np.asarray(held, dtype=np.int64)
+
+        stats = {m: _standardiser(arrays["train"][m][keep]) for m in modalities} if cfg["standardize"] else {}
 
         def dataset(split: str, idx: np.ndarray | None = None) -> DictDataset:
             a = arrays[split]
             sel = slice(None) if idx is None else idx
             tensors = {}
             for m in modalities:
-                x = a[m][sel].astype(np.float32)
+                x = a[m][sel]
                 if m in stats:
                     x = (x - stats[m][0]) / stats[m][1]
-                tensors[m] = torch.from_numpy(x)
+                tensors[m] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
             return DictDataset(tensors, torch.from_numpy(a["label"][sel].astype(np.int64)))
 
-        if "val" in arrays:
-            train, val, rule = dataset("train"), dataset("val"), "val.npz"
+        test = dataset("test")
+        if "val" in files:
+            train, val = dataset("train"), dataset("val")
         else:
-            keep, hold = stratified_holdout(arrays["train"]["label"], cfg["val_fraction"], cfg["split_seed"])
-            train, val = dataset("train", keep), dataset("train", hold)
-            rule = f"stratified {cfg['val_fraction']:.0%} of train.npz, seed {cfg['split_seed']}"
+            train = dataset("train", keep)
+            val = dataset("train", hold) if hold is not None else test
         specs = {
             m: ModalitySpec("vector", (arrays["train"][m].shape[1],), {"default_backbone": cfg["encoder"]})
             for m in modalities
         }
-        info = {"root": str(root), "val_rule": rule, "modalities_in_files": all_mods}
-        return Splits(train, val, dataset("test"), specs, num_classes, [str(i) for i in range(num_classes)], info)
+        present_train = set(np.unique(train.labels.numpy()).tolist())
+        info: dict[str, Any] = {
+            "root": str(root),
+            "files": sorted(p.name for p in files.values()),
+            "val_rule": rule,
+            "val_is_test": val is test,
+            "modalities_in_files": all_mods,
+            "standardize": bool(cfg["standardize"]),
+        }
+        if stats:
+            info["constant_features"] = {m: stats[m][2] for m in modalities}
+        absent = [k for k in range(num_classes) if k not in present_train]
+        if absent:
+            info["classes_absent_from_train"] = absent
+        return Splits(train, val, test, specs, num_classes, [str(i) for i in range(num_classes)], info)

@@ -10,6 +10,13 @@ Two processed layouts (datasets.md section 4, iprm.md 10.4):
 * Layout B, MulT's feature pickles ``iemocap_data.pkl`` (word-aligned) or
   ``iemocap_data_noalign.pkl``: GloVe / COVAREP / Facet sequences with train / valid / test.
   Registered separately as ``iemocap_mult`` whose backbones are ``seq_transformer``.
+  Unpickling can run arbitrary code and a data root may be writable by others, so the loader
+  does not unpickle: ``mmbalance prepare iemocap_mult --raw DIR --out ROOT`` converts each
+  pickle once (the one explicit trust step, through an allow-list unpickler that accepts only
+  numpy arrays in plain containers) into ``iemocap_data.npz`` / ``iemocap_data_noalign.npz``
+  (arrays ``<split>__<key>``), read here with ``np.load(..., allow_pickle=False)``. A root
+  holding only the ``.pkl`` is a DataError saying so; ``unsafe_unpickle=true`` reads the pickle
+  directly instead (still through the allow-list unpickler), for files the user trusts.
 
 Modality order (m1, m2, m3) = (audio, visual, text), as iprm.md 7.1 guesses for IEMOCAP.
 Labels are the position in the sorted names in both layouts: Angry 0, Happy 1, Neutral 2,
@@ -19,8 +26,8 @@ Sad 3. Decision: the face is the middle file of the SORTED listing (MLA indexes 
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +68,10 @@ VAL_SEED = 2024
 MANIFEST_MLA = {"train": 3318, "test": 1107}
 MANIFEST_MULT = {"train": 2717, "valid": 798, "test": 938}
 MULT_EMOTIONS = ("Neutral", "Happy", "Sad", "Angry")  # order of the pickles' label axis
-MULT_FILES = {True: "iemocap_data.pkl", False: "iemocap_data_noalign.pkl"}
+MULT_FILES = {True: "iemocap_data.pkl", False: "iemocap_data_noalign.pkl"}  # as MulT ships them
+MULT_NPZ = {True: "iemocap_data.npz", False: "iemocap_data_noalign.npz"}  # mmbalance prepare iemocap_mult
+MULT_SEP = "__"  # .npz array name = f"{split}{MULT_SEP}{key}"
+PREPARE_MULT = "mmbalance prepare iemocap_mult"
 MULT_KEYS = {"audio": "audio", "visual": "vision", "text": "text"}
 LIST_FILES = {"train": "my_train_iemo.txt", "test": "my_test_iemo.txt"}
 LAYOUT_A_BACKBONES = ("fbank_transformer", "vit", "bert")
@@ -149,6 +159,9 @@ class MLAPaths:
         return folder.is_dir() and bool(list_frames(folder, sort=False))
 
 
+PREPARE_MLA = "mmbalance prepare iemocap --raw RAW --out ROOT"
+
+
 class MLAUtterances(Dataset):
     """Layout A items: fbank, face image and token ids, read on demand."""
 
@@ -173,6 +186,12 @@ class MLAUtterances(Dataset):
         return len(self.utts)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return self._item(i)
+        except DataError as exc:
+            raise DataError(f"{exc} If the prepared files are incomplete, re-run `{PREPARE_MLA}`.") from exc
+
+    def _item(self, i: int) -> dict[str, Any]:
         u = self.utts[i]
         item: dict[str, Any] = {}
         for m in self.modalities:
@@ -249,6 +268,8 @@ def mult_modality(split: Mapping[str, Any], modality: str, source: Path, name: s
 
 @register_dataset("iemocap", "IEMOCAP: audio fbank + face + transcript, 4 emotions (MLA layout; or MulT pickles)")
 class IEMOCAP(DatasetPlugin):
+    data_subdir = "IEMOCAP"
+    prepare_command = "mmbalance prepare iemocap --raw RAW --out ROOT (or iemocap_mult for MulT's pickles)"
     name = "iemocap"
     description = "IEMOCAP: audio + face + transcript, 4 emotions (MLA lists; MulT pickles)"
     modality_names = ("audio", "visual", "text")
@@ -269,8 +290,9 @@ class IEMOCAP(DatasetPlugin):
     method_defaults = {"iprm": {"alpha": 0.7}}
     options = {
         "check_manifest": Option(True, "fail unless the splits hold the manifest's sample counts (MLA 3318 / 1107; MulT 2717 / 798 / 938)"),
-        "layout": Option("auto", "mla = MLA lists + npy + faces; mult = MulT feature pickles; auto = whichever is present", ["auto", "mla", "mult"]),
-        "aligned": Option(True, "MulT layout: iemocap_data.pkl (word-aligned) or, when false, iemocap_data_noalign.pkl"),
+        "layout": Option("auto", "mla = MLA lists + npy + faces; mult = MulT features (.npz from 'mmbalance prepare iemocap_mult'); auto = whichever is present", ["auto", "mla", "mult"]),
+        "aligned": Option(True, "MulT layout: iemocap_data.npz (word-aligned) or, when false, iemocap_data_noalign.npz"),
+        "unsafe_unpickle": Option(False, "MulT layout: unpickle MulT's .pkl directly when its .npz is absent; a pickle can run arbitrary code, use only on files you trust (allow-list unpickler still applied; safe path: 'mmbalance prepare iemocap_mult')"),
         "image_size": Option(256, "MLA layout: face image size (train random-resized crop, test resize + centre crop)"),
         "frame_pick": Option("sorted", "MLA layout: the face is the middle file of the sorted listing, or of os.listdir order (official)", ["sorted", "listdir"]),
     }
@@ -279,11 +301,13 @@ class IEMOCAP(DatasetPlugin):
         "(in the root or its data/ folder; lines '<utt>.mp4 [split|sign] <text> [split|sign] "
         "<Label>'), audio/{train,test}_fbank/<utt>.npy (1024, 128), "
         "text_token/{train,test}_token/<utt>_token.npy and <utt>_pm.npy (1, 256), "
-        "visual/{train,test}_imgs/<utt>/*.jpg; or MulT layout: iemocap_data.pkl / "
-        "iemocap_data_noalign.pkl (use the dataset 'iemocap_mult'). 'mmbalance prepare iemocap "
+        "visual/{train,test}_imgs/<utt>/*.jpg; or MulT layout: iemocap_data.npz / "
+        "iemocap_data_noalign.npz (use the dataset 'iemocap_mult'). 'mmbalance prepare iemocap "
         "--raw RAW --out ROOT' builds the MLA layout from the IEMOCAP release and MLA's lists "
-        "(tokens need --set vocab=.../vocab.txt, faces --set faces_dir=DIR); the MulT pickles "
-        "are used as downloaded."
+        "(tokens need --set vocab=.../vocab.txt, faces --set faces_dir=DIR); 'mmbalance prepare "
+        "iemocap_mult --raw DIR --out ROOT' converts MulT's iemocap_data.pkl / "
+        "iemocap_data_noalign.pkl once into those .npz files (the loader does not unpickle: a "
+        "pickle can run code; unsafe_unpickle=true reads a trusted .pkl directly)."
     )
 
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
@@ -302,12 +326,12 @@ class IEMOCAP(DatasetPlugin):
             return layout
         if _find_lists(root):
             return "mla"
-        if any((root / f).is_file() for f in MULT_FILES.values()):
+        if any((root / f).is_file() for f in (*MULT_NPZ.values(), *MULT_FILES.values())):
             return "mult"
         raise DataError(
             f"Dataset '{self.name}': '{root}' holds neither MLA's lists ({LIST_FILES['train']}, "
-            f"{LIST_FILES['test']}) nor MulT's pickles ({', '.join(MULT_FILES.values())}). "
-            f"Expected layout: {self.layout_help}"
+            f"{LIST_FILES['test']}) nor MulT's features ({', '.join(MULT_NPZ.values())}, or the "
+            f"pickles {', '.join(MULT_FILES.values())} to convert). Expected layout: {self.layout_help}"
         )
 
     def _check_mult_backbones(self, cfg: Mapping[str, Any], mods: Sequence[str]) -> None:
@@ -316,7 +340,7 @@ class IEMOCAP(DatasetPlugin):
         if wrong:
             sets = " ".join(f"--set backbone.{m}=seq_transformer" for m in wrong)
             raise ConfigError(
-                f"Dataset '{self.name}' found MulT feature pickles, whose modalities are (L, D) "
+                f"Dataset '{self.name}' found MulT's features, whose modalities are (L, D) "
                 f"feature sequences, but modalities {', '.join(wrong)} are set to the MLA-layout "
                 f"backbones ({', '.join((table.get(m) or {}).get('name') for m in wrong)}). Use "
                 f"the dataset 'iemocap_mult' (its defaults are seq_transformer), or pass {sets}."
@@ -359,6 +383,7 @@ class IEMOCAP(DatasetPlugin):
             "root": str(root),
             "lists": {k: str(v) for k, v in lists.items()},
             "val_split": rule,
+            "val_is_test": held is None,
             "val_utterances": [u.utt for u in held] if held is not None else None,
             "frame_pick": option(cfg, self, "frame_pick"),
             "notes": notes,
@@ -381,30 +406,50 @@ class IEMOCAP(DatasetPlugin):
 
     # --- Layout B ----------------------------------------------------------------------
     def _build_mult(self, cfg: Mapping[str, Any], root: Path, mods: Sequence[str]) -> Splits:
-        fname = MULT_FILES[bool(option(cfg, self, "aligned"))]
-        require_paths(self.name, root, [fname], self.layout_help, "Set aligned=false for the unaligned pickle.")
-        path = root / fname
-        data = _load_pickle(path)
+        path = self._mult_file(cfg, root)
         strict = bool(option(cfg, self, "check_manifest"))
         splits: dict[str, DictDataset] = {}
         notes: list[str] = []
-        for split in ("train", "valid", "test"):
-            if split not in data:
-                raise DataError(f"'{path}' has no '{split}' split (keys: {sorted(data)}).")
-            part = data[split]
-            labels = mult_labels(part.get("labels"), path, split)
-            ids = [str(k) for k in range(len(labels))]
-            notes += check_split(self.name, split, ids, ids, MANIFEST_MULT[split], "Check the pickle.", strict=strict)
-            tensors = {m: mult_modality(part, m, path, split) for m in mods}
-            splits[split] = DictDataset(tensors, torch.from_numpy(labels))
+        with _open_mult(path) as data:
+            for split in ("train", "valid", "test"):
+                if split not in data:
+                    raise DataError(f"'{path}' has no '{split}' split (keys: {sorted(data)}).")
+                part = data[split]
+                labels = mult_labels(part.get("labels"), path, split)
+                ids = [str(k) for k in range(len(labels))]
+                notes += check_split(self.name, split, ids, ids, MANIFEST_MULT[split], "Check the pickle.", strict=strict)
+                tensors = {m: mult_modality(part, m, path, split) for m in mods}
+                splits[split] = DictDataset(tensors, torch.from_numpy(labels))
         specs = {
             m: ModalitySpec("sequence", tuple(splits["train"].tensors[m].shape[1:]), {"source": MULT_KEYS[m]})
             for m in mods
         }
-        info = {"layout": "mult", "file": str(path), "val_split": "the pickle's 'valid' split", "notes": notes}
+        info = {"layout": "mult", "file": str(path), "val_split": "the pickle's 'valid' split", "val_is_test": False, "notes": notes}
         return Splits(
             splits["train"], splits["valid"], splits["test"], specs, len(CLASS_NAMES), list(CLASS_NAMES), info
         )
+
+    def _mult_file(self, cfg: Mapping[str, Any], root: Path) -> Path:
+        """The prepared ``.npz``; MulT's ``.pkl`` only with ``unsafe_unpickle``, else a DataError."""
+        aligned = bool(option(cfg, self, "aligned"))
+        npz, pkl = root / MULT_NPZ[aligned], root / MULT_FILES[aligned]
+        if npz.is_file():
+            return npz
+        fix = f"run `{PREPARE_MULT} --raw {root} --out {root}` to convert it once into a safe .npz"
+        if pkl.is_file():
+            if option(cfg, self, "unsafe_unpickle"):
+                return pkl
+            raise DataError(
+                f"Dataset '{self.name}': '{root}' holds MulT's pickle '{pkl}' but not '{npz.name}'. "
+                f"Unpickling a file can run arbitrary code, so the loader does not read pickles: "
+                f"{fix} (or, only for a file you trust, --set unsafe_unpickle=true reads it directly)."
+            )
+        require_paths(
+            self.name, root, [npz.name], self.layout_help,
+            f"Set aligned=false for the unaligned file. From MulT's {pkl.name}, run "
+            f"`{PREPARE_MULT} --raw DIR --out {root}` to convert it once into a safe .npz.",
+        )
+        return npz
 
 
 @register_dataset("iemocap_mult", "IEMOCAP as MulT feature pickles: GloVe / COVAREP / Facet sequences, 4 emotions")
@@ -417,7 +462,7 @@ class IEMOCAPMulT(IEMOCAP):
         **IEMOCAP.defaults,
         "backbone": {m: {"name": "seq_transformer"} for m in IEMOCAP.modality_names},
     }
-    options = {**IEMOCAP.options, "layout": Option("mult", "mult = MulT feature pickles", ["mult"])}
+    options = {**IEMOCAP.options, "layout": Option("mult", "mult = MulT features (.npz from 'mmbalance prepare iemocap_mult')", ["mult"])}
 
 
 def _find_lists(root: Path) -> dict[str, Path]:
@@ -436,13 +481,49 @@ def _first_shape(path: Path) -> tuple[int, ...]:
         raise DataError(f"'{path}' is not a readable .npy array ({exc}).") from exc
 
 
-def _load_pickle(path: Path) -> Mapping[str, Any]:
-    """Load a MulT pickle (trusted, user-supplied data; pickles can run code when loaded)."""
+@contextmanager
+def _open_mult(path: Path) -> Iterator[Mapping[str, Mapping[str, Any]]]:
+    """MulT's splits as ``{split: {key: array}}``: from the ``.npz`` (no pickle), arrays read on
+    access while open; or, for a ``.pkl`` (``unsafe_unpickle``), through the preparer's
+    allow-list unpickler."""
+    if path.suffix != ".npz":
+        from mmbalance.prepare.iemocap_mult import load_mult_pickle
+
+        yield load_mult_pickle(path)
+        return
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
+        npz = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise DataError(f"Could not read the pickle '{path}': {exc}. Is it MulT's IEMOCAP file?") from exc
-    if not isinstance(data, Mapping):
-        raise DataError(f"'{path}' holds a {type(data).__name__}; expected a dict of splits.")
-    return data
+        raise DataError(
+            f"'{path}' is not a readable .npz ({exc}). Re-create it with `{PREPARE_MULT} --raw "
+            f"DIR --out {path.parent} --set overwrite=true`."
+        ) from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"'{path}' holds a single array, not the .npz of splits `{PREPARE_MULT}` writes.")
+    with npz:
+        names: dict[str, dict[str, str]] = {}
+        for name in npz.files:
+            split, sep, key = name.partition(MULT_SEP)
+            if sep and key:
+                names.setdefault(split, {})[key] = name
+        yield {split: _NpzSplit(npz, path, keys) for split, keys in names.items()}
+
+
+class _NpzSplit(Mapping):
+    """One split of an open MulT ``.npz``: key -> array, read (without pickle) on access."""
+
+    def __init__(self, npz: Any, path: Path, names: Mapping[str, str]) -> None:
+        self.npz, self.path, self.names = npz, path, dict(names)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        name = self.names[key]
+        try:
+            return self.npz[name]
+        except Exception as exc:
+            raise DataError(f"Could not read array '{name}' of '{self.path}' without pickle ({exc}).") from exc
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

@@ -61,6 +61,8 @@ class Resolved(AVSettings):
 @register_dataset(NAME, "Kinetics-Sounds: audio + RGB frames of audible Kinetics classes (31 in the papers)")
 class KineticsSounds(AVClipPlugin):
     """Kinetics-Sounds audio-visual action recognition."""
+    data_subdir = "kinetics_sound"
+    prepare_command = PREPARE
 
     name = NAME
     description = "Kinetics-Sounds: audio + RGB frames of audible Kinetics classes (31 in the papers)"
@@ -139,6 +141,7 @@ class KineticsSounds(AVClipPlugin):
         return av_clip_splits(
             parts, mods, r, class_names, info, notes,
             val_fraction=option(cfg, self, "val_fraction"), seed=VAL_SEED, dataset=NAME,
+            fix=f"If the prepared layout is incomplete, re-run `{PREPARE}` (it skips finished clips).",
             valid_rule=f"val = the layout's own valid split ({_list_file(r, 'valid')})",
         )
 

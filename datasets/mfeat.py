@@ -2,7 +2,8 @@
 
 Reads ``handwritten_6views/handwritten_6views.mat`` (scipy.io.loadmat), keeps the file's own
 1600/400 split, subtracts 1 from the 1-based labels, casts integer views to float, and
-standardises each view with train statistics. Any two or more views can be the modalities
+standardises each view with train statistics. Validation is a stratified ``val_fraction`` of
+train (fixed ``split_seed``); ``val_fraction=0`` validates on the test split. Any two or more views can be the modalities
 (``--set modalities=fac,mor``): their linear-probe accuracies range from 99.5 % (fac) to
 70.3 % (mor), so the imbalance is strong and tunable.
 """
@@ -10,6 +11,7 @@ standardises each view with train statistics. Any two or more views can be the m
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,9 +23,10 @@ from mmbalance.data import (
     DictDataset,
     ModalitySpec,
     Splits,
+    carve_validation,
+    hash_files,
     require_paths,
     resolve_data_root,
-    stratified_holdout,
 )
 from mmbalance.errors import DataError
 from mmbalance.registry import register_dataset
@@ -58,11 +61,20 @@ class MFeat(DatasetPlugin):
     def default_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
         return list(self.modality_names)
 
+    def _root(self, cfg: Mapping[str, Any]) -> Path:
+        root = resolve_data_root(cfg, self.name, subdir="handwritten_6views")
+        require_paths(self.name, root, [FILE], LAYOUT)
+        return root
+
+    def data_fingerprint(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """Content hash of the .mat file: a copied folder is the same cell."""
+        root = self._root(cfg)
+        return {"files": hash_files([root / FILE], root)}
+
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
         from scipy.io import loadmat
 
-        root = resolve_data_root(cfg, self.name, subdir="handwritten_6views")
-        require_paths(self.name, root, [FILE], LAYOUT)
+        root = self._root(cfg)
         try:
             mat = loadmat(str(root / FILE))
         except Exception as exc:
@@ -82,12 +94,16 @@ class MFeat(DatasetPlugin):
             test[v] = torch.from_numpy((xte - mean) / std)
             specs[v] = ModalitySpec("vector", (xtr.shape[1],))
         full = DictDataset(train, y_train)
-        keep, hold = stratified_holdout(y_train.numpy(), cfg["val_fraction"], cfg["split_seed"])
+        keep, hold, rule = carve_validation(
+            list(range(len(y_train))), cfg["val_fraction"], cfg["split_seed"], self.name, labels=y_train.numpy()
+        )
+        test_set = DictDataset(test, y_test)
+        val = full.subset(np.asarray(hold)) if hold is not None else test_set
         info = {
             "root": str(root),
             "split": "the file's own 1600/400 split",
-            "val_rule": f"stratified {cfg['val_fraction']:.0%} of train, seed {cfg['split_seed']}",
+            "val_rule": rule,
+            "val_is_test": hold is None,
             "views": list(modalities),
         }
-        return Splits(full.subset(keep), full.subset(hold), DictDataset(test, y_test), specs, 10,
-                      [str(i) for i in range(10)], info)
+        return Splits(full.subset(np.asarray(keep)), val, test_set, specs, 10, [str(i) for i in range(10)], info)

@@ -196,6 +196,7 @@ def check_flow_array(shape: tuple[int, ...], path: Path, frame_size: int, max_fr
 
 @register_dataset("nvgesture", "NVGesture: RGB + optical flow + depth, 25 hand gestures (I3D)")
 class NVGesture(DatasetPlugin):
+    prepare_command = "mmbalance prepare nvgesture --raw RAW --out ROOT"
     name = "nvgesture"
     description = "NVGesture: RGB + optical flow + depth clips, 25 dynamic hand gestures"
     modality_names = ("rgb", "flow", "depth")
@@ -261,6 +262,7 @@ class NVGesture(DatasetPlugin):
             "root": str(root),
             "lists": {k: str(v) for k, v in lists.items()},
             "val_split": rule,
+            "val_is_test": held is None,
             "val_lines": [c.line for c in held] if held is not None else None,
             "color_order": opts["color_order"],
             "notes": notes,

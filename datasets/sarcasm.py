@@ -198,6 +198,7 @@ class SarcasmPosts(Dataset):
 
 @register_dataset("sarcasm", "Sarcasm (Twitter image + text, binary): ResNet-50 + BERT")
 class Sarcasm(DatasetPlugin):
+    data_subdir = "Sarcasm"
     name = "sarcasm"
     description = "Twitter sarcasm detection: image + tweet text, 2 classes"
     modality_names = ("image", "text")
@@ -246,13 +247,16 @@ class Sarcasm(DatasetPlugin):
             notes += check_split(self.name, split, listed, usable, MANIFEST[split], fix, strict=strict)
             posts[split] = [p for p, ok in zip(posts[split], have, strict=True) if ok]
         rule = "the layout's validation file"
+        val_is_test = False
         if "valid" not in posts:
             posts["train"], held, rule = carve_validation(
                 posts["train"], option(cfg, self, "val_fraction"), VAL_SEED, self.name, fallback=True
             )
             posts["valid"] = held if held is not None else posts["test"]
+            val_is_test = held is None
         return self._splits(cfg, mods, posts, {
-            "layout": layout, "root": str(root), "val_split": rule, "notes": notes,
+            "layout": layout, "root": str(root), "val_split": rule, "val_is_test": val_is_test,
+            "notes": notes,
         })
 
     def _layout(self, cfg: Mapping[str, Any], root: Path) -> str:

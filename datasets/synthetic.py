@@ -11,6 +11,9 @@ always present (s=0.6). Measured here with the default recipe (20 epochs, seed 0
 latches on to ``m1``, which fits the training set fastest, and leaves ``m2``'s encoder
 under-trained, 10 points below an ``m2``-only model, although the fused model still needs
 ``m2`` where ``m1`` is corrupted. That gap is what rebalancing methods are meant to close.
+
+Validation: ``val_fraction`` of the ``n_train`` budget is drawn as a separate validation set;
+``val_fraction=0`` draws none and validates on the test split.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from mmbalance.config import Option
-from mmbalance.data import DatasetPlugin, DictDataset, ModalitySpec, Splits
+from mmbalance.data import DatasetPlugin, DictDataset, ModalitySpec, Splits, carve_validation
 from mmbalance.errors import ConfigError
 from mmbalance.registry import register_dataset
 
@@ -65,18 +68,22 @@ class Synthetic(DatasetPlugin):
         "backbone": {m: {"name": "mlp", "hidden": 64} for m in ("m1", "m2", "m3", "m4")},
     }
     options = {
-        "n_modalities": Option(2, "number of generated modalities (m1, m2, ...)"),
-        "num_classes": Option(10, "number of classes"),
-        "dim": Option(32, "feature width of every modality"),
+        "n_modalities": Option(2, "number of generated modalities (m1, m2, ...)", min=1),
+        "num_classes": Option(10, "number of classes", min=2),
+        "dim": Option(32, "feature width of every modality", min=1),
         "strength": Option(None, "informativeness s_m per modality (list); default strong-to-weak", type=list),
         "corrupt": Option(None, "per modality, the fraction of samples whose signal is dropped (list)", type=list),
-        "n_train": Option(3000, "training samples (a validation split of val_fraction is carved from them)"),
-        "n_test": Option(1000, "test samples"),
+        "n_train": Option(3000, "training samples (a validation split of val_fraction is carved from them)", min=2),
+        "n_test": Option(1000, "test samples", min=1),
         "data_seed": Option(0, "seed of the generated data (fixed across run seeds)"),
     }
 
     def available_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
         return [f"m{i + 1}" for i in range(cfg["n_modalities"])]
+
+    def data_fingerprint(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """No files: the generated data is fixed by the config (data_seed, sizes, profile)."""
+        return {}
 
     def _profile(self, cfg: Mapping[str, Any]) -> tuple[list[float], list[float]]:
         m = cfg["n_modalities"]
@@ -100,13 +107,36 @@ class Synthetic(DatasetPlugin):
         rng = np.random.default_rng(cfg["data_seed"])
         means = rng.standard_normal((len(m_all), k, d))
         means *= 3.0 / np.linalg.norm(means, axis=2, keepdims=True)  # class means of norm 3
-        n_val = int(round(cfg["n_train"] * cfg["val_fraction"]))
+        n_val, rule = self._val_size(cfg)
         parts = {}
         for split, n in (("train", cfg["n_train"] - n_val), ("val", n_val), ("test", cfg["n_test"])):
+            if split == "val" and n == 0:
+                continue  # val_fraction=0: validate on the test split
             xs, y = generate(n, k, d, strength, corrupt, means, rng)
             tensors = {name: torch.from_numpy(x) for name, x in zip(m_all, xs, strict=True) if name in modalities}
             parts[split] = DictDataset(tensors, torch.from_numpy(y))
+        val_is_test = "val" not in parts
+        if val_is_test:
+            parts["val"] = parts["test"]
         specs = {m: ModalitySpec("vector", (d,)) for m in modalities}
         info = {"strength": dict(zip(m_all, strength, strict=True)), "corrupt": dict(zip(m_all, corrupt, strict=True)),
-                "val_rule": f"generated, {n_val} samples"}
+                "val_rule": rule, "val_is_test": val_is_test}
         return Splits(parts["train"], parts["val"], parts["test"], specs, k, [str(i) for i in range(k)], info)
+
+    def _val_size(self, cfg: Mapping[str, Any]) -> tuple[int, str]:
+        """Samples of the n_train budget drawn as validation (a separate draw from the same
+        distribution, equivalent to a holdout), and the rule recorded with the run."""
+        fraction, n_train = float(cfg["val_fraction"]), int(cfg["n_train"])
+        if fraction <= 0 or fraction >= 1:  # the shared rule text (and refusal of >= 1)
+            _, _, rule = carve_validation([], fraction, cfg["data_seed"], self.name)
+            return 0, rule
+        if n_train < 2:
+            raise ConfigError(
+                f"Dataset 'synthetic': n_train={n_train} cannot hold out val_fraction={fraction:g}; "
+                f"use n_train >= 2 or --set val_fraction=0."
+            )
+        n_val = min(max(1, int(round(n_train * fraction))), n_train - 1)
+        return n_val, (
+            f"val = {n_val} generated samples of the n_train={n_train} budget (val_fraction={fraction:g}, "
+            f"drawn like train with data_seed {cfg['data_seed']}); {n_train - n_val} train / {n_val} val"
+        )

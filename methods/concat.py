@@ -17,5 +17,8 @@ class Concat(Method):
     fusion = "concat"
     options = {"unimodal_loss": UNIMODAL_LOSS}
 
+    def trains_unimodal_heads(self) -> bool:
+        return bool(self.cfg["unimodal_loss"])
+
     def label(self) -> str:
         return "Concat + uni CE" if self.cfg["unimodal_loss"] else "Concat"

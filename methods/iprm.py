@@ -172,6 +172,9 @@ class IPRM(Method):
         assert self.model is not None and isinstance(self.model.fusion, IPRMFusion)
         return self.model.fusion
 
+    def trains_unimodal_heads(self) -> bool:
+        return True  # the unimodal CEs are part of IPRM's loss (and of its probe)
+
     # ---- training -------------------------------------------------------------------------
     def unimodal_logits(self, feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The unimodal heads on the raw features (with the official head bug if asked for)."""

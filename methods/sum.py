@@ -12,5 +12,8 @@ class Sum(Method):
     fusion = "sum"
     options = {"unimodal_loss": UNIMODAL_LOSS}
 
+    def trains_unimodal_heads(self) -> bool:
+        return bool(self.cfg["unimodal_loss"])
+
     def label(self) -> str:
         return "Sum + uni CE" if self.cfg["unimodal_loss"] else "Sum"

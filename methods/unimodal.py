@@ -38,6 +38,9 @@ class Unimodal(Method):
     def build_fusion(self, dims, num_classes):
         return None
 
+    def trains_unimodal_heads(self) -> bool:
+        return True
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         assert self.model is not None
         feats = self.model.encode(batch)

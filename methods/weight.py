@@ -21,6 +21,9 @@ class Weight(Method):
         "weight_mode": Option("softmax_coord", "how modality weights are formed", ("softmax_coord", "cmml_attention")),
     }
 
+    def trains_unimodal_heads(self) -> bool:
+        return bool(self.cfg["unimodal_loss"])
+
     def label(self) -> str:
         base = "Weight" if self.cfg["weight_mode"] == "softmax_coord" else "Weight (CMML attention)"
         return base + (" + uni CE" if self.cfg["unimodal_loss"] else "")

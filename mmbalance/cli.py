@@ -169,11 +169,21 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from mmbalance.leaderboard import write_leaderboard
+    import warnings
 
-    md, csv = write_leaderboard(Path(args.records), Path(args.out), args.name,
-                                tuple(args.rules or ("best_val", "best_test", "last")), args.title)
-    print(f"wrote {md} and {csv}")
+    from mmbalance.leaderboard import write_leaderboard
+    from mmbalance.records import ensure_dir
+
+    ensure_dir(Path(args.out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each damaged record is listed below instead
+        files = write_leaderboard(Path(args.records), Path(args.out), args.name,
+                                  tuple(args.rules or ("best_val", "best_test", "last")), args.title)
+    md, csv = files
+    for path, reason in getattr(files, "skipped", []):
+        print(f"warning: skipped damaged record {path}: {reason}", file=sys.stderr)
+    skipped = len(getattr(files, "skipped", []))
+    print(f"wrote {md} and {csv}" + (f" ({skipped} damaged record(s) skipped)" if skipped else ""))
     return 0
 
 

@@ -25,47 +25,62 @@ from mmbalance.errors import ConfigError, did_you_mean
 
 @dataclass(frozen=True)
 class Option:
-    """A config key with its default, allowed values and a one-line help."""
+    """A config key with its default, allowed values, numeric range and a one-line help.
+
+    ``min`` / ``max`` bound numbers (inclusive unless ``min_open`` / ``max_open``), so a bad
+    value is one clear line at config time instead of a traceback deep in torch or sklearn.
+    """
 
     default: Any
     help: str = ""
     choices: tuple[Any, ...] | None = None
     type: type | tuple[type, ...] | None = None  # inferred from the default when None
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+
+    def range_text(self) -> str:
+        lo = "" if self.min is None else f"{'>' if self.min_open else '>='} {self.min:g}"
+        hi = "" if self.max is None else f"{'<' if self.max_open else '<='} {self.max:g}"
+        return " and ".join(t for t in (lo, hi) if t)
 
 
-def _opt(default: Any, help: str = "", choices: Iterable[Any] | None = None, type=None) -> Option:
-    return Option(default, help, tuple(choices) if choices is not None else None, type)
+def _opt(default: Any, help: str = "", choices: Iterable[Any] | None = None, type=None, **bounds: Any) -> Option:
+    return Option(default, help, tuple(choices) if choices is not None else None, type, **bounds)
 
 
 # Keys owned by the trainer. Datasets and methods override defaults, never add keys here.
 TRAINER_OPTIONS: dict[str, Option] = {
     "method": _opt(None, "method plugin name", type=str),
     "dataset": _opt(None, "dataset plugin name", type=str),
-    "seed": _opt(0, "random seed (same seed, same machine -> identical metrics)"),
-    "epochs": _opt(20, "training epochs"),
-    "batch_size": _opt(64, "training batch size"),
-    "eval_batch_size": _opt(None, "evaluation batch size (default: 2 x batch_size)", type=int),
+    "seed": _opt(0, "random seed (same seed, same machine -> identical metrics)", min=0),
+    "epochs": _opt(20, "training epochs", min=1),
+    "batch_size": _opt(64, "training batch size", min=1),
+    "eval_batch_size": _opt(None, "evaluation batch size (default: 2 x batch_size)", type=int, min=1),
     "optimizer": _opt("sgd", "optimizer", ["sgd", "adam", "adamw"]),
-    "lr": _opt(0.01, "learning rate"),
-    "momentum": _opt(0.9, "SGD momentum"),
-    "weight_decay": _opt(1e-4, "weight decay"),
+    "lr": _opt(0.01, "learning rate", min=0, min_open=True),
+    "momentum": _opt(0.9, "SGD momentum", min=0, max=1),
+    "weight_decay": _opt(1e-4, "weight decay", min=0),
     "scheduler": _opt("step", "learning-rate schedule, stepped once per epoch", ["none", "step", "cosine"]),
-    "step_size": _opt(70, "StepLR period in epochs"),
-    "gamma": _opt(0.1, "StepLR decay factor"),
-    "grad_clip": _opt(None, "clip the global gradient norm to this value", type=float),
-    "embed_dim": _opt(128, "common encoder output width d (a projection is added if needed)", type=int),
+    "step_size": _opt(70, "StepLR period in epochs", min=1),
+    "gamma": _opt(0.1, "StepLR decay factor", min=0, min_open=True),
+    "grad_clip": _opt(None, "clip the global gradient norm to this value", type=float, min=0, min_open=True),
+    "embed_dim": _opt(128, "common encoder output width d (a projection is added if needed)", type=int, min=1),
     "modalities": _opt(None, "modalities to use (comma list); default: the dataset's", type=list),
-    "val_fraction": _opt(0.1, "fraction of train carved out as validation where the source has none"),
+    "val_fraction": _opt(
+        0.1, "fraction of train carved out as validation where the source has none; 0 = validate on "
+        "the test split (recorded as such)", min=0, max=1, max_open=True),
     "backbone": _opt({}, "per-modality backbone table: backbone.<modality>.name/weights/<kwarg>", type=dict),
     "device": _opt("auto", "auto | cpu | cuda | cuda:N", type=str),
     "amp": _opt("auto", "mixed precision: auto = bf16 autocast on CUDA, none on CPU", ["auto", "bf16", "none"]),
-    "num_workers": _opt(None, "data-loader worker processes (default: 0 for in-memory data, else up to 8)", type=int),
+    "num_workers": _opt(None, "data-loader worker processes (default: 0 for in-memory data, else up to 8)", type=int, min=0),
     "data_root": _opt(None, "data root (also $MMBALANCE_DATA_ROOT)", type=str),
     "records": _opt("runs", "directory that holds run records", type=str),
     "select": _opt("best_val", "selection rule shown in the summary", ["last", "best_val", "best_test"]),
     "progress": _opt("auto", "progress bar: auto (on a terminal), on, off", ["auto", "on", "off"]),
-    "limit_train_batches": _opt(None, "stop each training epoch after this many batches (smoke tests)", type=int),
-    "limit_eval_batches": _opt(None, "evaluate on at most this many batches (smoke tests)", type=int),
+    "limit_train_batches": _opt(None, "stop each training epoch after this many batches (smoke tests)", type=int, min=1),
+    "limit_eval_batches": _opt(None, "evaluate on at most this many batches (smoke tests)", type=int, min=1),
     "checkpoint": _opt(True, "save a checkpoint each epoch so a killed run resumes"),
     "wandb": _opt(False, "log to Weights & Biases (offline unless wandb_mode=online)"),
     "wandb_project": _opt("mmbalance", "wandb project", type=str),
@@ -75,7 +90,8 @@ TRAINER_OPTIONS: dict[str, Option] = {
 # Keys that do not change what is computed: left out of the run's identity hash.
 NON_SEMANTIC_KEYS = frozenset(
     {"device", "num_workers", "data_root", "records", "progress", "wandb", "wandb_project",
-     "wandb_mode", "select", "checkpoint", "eval_batch_size"}
+     "wandb_mode", "select", "checkpoint", "eval_batch_size",
+     "unsafe_unpickle"}  # how a file is read, not what is computed
 )
 
 
@@ -112,10 +128,20 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
 def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict[str, Any]:
     """A YAML file that must hold a mapping; every problem is a ConfigError naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} '{p}' is a directory. Pass the path of a YAML file.")
     if not p.is_file():
         raise ConfigError(f"{what} '{p}' does not exist. Pass the path of a YAML file.")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} '{p}' is not a text file ({exc.reason} at byte {exc.start}). Pass the path of a YAML file.") from exc
+    except OSError as exc:
+        raise ConfigError(f"{what} '{p}' cannot be read: {exc}.") from exc
+    if "\x00" in text:
+        raise ConfigError(f"{what} '{p}' is a binary file, not YAML. Pass the path of a YAML file.")
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} '{p}' is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -144,6 +170,23 @@ def flatten_backbone(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_type(key: str, value: Any, option: Option, owner: str) -> Any:
+    value = _coerce(key, value, option, owner)
+    _check_range(key, value, option, owner)
+    return value
+
+
+def _check_range(key: str, value: Any, option: Option, owner: str) -> None:
+    if option.min is None and option.max is None:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    too_low = option.min is not None and (value <= option.min if option.min_open else value < option.min)
+    too_high = option.max is not None and (value >= option.max if option.max_open else value > option.max)
+    if too_low or too_high or value != value:  # NaN is never in range
+        raise ConfigError(f"Bad value {value!r} for '{key}' ({owner}): it must be {option.range_text()}.")
+
+
+def _coerce(key: str, value: Any, option: Option, owner: str) -> Any:
     if value is None:
         return None
     if option.choices is not None:
@@ -207,7 +250,8 @@ def assemble(
         (f"defaults of method {method_cls.name}", flatten_backbone(method_cls.defaults)),
         (
             f"paper values of {method_cls.name} on {dataset_cls.name}",
-            dataset_cls.method_defaults.get(method_cls.name, {}),
+            {**getattr(method_cls, "dataset_defaults", {}).get(dataset_cls.name, {}),
+             **dataset_cls.method_defaults.get(method_cls.name, {})},
         ),
         ("the YAML file", yaml_values or {}),
         ("--set", overrides or {}),
@@ -264,7 +308,14 @@ def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
 
 
-def config_hash(cfg: Mapping[str, Any], length: int = 12) -> str:
-    """Stable hash of what the run computes (device, paths and logging left out)."""
-    blob = json.dumps(identity(cfg), sort_keys=True, default=str)
+def config_hash(cfg: Mapping[str, Any], length: int = 12, data: Mapping[str, Any] | None = None) -> str:
+    """Stable hash of what the run computes (device, paths and logging left out).
+
+    ``data`` is the dataset's fingerprint of the files it reads: the same settings on other
+    data are another run. An empty fingerprint (generated data) leaves the hash as it was.
+    """
+    ident = identity(cfg)
+    if data:
+        ident = {**ident, "__data__": dict(data)}
+    blob = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]

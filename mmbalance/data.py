@@ -8,6 +8,7 @@ Everything downstream (model assembly, trainer, metrics) only sees :class:`Split
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,11 @@ class DatasetPlugin:
     method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     needs_data_root: ClassVar[bool] = True
     layout_help: ClassVar[str] = ""
+    # The one-time preparation command of a dataset whose layout is derived from a raw
+    # release (named in "missing data" errors); None where the data is read as distributed.
+    prepare_command: ClassVar[str | None] = None
+    # The folder under a shared data root that holds this dataset (resolve_data_root's subdir).
+    data_subdir: ClassVar[str | None] = None
 
     def available_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
         """Modalities this dataset can provide under ``cfg`` (files may decide, e.g. features)."""
@@ -97,6 +103,21 @@ class DatasetPlugin:
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
         """Build the splits, loading only ``modalities`` (a subset of the available ones)."""
         raise NotImplementedError
+
+    def data_fingerprint(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """What identifies the data this run reads; it is part of the run's identity hash, so
+        the same settings on another data folder are another cell, never old numbers.
+
+        Default (large file datasets): the resolved root plus the names, sizes and
+        modification times of its top-level entries: cheap enough for a million frames, and
+        it changes when a folder is swapped, rebuilt or moved. Plugins whose files are small
+        override this with :func:`hash_files` (a content hash, which survives copying the data
+        to another folder). Datasets that read no files return ``{}``.
+        """
+        if not self.needs_data_root:
+            return {}
+        root = resolve_data_root(cfg, self.name, subdir=self.data_subdir)
+        return {"root": str(root.resolve()), "listing": listing_digest(root)}
 
 
 class BatchView(Dataset):
@@ -145,6 +166,79 @@ class DictDataset(Dataset):
     def subset(self, idx: np.ndarray) -> DictDataset:
         idx_t = torch.as_tensor(idx, dtype=torch.long)
         return DictDataset({m: t[idx_t] for m, t in self.tensors.items()}, self.labels[idx_t])
+
+
+def hash_files(paths: Sequence[Path], root: Path) -> str:
+    """sha256 over each file's path relative to ``root`` and its bytes (sorted by path), so
+    the digest follows the content and not where the folder sits."""
+    h = hashlib.sha256()
+    root = Path(root)
+    for p in sorted(Path(q) for q in paths):
+        try:
+            rel = p.relative_to(root).as_posix()
+        except ValueError:
+            rel = p.name
+        h.update(rel.encode() + b"\0")
+        try:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as exc:
+            raise DataError(f"Could not read '{p}' to fingerprint the data: {exc}.") from exc
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def listing_digest(root: Path) -> str:
+    """sha256 of (name, size, mtime_ns) of the entries directly under ``root``."""
+    h = hashlib.sha256()
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        for e in entries:
+            st = e.stat(follow_symlinks=True) if e.is_file() or e.is_dir() else e.stat(follow_symlinks=False)
+            h.update(f"{e.name}\0{st.st_size if e.is_file() else -1}\0{st.st_mtime_ns}\n".encode())
+    except OSError as exc:
+        raise DataError(f"Could not list the data root '{root}': {exc}.") from exc
+    return h.hexdigest()[:16]
+
+
+class IndexSubset(Dataset):
+    """Some rows of a dataset, keeping its whole-batch fetch and its labels."""
+
+    def __init__(self, base: Any, indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.base[int(self.indices[i])]
+        if isinstance(item, dict):
+            item = {**item, "index": int(i)}
+        return item
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        labels = getattr(self.base, "labels", None)
+        return None if labels is None else np.asarray(labels)[self.indices]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "get_batch" and hasattr(self.base, "get_batch"):
+            return self._get_batch
+        raise AttributeError(name)
+
+    def _get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        batch = self.base.get_batch(self.indices[np.asarray(indices, dtype=np.int64)].tolist())
+        batch["index"] = torch.as_tensor(indices, dtype=torch.long)
+        return batch
+
+
+def subset(ds: Any, indices: Sequence[int] | np.ndarray) -> Any:
+    """Rows ``indices`` of a split: in-memory data is copied, anything else viewed."""
+    if isinstance(ds, DictDataset):
+        return ds.subset(np.asarray(indices))
+    return IndexSubset(ds, indices)
 
 
 def stratified_holdout(
@@ -265,13 +359,25 @@ def resolve_data_root(cfg: Mapping[str, Any], dataset: str, subdir: str | None =
         raw = str(fallback)
     root = Path(raw).expanduser()
     if not root.is_dir():
+        prep = _prepare_command(dataset)
         raise DataError(
             f"Data root '{root}' for dataset '{dataset}' does not exist or is not a directory. "
             f"Pass --data-root DIR (or set {DATA_ROOT_ENV}) to the folder that holds the data."
+            + (f" To build it from the raw release, run `{prep}`." if prep else "")
         )
     if subdir and (root / subdir).is_dir():
         return root / subdir
     return root
+
+
+def _prepare_command(dataset: str) -> str | None:
+    """The registered plugin's one-time preparation command, if it has one."""
+    from mmbalance.registry import DATASETS
+
+    try:
+        return getattr(DATASETS.get(dataset), "prepare_command", None)
+    except Exception:  # an unregistered name: no hint rather than a second error
+        return None
 
 
 def require_paths(

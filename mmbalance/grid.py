@@ -13,27 +13,46 @@ A grid file (YAML)::
       - concat
       - {name: iprm, set: {mixup: linear}}
 
+Before any cell trains, every cell's configuration is resolved and checked the way
+``--dry-run`` does it (unknown method or key, bad value, modality or backbone key the dataset
+lacks); one error then lists every bad cell, so a typo in the last cell costs no training.
+
 Cells run one after another, or ``--jobs N`` at a time in worker processes, or one per GPU with
 ``--gpus all`` / ``--gpus 0,1``. A finished cell (DONE marker) is skipped, a killed one resumes
 from its last epoch checkpoint, so rerunning the same command after an interruption finishes
 the grid without redoing work. A cell the method refuses (e.g. a two-modality method on three
-modalities) is reported and skipped. Past one machine, hand the cells to a cluster scheduler:
-each cell is an independent ``mmbalance run`` writing into a shared records folder.
+modalities) is reported and skipped. A cell that fails while training (or whose worker process
+dies) is reported as FAILED and the others go on; the run ends with a summary line and a
+non-zero exit code. Worker processes die with the grid process, so a rerun after ``kill -9``
+never races orphans on the same run folders. Past one machine, hand the cells to a cluster
+scheduler: each cell is an independent ``mmbalance run`` writing into a shared records folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import traceback
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
 from mmbalance.config import read_yaml_mapping
 from mmbalance.errors import ConfigError, MMBalanceError, UnsupportedError
+
+# outcome of one cell
+TRAINED, SKIPPED, NOT_APPLICABLE, FAILED = "trained", "skipped", "not applicable", "failed"
+ERROR_FILE = "error.txt"  # traceback of a cell's unexpected exception, in its run folder
+MAX_LISTED = 10  # bad or failed cells named in one message
 
 
 @dataclass
@@ -43,12 +62,29 @@ class Cell:
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    def __str__(self) -> str:
+        return f"{self.method} on {self.dataset} seed {self.seed}"
+
 
 @dataclass
 class Grid:
     name: str
     cells: list[Cell]
     records: str | None = None
+
+
+# ---- the grid file ----------------------------------------------------------------------------
+def _settings(value: Any, where: str, path: Path) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"Grid file '{path}': 'set' {where} must be a mapping of settings, e.g. "
+                          f"set: {{epochs: 20}}; got {value!r}.")
+    for key, hint in (("seed", "list the seeds under the top-level 'seeds' key"),
+                      ("records", "give the folder with the top-level 'records' key or --records")):
+        if key in value:
+            raise ConfigError(f"Grid file '{path}': '{key}' cannot be set per cell ({where}); {hint}.")
+    return dict(value)
 
 
 def _entries(items: Any, what: str, path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -59,10 +95,30 @@ def _entries(items: Any, what: str, path: Path) -> list[tuple[str, dict[str, Any
         if isinstance(it, str):
             out.append((it, {}))
         elif isinstance(it, Mapping) and "name" in it:
-            out.append((str(it["name"]), dict(it.get("set") or {})))
+            out.append((str(it["name"]), _settings(it.get("set"), f"of {what} entry {it['name']!r}", path)))
         else:
             raise ConfigError(f"Grid file '{path}': each entry of '{what}' is a name or {{name: ..., set: {{...}}}}; got {it!r}.")
     return out
+
+
+def _seeds(value: Any, path: Path) -> list[int]:
+    """A non-empty list of distinct non-negative ints; one int stands for a list of one."""
+    def is_seed(s: Any) -> bool:
+        return isinstance(s, int) and not isinstance(s, bool) and s >= 0
+
+    seeds = [value] if is_seed(value) else value
+    if not isinstance(seeds, list) or not seeds:
+        raise ConfigError(f"Grid file '{path}': 'seeds' must be a non-empty list of non-negative "
+                          f"integers (or one such integer), e.g. seeds: [0, 1, 2]; got {value!r}.")
+    bad = [s for s in seeds if not is_seed(s)]
+    if bad:
+        raise ConfigError(f"Grid file '{path}': every seed must be a non-negative integer; "
+                          f"{', '.join(map(repr, bad))} in seeds: {value!r} is not.")
+    dups = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dups:
+        raise ConfigError(f"Grid file '{path}': seeds: {value!r} lists {', '.join(map(str, dups))} "
+                          f"more than once; each seed is one cell, list it once.")
+    return seeds
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -71,10 +127,10 @@ def load_grid(path: str | Path) -> Grid:
     unknown = set(data) - {"name", "records", "seeds", "set", "datasets", "methods"}
     if unknown:
         raise ConfigError(f"Grid file '{p}' has unknown keys {sorted(unknown)}; allowed: name, records, seeds, set, datasets, methods.")
-    seeds = data.get("seeds", [0])
-    common = dict(data.get("set") or {})
+    seeds = _seeds(data.get("seeds", [0]), p)
+    common = _settings(data.get("set"), "at the top level", p)
     cells = [
-        Cell(m, d, int(s), {**common, **dset, **mset})
+        Cell(m, d, s, {**common, **dset, **mset})
         for d, dset in _entries(data.get("datasets"), "datasets", p)
         for m, mset in _entries(data.get("methods"), "methods", p)
         for s in seeds
@@ -82,33 +138,123 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(str(data.get("name", p.stem)), cells, data.get("records"))
 
 
-def run_cell(cell: Cell, base: Mapping[str, Any], dry_run: bool = False) -> tuple[str, bool]:
-    """Run (or skip, or resume) one cell; returns (one-line report, failed?)."""
+# ---- one cell ---------------------------------------------------------------------------------
+def cell_config(cell: Cell, base: Mapping[str, Any]) -> dict[str, Any]:
+    return {**cell.overrides, **base, "seed": cell.seed}
+
+
+def check_cell(cell: Cell, base: Mapping[str, Any]) -> tuple[str, str]:
+    """Resolve and validate one cell without training it (nor loading its data).
+
+    Returns (state, detail): state "new", "resume" or "done" with the run folder as detail,
+    "not applicable" with the method's refusal, or "invalid" with the problem.
+    """
     from mmbalance.records import CHECKPOINT, DONE
     from mmbalance.runner import make_trainer
 
     try:
-        trainer = make_trainer(cell.method, cell.dataset, {**cell.overrides, **base, "seed": cell.seed})
-        state = "done" if (trainer.run_dir / DONE).exists() else (
-            "resume" if (trainer.run_dir / CHECKPOINT).exists() else "new")
-        if dry_run:
-            return f"{state} ({trainer.run_dir})", False
-        if state == "done":
-            return "done, skipped", False
+        trainer = make_trainer(cell.method, cell.dataset, cell_config(cell, base))
+        check = getattr(trainer, "check", None)  # modalities and backbone keys vs. the dataset
+        if callable(check):
+            check()
+    except UnsupportedError as exc:
+        return NOT_APPLICABLE, str(exc)
+    except MMBalanceError as exc:
+        return "invalid", str(exc)
+    except Exception as exc:  # a plugin's bug: still a bad cell, and its traceback is shown
+        traceback.print_exc(file=sys.stderr)
+        return "invalid", f"{type(exc).__name__}: {exc}"
+    run_dir = trainer.run_dir
+    state = "done" if (run_dir / DONE).exists() else "resume" if (run_dir / CHECKPOINT).exists() else "new"
+    return state, str(run_dir)
+
+
+def _result_line(rec: Mapping[str, Any]) -> str:
+    try:
+        return f"best_val test acc {rec['final']['selection']['best_val']['test']['fused']['acc']:.2f}"
+    except (KeyError, TypeError, ValueError):
+        return "finished"
+
+
+def _save_traceback(cell: Cell, base: Mapping[str, Any], run_dir: Path | None, text: str) -> str:
+    """Write a traceback into the cell's run folder (else the records folder); returns where."""
+    folder = run_dir if run_dir is not None else Path(base.get("records") or "runs") / "grid-errors"
+    path = folder / (ERROR_FILE if run_dir is not None else
+                     f"{cell.dataset}_{cell.method}_s{cell.seed}.txt")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{cell} ({time.strftime('%Y-%m-%dT%H:%M:%S')})\n{text}", encoding="utf-8")
+        return str(path)
+    except OSError:
+        return "stderr"
+
+
+def run_cell(cell: Cell, base: Mapping[str, Any]) -> tuple[str, str]:
+    """Run (or skip, or resume) one cell; returns (outcome, one-line report).
+
+    Never raises an Exception: a refusal by the method is ``NOT_APPLICABLE``, any error while
+    resolving or training is ``FAILED`` (an unexpected one with its type, and its traceback on
+    stderr and in the run folder's error.txt).
+    """
+    from mmbalance.records import CHECKPOINT, DONE
+    from mmbalance.runner import make_trainer
+
+    run_dir: Path | None = None
+    try:
+        trainer = make_trainer(cell.method, cell.dataset, cell_config(cell, base))
+        run_dir = trainer.run_dir
+        if (run_dir / DONE).exists():
+            return SKIPPED, "done, skipped"
+        state = "resume" if (run_dir / CHECKPOINT).exists() else "new"
         t0 = time.perf_counter()
         rec = trainer.fit()
-        acc = rec["final"]["selection"]["best_val"]["test"]["fused"]["acc"]
-        return f"best_val test acc {acc:.2f} ({time.perf_counter() - t0:.0f} s, {state}, {trainer.device})", False
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)  # from an earlier failed attempt
+        return TRAINED, f"{_result_line(rec)} ({time.perf_counter() - t0:.0f} s, {state}, {trainer.device})"
     except UnsupportedError as exc:
-        return f"not applicable — {exc}", False
+        return NOT_APPLICABLE, f"not applicable — {exc}"
     except MMBalanceError as exc:
-        return f"FAILED — {exc}", True
+        return FAILED, f"FAILED — {exc}"
+    except Exception as exc:
+        text = traceback.format_exc()
+        print(f"Traceback of grid cell {cell}:\n{text}", file=sys.stderr, flush=True)
+        where = _save_traceback(cell, base, run_dir, text)
+        return FAILED, f"FAILED — {type(exc).__name__}: {exc} (traceback in {where})"
 
 
+# ---- worker processes -------------------------------------------------------------------------
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-def _init_worker(slots: Any, gpus: list[str] | None, threads: int) -> None:
-    """Pin this worker process to one GPU (before CUDA starts) and a share of the CPU threads."""
-    slot = slots.get()
+
+def _watch_parent(parent_pid: int, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def die_with_parent(parent_pid: int, prctl: bool = True, watchdog: bool = True, interval: float = 1.0) -> None:
+    """End this process when the process ``parent_pid`` (its parent) dies, even by kill -9.
+
+    On Linux the kernel sends SIGKILL (prctl PR_SET_PDEATHSIG); everywhere a daemon thread
+    polls the parent pid every ``interval`` seconds and exits when the process was re-parented.
+    """
+    if prctl and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog still covers it
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if watchdog:
+        threading.Thread(target=_watch_parent, args=(parent_pid, interval), daemon=True,
+                         name="mmbalance-parent-watchdog").start()
+
+
+def _init_worker(slot: int, gpus: list[str] | None, threads: int, parent_pid: int) -> None:
+    """Tie this worker to the grid process, pin it to one GPU (before CUDA starts) and a share
+    of the CPU threads."""
+    die_with_parent(parent_pid)
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot]
     import torch
@@ -116,36 +262,216 @@ def _init_worker(slots: Any, gpus: list[str] | None, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _worker_main(conn: Any, slot: int, gpus: list[str] | None, threads: int, parent_pid: int) -> None:
+    """A worker: runs the tasks (index, function, args) it receives until it gets None."""
+    try:
+        _init_worker(slot, gpus, threads, parent_pid)
+        while True:
+            try:
+                task = conn.recv()
+            except EOFError:
+                return
+            if task is None:
+                return
+            index, fn, args = task
+            try:
+                result = fn(*args)
+            except Exception as exc:  # run_cell catches its own; this is a last resort
+                traceback.print_exc(file=sys.stderr)
+                result = (FAILED, f"FAILED — {type(exc).__name__}: {exc}")
+            conn.send((index, result))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
+        return
+
+
+class _Worker:
+    def __init__(self, ctx: Any, slot: int, gpus: list[str] | None, threads: int) -> None:
+        self.slot = slot
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, slot, gpus, threads, os.getpid()),
+                                name=f"mmbalance-grid-worker-{slot}")
+        self.proc.start()
+        child.close()
+        self.task: int | None = None  # index of the cell it runs
+
+    def poll(self) -> tuple[str, str] | None:
+        """The finished task's result, a FAILED result if the process died, else None."""
+        for _ in range(2):  # a result sent just before the process ended is still read
+            if self.conn.poll():
+                try:
+                    index, result = self.conn.recv()
+                    if index == self.task:
+                        return result
+                except (EOFError, OSError):
+                    break
+                except Exception as exc:  # a result that cannot be unpickled
+                    return FAILED, f"FAILED — the worker's result could not be read ({type(exc).__name__}: {exc})"
+            if self.proc.is_alive():
+                return None
+        self.proc.join(timeout=5)
+        code = self.proc.exitcode
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        return FAILED, (f"FAILED — the worker process running this cell died ({how}; out of memory?). "
+                        f"Rerun the grid to resume it from its last checkpoint.")
+
+    def retire(self) -> None:
+        """Ask an idle worker to exit (it is joined by :meth:`stop`)."""
+        self.task = None
+        with contextlib.suppress(OSError):  # already gone
+            self.conn.send(None)
+
+    def stop(self, terminate: bool) -> None:
+        if terminate and self.proc.is_alive():
+            self.proc.terminate()
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def run_in_workers(
+    tasks: list[tuple[int, Callable[..., tuple[str, str]], tuple[Any, ...]]],
+    jobs: int,
+    report: Callable[[int, tuple[str, str]], None],
+    gpus: list[str] | None = None,
+) -> None:
+    """Run ``tasks`` (index, fn, args), ``jobs`` at a time, in spawned worker processes.
+
+    ``report(index, result)`` is called in this process as each finishes. A worker that dies
+    mid-task (segfault, OOM killer) costs only its own task, reported FAILED; a fresh worker takes
+    its slot (its GPU) and the other tasks go on.
+    """
+    ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    queue = deque(tasks)
+    workers: list[_Worker] = []
+    done = False
+
+    def feed(w: _Worker) -> None:
+        if not queue:
+            w.retire()
+            return
+        index, fn, args = queue.popleft()
+        w.task = index
+        with contextlib.suppress(OSError):  # died while idle: its poll() reports the task FAILED
+            w.conn.send((index, fn, args))
+
+    try:
+        for slot in range(min(jobs, len(queue))):
+            workers.append(_Worker(ctx, slot, gpus, threads))
+        for w in workers:
+            feed(w)
+        while busy := [w for w in workers if w.task is not None]:
+            wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+            for w in busy:
+                result = w.poll()
+                if result is None:
+                    continue
+                assert w.task is not None
+                report(w.task, result)
+                w.task = None
+                if w.proc.is_alive():
+                    feed(w)
+                    continue
+                w.stop(terminate=True)  # died: a fresh worker takes its slot
+                workers.remove(w)
+                if queue:
+                    fresh = _Worker(ctx, w.slot, gpus, threads)
+                    workers.append(fresh)
+                    feed(fresh)
+        done = True
+    finally:
+        for w in workers:
+            w.stop(terminate=not done)
+
+
+# ---- the grid ---------------------------------------------------------------------------------
+def _listed(items: list[str], sep: str = "; ") -> str:
+    extra = f"{sep}... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return sep.join(items[:MAX_LISTED]) + extra
+
+
+def check_grid(grid: Grid, base: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(state, detail) of every cell, as :func:`check_cell`; two cells that resolve to the same
+    run folder are invalid too (they would train into each other's records)."""
+    states = [check_cell(cell, base) for cell in grid.cells]
+    n = len(grid.cells)
+    first: dict[str, int] = {}
+    for i, (state, detail) in enumerate(states):
+        if state in ("new", "resume", "done"):
+            if detail in first:
+                j = first[detail]
+                states[i] = ("invalid", f"it resolves to the same configuration and run folder as "
+                                        f"cell [{j + 1}/{n}] ({grid.cells[j]}); list each cell once.")
+            else:
+                first[detail] = i
+    return states
+
+
 def run_grid(
     grid: Grid, shared: Mapping[str, Any], dry_run: bool = False, jobs: int = 1, gpus: list[str] | None = None
 ) -> int:
-    """Run every cell; returns 0 when all ran or were skipped as unsupported, 1 otherwise.
+    """Check every cell, then run them; returns 0 when every cell trained, was already done or
+    is not applicable, 1 when any failed (or, with ``dry_run``, is invalid).
 
-    ``jobs > 1`` runs that many cells at once in worker processes; with ``gpus`` each worker
-    owns one GPU (one cell per visible GPU at a time). Cells never share a run directory, so
-    parallel workers cannot corrupt each other's records.
+    Raises ConfigError naming every invalid cell before any trains. ``jobs > 1`` runs that many
+    cells at once in worker processes; with ``gpus`` each worker owns one GPU (one cell per
+    listed GPU at a time). Cells never share a run directory, so parallel workers cannot
+    corrupt each other's records.
     """
     base = {"records": grid.records or "runs", "progress": "off", **shared}
     n = len(grid.cells)
-    tags = [f"[{i}/{n}] {c.method} on {c.dataset} seed {c.seed}" for i, c in enumerate(grid.cells, 1)]
-    failed = 0
+    tags = [f"[{i}/{n}] {c}" for i, c in enumerate(grid.cells, 1)]
+    states = check_grid(grid, base)
+    invalid = [f"{tags[i]}: {detail.rstrip('. ')}" for i, (state, detail) in enumerate(states) if state == "invalid"]
+
+    if dry_run:
+        for tag, (state, detail) in zip(tags, states, strict=True):
+            what = {"invalid": "INVALID — ", NOT_APPLICABLE: "not applicable — "}.get(state)
+            print(f"{tag}: {what}{detail}" if what else f"{tag}: {state} ({detail})", flush=True)
+        counts = {s: sum(st == s for st, _ in states) for s in ("new", "resume", "done", NOT_APPLICABLE, "invalid")}
+        print(f"grid {grid.name} (dry run): {n} cells: {counts['new']} new, {counts['resume']} to resume, "
+              f"{counts['done']} done, {counts[NOT_APPLICABLE]} not applicable, {counts['invalid']} INVALID",
+              flush=True)
+        return 1 if invalid else 0
+    if invalid:
+        raise ConfigError(
+            f"Grid '{grid.name}': {len(invalid)} of {n} cells have a bad configuration, so no cell "
+            f"was trained. Fix them and rerun: {_listed(invalid)}."
+            + (" Run with --dry-run to list them all." if len(invalid) > MAX_LISTED else "")
+        )
+
+    outcomes: dict[int, str] = {}
+
+    def report(i: int, result: tuple[str, str]) -> None:
+        outcomes[i] = result[0]
+        print(f"{tags[i]}: {result[1]}", flush=True)
+
     if gpus:
         jobs = len(gpus)
-    if jobs <= 1 or dry_run:
-        for tag, cell in zip(tags, grid.cells, strict=True):
-            msg, bad = run_cell(cell, base, dry_run)
-            failed += bad
-            print(f"{tag}: {msg}", flush=True)
-        return 1 if failed else 0
-    ctx = mp.get_context("spawn")
-    slots = ctx.Queue()
-    for k in range(jobs):
-        slots.put(k)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(slots, gpus, threads)) as pool:
-        futures = {pool.submit(run_cell, cell, base): tag for tag, cell in zip(tags, grid.cells, strict=True)}
-        for fut in as_completed(futures):
-            msg, bad = fut.result()
-            failed += bad
-            print(f"{futures[fut]}: {msg}", flush=True)
+    in_process = jobs <= 1 and not gpus  # a single listed GPU still gets a worker, pinned to it
+    todo = []
+    for i, (state, detail) in enumerate(states):
+        if state == "done":
+            report(i, (SKIPPED, "done, skipped"))
+        elif state == NOT_APPLICABLE:
+            report(i, (NOT_APPLICABLE, f"not applicable — {detail}"))
+        elif in_process:
+            report(i, run_cell(grid.cells[i], base))
+        else:
+            todo.append(i)
+    if todo:
+        run_in_workers([(i, run_cell, (grid.cells[i], base)) for i in todo], jobs, report, gpus)
+
+    failed = [tags[i] for i in range(n) if outcomes.get(i) == FAILED]
+    count = {s: sum(o == s for o in outcomes.values()) for s in (TRAINED, SKIPPED, NOT_APPLICABLE)}
+    summary = (f"grid {grid.name}: {count[TRAINED]} done, {count[SKIPPED]} skipped (already done), "
+               f"{count[NOT_APPLICABLE]} not applicable, {len(failed)} FAILED")
+    print(summary + (f": {_listed(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0

@@ -3,12 +3,14 @@
 One long-form table (a row per finished run: method label, dataset label, seed, metrics under
 every selection rule, cost) is written as CSV; markdown tables are pivoted from it: method rows
 x dataset columns, mean +- std over seeds, best in bold and second underlined per column, and a
-caption naming the selection rule and the seed count.
+caption naming the selection rule and the seed count. A damaged record (cut, or DONE without
+its final row) is left out with a DamagedRecordWarning naming it and counted in the report.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,39 +33,105 @@ def dataset_label(header: dict[str, Any]) -> str:
     return label
 
 
-def runs_table(record_dirs: Iterable[Path], root: Path | None = None) -> pd.DataFrame:
-    """Long form: one row per finished run, one column per (rule, metric) and per modality."""
-    rows = []
+class DamagedRecordWarning(UserWarning):
+    """A run folder whose record cannot be trusted was left out of a leaderboard."""
+
+
+class LeaderboardFiles(tuple):
+    """``(md_path, csv_path)`` as before, plus ``.skipped``: the damaged records left out, as
+    (run folder, reason) pairs, so callers that unpack two paths keep working."""
+
+    skipped: list[tuple[Path, str]]
+
+    def __new__(cls, md: Path, csv: Path, skipped: Sequence[tuple[Path, str]] = ()) -> LeaderboardFiles:
+        self = super().__new__(cls, (md, csv))
+        self.skipped = list(skipped)
+        return self
+
+
+def _run_row(rec: dict[str, Any], run_dir: Path, root: Path | None) -> dict[str, Any]:
+    """One long-form row of a finished record (KeyError/TypeError/... when a field is missing)."""
+    header = rec["header"]
+    epochs = rec["epochs"]
+    row: dict[str, Any] = {
+        "method": header["method_label"],
+        "method_name": header["config"]["method"],
+        "dataset": dataset_label(header),
+        "seed": header["config"]["seed"],
+        "epochs": len(epochs),
+        "device": header["device"],
+        "config_hash": header["config_hash"],
+        "cell": config_hash({k: v for k, v in header["config"].items() if k != "seed"},
+                            data=header.get("data_fingerprint")),
+        "_config": header["config"],
+        "run_dir": str(run_dir.relative_to(root)) if root else str(run_dir),
+        "epoch_time_s": sum(e["train_time_s"] for e in epochs) / max(1, len(epochs)),
+    }
+    for rule, chosen in rec["final"]["selection"].items():
+        row[f"{rule}.epoch"] = chosen["epoch"]
+        for part, metrics in chosen["test"].items():
+            if isinstance(metrics, dict):
+                for metric, value in metrics.items():
+                    row[f"{rule}.{part}.{metric}"] = value
+    return row
+
+
+def load_runs(
+    record_dirs: Iterable[Path], root: Path | None = None
+) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """Finished records, and the damaged ones with the reason.
+
+    A folder without DONE is a run in progress (or killed, to be resumed): not counted, not
+    reported. A DONE folder whose record is unreadable, cut, lacks its final row, or lacks a
+    field the leaderboard needs is damaged: it is returned in the second list, never silently
+    dropped, because a leaderboard quietly missing a seed looks exactly like a complete one."""
+    good: list[dict[str, Any]] = []
+    skipped: list[tuple[Path, str]] = []
     for run_dir in record_dirs:
-        rec = records.load_record(run_dir)
-        if not rec["done"] or rec["final"] is None:
+        run_dir = Path(run_dir)
+        if not (run_dir / records.DONE).exists():
             continue
-        header = rec["header"]
-        epochs = rec["epochs"]
-        row: dict[str, Any] = {
-            "method": header["method_label"],
-            "method_name": header["config"]["method"],
-            "dataset": dataset_label(header),
-            "seed": header["config"]["seed"],
-            "epochs": len(epochs),
-            "device": header["device"],
-            "config_hash": header["config_hash"],
-            "cell": config_hash({k: v for k, v in header["config"].items() if k != "seed"}),
-            "_config": header["config"],
-            "run_dir": str(run_dir.relative_to(root)) if root else str(run_dir),
-            "epoch_time_s": sum(e["train_time_s"] for e in epochs) / max(1, len(epochs)),
-        }
-        for rule, chosen in rec["final"]["selection"].items():
-            row[f"{rule}.epoch"] = chosen["epoch"]
-            for part, metrics in chosen["test"].items():
-                if isinstance(metrics, dict):
-                    for metric, value in metrics.items():
-                        row[f"{rule}.{part}.{metric}"] = value
-        rows.append(row)
+        try:
+            rec = records.load_record(run_dir)
+            rec["_row"] = _run_row(rec, run_dir, root)
+        except records.RecordError as exc:
+            skipped.append((run_dir, str(exc)))
+            continue
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            skipped.append((run_dir, f"record '{run_dir / records.RECORD}' lacks a field the leaderboard "
+                                     f"needs ({type(exc).__name__}: {exc}); it is damaged or from an "
+                                     f"incompatible version. {records.FRESH_HINT} '{run_dir}'."))
+            continue
+        good.append(rec)
+    return good, skipped
+
+
+def collect_runs(records_dir: Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """Every finished record under ``records_dir`` and every damaged one (folder, reason)."""
+    return load_runs(records.find_runs(records_dir), Path(records_dir))
+
+
+def warn_skipped(skipped: Iterable[tuple[Path, str]]) -> None:
+    """One DamagedRecordWarning per damaged record, naming it."""
+    for path, reason in skipped:
+        warnings.warn(f"skipped damaged record {path}: {reason}", DamagedRecordWarning, stacklevel=3)
+
+
+def runs_frame(recs: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Long form from records that went through load_runs/collect_runs."""
+    rows = [rec["_row"] for rec in recs]
     df = pd.DataFrame(rows)
     if not df.empty:
         df = disambiguate(df)
     return df.drop(columns=["_config"]) if "_config" in df else df
+
+
+def runs_table(record_dirs: Iterable[Path], root: Path | None = None) -> pd.DataFrame:
+    """Long form: one row per finished run, one column per (rule, metric) and per modality.
+    Damaged records are left out with one DamagedRecordWarning each."""
+    recs, skipped = load_runs(record_dirs, root)
+    warn_skipped(skipped)
+    return runs_frame(recs)
 
 
 def disambiguate(df: pd.DataFrame) -> pd.DataFrame:
@@ -129,8 +197,13 @@ def markdown_table(table: pd.DataFrame, caption: str) -> str:
     return f"{caption}\n\n{body}\n"
 
 
-def build_report(df: pd.DataFrame, rules: Sequence[str], title: str) -> str:
-    parts = [f"# {title}\n", "Generated by `mmbalance leaderboard` from recorded runs; do not edit by hand.\n"]
+def build_report(
+    df: pd.DataFrame, rules: Sequence[str], title: str, skipped: Sequence[tuple[Path, str]] = ()
+) -> str:
+    note = "Generated by `mmbalance leaderboard` from recorded runs; do not edit by hand."
+    if skipped:  # in the header line, so a reader of the table knows runs are missing from it
+        note += f" {len(skipped)} damaged record(s) skipped: " + ", ".join(f"`{p}`" for p, _ in skipped) + "."
+    parts = [f"# {title}\n", note + "\n"]
     for rule in rules:
         for metric, name in METRIC_NAMES.items():
             col = f"{rule}.fused.{metric}"
@@ -187,21 +260,30 @@ def _cost_table(df: pd.DataFrame) -> str:
 def write_leaderboard(
     records_dir: Path, out_dir: Path, name: str = "leaderboard", rules: Sequence[str] = ("best_val", "best_test", "last"),
     title: str | None = None,
-) -> tuple[Path, Path]:
-    """Read every finished run under ``records_dir`` and write ``<name>.md`` and ``<name>.csv``."""
+) -> LeaderboardFiles:
+    """Read every finished run under ``records_dir`` and write ``<name>.md`` and ``<name>.csv``.
+
+    Damaged records are skipped with one DamagedRecordWarning each and counted in the report's
+    header line; the returned ``(md_path, csv_path)`` carries them as ``.skipped``."""
     unknown = [r for r in rules if r not in SELECTION_RULES]
     if unknown:
         raise MMBalanceError(f"Unknown selection rule(s) {unknown}; choose from {', '.join(SELECTION_RULES)}.")
-    dirs = records.find_runs(records_dir)
-    df = runs_table(dirs, Path(records_dir))
+    root = Path(records_dir)
+    dirs = records.find_runs(root)
+    recs, skipped = load_runs(dirs, root)
+    warn_skipped(skipped)
+    df = runs_frame(recs)
     if df.empty:
+        damaged = f", {len(skipped)} damaged (see the warnings)" if skipped else ""
         raise MMBalanceError(
-            f"No finished runs under '{records_dir}' ({len(dirs)} run directories, none done). "
+            f"No finished runs under '{records_dir}' ({len(dirs)} run directories, none done and "
+            f"intact{damaged}). "
             f"Run cells with 'mmbalance run' or 'mmbalance grid', or point --records at the right folder."
         )
     df = df.sort_values(["dataset", "method", "seed"]).reset_index(drop=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    records.ensure_dir(out_dir)
     md_path, csv_path = out_dir / f"{name}.md", out_dir / f"{name}.csv"
     records.atomic_write_text(csv_path, df.to_csv(index=False))
-    records.atomic_write_text(md_path, build_report(df, rules, title or name))
-    return md_path, csv_path
+    shown = [(p.relative_to(root) if p.is_relative_to(root) else p, why) for p, why in skipped]
+    records.atomic_write_text(md_path, build_report(df, rules, title or name, shown))
+    return LeaderboardFiles(md_path, csv_path, skipped)

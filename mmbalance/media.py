@@ -57,7 +57,7 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
 
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"Audio file '{p}' does not exist. Re-run the dataset's prepare step.")
+        raise DataError(f"Audio file '{p}' does not exist.")
     try:
         data, rate = sf.read(str(p), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
@@ -225,13 +225,12 @@ def load_npy_feature(path: str | Path, ndim: int | None = None) -> torch.Tensor:
         arr = np.load(p, allow_pickle=False)
     except Exception as exc:
         raise DataError(
-            f"Feature file '{p}' is missing, corrupt or not a .npy array ({exc}). Recreate it "
-            f"with the dataset's prepare step."
+            f"Feature file '{p}' is missing, corrupt or not a .npy array ({exc})."
         ) from exc
     if ndim is not None and arr.ndim != ndim:
         raise DataError(
             f"Feature file '{p}' holds an array of shape {arr.shape}; expected {ndim} "
-            f"dimensions. Recreate it with the dataset's prepare step."
+            f"dimensions."
         )
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
@@ -282,8 +281,7 @@ def load_rgb(path: str | Path) -> Image.Image:
             return img.convert("RGB")
     except Exception as exc:
         raise DataError(
-            f"Image file '{path}' is missing, corrupt or not an image ({exc}). Re-extract the "
-            f"frames with the dataset's prepare step."
+            f"Image file '{path}' is missing, corrupt or not an image ({exc})."
         ) from exc
 
 
@@ -351,8 +349,10 @@ class AVClipDataset(Dataset):
         frames: int,
         image_size: int,
         train: bool,
+        fix: str = "",
     ) -> None:
         self.clips = list(clips)
+        self.fix = fix  # appended to a broken file's DataError: the dataset's own remedy
         self.modalities = tuple(modalities)
         self.audio_loader = audio_loader
         self.frames = frames
@@ -368,6 +368,14 @@ class AVClipDataset(Dataset):
         return np.array([c.label for c in self.clips], dtype=np.int64)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return self._item(i)
+        except DataError as exc:
+            if not self.fix:
+                raise
+            raise DataError(f"{exc} {self.fix}") from exc
+
+    def _item(self, i: int) -> dict[str, Any]:
         clip = self.clips[i]
         item: dict[str, Any] = {}
         if "audio" in self.modalities:
@@ -393,8 +401,7 @@ def load_fbank_npy(path: Path, shape: tuple[int, int] | None = None) -> torch.Te
     feats = load_npy_feature(path, ndim=2)
     if shape is not None and tuple(feats.shape) != tuple(shape):
         raise DataError(
-            f"Feature file '{path}' has shape {tuple(feats.shape)}; expected {tuple(shape)}. "
-            f"Recreate it with the dataset's prepare step."
+            f"Feature file '{path}' has shape {tuple(feats.shape)}; expected {tuple(shape)}."
         )
     return feats.unsqueeze(0).contiguous()
 
@@ -538,6 +545,7 @@ def av_clip_splits(
     seed: int,
     dataset: str,
     valid_rule: str = "",
+    fix: str = "",
 ) -> Splits:
     """The Splits of an audio + frames dataset from its indexed clips.
 
@@ -551,7 +559,7 @@ def av_clip_splits(
     frames, size = r.frames, r.image_size
 
     def make(clips: Sequence[Clip], train: bool) -> AVClipDataset:
-        return AVClipDataset(clips, modalities, r.audio.loader, frames, size, train)
+        return AVClipDataset(clips, modalities, r.audio.loader, frames, size, train, fix)
 
     test = make(parts["test"], False)
     if "valid" in parts:
@@ -560,10 +568,12 @@ def av_clip_splits(
         keep, hold, rule = carve_validation(parts["train"], val_fraction, seed, dataset)
         train = make(keep, True)
         val = make(hold, False) if hold is not None else test
+    val_is_test = val is test
     specs = {"audio": r.audio.spec, "visual": ModalitySpec("video", (3, frames, size, size))}
     info = {
         **info,
         "val_rule": rule,
+        "val_is_test": val_is_test,
         "frame_rule": f"train: {frames} distinct random sorted indices + RandomResizedCrop"
         f"({size}) + flip; eval: first {frames} + Resize",
         "audio": r.audio.rule,

@@ -5,30 +5,49 @@ Hook names follow PyTorch Lightning. The trainer calls, per run::
     method.check_modalities(available)        -> modalities this method trains on
     method.build_fusion(dims, num_classes)    -> fused head(s) (or None)
     method.configure_model(model)             -> add method-owned modules to model.extra
-    method.configure_optimizers()             -> (optimizer, scheduler or None)
-    method.on_fit_start()
+    method.configure_optimizers()             -> (optimizer, scheduler or None), or a dict
+                                                 {name: (optimizer, scheduler or None)} with
+                                                 a "main" entry; all are checkpointed
+    [checkpoint restored here when the run resumes; self.resumed tells]
+    method.on_cell_start()                    -> once per cell, never after a resume
+    method.on_fit_start()                     -> every time a process starts training
     for each epoch:
-        method.on_train_epoch_start(epoch)
-        for each batch (inside bf16 autocast on CUDA):
-            automatic mode:  loss = method.training_step(batch, i); loss.backward();
-                             method.on_after_backward(); [clip]; optimizer.step()
-            manual mode:     method.training_step(batch, i) calls self.manual_backward(loss)
-                             and self.optimizer_step() itself, as often as it needs
-        method.on_train_epoch_end(epoch); scheduler.step()
+        method.on_train_epoch_start(epoch)    (self.num_training_batches is known)
+        for each batch:
+            automatic mode:  with autocast: loss = method.training_step(batch, i)
+                             loss.backward(); method.on_after_backward(); [clip]; step
+            manual mode:     method.training_step(batch, i) runs outside autocast; it wraps
+                             its forward passes in ``self.autocast()``, keeps gradient
+                             arithmetic in fp32, and calls self.manual_backward(loss) and
+                             self.optimizer_step() as often as it needs
+        method.on_train_epoch_end(epoch)
+        schedulers step (per-group lr_scale multipliers are kept on top of the schedule)
         evaluation with method.predict(batch) on val and test
-        method.on_validation_end(metrics)
+        method.on_validation_end(metrics)     -> sees the metrics of this epoch; a change
+                                                 of learning rate here applies from the next
+                                                 epoch, on top of the already-stepped schedule
     method.state_dict() / load_state_dict() go into every checkpoint.
 
-``self.model``, ``self.optimizer``, ``self.epoch``, ``self.global_step`` and ``self.trainer``
-are set by the trainer before the first hook. ``self.log(name=value)`` records per-step
-diagnostics (kept as tensors, synchronised once per epoch, so logging costs no host sync).
+Per-modality predictions are declared, never guessed: :meth:`Method.trains_unimodal_heads`
+says whether the unimodal heads are trained, :meth:`Method.per_modality_source` where the
+per-modality logits that evaluation reports come from ("unimodal_heads", "fused_parts",
+"method" for a method's own rule in ``predict``, or "none"). Reporting untrained heads is
+refused at set-up.
+
+A method reaches the loop only through :class:`LoopServices` (``self.trainer``): the trainer
+imports methods, never the reverse. ``self.model``, ``self.optimizer`` (the "main" one),
+``self.optimizers``, ``self.epoch``, ``self.global_step``, ``self.resumed`` and
+``self.num_training_batches`` are set by the trainer before the hooks that need them.
+``self.log(name=value)`` records per-step diagnostics (kept as tensors, synchronised once per
+epoch, so logging costs no host sync); values logged from epoch hooks are kept too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +58,8 @@ from mmbalance.heads import build_head
 
 if TYPE_CHECKING:
     from mmbalance.model import MultimodalModel
-    from mmbalance.trainer import Trainer
+
+PER_MODALITY_SOURCES = ("unimodal_heads", "fused_parts", "method", "none")
 
 
 @dataclass
@@ -50,23 +70,116 @@ class Prediction:
     per_modality: dict[str, torch.Tensor]
 
 
+@dataclass
+class EstimationCost:
+    """Work a method does outside the main training loop (G-Blend's sub-training...), kept
+    apart from the main run's optimizer steps and time so methods compare on equal terms."""
+
+    optimizer_steps: int = 0
+    batches: int = 0
+    time_s: float = 0.0
+
+    def add(self, other: EstimationCost) -> None:
+        self.optimizer_steps += other.optimizer_steps
+        self.batches += other.batches
+        self.time_s += other.time_s
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"optimizer_steps": self.optimizer_steps, "batches": self.batches, "time_s": self.time_s}
+
+
+class LoopServices(Protocol):
+    """The narrow interface a method uses to reach the training loop (the trainer)."""
+
+    device: torch.device
+    modalities: list[str]
+    val_is_test: bool
+
+    def default_optimizers(self, params: Any) -> tuple[torch.optim.Optimizer, Any]:
+        """The dataset recipe's optimizer and schedule over ``params`` (tensors or groups)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA (per ``amp``), a no-op elsewhere: wrap forward passes only."""
+
+    def log_step(self, values: Mapping[str, Any]) -> None: ...
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def iterate(
+        self,
+        split: str,
+        *,
+        batches: int | None = None,
+        fraction: float | None = None,
+        grad: bool = False,
+        train_mode: bool = False,
+        shuffle: bool | None = None,
+        tag: str = "pass",
+    ) -> Iterator[Mapping[str, Any]]:
+        """Batches of a split outside the main loop (see :meth:`Trainer.iterate`)."""
+
+    def heldout(self) -> Any:
+        """The held-out slice of train carved once per cell (see ``heldout_fraction``)."""
+
+    def sub_train(
+        self,
+        model: nn.Module,
+        params: Sequence[nn.Parameter],
+        loss_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor],
+        split: str,
+        epochs: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        tag: str = "sub",
+    ) -> EstimationCost:
+        """Train ``params`` of ``model`` (usually a copy) for ``epochs`` on ``split``."""
+
+    def set_lr_scale(self, optimizer: torch.optim.Optimizer, group: int | str, scale: float) -> None:
+        """Multiply one param group's scheduled learning rate by ``scale`` (not compounding)."""
+
+
 class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {}  # method-only config keys -> default or Option
     defaults: ClassVar[dict[str, Any]] = {}  # trainer/dataset keys this method changes
+    # The paper's option values per dataset, {dataset: {key: value}}; a dataset plugin's own
+    # method_defaults win over these. Shown in `mmbalance config` and leaderboard captions.
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     min_modalities: ClassVar[int] = 2
     max_modalities: ClassVar[int | None] = None
     manual_optimization: ClassVar[bool] = False
     fusion: ClassVar[str] = "concat"  # fused head built by the default build_fusion
+    # Share of train held out once per cell for the method's own measurements (G-Blend's
+    # generalisation losses, LFM); 0 = none. The trainer trains on the rest.
+    heldout_fraction: ClassVar[float] = 0.0
+    # The name of the per-step diagnostic shown in the one-line epoch summary, if any.
+    key_diagnostic: ClassVar[str | None] = None
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg = cfg
-        self.trainer: Trainer | None = None
+        self.trainer: LoopServices | None = None
         self.model: MultimodalModel | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.epoch = 0
         self.global_step = 0
+        self.resumed = False
+        self.num_training_batches = 0
+
+    # ---- declarations ---------------------------------------------------------------------
+    def trains_unimodal_heads(self) -> bool:
+        """Whether training puts a loss on the unimodal heads (default: no)."""
+        return False
+
+    def per_modality_source(self) -> str:
+        """Where the per-modality logits evaluation reports come from: the trained unimodal
+        heads, the fused head's per-modality parts, the method's own ``predict`` ("method"),
+        or nowhere ("none")."""
+        if self.trains_unimodal_heads():
+            return "unimodal_heads"
+        if self.model is not None and hasattr(self.model.fusion, "parts"):
+            return "fused_parts"
+        return "none"
 
     # ---- set-up ---------------------------------------------------------------------------
     def check_modalities(self, available: Sequence[str]) -> list[str]:
@@ -93,27 +206,33 @@ class Method:
     def configure_model(self, model: MultimodalModel) -> None:
         """Add method-owned modules to ``model.extra`` (they are then optimised and saved)."""
 
-    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:
-        """Default: the dataset's optimizer and schedule over every parameter."""
+    def configure_optimizers(self) -> Any:
+        """Default: the dataset's optimizer and schedule over every parameter.
+
+        Return ``(optimizer, scheduler | None)`` or ``{name: (optimizer, scheduler | None)}``
+        (one of them named "main"); param groups may carry a "name" (e.g. "encoder.audio").
+        """
         assert self.trainer is not None and self.model is not None
         return self.trainer.default_optimizers(self.model.parameters())
 
     # ---- loop hooks -----------------------------------------------------------------------
-    def on_fit_start(self) -> None: ...
+    def on_cell_start(self) -> None:
+        """Once per cell before epoch 0 (offline estimation, warm starts); never after a
+        resume, whose checkpoint already holds what this did."""
+
+    def on_fit_start(self) -> None:
+        """Every time a process starts or resumes training (after the checkpoint load)."""
 
     def on_train_epoch_start(self, epoch: int) -> None: ...
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
-        """Default: encode once, unimodal + fused logits, joint CE (IPRM paper, Section 3).
-
-        The unimodal CEs are added when the ``unimodal_loss`` option is true (default true for
-        methods without that option).
-        """
+        """Default: encode once, fused CE, plus the unimodal CEs when the method trains its
+        unimodal heads (the IPRM paper's Section 3 joint loss)."""
         assert self.model is not None
         out = self.model(batch)
         y = batch["label"]
         loss = F.cross_entropy(out.fused, y)
-        if self.cfg.get("unimodal_loss", True):
+        if self.trains_unimodal_heads():
             for logits in out.uni.values():
                 loss = loss + F.cross_entropy(logits, y)
         return loss
@@ -127,15 +246,22 @@ class Method:
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any]) -> Prediction:
-        """Default: fused logits; per modality the trained unimodal heads, or, for a method
-        trained with the fused loss only, the fused head's per-modality parts."""
+        """Default: fused logits, and per modality what :meth:`per_modality_source` says."""
         assert self.model is not None
         feats = self.model.encode(batch)
-        fused = self.model.fuse(feats)
-        if self.cfg.get("unimodal_loss", True) or not hasattr(self.model.fusion, "parts"):
+        fused = self.model.fuse(feats) if self.model.fusion is not None else None
+        source = self.per_modality_source()
+        if source == "unimodal_heads":
             per = self.model.unimodal_logits(feats)
-        else:
+        elif source == "fused_parts":
             per = self.model.fusion.parts(feats)
+        else:
+            per = {}
+        if fused is None:
+            raise UnsupportedError(
+                f"Method '{self.name}' builds no fused head, so it must define predict() "
+                f"with its own fusion rule."
+            )
         return Prediction(fused, per)
 
     # ---- services for methods -------------------------------------------------------------
@@ -143,6 +269,11 @@ class Method:
         """Record per-step diagnostics (floats or 0-d tensors)."""
         assert self.trainer is not None
         self.trainer.log_step(values)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's mixed precision, for forward passes in manual optimisation."""
+        assert self.trainer is not None
+        return self.trainer.autocast()
 
     def manual_backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         loss.backward(**kwargs)

@@ -2,6 +2,8 @@
 
 MAP is the lab protocol of LFM/IPRM (iprm.md section 9): one-vs-rest average precision per
 class on softmax scores, averaged without weights over the classes present in the labels.
+Macro-F1 averages over the same classes, so a class absent from a split (a small val split,
+test-only classes) counts in neither rather than as an F1 of 0 in one of them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     return {
         "acc": 100.0 * float(accuracy_score(y, pred)),
         "map": 100.0 * float(np.mean(ap)) if ap else float("nan"),
-        "f1": 100.0 * float(f1_score(y, pred, labels=list(range(num_classes)), average="macro", zero_division=0)),
+        "f1": 100.0 * float(f1_score(y, pred, labels=present, average="macro", zero_division=0)) if present else float("nan"),
     }
 
 

@@ -7,7 +7,7 @@ the encoder whatever its architecture (methods-a.md 0.3-3).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mmbalance.data import ModalitySpec
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.registry import BACKBONES
 
 
@@ -47,8 +47,48 @@ class MultimodalModel(nn.Module):
     def dims(self) -> dict[str, int]:
         return {m: enc.out_dim for m, enc in self.encoders.items()}
 
-    def encode(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return {m: enc(batch[m]) for m, enc in self.encoders.items()}
+    def encode(self, batch: Mapping[str, Any], drop: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """Features of every modality; those in ``drop`` are encoded from a blank input.
+
+        Blank input (for Shapley coalitions and imbalance diagnostics): an encoder may define
+        ``blank_input(x)``; otherwise floating tensors become zeros. Token inputs have no
+        default blank (id 0 is a real token), so their backbone must define one. A blank
+        gives every row the same feature (in eval mode), so one row is encoded and expanded.
+        """
+        dropped = set(drop)
+        unknown = dropped - set(self.modalities)
+        if unknown:
+            raise ValueError(f"cannot drop {sorted(unknown)}: the model has {self.modalities}")
+        out: dict[str, torch.Tensor] = {}
+        for m, enc in self.encoders.items():
+            if m in dropped:
+                x = batch[m]
+                n = _batch_len(x)
+                row = self.blank_feature(m, x)
+                out[m] = row.expand(n, *row.shape[1:])
+            else:
+                out[m] = enc(batch[m])
+        return out
+
+    def blank_feature(self, m: str, x: Any) -> torch.Tensor:
+        """The (1, d) feature of modality ``m``'s blank input (see :meth:`encode`)."""
+        enc = self.encoders[m]
+        if hasattr(enc, "blank_input"):
+            blank = enc.blank_input(x)
+        elif isinstance(x, torch.Tensor) and x.is_floating_point():
+            blank = torch.zeros_like(x[:1])
+        else:
+            raise UnsupportedError(
+                f"Modality '{m}' has non-float inputs ({type(x).__name__}) and its backbone "
+                f"{type(enc).__name__} defines no blank_input(); an absent-modality pass "
+                f"cannot blank it."
+            )
+        was = enc.training
+        enc.eval()  # batch statistics of one blank row would be meaningless
+        try:
+            return enc(blank)
+        finally:
+            enc.train(was)
 
     def unimodal_logits(self, feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.uni_heads[m](feats[m]) for m in self.modalities}
@@ -81,6 +121,14 @@ class MultimodalModel(nn.Module):
         groups["fusion"] = self.fusion_params()
         groups["extra"] = list(self.extra.parameters())
         return groups
+
+
+def _batch_len(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    if isinstance(x, Mapping):
+        return _batch_len(next(iter(x.values())))
+    return len(x)
 
 
 def build_encoder(

@@ -7,46 +7,162 @@ Layout of a run directory::
     checkpoint.pt      model/optimizer/scheduler/method state after the last finished epoch
     diagnostics/       per-step method diagnostics, one JSON-lines file per epoch
     DONE               marker: the run finished and its record is complete
+    LOCK               flock'ed by the process training the run (see RunLock); stays, empty, after
 
-Every file is written to a temporary name and renamed, so a crash never leaves half a record.
+Every file is written to a temporary name and renamed, so a crash never leaves half a record
+(a killed writer can leave the temporary ``.<name>.XXXXXXXX``; see clean_temp_files). A record
+that is damaged anyway (copied half, edited by hand) raises RecordError naming the file; OS
+refusals (read-only folder, disk full) raise RecordsIOError naming the path and the cause.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import platform
+import re
+import shutil
+import socket
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any
 
 import torch
 import yaml
 
+from mmbalance.errors import MMBalanceError
+
 DONE = "DONE"
 RECORD = "record.jsonl"
 CHECKPOINT = "checkpoint.pt"
+LOCK = "LOCK"
+DIAGNOSTICS = "diagnostics"
+
+FRESH_HINT = "Rerun with `mmbalance run ... --fresh` to train it again, or remove the folder"
+
+# names mkstemp(prefix=".<name>.") gives: ".<name>." + 8 characters of [a-z0-9_]
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}$")
+
+
+class RecordError(MMBalanceError):
+    """A run record or checkpoint on disk is damaged or unreadable (names the file and the fix)."""
+
+
+class RecordsIOError(RecordError):
+    """The operating system refused to read or write under the records folder (read-only
+    folder, a file where a folder should be, disk full); names the path and the cause."""
+
+
+class RunLockedError(MMBalanceError):
+    """Another live process is training the same run folder; two writers would corrupt it."""
 
 
 def run_dir_name(cfg: Mapping[str, Any], cfg_hash: str) -> str:
     return f"{cfg['dataset']}_{cfg['method']}_s{cfg['seed']}_{cfg_hash}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+# ---- low-level file writing ------------------------------------------------------------------
+def _io_hint(exc: OSError) -> str:
+    """The fix for an OS error, by its errno, so the user is told what to do, not only what failed."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "Point --records at a writable folder."
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "The disk is full (or over quota); free some space or point --records at another folder."
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return "Something is in the way where a folder (or file) should be; move it away or point --records at another folder."
+    return "Check that folder, or point --records at another folder."
+
+
+def _write_error(path: Path, exc: OSError) -> RecordsIOError:
+    return RecordsIOError(f"Cannot write '{path}': {exc}. {_io_hint(exc)}")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask(0)-and-restore
+    would briefly give every other thread's new files mode 0666)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # fallback; racy across threads for the instant it takes
+    os.umask(old)
+    return old
+
+
+def _file_mode() -> int:
+    """Mode for files we write: what open() would give (mkstemp makes 0600, which other users of
+    a shared records folder cannot read)."""
+    return 0o666 & ~current_umask()
+
+
+def ensure_dir(path: Path) -> Path:
+    """``mkdir -p`` that turns an OS refusal into a RecordsIOError naming the folder and the fix."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecordsIOError(f"Cannot create folder '{path}': {exc}. {_io_hint(exc)}") from exc
+    return path
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through ``write`` to a temporary file beside ``path``, fsync, chmod to the umask, and
+    rename over ``path``, so a crash leaves either the old file or the new one, never half. A
+    killed process can leave the temporary ``.<name>.XXXXXXXX`` behind: see clean_temp_files."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    try:
+        try:
+            f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            os.fchmod(f.fileno(), _file_mode())
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
+        os_error = _os_error_in(exc)
+        if os_error is not None:
+            raise _write_error(path, os_error) from exc
         raise
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``, if any. torch.save hit by a full disk raises a RuntimeError
+    from its zip writer's cleanup whose __context__ is the real OSError."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically; OS errors become RecordsIOError."""
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -54,15 +170,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save ``obj`` to ``path`` atomically (saved through a file object so a full disk is an
+    OSError, hence a RecordsIOError, not an opaque RuntimeError from torch's C++ writer)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -70,7 +180,35 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Rows of a JSON-lines file. A damaged file (cut mid-line, not text, unreadable) raises
+    RecordError naming the file and the line, instead of a bare JSONDecodeError."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise RecordsIOError(f"Cannot read '{path}': {exc}. {FRESH_HINT} '{path.parent}'.") from exc
+    except UnicodeDecodeError as exc:
+        raise RecordError(
+            f"'{path}' is not UTF-8 text (byte {exc.start}); it is damaged. {FRESH_HINT} '{path.parent}'."
+        ) from exc
+    rows: list[dict[str, Any]] = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecordError(
+                f"'{path}' line {lineno} is not valid JSON ({exc.msg}, column {exc.colno}); the file "
+                f"is damaged (cut mid-line?). {FRESH_HINT} '{path.parent}'."
+            ) from exc
+        if not isinstance(row, dict):
+            raise RecordError(
+                f"'{path}' line {lineno} is not a JSON object; the file is damaged. "
+                f"{FRESH_HINT} '{path.parent}'."
+            )
+        rows.append(row)
+    return rows
 
 
 def write_config(path: Path, cfg: Mapping[str, Any]) -> None:
@@ -88,8 +226,14 @@ def _jsonable(obj: Any) -> Any:
 
 
 def load_record(run_dir: Path) -> dict[str, Any]:
-    """Fold a record.jsonl into {'header':..., 'epochs': [...], 'final':..., 'done': bool}."""
-    rows = read_jsonl(run_dir / RECORD)
+    """Fold a record.jsonl into {'header':..., 'epochs': [...], 'final':..., 'done': bool}.
+
+    Raises RecordError when the record cannot be trusted: unreadable, a line that is not JSON,
+    no header row, or a DONE marker without the final row (the run claims to be finished but
+    its results are missing, so counting or skipping it silently would both be wrong)."""
+    run_dir = Path(run_dir)
+    path = run_dir / RECORD
+    rows = read_jsonl(path)
     rec: dict[str, Any] = {"header": {}, "epochs": [], "final": None}
     for row in rows:
         kind = row.get("type")
@@ -101,7 +245,183 @@ def load_record(run_dir: Path) -> dict[str, Any]:
             rec["final"] = row
     rec["done"] = (run_dir / DONE).exists()
     rec["run_dir"] = str(run_dir)
+    if not rec["header"]:
+        raise RecordError(f"Record '{path}' has no header row; it is damaged. {FRESH_HINT} '{run_dir}'.")
+    if rec["done"] and rec["final"] is None:
+        raise RecordError(
+            f"Record '{path}' is marked DONE but has no final row; it is damaged. "
+            f"{FRESH_HINT} '{run_dir}'."
+        )
     return rec
+
+
+def _short_cause(exc: BaseException) -> str:
+    """The informative part of a torch.load error (torch's own text suggests weights_only=False,
+    which is exactly what must not be done with a file of unknown origin)."""
+    skip = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    text = " ".join(lines)[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_checkpoint(path: Path, map_location: Any = None) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers/scalars only, so
+    a planted or foreign pickle cannot run code. Any failure (truncated file, refused class,
+    not a dict) is a RecordError naming the file and the fix.
+
+    Refused types, among those a training loop might store: numpy scalars (np.float32,
+    np.float64, np.int64...) and numpy arrays; keep history to python int/float/str/None and
+    tensors. Allowed: dict/OrderedDict, list, tuple, set, str, bytes, int, float, complex, bool,
+    None, tensors, torch.Size, torch.dtype, torch.device."""
+    path = Path(path)
+    hint = (
+        "the checkpoint is damaged or not a checkpoint this suite wrote; rerun with --fresh to "
+        "start this run over"
+    )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not damage: the state does not fit on the device
+    except Exception as exc:
+        raise RecordError(f"Cannot load checkpoint '{path}' ({_short_cause(exc)}); {hint}.") from exc
+    if not isinstance(state, dict):
+        raise RecordError(f"Cannot load checkpoint '{path}' (it holds a {type(state).__name__}, not a dict); {hint}.")
+    return state
+
+
+# ---- one writer per run folder ---------------------------------------------------------------
+class RunLock:
+    """Exclusive lock on a run folder: ``with RunLock(run_dir): train...``.
+
+    Two processes training the same cell (a grid started twice, a run resumed while the first
+    still trains) would interleave checkpoints and records. The lock is ``flock`` on
+    ``run_dir/LOCK``; the kernel drops it when the holder dies, however it dies, so a LOCK file
+    left by a killed process is stale and simply taken over. The file holds the holder's pid and
+    host for the error message; it is left in place on release (unlinking a flock'ed file races
+    with a process about to lock it). flock is per open file: a second RunLock on the same folder
+    in the same process is refused too. Child processes started by fork share the lock.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise RunLockedError naming the live holder (never waits)."""
+        if self._fd is not None:
+            raise RuntimeError(f"RunLock on '{self.run_dir}' is already held by this object")
+        ensure_dir(self.run_dir)
+        try:  # no O_TRUNC: the holder's pid must survive our opening it
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise _write_error(self.path, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunLockedError(
+                f"Run folder '{self.run_dir}' is already being trained by another process "
+                f"({holder}). Wait for it to finish, or stop it; two writers would corrupt the record."
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise RecordsIOError(f"Cannot lock '{self.path}': {exc}. {_io_hint(exc)}") from exc
+        try:
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError as exc:
+            os.close(fd)  # closing releases the flock
+            raise _write_error(self.path, exc) from exc
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (idempotent). The LOCK file stays, emptied."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    """'pid N on host H' from a held LOCK file; the holder writes it just after locking, so an
+    empty file is retried briefly before giving up."""
+    for _ in range(20):
+        try:
+            raw = os.pread(fd, 4096, 0)
+        except OSError:
+            break
+        if raw.strip():
+            try:
+                info = json.loads(raw)
+                return f"pid {info['pid']} on host {info['host']}, since {info.get('since', '?')}"
+            except (ValueError, KeyError, TypeError):
+                break
+        time.sleep(0.01)
+    return "pid unknown; see the LOCK file"
+
+
+def clean_temp_files(run_dir: Path) -> list[Path]:
+    """Remove the ``.<name>.XXXXXXXX`` temporary files that atomic writes leave when the process
+    is killed mid-write, in ``run_dir`` and its diagnostics/ folder; returns what was removed.
+
+    Only safe while holding the run's RunLock: without it, a temp file may belong to a live
+    writer that is about to rename it into place."""
+    run_dir = Path(run_dir)
+    removed: list[Path] = []
+    for folder in (run_dir, run_dir / DIAGNOSTICS):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if _TEMP_NAME.match(p.name) and (p.is_file() or p.is_symlink()):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise RecordsIOError(f"Cannot remove '{p}': {exc}. {_io_hint(exc)}") from exc
+                removed.append(p)
+    return removed
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove everything in ``run_dir`` except its LOCK file (what ``--fresh`` needs).
+
+    Call while holding the RunLock. ``shutil.rmtree(run_dir)`` would also unlink LOCK, and a
+    process that then locks a new LOCK file would train beside the one still holding the old."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.iterdir():
+        if p.name == LOCK:
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError as exc:
+            raise RecordsIOError(f"Cannot remove '{p}': {exc}. {_io_hint(exc)}") from exc
 
 
 def code_version() -> dict[str, Any]:
@@ -140,8 +460,11 @@ def library_versions() -> dict[str, Any]:
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Every run directory under ``root`` (any depth) that holds a record."""
+    """Every run directory under ``root`` (any depth) that holds a record or a DONE marker (a
+    DONE run whose record.jsonl is gone is damaged, and must be reported, not overlooked). A
+    folder holding only a LOCK file (a run that died before writing anything) is not a run."""
     root = Path(root)
     if not root.exists():
         return []
-    return sorted(p.parent for p in root.rglob(RECORD))
+    found = {p.parent for name in (RECORD, DONE) for p in root.rglob(name) if p.is_file()}
+    return sorted(found)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,5 @@ def run(
     """Train one cell and return its record. A finished cell is not trained again; a killed
     one resumes from its last epoch checkpoint; ``fresh=True`` discards both and starts over."""
     trainer = make_trainer(method, dataset, overrides, yaml_path)
-    if fresh and trainer.run_dir.exists():
-        shutil.rmtree(trainer.run_dir)
-    record = trainer.fit()
+    record = trainer.fit(fresh=fresh)
     return RunResult(trainer.run_dir, record, trainer.cfg)

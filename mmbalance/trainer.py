@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,20 @@ from torch.utils.data import (
 
 from mmbalance import records
 from mmbalance.config import config_hash
-from mmbalance.data import BatchView, DatasetPlugin, Splits
-from mmbalance.errors import ConfigError, MMBalanceError
-from mmbalance.method import Method, Prediction
+from mmbalance.data import (
+    BatchView,
+    DatasetPlugin,
+    Splits,
+    random_holdout,
+    stratified_holdout,
+    subset,
+)
+from mmbalance.errors import ConfigError, MMBalanceError, did_you_mean
+from mmbalance.method import PER_MODALITY_SOURCES, EstimationCost, Method, Prediction
 from mmbalance.metrics import classification_metrics, final_metrics
 from mmbalance.model import MultimodalModel, build_encoder
+
+HELDOUT_SEED = 1234  # the held-out slice of train is the same for every seed of a grid
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -104,7 +114,8 @@ class Trainer:
         self.dataset = dataset
         self.method = method
         self.device = resolve_device(self.cfg["device"])
-        self.hash = config_hash(self.cfg)
+        self.data_fingerprint = dataset.data_fingerprint(self.cfg)
+        self.hash = config_hash(self.cfg, data=self.data_fingerprint)
         self.run_dir = Path(self.cfg["records"]) / records.run_dir_name(self.cfg, self.hash)
         amp = self.cfg["amp"]
         self.amp_dtype = (
@@ -112,12 +123,21 @@ class Trainer:
         )
         self._step_logs: dict[str, list[Any]] = {}
         self.optimizer_steps = 0
+        self.estimation_cost = EstimationCost()  # the method's work outside the main loop
+        self.val_is_test = False
+        self._heldout: Dataset | None = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self.splits: Splits | None = None
         self.model: MultimodalModel | None = None
 
     # ---- set-up ---------------------------------------------------------------------------
-    def setup(self) -> None:
+    def check(self) -> list[str]:
+        """Validate what needs the dataset but not its data: the requested modalities, the
+        method's support for them, and that every ``backbone.<m>`` key names a modality the
+        dataset has. Returns the modalities the run trains on. Cheap, so a grid checks every
+        cell before it trains any."""
         cfg = self.cfg
         available = self.dataset.available_modalities(cfg)
         requested = cfg.get("modalities") or self.dataset.default_modalities(cfg)
@@ -127,7 +147,22 @@ class Trainer:
                 f"Dataset '{cfg['dataset']}' has no modality {', '.join(unknown)}; it has "
                 f"{', '.join(available)}. Fix --set modalities=..."
             )
-        used = self.method.check_modalities(list(requested))
+        defaults = {**(type(self.dataset).defaults.get("backbone") or {}),
+                    **(type(self.method).defaults.get("backbone") or {})}
+        for mod, entry in (cfg.get("backbone") or {}).items():
+            default = defaults.get(mod)
+            as_default = default is not None and entry == (default if isinstance(default, Mapping) else {"name": default})
+            if mod not in available and not as_default:  # a user's key, not a plugin's table
+                raise ConfigError(
+                    f"Setting backbone.{mod}.* names modality '{mod}', which dataset "
+                    f"'{cfg['dataset']}' does not have (it has {', '.join(available)})."
+                    f"{did_you_mean(mod, available)} Fix the key, e.g. --set backbone.{available[0]}.weights=PATH."
+                )
+        return self.method.check_modalities(list(requested))
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        used = self.check()
         seed_everything(cfg["seed"])
         self.splits = self.dataset.build(cfg, used)
         for m in used:
@@ -141,13 +176,55 @@ class Trainer:
         dims = {m: e.out_dim for m, e in encoders.items()}
         fusion = self.method.build_fusion(dims, self.splits.num_classes)
         model = MultimodalModel(encoders, self.splits.num_classes, fusion)
+        self.modalities = used
+        self.val_is_test = bool(self.splits.info.get("val_is_test", False))
+        if self.method.heldout_fraction:
+            self._carve_heldout(self.method.heldout_fraction)
         self.method.trainer = self
         self.method.model = model
         self.method.configure_model(model)
         self.model = model.to(self.device)
-        self.optimizer, self.scheduler = self.method.configure_optimizers()
+        self._set_optimizers(self.method.configure_optimizers())
+        self._check_per_modality_source()
+
+    def _set_optimizers(self, configured: Any) -> None:
+        """Accept (opt, sched) or {name: (opt, sched)}; "main" (or the only one) is the
+        optimizer of automatic optimisation."""
+        if isinstance(configured, Mapping):
+            pairs = {str(k): (v if isinstance(v, tuple) else (v, None)) for k, v in configured.items()}
+        else:
+            opt, sched = configured if isinstance(configured, tuple) else (configured, None)
+            pairs = {"main": (opt, sched)}
+        if "main" not in pairs:
+            if len(pairs) != 1:
+                raise MMBalanceError(
+                    f"method {self.method.name}: configure_optimizers returned {sorted(pairs)}; "
+                    f"name one of them 'main' (the optimizer of automatic optimisation)."
+                )
+            pairs = {"main": next(iter(pairs.values())), **pairs}
+        self.optimizers = {k: o for k, (o, _) in pairs.items()}
+        self.schedulers = {k: sch for k, (_, sch) in pairs.items() if sch is not None}
+        self.optimizer = self.optimizers["main"]
+        self.scheduler = self.schedulers.get("main")
         self.method.optimizer = self.optimizer
-        self.modalities = used
+        self.method.optimizers = self.optimizers
+
+    def _check_per_modality_source(self) -> None:
+        """Per-modality numbers must come from something trained."""
+        m = self.method
+        source = m.per_modality_source()
+        if source not in PER_MODALITY_SOURCES:
+            raise MMBalanceError(f"method {m.name}: per_modality_source() returned {source!r}; "
+                                 f"expected one of {PER_MODALITY_SOURCES}.")
+        if source == "unimodal_heads" and not m.trains_unimodal_heads():
+            raise MMBalanceError(
+                f"method {m.name} reports per-modality accuracy from unimodal heads it does not "
+                f"train; declare trains_unimodal_heads() or another per_modality_source()."
+            )
+        if source == "fused_parts" and not hasattr(self.model.fusion, "parts"):
+            raise MMBalanceError(f"method {m.name}: its fused head has no per-modality parts.")
+        if source == "method" and type(m).predict is Method.predict:
+            raise MMBalanceError(f"method {m.name} declares its own per-modality rule but keeps the default predict().")
 
     def default_optimizers(self, params: Any) -> tuple[torch.optim.Optimizer, Any]:
         """The dataset recipe: SGD/Adam/AdamW with lr, momentum, weight decay, and a schedule."""
@@ -172,12 +249,14 @@ class Trainer:
         return None
 
     # ---- data -----------------------------------------------------------------------------
-    def loader(self, ds: Dataset, train: bool, epoch: int = 0) -> DataLoader:
+    def loader(
+        self, ds: Dataset, train: bool, epoch: int = 0, seed: int | None = None, batch_size: int | None = None
+    ) -> DataLoader:
         """Shuffled (train) or ordered loader; the shuffle is seeded from (seed, epoch)."""
         cfg = self.cfg
         gen = torch.Generator()
-        gen.manual_seed(epoch_seed(cfg["seed"], epoch))
-        bs = cfg["batch_size"] if train else (cfg["eval_batch_size"] or 2 * cfg["batch_size"])
+        gen.manual_seed(epoch_seed(cfg["seed"], epoch) if seed is None else seed)
+        bs = batch_size or (cfg["batch_size"] if train else (cfg["eval_batch_size"] or 2 * cfg["batch_size"]))
         workers = cfg["num_workers"]
         if workers is None:  # auto: in-memory data needs none; files are decoded in parallel
             workers = 0 if hasattr(ds, "get_batch") else min(8, os.cpu_count() or 1)
@@ -231,6 +310,182 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
 
+    def split(self, name: str) -> Dataset:
+        assert self.splits is not None
+        if name == "heldout":
+            return self.heldout()
+        if name not in ("train", "val", "test"):
+            raise MMBalanceError(f"unknown split '{name}': use train, val, test or heldout.")
+        return getattr(self.splits, name)
+
+    def iterate(
+        self,
+        split: str,
+        *,
+        batches: int | None = None,
+        fraction: float | None = None,
+        grad: bool = False,
+        train_mode: bool = False,
+        shuffle: bool | None = None,
+        tag: str = "pass",
+    ) -> Iterator[Mapping[str, Any]]:
+        """Batches of ``split`` (on the device) outside the main loop.
+
+        At most ``batches`` batches, or ``floor(fraction * n)`` (at least 1) of the n batches
+        an epoch of that split has (for train: after ``limit_train_batches``). The order is
+        seeded from (seed, epoch, tag), so it never disturbs the main loop's draws and a
+        resumed run repeats it. ``train_mode`` runs the model in train mode (dropout, batch
+        statistics), ``grad`` keeps autograd on; the model's mode is restored afterwards.
+        Train-split passes use the training batch size and the training data pipeline.
+        """
+        assert self.model is not None
+        ds = self.split(split)
+        is_train = split in ("train", "heldout")
+        order_seed = epoch_seed(self.cfg["seed"], self.method.epoch) ^ (zlib.crc32(tag.encode()) & 0xFFFF_FFFF)
+        loader = self.loader(ds, train=is_train if shuffle is None else shuffle, epoch=0, seed=order_seed,
+                             batch_size=self.cfg["batch_size"] if is_train else None)
+        n = len(loader)
+        if split == "train" and self.cfg["limit_train_batches"]:
+            n = min(n, self.cfg["limit_train_batches"])
+        if fraction is not None:
+            n = min(n, max(1, math.floor(fraction * n)))
+        if batches is not None:
+            n = min(n, batches)
+        was_training = self.model.training
+        self.model.train(train_mode)
+        try:
+            with torch.set_grad_enabled(grad):
+                for i, batch in enumerate(loader):
+                    if i >= n:
+                        break
+                    yield to_device(batch, self.device)
+        finally:
+            self.model.train(was_training)
+
+    def heldout(self) -> Dataset:
+        if self._heldout is None:
+            raise MMBalanceError(
+                f"method {self.method.name} asked for the held-out slice of train but declares "
+                f"no heldout_fraction."
+            )
+        return self._heldout
+
+    def _carve_heldout(self, fraction: float) -> None:
+        """A slice of train, carved once per cell with a fixed seed (never the run seed) and
+        separate from validation; the main loop trains on the rest."""
+        assert self.splits is not None
+        train = self.splits.train
+        labels = getattr(train, "labels", None)
+        labels = np.asarray(labels) if labels is not None else None
+        try:
+            if labels is None:
+                raise ValueError("no labels")
+            keep, hold = stratified_holdout(labels, fraction, seed=HELDOUT_SEED)
+            how = "stratified"
+        except ValueError:
+            keep, hold = random_holdout(len(train), fraction, seed=HELDOUT_SEED)
+            how = "random"
+        self.splits.train = subset(train, keep)
+        self._heldout = subset(train, hold)
+        self.splits.info["heldout_rule"] = (
+            f"{how} {fraction:g} of train held out for method {self.method.name} (fixed seed "
+            f"{HELDOUT_SEED}); {len(keep)} train / {len(hold)} held out"
+        )
+
+    def sub_train(
+        self,
+        model: torch.nn.Module,
+        params: Any,
+        loss_fn: Any,
+        split: str,
+        epochs: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        tag: str = "sub",
+    ) -> EstimationCost:
+        """Train ``params`` of ``model`` (a copy of the run's model, or some of its heads)
+        for ``epochs`` on ``split`` with ``loss_fn(model, batch)``. Parameters outside
+        ``params`` are frozen for the duration. The optimizer defaults to the dataset recipe
+        at the run's base learning rate. Its steps and wall time are the method's estimation
+        cost, recorded apart from the main run's."""
+        params = list(params)
+        wanted = {id(p) for p in params}
+        frozen = [(p, p.requires_grad) for p in model.parameters() if id(p) not in wanted]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        opt = optimizer if optimizer is not None else self.default_optimizers(params)[0]
+        cost = EstimationCost()
+        t0 = time.perf_counter()
+        try:
+            for e in range(epochs):
+                was = model.training
+                model.train()
+                loader = self.loader(self.split(split), train=True, epoch=0,
+                                     seed=epoch_seed(self.cfg["seed"], self.method.epoch * 1009 + e) ^ zlib.crc32(tag.encode()))
+                limit = self.cfg["limit_train_batches"]
+                for i, batch in enumerate(loader):
+                    if limit and i >= limit:
+                        break
+                    batch = to_device(batch, self.device)
+                    opt.zero_grad(set_to_none=True)
+                    with self.autocast():
+                        loss = loss_fn(model, batch)
+                    loss.float().backward()
+                    if self.cfg["grad_clip"]:
+                        torch.nn.utils.clip_grad_norm_(params, self.cfg["grad_clip"])
+                    opt.step()
+                    cost.optimizer_steps += 1
+                    cost.batches += 1
+                model.train(was)
+        finally:
+            for p, req in frozen:
+                p.requires_grad_(req)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        cost.time_s = time.perf_counter() - t0
+        self.estimation_cost.add(cost)
+        return cost
+
+    def set_lr_scale(self, optimizer: torch.optim.Optimizer, group: int | str, scale: float) -> None:
+        """Set one param group's learning rate to (its scheduled rate) x ``scale``.
+
+        The scale is stored in the group ("lr_scale", so it is checkpointed with the
+        optimizer) and re-applied after every scheduler step: it composes with StepLR or
+        cosine instead of being overwritten, and it never compounds.
+        """
+        g = self._group(optimizer, group)
+        old = float(g.get("lr_scale", 1.0))
+        g["lr"] = g["lr"] / old * float(scale)
+        g["lr_scale"] = float(scale)
+
+    @staticmethod
+    def _group(optimizer: torch.optim.Optimizer, group: int | str) -> dict[str, Any]:
+        if isinstance(group, int):
+            return optimizer.param_groups[group]
+        for g in optimizer.param_groups:
+            if g.get("name") == group:
+                return g
+        names = [g.get("name") for g in optimizer.param_groups]
+        raise MMBalanceError(f"no param group named '{group}' (groups: {names}).")
+
+    def _step_schedulers(self) -> None:
+        """Step every scheduler on the unscaled rates, then put each group's scale back."""
+        for name, sched in self.schedulers.items():
+            groups = self.optimizers[name].param_groups
+            scales = [float(g.get("lr_scale", 1.0)) for g in groups]
+            for g, sc in zip(groups, scales, strict=True):
+                g["lr"] = g["lr"] / sc
+            sched.step()
+            for g, sc in zip(groups, scales, strict=True):
+                g["lr"] = g["lr"] * sc
+
+    def learning_rates(self) -> dict[str, float]:
+        """Every param group's learning rate, as '<optimizer>/<group name or index>'."""
+        return {
+            f"{name}/{g.get('name', i)}": float(g["lr"])
+            for name, opt in self.optimizers.items()
+            for i, g in enumerate(opt.param_groups)
+        }
+
     # ---- the loop -------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         assert self.model is not None and self.splits is not None
@@ -241,15 +496,16 @@ class Trainer:
         total = min(len(loader), limit) if limit else len(loader)
         model.train()
         method.epoch = epoch
+        method.num_training_batches = total
+        self._step_logs = {}  # before the epoch hook, so what it logs is kept
         method.on_train_epoch_start(epoch)
+        model.train()
         loss_sum = torch.zeros((), device=self.device)
         n_batches = 0
-        self._step_logs = {}
         for i, batch in self._progress(self._limited(loader, limit), total, f"epoch {epoch}"):
             batch = to_device(batch, self.device)
             if method.manual_optimization:
-                with self.autocast():
-                    loss = method.training_step(batch, i)
+                loss = method.training_step(batch, i)  # it wraps its forward passes in autocast
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 with self.autocast():
@@ -266,8 +522,7 @@ class Trainer:
             n_batches += 1
             method.global_step += 1
         method.on_train_epoch_end(epoch)
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self._step_schedulers()
         train_loss = (loss_sum / max(1, n_batches)).item()
         if not math.isfinite(train_loss):
             raise MMBalanceError(
@@ -324,26 +579,54 @@ class Trainer:
         state = {
             "epoch": epoch,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: sch.state_dict() for k, sch in self.schedulers.items()},
+            "estimation_cost": self.estimation_cost.as_dict(),
             "method": self.method.state_dict(),
             "global_step": self.method.global_step,
             "optimizer_steps": self.optimizer_steps,
             "history": self.history,
+            "config_hash": self.hash,
+            "data_fingerprint": self.data_fingerprint,
         }
         records.atomic_torch_save(state, self.run_dir / records.CHECKPOINT)
 
     def _load_checkpoint(self) -> int:
-        """Restore the last finished epoch; returns the next epoch to run (0 if none)."""
+        """Restore the last finished epoch; returns the next epoch to run (0 if none).
+
+        The file is read with ``weights_only=True``: a pickle planted in a shared run folder
+        cannot execute. A checkpoint of another configuration or other data is refused.
+        """
         path = self.run_dir / records.CHECKPOINT
         if not path.exists():
             return 0
         assert self.model is not None
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = records.load_checkpoint(path, self.device)
+        for key, mine in (("config_hash", self.hash), ("data_fingerprint", self.data_fingerprint)):
+            if key in state and state[key] != mine:
+                raise records.RecordError(
+                    f"The checkpoint '{path}' was written for other {'data' if key == 'data_fingerprint' else 'settings'} "
+                    f"({key} {state[key]!r}, this run has {mine!r}); it will not be continued on "
+                    f"these. Rerun with --fresh to start this run over."
+                )
+        try:
+            return self._restore(state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise records.RecordError(
+                f"The checkpoint '{path}' does not fit this run ({type(exc).__name__}: {exc}). "
+                f"Rerun with --fresh to start this run over."
+            ) from exc
+
+    def _restore(self, state: Mapping[str, Any]) -> int:
+        assert self.model is not None
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        if set(state["optimizers"]) != set(self.optimizers):
+            raise ValueError(f"optimizers {sorted(state['optimizers'])} saved, {sorted(self.optimizers)} configured")
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        for k, sched in self.schedulers.items():
+            sched.load_state_dict(state["schedulers"][k])
+        self.estimation_cost = EstimationCost(**state.get("estimation_cost", {}))
         self.method.load_state_dict(state["method"])
         self.method.global_step = state["global_step"]
         self.optimizer_steps = state["optimizer_steps"]
@@ -361,7 +644,11 @@ class Trainer:
             "config": self.cfg,
             "config_hash": self.hash,
             "method_label": self.method.label(),
-            "method_info": self.method.record_info(),
+            "method_info": {
+                "per_modality": self.method.per_modality_source(),
+                "trains_unimodal_heads": self.method.trains_unimodal_heads(),
+                **self.method.record_info(),
+            },
             "modalities": self.modalities,
             "dataset_info": {
                 "num_classes": self.splits.num_classes,
@@ -372,6 +659,7 @@ class Trainer:
             "device": dev,
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
             "cpu_threads": torch.get_num_threads(),  # float sums depend on it: same seed, same threads
+            "data_fingerprint": self.data_fingerprint,
             "code_version": records.code_version(),
             "versions": records.library_versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -384,23 +672,57 @@ class Trainer:
         records.write_jsonl(self.run_dir / records.RECORD, rows)
 
     # ---- entry point ----------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        """Train (or resume, or skip if already done) and return the folded record."""
-        if (self.run_dir / records.DONE).exists():
+    def fit(self, fresh: bool = False) -> dict[str, Any]:
+        """Train (or resume, or skip if already done) and return the folded record.
+
+        The run folder is locked for the whole run: a second identical command reports the
+        running one instead of training into the same files. ``fresh`` discards an earlier
+        record and checkpoint of this run (under the lock, so never a running one's).
+        """
+        if not fresh and (self.run_dir / records.DONE).exists():
             return records.load_record(self.run_dir)
+        records.ensure_dir(self.run_dir)
+        with records.RunLock(self.run_dir):
+            if fresh:
+                records.clear_run_dir(self.run_dir)
+            elif (self.run_dir / records.DONE).exists():  # finished by another process meanwhile
+                return records.load_record(self.run_dir)
+            records.clean_temp_files(self.run_dir)
+            return self._fit_locked()
+
+    def _segments(self, start: int) -> list[dict[str, Any]]:
+        """One entry per process that trained this run (resumes included), with what makes
+        float sums differ between them (threads, device)."""
+        previous: list[dict[str, Any]] = []
+        if start and (self.run_dir / records.RECORD).exists():
+            old = records.load_record(self.run_dir)["header"]
+            previous = list(old.get("segments") or [])
+        return previous + [{
+            "from_epoch": start,
+            "cpu_threads": torch.get_num_threads(),
+            "device": str(self.device),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }]
+
+    def _fit_locked(self) -> dict[str, Any]:
         self.setup()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         records.write_config(self.run_dir / "config.yaml", self.cfg)
         header = self._header()
         start = self._load_checkpoint() if self.cfg["checkpoint"] else 0
         if start:
             header["resumed_from_epoch"] = start
+        header["segments"] = self._segments(start)
+        self.method.resumed = start > 0
+        if not start:
+            self.method.on_cell_start()
         self.method.on_fit_start()
         wandb_run = self._wandb_init() if self.cfg["wandb"] else None
         for epoch in range(start, self.cfg["epochs"]):
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             steps_before = self.optimizer_steps
+            cost_before = self.estimation_cost.as_dict()
+            lrs = self.learning_rates()  # the rates this epoch trains at
             t0 = time.perf_counter()
             train = self.train_epoch(epoch)
             if self.device.type == "cuda":
@@ -414,8 +736,11 @@ class Trainer:
                 "epoch": epoch,
                 **train,
                 "optimizer_steps": self.optimizer_steps - steps_before,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "train_time_s": t1 - t0,
+                "lr": next(iter(lrs.values())),
+                "lrs": lrs,
+                "estimation_cost": {k: v - cost_before[k] for k, v in self.estimation_cost.as_dict().items()},
+                # the method's sub-training (G-Blend) is its estimation cost, not epoch time
+                "train_time_s": t1 - t0 - (self.estimation_cost.time_s - cost_before["time_s"]),
                 "eval_time_s": t2 - t1,
                 "peak_mem_mb": (
                     torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
@@ -430,7 +755,11 @@ class Trainer:
             self._write_record(header, None)
             if wandb_run is not None:
                 wandb_run.log(_flatten({k: v for k, v in entry.items() if k != "epoch"}), step=epoch)
-        final = {"selection": final_metrics(self.history), "total_train_time_s": sum(e["train_time_s"] for e in self.history)}
+        final = {
+            "selection": final_metrics(self.history),
+            "total_train_time_s": sum(e["train_time_s"] for e in self.history),
+            "estimation_cost": self.estimation_cost.as_dict(),
+        }
         self._write_record(header, final)
         records.atomic_write_text(self.run_dir / records.DONE, json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         if wandb_run is not None:

@@ -102,6 +102,7 @@ def test_features_directory_trains(tmp_path, fast, with_val):
     h = r.record["header"]
     assert h["modalities"] == ["eeg", "text"] and h["dataset_info"]["num_classes"] == 3
     assert h["dataset_info"]["sizes"]["val"] == (60 if with_val else 24)
+    assert h["dataset_info"]["val_is_test"] is False and h["dataset_info"]["standardize"] is True
     assert r.final["best_val"]["test"]["fused"]["acc"] > 70.0  # eeg is informative, text is noise
 
 

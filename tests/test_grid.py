@@ -42,3 +42,36 @@ def test_bad_grid_files(tmp_path):
     path.write_text("seeds: [0]\nmethods: [concat]\ndatasets: [synthetic]\nepochs: 3\n")
     with pytest.raises(ConfigError, match="unknown keys"):
         load_grid(path)
+
+
+@pytest.mark.parametrize(
+    ("seeds", "shown"),
+    [("[]", "[]"), ("'0,1'", "'0,1'"), ("[0, 1.5]", "1.5"), ("[0, true]", "True"), ("[-1]", "-1"),
+     ("[0, 1, 1]", "1"), ("2.0", "2.0"), ("{a: 1}", "{'a': 1}"), ("null", "None"), ("[[0]]", "[0]")],
+)
+def test_bad_seeds(tmp_path, seeds, shown):
+    path = tmp_path / "g.yaml"
+    path.write_text(f"seeds: {seeds}\nmethods: [concat]\ndatasets: [synthetic]\n")
+    with pytest.raises(ConfigError, match="seeds") as info:
+        load_grid(path)
+    assert str(path) in str(info.value) and shown in str(info.value)
+
+
+def test_seeds_forms(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("seeds: 3\nmethods: [concat, sum]\ndatasets: [synthetic]\n")
+    assert [c.seed for c in load_grid(path).cells] == [3, 3]
+    path.write_text("methods: [concat]\ndatasets: [synthetic]\n")
+    assert [c.seed for c in load_grid(path).cells] == [0]
+    path.write_text("seeds: [2, 0]\nmethods: [concat]\ndatasets: [synthetic]\n")
+    assert [c.seed for c in load_grid(path).cells] == [2, 0]
+
+
+def test_bad_cell_settings(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("seeds: [0]\nmethods: [{name: concat, set: {seed: 3}}]\ndatasets: [synthetic]\n")
+    with pytest.raises(ConfigError, match="'seed' cannot be set per cell"):
+        load_grid(path)
+    path.write_text("seeds: [0]\nset: [epochs, 3]\nmethods: [concat]\ndatasets: [synthetic]\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_grid(path)

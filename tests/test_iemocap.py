@@ -1,4 +1,5 @@
-"""IEMOCAP plugin: MLA layout (lists, fbank/token npy, face JPEGs) and MulT pickles."""
+"""IEMOCAP plugin: MLA layout (lists, fbank/token npy, face JPEGs) and MulT's features
+(pickles converted to .npz by ``mmbalance prepare iemocap_mult``; planted pickles refused)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from PIL import Image
 from mmbalance.data import Splits
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import IMAGENET_MEAN, IMAGENET_STD
+from mmbalance.prepare import prepare
 from mmbalance.registry import DATASETS
 
 TRAIN = [("Ses01F_impro01_F000", "Excuse me.", "Neutral"),
@@ -166,13 +168,15 @@ def test_missing_root_and_unknown_layout(tmp_path: Path) -> None:
         IEMOCAP().build({"data_root": str(tmp_path / "empty")}, ("audio",))
 
 
-# ----------------------------------------------------------------------------- MulT pickles
+# ------------------------------------------------------------------ MulT pickles -> .npz
 
 SIZES = {"train": 4, "valid": 2, "test": 3}
 MULT_POS = {"train": [0, 1, 2, 3], "valid": [3, 0], "test": [1, 1, 2]}  # Neutral, Happy, Sad, Angry
+TO_SORTED = [2, 1, 3, 0]  # Neutral, Happy, Sad, Angry -> sorted names Angry 0, Happy 1, Neutral 2, Sad 3
 
 
-def make_mult(root: Path, name: str = "iemocap_data.pkl", multi_label: bool = False) -> Path:
+def mult_data(multi_label: bool = False) -> dict:
+    """MulT's pickle content: {split: {text, audio (one -inf), vision, labels (N, 4, 2)}}."""
     rng = np.random.default_rng(0)
     data = {}
     for split, n in SIZES.items():
@@ -190,14 +194,39 @@ def make_mult(root: Path, name: str = "iemocap_data.pkl", multi_label: bool = Fa
             "vision": rng.normal(size=(n, 5, 35)).astype(np.float32),
             "labels": labels,
         }
+    return data
+
+
+def make_mult(root: Path, name: str = "iemocap_data.pkl", multi_label: bool = False, data=None) -> Path:
+    """MulT's pickle as downloaded (the loader refuses it until it is prepared)."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / name, "wb") as f:
-        pickle.dump(data, f)
+        pickle.dump(mult_data(multi_label) if data is None else data, f)
     return root
 
 
-def test_mult_pickles_shapes_labels_and_inf(tmp_path: Path) -> None:
-    root = make_mult(tmp_path / "IEMOCAP")
+def make_mult_npz(root: Path, name: str = "iemocap_data.pkl", multi_label: bool = False) -> Path:
+    """MulT's pickle converted by `mmbalance prepare iemocap_mult --raw ROOT --out ROOT`."""
+    make_mult(root, name, multi_label)
+    summary = prepare("iemocap_mult", root, root)
+    assert summary["written"] == {"npz files": 1}
+    return root
+
+
+class PlantedPickle:
+    """Unpickling it runs ``open(marker, 'w').write(...)`` (or another planted call)."""
+
+    def __init__(self, marker: Path, how: str = "exec") -> None:
+        self.marker, self.how = marker, how
+
+    def __reduce__(self):
+        if self.how == "open":
+            return open, (str(self.marker), "w")
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+def test_mult_npz_shapes_labels_and_inf(tmp_path: Path) -> None:
+    root = make_mult_npz(tmp_path / "IEMOCAP")
     s = build(root, plugin=IEMOCAPMulT)
     assert (len(s.train), len(s.val), len(s.test)) == (4, 2, 3)  # the pickle's own valid split
     assert s.modalities["text"].shape == (5, 300) and s.modalities["text"].kind == "sequence"
@@ -208,12 +237,86 @@ def test_mult_pickles_shapes_labels_and_inf(tmp_path: Path) -> None:
     item = s.train[0]
     assert item["audio"][0, 0].item() == 0.0 and torch.isfinite(item["audio"]).all()
     assert item["text"].dtype == torch.float32
-    assert s.info["layout"] == "mult"
+    assert s.info["layout"] == "mult" and s.info["file"] == str(root / "iemocap_data.npz")
+
+
+def test_prepared_npz_gives_the_fixture_arrays(tmp_path: Path) -> None:
+    """prepare + load == the arrays put in the pickle (what the old pickle.load path gave)."""
+    root = make_mult_npz(tmp_path / "IEMOCAP")
+    data = mult_data()
+    with np.load(root / "iemocap_data.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == sorted(f"{sp}__{k}" for sp in SIZES for k in ("text", "audio", "vision", "labels"))
+        for split, part in data.items():
+            for key, arr in part.items():
+                stored = z[f"{split}__{key}"]
+                assert stored.dtype == arr.dtype and np.array_equal(stored, arr)  # -inf kept as stored
+    direct = build(root, plugin=IEMOCAPMulT, aligned=True)
+    (root / "iemocap_data.npz").unlink()
+    unpickled = build(root, plugin=IEMOCAPMulT, unsafe_unpickle=True)  # the pickle, read directly
+    assert unpickled.info["file"] == str(root / "iemocap_data.pkl")
+    for s in (direct, unpickled):
+        for split, ds in (("train", s.train), ("valid", s.val), ("test", s.test)):
+            want = data[split]
+            for m, key in (("audio", "audio"), ("visual", "vision"), ("text", "text")):
+                expected = want[key].copy()
+                expected[np.isneginf(expected)] = 0.0
+                assert ds.tensors[m].dtype == torch.float32
+                assert torch.equal(ds.tensors[m], torch.from_numpy(expected))
+            assert [ds[i]["label"] for i in range(len(ds))] == [TO_SORTED[k] for k in MULT_POS[split]]
+    assert direct.info["notes"] == unpickled.info["notes"]
+
+
+def test_pickle_only_root_asks_to_run_prepare(tmp_path: Path) -> None:
+    root = make_mult(tmp_path / "IEMOCAP")
+    for plugin, extra in ((IEMOCAPMulT, {}), (IEMOCAP, {"backbone": {m: {"name": "seq_transformer"} for m in IEMOCAP.modality_names}})):
+        with pytest.raises(DataError, match="mmbalance prepare iemocap_mult --raw") as err:
+            build(root, plugin=plugin, **extra)
+        assert str(root / "iemocap_data.pkl") in str(err.value) and "unsafe_unpickle" in str(err.value)
+    assert IEMOCAP.options["unsafe_unpickle"].default is False
+    assert "arbitrary code" in IEMOCAP.options["unsafe_unpickle"].help
+    assert len(build(root, plugin=IEMOCAPMulT, unsafe_unpickle=True).train) == 4
+
+
+@pytest.mark.parametrize(("how", "name"), [("exec", "builtins.exec"), ("open", "io.open")])
+def test_planted_pickle_never_runs(tmp_path: Path, how: str, name: str) -> None:
+    """A pickle whose unpickling writes a marker: refused by the loader and by the preparer."""
+    probe = tmp_path / "probe.txt"
+    pickle.loads(pickle.dumps(PlantedPickle(probe, how)))  # the fixture really runs code ...
+    assert probe.exists()
+    marker = tmp_path / "marker.txt"
+    data = mult_data()
+    data["train"]["audio"] = PlantedPickle(marker, how)
+    root = make_mult(tmp_path / "IEMOCAP", data=data)
+    with pytest.raises(DataError, match="mmbalance prepare iemocap_mult"):  # ... not here
+        build(root, plugin=IEMOCAPMulT)
+    with pytest.raises(DataError, match=f"Refused to unpickle.*'{name}'"):  # opt-in: still refused
+        build(root, plugin=IEMOCAPMulT, unsafe_unpickle=True)
+    with pytest.raises(DataError, match=f"Refused to unpickle.*'{name}'"):
+        prepare("iemocap_mult", root, root)
+    assert not marker.exists()
+    assert sorted(p.name for p in root.iterdir()) == ["iemocap_data.pkl"]  # no .npz, no .partial
+
+
+def test_npz_is_read_without_pickle(tmp_path: Path) -> None:
+    """An .npz holding a pickled object array (planted) is refused, not unpickled."""
+    root = tmp_path / "IEMOCAP"
+    root.mkdir()
+    marker = tmp_path / "marker.txt"
+    arrays = {f"{sp}__{k}": v for sp, part in mult_data().items() for k, v in part.items()}
+    arrays["train__text"] = np.array([PlantedPickle(marker)], dtype=object)
+    np.savez(root / "iemocap_data.npz", **arrays)
+    with pytest.raises(DataError, match="without pickle"):
+        build(root, plugin=IEMOCAPMulT, mods=("text",))
+    assert not marker.exists()
+    (root / "iemocap_data.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        build(root, plugin=IEMOCAPMulT)
 
 
 def test_mult_unaligned_and_manifest(tmp_path: Path) -> None:
-    root = make_mult(tmp_path / "IEMOCAP", name="iemocap_data_noalign.pkl")
-    with pytest.raises(DataError, match="iemocap_data.pkl"):
+    root = make_mult_npz(tmp_path / "IEMOCAP", name="iemocap_data_noalign.pkl")
+    assert (root / "iemocap_data_noalign.npz").is_file()
+    with pytest.raises(DataError, match="iemocap_data.npz.*aligned=false"):
         build(root, plugin=IEMOCAPMulT)
     assert len(build(root, plugin=IEMOCAPMulT, aligned=False).test) == 3
     with pytest.raises(DataError, match="manifest expects 2717"):
@@ -221,14 +324,14 @@ def test_mult_unaligned_and_manifest(tmp_path: Path) -> None:
 
 
 def test_mult_multi_label_is_a_clear_error(tmp_path: Path) -> None:
-    root = make_mult(tmp_path / "IEMOCAP", multi_label=True)
+    root = make_mult_npz(tmp_path / "IEMOCAP", multi_label=True)
     with pytest.raises(DataError, match="more than one"):
         build(root, plugin=IEMOCAPMulT)
     assert mult_labels(np.array([[0, 0, 0, 1]]), tmp_path, "x").tolist() == [0]
 
 
-def test_iemocap_on_pickles_asks_for_sequence_backbones(tmp_path: Path) -> None:
-    root = make_mult(tmp_path / "IEMOCAP")
+def test_iemocap_on_mult_files_asks_for_sequence_backbones(tmp_path: Path) -> None:
+    root = make_mult_npz(tmp_path / "IEMOCAP")
     table = {m: dict(b) for m, b in IEMOCAP.defaults["backbone"].items()}
     with pytest.raises(ConfigError, match="iemocap_mult"):
         build(root, backbone=table)
@@ -270,7 +373,7 @@ def test_one_concat_step_mla_layout(mla_root: Path, tmp_path: Path) -> None:
 def test_one_concat_step_mult_layout(tmp_path: Path) -> None:
     from mmbalance.runner import run
 
-    root = make_mult(tmp_path / "IEMOCAP")
+    root = make_mult_npz(tmp_path / "IEMOCAP")
     ov = {"data_root": str(root), "records": str(tmp_path / "runs"), "epochs": 1, "batch_size": 2,
           "limit_train_batches": 1, "limit_eval_batches": 1, "check_manifest": False,
           "embed_dim": 16, "checkpoint": False, "progress": "off", "device": "cpu"}

@@ -8,8 +8,10 @@ output is opened with the dataset's own loader plugin to prove the layouts match
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 from fractions import Fraction
 from pathlib import Path
 
@@ -423,6 +425,106 @@ def test_iemocap_without_lists_or_wavs(tmp_path):
     (tmp_path / "raw" / "my_test_iemo.txt").write_text("u2.mp4 [split|sign] hi [split|sign] Sad\n")
     with pytest.raises(DataError, match="has a <utt>.wav"):
         prep.prepare("iemocap", tmp_path / "raw", tmp_path / "out")
+
+
+# ------------------------------------------------------------------- IEMOCAP MulT pickles
+
+
+def mult_pickle(path: Path, n: int = 2, protocol: int = pickle.HIGHEST_PROTOCOL, extra=None) -> dict:
+    """A tiny MulT-style pickle ({split: {text, audio, vision, labels, id}}); returns its data."""
+    rng = np.random.default_rng(n)
+    data = {}
+    for split in ("train", "valid", "test"):
+        labels = np.zeros((n, 4, 2), np.float32)
+        labels[..., 0] = 1.0
+        labels[:, 1] = (0.0, 1.0)  # everyone Happy
+        data[split] = {"text": rng.normal(size=(n, 3, 300)).astype(np.float32),
+                       "audio": rng.normal(size=(n, 4, 74)), "vision": rng.normal(size=(n, 5, 35)),
+                       "labels": labels, "id": np.array([[f"{split}{i}"] for i in range(n)])}
+    if extra is not None:
+        data["train"]["audio"] = extra
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(data, protocol=protocol))
+    return data
+
+
+class _Planted:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+def test_iemocap_mult_converts_pickles_to_npz_resumes_and_loads(tmp_path):
+    from mmbalance.prepare.iemocap_mult import RestrictedUnpickler
+
+    raw, out = tmp_path / "mult", tmp_path / "IEMOCAP"
+    aligned = mult_pickle(raw / "iemocap_data.pkl", protocol=2)  # bytes via _codecs.encode
+    unaligned = mult_pickle(raw / "iemocap_data_noalign.pkl", n=3, protocol=5)  # _frombuffer
+    assert "iemocap_mult" in prep.RAW_LAYOUTS and "TRUST STEP" in prep.RAW_LAYOUTS["iemocap_mult"]
+    assert prep.preparer_options("iemocap_mult") == {"overwrite": False}
+    summary = prep.prepare("iemocap_mult", raw, out)
+    assert summary["written"] == {"npz files": 2} and summary["failed"] == 0
+    assert any("left out: id" in n for n in summary["notes"])
+    assert json.loads((out / "mmbalance_prepare.json").read_text())["dataset"] == "iemocap_mult"
+    for name, data in (("iemocap_data.npz", aligned), ("iemocap_data_noalign.npz", unaligned)):
+        with np.load(out / name, allow_pickle=False) as z:
+            assert len(z.files) == 12 and not any(f.endswith("__id") for f in z.files)
+            for split, part in data.items():
+                for key in ("text", "audio", "vision", "labels"):
+                    assert z[f"{split}__{key}"].dtype == part[key].dtype
+                    assert np.array_equal(z[f"{split}__{key}"], part[key])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "iemocap_data.npz", "iemocap_data_noalign.npz", "mmbalance_prepare.json"]
+    assert prep.prepare("iemocap_mult", raw, out)["skipped_existing"] == {"npz files": 2}
+    assert prep.prepare("iemocap_mult", raw, out, overwrite=True)["written"] == {"npz files": 2}
+    splits = build_splits("iemocap_mult", out, ["audio", "visual", "text"], aligned=False)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (3, 3, 3)
+    assert splits.modalities["visual"].shape == (5, 35) and splits.train[0]["label"] == 1
+    assert torch.equal(splits.test.tensors["audio"], torch.from_numpy(unaligned["test"]["audio"].astype(np.float32)))
+    # a Python 2 / numpy 1.x protocol-0 array pickle (numpy.core names, latin-1 str data)
+    py2 = (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(I0\ntS'b'\ntR(I1\n(I2\ntcnumpy\n"
+           b"dtype\n(S'f4'\nI0\nI1\ntR(I3\nS'<'\nNNNI-1\nI-1\nI0\ntbI00\nS'\\x00\\x00\\x80?"
+           b"\\x00\\x00\\x00@'\ntb.")
+    assert RestrictedUnpickler(io.BytesIO(py2), encoding="latin1").load().tolist() == [1.0, 2.0]
+
+
+def test_iemocap_mult_refuses_a_planted_pickle(tmp_path):
+    from mmbalance.prepare.iemocap_mult import ForbiddenGlobal, RestrictedUnpickler
+
+    raw, marker = tmp_path / "mult", tmp_path / "marker.txt"
+    mult_pickle(raw / "iemocap_data.pkl", extra=_Planted(marker))
+    with pytest.raises(DataError, match="Refused to unpickle .*'builtins.exec'"):
+        prep.prepare("iemocap_mult", raw, raw)
+    assert not marker.exists()
+    assert sorted(p.name for p in raw.iterdir()) == ["iemocap_data.pkl"]  # no .npz, no .partial
+    for payload in (_Planted(marker), os.system, getattr, dict.update, _Planted):
+        with pytest.raises(ForbiddenGlobal):
+            RestrictedUnpickler(io.BytesIO(pickle.dumps(payload))).load()
+    with pytest.raises(pickle.UnpicklingError, match="latin-1"):  # allowed global, only as pickle uses it
+        RestrictedUnpickler(io.BytesIO(pickle.dumps(_Rot13()))).load()
+    assert not marker.exists()
+
+
+class _Rot13:
+    def __reduce__(self):
+        import _codecs
+
+        return _codecs.encode, ("abc", "rot13")
+
+
+def test_iemocap_mult_bad_raw(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(DataError, match="iemocap_data.pkl nor iemocap_data_noalign.pkl"):
+        prep.prepare("iemocap_mult", tmp_path / "raw", tmp_path / "out")
+    (tmp_path / "raw" / "iemocap_data.pkl").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(DataError, match="expected a dict of splits"):
+        prep.prepare("iemocap_mult", tmp_path / "raw", tmp_path / "out")
+    (tmp_path / "raw" / "iemocap_data.pkl").write_bytes(pickle.dumps({"train": {}, "test": {}}))
+    with pytest.raises(DataError, match="no 'valid' split"):
+        prep.prepare("iemocap_mult", tmp_path / "raw", tmp_path / "out")
+    assert not (tmp_path / "out" / "iemocap_data.npz").exists()
 
 
 @pytest.mark.gpu

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mmbalance.backbones.common import Projected
-from mmbalance.backbones.text import _check_tokens, load_hf_folder, text_inputs
+from mmbalance.backbones.text import _check_tokens, blank_text, load_hf_folder, text_inputs
 from mmbalance.data import ModalitySpec
 from mmbalance.errors import ConfigError
 from mmbalance.registry import register_backbone
@@ -85,6 +85,8 @@ class CLIPTextEncoder(nn.Module):
         self.projection = projection
         cfg = tower.config
         self.out_dim = cfg.projection_dim if projection else cfg.hidden_size
+
+    blank_input = staticmethod(blank_text)
 
     def forward(self, batch: Any) -> torch.Tensor:
         ids, mask = text_inputs(batch)

@@ -18,3 +18,8 @@ class Projected(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.body(x)
         return self.proj(z) if self.proj is not None else z
+
+    def __getattr__(self, name: str):
+        if name == "blank_input" and "body" in self._modules and hasattr(self._modules["body"], "blank_input"):
+            return self._modules["body"].blank_input  # absent-input rule of the wrapped backbone
+        return super().__getattr__(name)

@@ -95,6 +95,18 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
+def blank_text(batch: Any) -> dict[str, torch.Tensor]:
+    """The absent-text input: one row holding only the sequence's first token ([CLS] for BERT,
+    start-of-text for CLIP), every other position masked out. Id 0 is a real token, so an
+    all-zero row would be a sentence of [PAD]s, not an absent modality."""
+    ids, mask = text_inputs(batch)
+    blank_ids = torch.zeros_like(ids[:1])
+    blank_ids[:, 0] = ids[0, 0]
+    blank_mask = torch.zeros_like(ids[:1] if mask is None else mask[:1])
+    blank_mask[:, 0] = 1
+    return {"input_ids": blank_ids, "attention_mask": blank_mask}
+
+
 def text_inputs(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Split a text-modality batch into (input_ids, attention_mask); a bare id tensor works too."""
     if isinstance(batch, Mapping):
@@ -112,6 +124,8 @@ class BertEncoder(nn.Module):
         self.bert = bert
         self.pool = pool
         self.out_dim = bert.config.hidden_size
+
+    blank_input = staticmethod(blank_text)
 
     def forward(self, batch: Any) -> torch.Tensor:
         ids, mask = text_inputs(batch)

@@ -15,6 +15,12 @@ PyAV (FFmpeg) instead of OpenCV / moviepy / ffmpeg subprocesses:
 * ``iemocap``: IEMOCAP sentence WAVs + MLA's split lists -> MLA Layout A (kaldi fbank
   ``.npy``, BERT token ``.npy`` when a local vocab is given, 256x256 faces when face crops
   are given).
+* ``iemocap_mult``: MulT's IEMOCAP feature pickles (``iemocap_data.pkl`` /
+  ``iemocap_data_noalign.pkl``) -> ``iemocap_data.npz`` / ``iemocap_data_noalign.npz``
+  (arrays ``<split>__<key>``), which the loaders read with ``allow_pickle=False``. This is the
+  one explicit trust step of the package: the only place a pickle is unpickled, on a file the
+  user chose, and then only through an allow-list unpickler (numpy arrays in plain
+  containers) that refuses a pickle referencing anything else before any of it runs.
 
 ``sarcasm`` needs no preparation (its loader reads the original release as distributed), so
 it is listed in :data:`NOT_OFFERED` with the reason instead of being half-done here.
@@ -25,7 +31,8 @@ reported in the summary instead of stopping a 7,000-clip run. The summary (also 
 ``<out>/mmbalance_prepare.json``) says what was written, skipped and why anything failed.
 
 Layout: this ``__init__`` holds the registry and :func:`prepare`; one module per dataset
-(``cremad``, ``ksounds``, ``nvgesture``, ``iemocap``, each with its ``RAW_LAYOUT`` text);
+(``cremad``, ``ksounds``, ``nvgesture``, ``iemocap``, ``iemocap_mult``, each with its
+``RAW_LAYOUT`` text);
 ``flow`` is the Horn-Schunck optical flow; ``common`` the shared report, file, split, worker
 pool and PyAV frame / audio extraction helpers.
 """
@@ -41,13 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from mmbalance.errors import ConfigError, DataError, MMBalanceError, did_you_mean
-from mmbalance.prepare import cremad, iemocap, ksounds, nvgesture
+from mmbalance.prepare import cremad, iemocap, iemocap_mult, ksounds, nvgesture
 from mmbalance.prepare.common import Report, frame_plan, stratified_split
 from mmbalance.prepare.cremad import prepare_cremad
 from mmbalance.prepare.flow import FlowSettings, horn_schunck
 from mmbalance.prepare.flow import _gaussian_blur as _gaussian_blur  # used by tests
 from mmbalance.prepare.flow import warp as warp
 from mmbalance.prepare.iemocap import prepare_iemocap
+from mmbalance.prepare.iemocap_mult import prepare_iemocap_mult
 from mmbalance.prepare.ksounds import prepare_ksounds
 from mmbalance.prepare.nvgesture import prepare_nvgesture
 
@@ -58,6 +66,7 @@ RAW_LAYOUTS: dict[str, str] = {
     "ksounds": ksounds.RAW_LAYOUT,
     "nvgesture": nvgesture.RAW_LAYOUT,
     "iemocap": iemocap.RAW_LAYOUT,
+    "iemocap_mult": iemocap_mult.RAW_LAYOUT,
 }
 
 NOT_OFFERED: dict[str, str] = {
@@ -75,6 +84,7 @@ PREPARERS: dict[str, Callable[..., Report]] = {
     "ksounds": prepare_ksounds,
     "nvgesture": prepare_nvgesture,
     "iemocap": prepare_iemocap,
+    "iemocap_mult": prepare_iemocap_mult,
 }
 
 
