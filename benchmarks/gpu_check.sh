@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check: GPU-marked tests, then CUDA timings of a few cells (concat and IPRM epochs).
+# The device check: GPU-marked tests, then CUDA timings of a few cells (every method's epoch against joint training).
 # Usage on a machine with a GPU, from the repository root:
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # Prints the card, the test summary and the benchmark table; writes the JSON to OUT_DIR.

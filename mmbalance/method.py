@@ -88,6 +88,28 @@ class EstimationCost:
         return {"optimizer_steps": self.optimizer_steps, "batches": self.batches, "time_s": self.time_s}
 
 
+@dataclass
+class Phase:
+    """One part of an epoch (methods-b.md 0.1 H-plan): what it trains, how often, how.
+
+    ``params``: the parameters it trains (the rest of the model is frozen for the phase; None =
+    all). ``passes``: passes over the training data. ``step``: ``(batch, batch_idx) -> loss``
+    (default: the method's ``training_step``). ``optimizer``: the name of a configured
+    optimizer, or a new name with ``make_optimizer(params)`` to create one the first time
+    that name is used; it lives (and is checkpointed) while some phase of each epoch names it,
+    so a method gets fresh optimizer state by naming a new one (e.g. per ReconBoost stage).
+    ``manual``: manual optimisation for this phase (default: the method's).
+    """
+
+    name: str = "train"
+    params: Sequence[nn.Parameter] | None = None
+    passes: int = 1
+    step: Callable[[Mapping[str, Any], int], torch.Tensor | None] | None = None
+    optimizer: str = "main"
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+    manual: bool | None = None
+
+
 class LoopServices(Protocol):
     """The narrow interface a method uses to reach the training loop (the trainer)."""
 
@@ -165,6 +187,8 @@ class Method:
         self.global_step = 0
         self.resumed = False
         self.num_training_batches = 0
+        self.phase: Phase | None = None
+        self.phase_optimizer: torch.optim.Optimizer | None = None
 
     # ---- declarations ---------------------------------------------------------------------
     def trains_unimodal_heads(self) -> bool:
@@ -225,6 +249,18 @@ class Method:
 
     def on_train_epoch_start(self, epoch: int) -> None: ...
 
+    def epoch_plan(self, epoch: int) -> list[Phase] | None:
+        """The phases of this epoch (after ``on_train_epoch_start``); None = one joint pass
+        with ``training_step`` and the main optimizer. Inside a phase, ``self.phase`` and
+        ``self.phase_optimizer`` name what runs."""
+        return None
+
+    def should_evaluate(self, epoch: int) -> bool:
+        """Whether to evaluate after this epoch (default: always). A method whose epochs are
+        parts of a larger unit (a ReconBoost stage) evaluates only at its end, so selection
+        never picks a model from the middle of a stage; the last epoch is always evaluated."""
+        return True
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
         """Default: encode once, fused CE, plus the unimodal CEs when the method trains its
         unimodal heads (the IPRM paper's Section 3 joint loss)."""
@@ -246,10 +282,14 @@ class Method:
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any]) -> Prediction:
-        """Default: fused logits, and per modality what :meth:`per_modality_source` says."""
+        """Default: fused logits, and per modality what :meth:`per_modality_source` says.
+
+        Without a fused head the prediction is the mean of the trained unimodal heads' logits
+        (late fusion of the unimodal models, LFM's rule); a method without either must define
+        its own ``predict``.
+        """
         assert self.model is not None
         feats = self.model.encode(batch)
-        fused = self.model.fuse(feats) if self.model.fusion is not None else None
         source = self.per_modality_source()
         if source == "unimodal_heads":
             per = self.model.unimodal_logits(feats)
@@ -257,12 +297,14 @@ class Method:
             per = self.model.fusion.parts(feats)
         else:
             per = {}
-        if fused is None:
+        if self.model.fusion is not None:
+            return Prediction(self.model.fuse(feats), per)
+        if source != "unimodal_heads" or not per:
             raise UnsupportedError(
-                f"Method '{self.name}' builds no fused head, so it must define predict() "
-                f"with its own fusion rule."
+                f"Method '{self.name}' builds no fused head and trains no unimodal heads, so it "
+                f"must define predict() with its own fusion rule."
             )
-        return Prediction(fused, per)
+        return Prediction(torch.stack(list(per.values())).mean(0), per)
 
     # ---- services for methods -------------------------------------------------------------
     def log(self, **values: Any) -> None:

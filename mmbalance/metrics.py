@@ -41,6 +41,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
 
 def select_epoch(history: Sequence[dict[str, Any]], rule: str) -> dict[str, Any] | None:
     """The epoch entry chosen by ``rule``; ties go to the first epoch reaching the maximum."""
+    history = [e for e in history if e.get("val") is not None]  # epochs the method evaluated
     if not history:
         return None
     if rule == "last":

@@ -17,8 +17,10 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -47,7 +49,7 @@ from mmbalance.data import (
     subset,
 )
 from mmbalance.errors import ConfigError, MMBalanceError, did_you_mean
-from mmbalance.method import PER_MODALITY_SOURCES, EstimationCost, Method, Prediction
+from mmbalance.method import PER_MODALITY_SOURCES, EstimationCost, Method, Phase, Prediction
 from mmbalance.metrics import classification_metrics, final_metrics
 from mmbalance.model import MultimodalModel, build_encoder
 
@@ -124,10 +126,13 @@ class Trainer:
         self._step_logs: dict[str, list[Any]] = {}
         self.optimizer_steps = 0
         self.estimation_cost = EstimationCost()  # the method's work outside the main loop
+        self.extra_batches = 0  # batches of the method's own passes (iterate), all epochs
         self.val_is_test = False
         self._heldout: Dataset | None = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
+        self._phase_keys: set[str] = set()  # optimizers created by phases (not configured)
+        self._pending_optimizer_states: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self.splits: Splits | None = None
         self.model: MultimodalModel | None = None
@@ -358,6 +363,7 @@ class Trainer:
                 for i, batch in enumerate(loader):
                     if i >= n:
                         break
+                    self.extra_batches += 1
                     yield to_device(batch, self.device)
         finally:
             self.model.train(was_training)
@@ -474,7 +480,9 @@ class Trainer:
             scales = [float(g.get("lr_scale", 1.0)) for g in groups]
             for g, sc in zip(groups, scales, strict=True):
                 g["lr"] = g["lr"] / sc
-            sched.step()
+            with warnings.catch_warnings():  # an optimizer a phase plan left idle this epoch
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                sched.step()
             for g, sc in zip(groups, scales, strict=True):
                 g["lr"] = g["lr"] * sc
 
@@ -488,39 +496,37 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch: the method's phases (default: one joint pass over train)."""
         assert self.model is not None and self.splits is not None
         method, model = self.method, self.model
         seed_everything(epoch_seed(self.cfg["seed"], epoch))
-        loader = self.loader(self.splits.train, train=True, epoch=epoch)
         limit = self.cfg["limit_train_batches"]
-        total = min(len(loader), limit) if limit else len(loader)
+        n_loader = len(self.loader(self.splits.train, train=True, epoch=epoch))
+        total = min(n_loader, limit) if limit else n_loader
         model.train()
         method.epoch = epoch
         method.num_training_batches = total
         self._step_logs = {}  # before the epoch hook, so what it logs is kept
         method.on_train_epoch_start(epoch)
+        plan = method.epoch_plan(epoch) or [Phase()]
+        self._retire_phase_optimizers(plan)
+        for phase in plan:
+            self._phase_optimizer(phase)  # create (or restore) them before recording the rates
+        lrs = self.learning_rates()  # the rates this epoch trains at
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         n_batches = 0
-        for i, batch in self._progress(self._limited(loader, limit), total, f"epoch {epoch}"):
-            batch = to_device(batch, self.device)
-            if method.manual_optimization:
-                loss = method.training_step(batch, i)  # it wraps its forward passes in autocast
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                with self.autocast():
-                    loss = method.training_step(batch, i)
-                if loss is None:
-                    raise RuntimeError(
-                        f"method {method.name}: training_step returned no loss in automatic mode"
-                    )
-                loss.backward()
-                method.on_after_backward()
-                self.optimizer_step(self.optimizer)
-            if loss is not None:
-                loss_sum += loss.detach().float()
-            n_batches += 1
-            method.global_step += 1
+        phases: list[dict[str, Any]] = []
+        for k, phase in enumerate(plan):
+            for p in range(phase.passes):
+                # the default single pass draws exactly what the plain loop always drew
+                order = None if (k, p) == (0, 0) else epoch_seed(self.cfg["seed"], epoch) ^ zlib.crc32(f"{phase.name}/{p}".encode())
+                t0, steps0 = time.perf_counter(), self.optimizer_steps
+                s, n = self._run_phase(phase, epoch, order, total)
+                loss_sum += s
+                n_batches += n
+                phases.append({"phase": phase.name, "pass": p, "batches": n,
+                               "optimizer_steps": self.optimizer_steps - steps0, "time_s": time.perf_counter() - t0})
         method.on_train_epoch_end(epoch)
         self._step_schedulers()
         train_loss = (loss_sum / max(1, n_batches)).item()
@@ -530,7 +536,89 @@ class Trainer:
                 f"Lower the learning rate (--set lr=...) or enable gradient clipping "
                 f"(--set grad_clip=1.0)."
             )
-        return {"train_loss": train_loss, "train_batches": n_batches}
+        out: dict[str, Any] = {"train_loss": train_loss, "train_batches": n_batches,
+                               "data_passes": n_batches / max(1, total), "lrs": lrs}
+        if len(phases) > 1 or plan[0].name != "train":
+            out["phases"] = phases
+        return out
+
+    def _run_phase(self, phase: Phase, epoch: int, order: int | None, total: int) -> tuple[torch.Tensor, int]:
+        """One pass of a phase over train: its parameter subset, step function and optimizer."""
+        method, model = self.method, self.model
+        assert model is not None and self.splits is not None
+        manual = method.manual_optimization if phase.manual is None else phase.manual
+        step = phase.step or method.training_step
+        optimizer = self._phase_optimizer(phase)
+        frozen = self._freeze_outside(phase.params)
+        loader = self.loader(self.splits.train, train=True, epoch=epoch, seed=order)
+        loss_sum = torch.zeros((), device=self.device)
+        n = 0
+        desc = f"epoch {epoch}" + (f" {phase.name}" if phase.name != "train" else "")
+        try:
+            method.phase = phase
+            method.phase_optimizer = optimizer
+            for i, batch in self._progress(self._limited(loader, total), total, desc):
+                batch = to_device(batch, self.device)
+                if manual:
+                    loss = step(batch, i)  # it wraps its forward passes in autocast
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    with self.autocast():
+                        loss = step(batch, i)
+                    if loss is None:
+                        raise RuntimeError(
+                            f"method {method.name}: training_step returned no loss in automatic mode"
+                        )
+                    loss.backward()
+                    method.on_after_backward()
+                    self.optimizer_step(optimizer)
+                if loss is not None:
+                    loss_sum += loss.detach().float()
+                n += 1
+                method.global_step += 1
+        finally:
+            for p, req in frozen:
+                p.requires_grad_(req)
+        return loss_sum, n
+
+    def _freeze_outside(self, params: Any) -> list[tuple[torch.nn.Parameter, bool]]:
+        """Freeze every model parameter outside ``params`` (None = train all); returns what to
+        restore."""
+        if params is None:
+            return []
+        keep = {id(p) for p in params}
+        frozen = [(p, p.requires_grad) for p in self.model.parameters() if id(p) not in keep]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        return frozen
+
+    def _phase_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
+        """The optimizer a phase steps: a configured one by name, or one the phase creates
+        (``make_optimizer``) the first time its key is used; created ones are checkpointed
+        and restored on resume, and retired when no phase of an epoch names them."""
+        key = phase.optimizer
+        if key in self.optimizers:
+            return self.optimizers[key]
+        if phase.make_optimizer is None:
+            raise MMBalanceError(
+                f"method {self.method.name}: phase '{phase.name}' names optimizer '{key}', which "
+                f"does not exist; give the phase a make_optimizer or configure it."
+            )
+        params = list(phase.params) if phase.params is not None else list(self.model.parameters())
+        opt = phase.make_optimizer(params)
+        pending = self._pending_optimizer_states.pop(key, None)
+        if pending is not None:
+            opt.load_state_dict(pending)
+        self.optimizers[key] = opt
+        self._phase_keys.add(key)
+        self.method.optimizers = self.optimizers
+        return opt
+
+    def _retire_phase_optimizers(self, plan: list[Phase]) -> None:
+        wanted = {ph.optimizer for ph in plan}
+        for key in list(self._phase_keys - wanted):
+            self.optimizers.pop(key, None)
+            self._phase_keys.discard(key)
 
     @torch.no_grad()
     def evaluate(self, ds: Dataset) -> dict[str, Any]:
@@ -580,8 +668,10 @@ class Trainer:
             "epoch": epoch,
             "model": self.model.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "phase_optimizers": sorted(self._phase_keys),
             "schedulers": {k: sch.state_dict() for k, sch in self.schedulers.items()},
             "estimation_cost": self.estimation_cost.as_dict(),
+            "extra_batches": self.extra_batches,
             "method": self.method.state_dict(),
             "global_step": self.method.global_step,
             "optimizer_steps": self.optimizer_steps,
@@ -620,13 +710,18 @@ class Trainer:
     def _restore(self, state: Mapping[str, Any]) -> int:
         assert self.model is not None
         self.model.load_state_dict(state["model"])
-        if set(state["optimizers"]) != set(self.optimizers):
-            raise ValueError(f"optimizers {sorted(state['optimizers'])} saved, {sorted(self.optimizers)} configured")
+        saved = dict(state["optimizers"])
+        phase_keys = set(state.get("phase_optimizers", []))
+        if set(saved) - phase_keys != set(self.optimizers):
+            raise ValueError(f"optimizers {sorted(set(saved) - phase_keys)} saved, {sorted(self.optimizers)} configured")
         for k, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][k])
+            opt.load_state_dict(saved[k])
+        # a phase's optimizer is re-created by its phase, then given its saved state
+        self._pending_optimizer_states = {k: saved[k] for k in phase_keys}
         for k, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][k])
         self.estimation_cost = EstimationCost(**state.get("estimation_cost", {}))
+        self.extra_batches = int(state.get("extra_batches", 0))
         self.method.load_state_dict(state["method"])
         self.method.global_step = state["global_step"]
         self.optimizer_steps = state["optimizer_steps"]
@@ -722,22 +817,24 @@ class Trainer:
                 torch.cuda.reset_peak_memory_stats(self.device)
             steps_before = self.optimizer_steps
             cost_before = self.estimation_cost.as_dict()
-            lrs = self.learning_rates()  # the rates this epoch trains at
+            extra_before = self.extra_batches
             t0 = time.perf_counter()
             train = self.train_epoch(epoch)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t1 = time.perf_counter()
-            val = self.evaluate(self.splits.val)
-            test = self.evaluate(self.splits.test)
+            evaluated = self.method.should_evaluate(epoch) or epoch == self.cfg["epochs"] - 1
+            val = self.evaluate(self.splits.val) if evaluated else None
+            test = self.evaluate(self.splits.test) if evaluated else None
             t2 = time.perf_counter()
-            self.method.on_validation_end({"val": val, "test": test, "epoch": epoch})
+            if evaluated:
+                self.method.on_validation_end({"val": val, "test": test, "epoch": epoch})
             entry = {
                 "epoch": epoch,
                 **train,
                 "optimizer_steps": self.optimizer_steps - steps_before,
-                "lr": next(iter(lrs.values())),
-                "lrs": lrs,
+                "extra_batches": self.extra_batches - extra_before,  # the method's own data passes
+                "lr": next(iter(train["lrs"].values())),
                 "estimation_cost": {k: v - cost_before[k] for k, v in self.estimation_cost.as_dict().items()},
                 # the method's sub-training (G-Blend) is its estimation cost, not epoch time
                 "train_time_s": t1 - t0 - (self.estimation_cost.time_s - cost_before["time_s"]),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from method_checks import assert_resume_identical
 
 from mmbalance.errors import MMBalanceError
-from mmbalance.method import Method, Prediction
+from mmbalance.method import Method, Phase, Prediction
 from mmbalance.registry import register_method
 from mmbalance.runner import make_trainer, run
 
@@ -65,9 +65,30 @@ def test_fused_only_method_reports_fused_parts_not_its_untrained_heads(fast):
         assert not torch.equal(pred.per_modality[m], t.model.uni_heads[m](feats[m]))
 
 
-def test_default_predict_without_fused_head_is_a_clear_error(fast):
-    with pytest.raises(MMBalanceError, match="builds no fused head"):
-        run("test-no-fusion", "synthetic", {**fast, **SMALL, "epochs": 1})
+def test_default_predict_without_fused_head_is_the_mean_of_trained_heads(fast):
+    rec = run("test-no-fusion", "synthetic", {**fast, **SMALL, "epochs": 1}).record
+    assert rec["epochs"][0]["test"]["fused"]["acc"] > 10  # above chance (10 classes)
+    t = _trainer("test-no-fusion", fast)
+    batch = next(iter(t.loader(t.splits.test, train=False)))
+    pred = t.method.predict(batch)
+    uni = t.model.unimodal_logits(t.model.encode(batch))
+    assert torch.allclose(pred.fused, (uni["m1"] + uni["m2"]) / 2)
+
+
+@register_method("test-no-heads", "builds no fused head and trains no unimodal heads")
+class NoHeads(NoFusion):
+    name = "test-no-heads"
+
+    def trains_unimodal_heads(self) -> bool:
+        return False
+
+    def per_modality_source(self) -> str:
+        return "none"
+
+
+def test_default_predict_without_any_trained_head_is_a_clear_error(fast):
+    with pytest.raises(MMBalanceError, match="builds no fused head and trains no unimodal heads"):
+        run("test-no-heads", "synthetic", {**fast, **SMALL, "epochs": 1})
 
 
 def test_methods_without_unimodal_option_train_no_unimodal_heads(fast):
@@ -315,3 +336,52 @@ def test_cell_start_runs_once_per_cell_not_after_resume(fast, tmp_path, monkeypa
 def test_prediction_dataclass_is_the_evaluation_contract():
     p = Prediction(torch.zeros(2, 3), {"a": torch.zeros(2, 3)})
     assert p.fused.shape == (2, 3) and set(p.per_modality) == {"a"}
+
+
+# --------------------------------------------------------------------------- phases
+@register_method("test-stages", "alternates one modality per 2-epoch stage, fresh SGD per stage")
+class Stages(Method):
+    name = "test-stages"
+    fusion = "sum"
+
+    def stage(self, epoch: int) -> int:
+        return epoch // 2
+
+    def epoch_plan(self, epoch):
+        m = self.trainer.modalities[self.stage(epoch) % len(self.trainer.modalities)]
+        params = self.model.encoder_params(m) + list(self.model.fusion.fcs[m].parameters())
+        make = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)  # noqa: E731
+        return [Phase(name=f"stage{self.stage(epoch)}-{m}", params=params, passes=2,
+                      optimizer=f"stage{self.stage(epoch)}", make_optimizer=make, step=self.step)]
+
+    def step(self, batch, batch_idx):
+        return F.cross_entropy(self.model(batch).fused, batch["label"])
+
+    def should_evaluate(self, epoch):
+        return epoch % 2 == 1  # at the end of each stage
+
+
+def test_phases_train_their_subset_with_a_fresh_optimizer_and_evaluate_at_stage_end(fast):
+    t = _trainer("test-stages", fast, epochs=4)
+    m1, m2 = t.modalities
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    out = t.train_epoch(0)
+    assert [p["phase"] for p in out["phases"]] == ["stage0-m1", "stage0-m1"] and out["data_passes"] == 2
+    changed = {k for k, v in t.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith((f"encoders.{m1}.", f"fusion.fcs.{m1}.")) for k in changed)
+    first = t.optimizers["stage0"]
+    t.train_epoch(1)
+    assert t.optimizers["stage0"] is first  # kept within the stage
+    t.train_epoch(2)
+    assert "stage0" not in t.optimizers and "stage1" in t.optimizers  # fresh for the next stage
+    assert not t.optimizers["stage1"].state or all(
+        id(p) in {id(q) for q in t.model.encoder_params(m2)} | {id(q) for q in t.model.fusion.fcs[m2].parameters()}
+        for p in t.optimizers["stage1"].state)
+    rec = run("test-stages", "synthetic", {**fast, **SMALL, "epochs": 4}).record
+    assert [e["val"] is None for e in rec["epochs"]] == [True, False, True, False]
+    assert {r["epoch"] for r in rec["final"]["selection"].values()} <= {1, 3}
+
+
+def test_resume_mid_stage_restores_the_stage_optimizer(fast, tmp_path, monkeypatch):
+    assert_resume_identical("test-stages", "synthetic", {**fast, **SMALL, "epochs": 4}, tmp_path, monkeypatch,
+                            kill_epoch=1)
