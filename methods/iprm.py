@@ -117,6 +117,7 @@ class IPRM(Method):
     fusion = "iprm"  # informational: build_fusion is overridden
     description = "IPRM: probe-and-rebalance with geodesic multimodal mixup (IJCAI 2025)"
     options = OPTIONS
+    key_diagnostic = "omega_"  # the first modality's strength weight, shown per epoch
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)

@@ -26,6 +26,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting; repeatable (e.g. --set lr=0.01 --set backbone.audio=resnet18)")
     p.add_argument("--fresh", action="store_true", help="discard an earlier record/checkpoint of this exact run")
+    p.add_argument("--quiet", action="store_true", help="print only the final table (no bar, no epoch lines)")
+    p.add_argument("--protocol", choices=["honest", "paper"],
+                   help="honest (default): select on a validation split carved from train; paper: the "
+                        "official scripts' protocol (all of train, select on test, fp32, paper recipe)")
 
 
 def _prepare_epilog() -> str:
@@ -68,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_grid.add_argument("--jobs", type=int, default=1, help="cells run at once in worker processes (default 1)")
     p_grid.add_argument("--gpus", help="one cell per GPU at a time: 'all' or a list like 0,1")
 
+    p_show = sub.add_parser("show", help="one run at a glance: settings, per-epoch table, final metrics")
+    p_show.add_argument("run_dir", help="a run folder (finished, running or killed)")
+
     p_lb = sub.add_parser("leaderboard", help="write markdown + CSV leaderboards from recorded runs")
     p_lb.add_argument("--records", default="runs", help="directory holding run records (default ./runs)")
     p_lb.add_argument("--out", default="leaderboards", help="output directory (default ./leaderboards)")
@@ -94,10 +101,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for key, attr in (("seed", "seed"), ("epochs", "epochs"), ("device", "device"),
-                      ("data_root", "data_root"), ("records", "records")):
+                      ("data_root", "data_root"), ("records", "records"), ("protocol", "protocol")):
         value = getattr(args, attr, None)
         if value is not None:
             out[key] = value
+    if getattr(args, "quiet", False):
+        out.update(progress="off", log_epochs=False)
     out.update(parse_overrides(getattr(args, "sets", [])))
     return out
 
@@ -137,7 +146,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{h['method_label']} on {h['dataset_info'].get('name', h['config']['dataset'])} "
           f"(seed {h['config']['seed']}, {len(rec['epochs'])} epochs, {h['device']}) — test metrics in %:")
     print(summary_table(rec))
-    print("best_test selects on the test set (the papers' protocol, optimistic); prefer best_val.")
+    if h["config"].get("protocol") == "paper":
+        print("protocol paper: trained on all of train and validated on the test split, so best_val is "
+              "best_test (selection on the test set, the official scripts' protocol; optimistic).")
+    else:
+        print("best_test selects on the test set (the papers' protocol, optimistic); prefer best_val.")
     print(f"record: {result.run_dir / 'record.jsonl'}")
     return 0
 
@@ -187,6 +200,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from mmbalance.show import render
+
+    print(render(Path(args.run_dir)))
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mmbalance.config import parse_overrides
     from mmbalance.prepare import prepare
@@ -197,11 +217,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "config": cmd_config, "run": cmd_run, "grid": cmd_grid, "leaderboard": cmd_leaderboard, "prepare": cmd_prepare}
+COMMANDS = {"list": cmd_list, "config": cmd_config, "run": cmd_run, "grid": cmd_grid, "show": cmd_show,
+            "leaderboard": cmd_leaderboard, "prepare": cmd_prepare}
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return "warning: " + textwrap.fill(str(message), width=100, subsequent_indent="         ") + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
+    warnings.formatwarning = _format_warning  # one readable paragraph, no source line
     try:
         return COMMANDS[args.command](args)
     except MMBalanceError as exc:

@@ -78,7 +78,13 @@ TRAINER_OPTIONS: dict[str, Option] = {
     "data_root": _opt(None, "data root (also $MMBALANCE_DATA_ROOT)", type=str),
     "records": _opt("runs", "directory that holds run records", type=str),
     "select": _opt("best_val", "selection rule shown in the summary", ["last", "best_val", "best_test"]),
+    "protocol": _opt(
+        "honest", "honest = validate on a split carved from train, select on it (default); paper = "
+        "what the official scripts do: train on all of train (val_fraction=0), select the epoch on "
+        "the test set (best_test), fp32 (amp=none), the paper's per-dataset recipe",
+        ["honest", "paper"]),
     "progress": _opt("auto", "progress bar: auto (on a terminal), on, off", ["auto", "on", "off"]),
+    "log_epochs": _opt(True, "print one line per epoch (loss, val/test accuracy, per modality, seconds)"),
     "limit_train_batches": _opt(None, "stop each training epoch after this many batches (smoke tests)", type=int, min=1),
     "limit_eval_batches": _opt(None, "evaluate on at most this many batches (smoke tests)", type=int, min=1),
     "checkpoint": _opt(True, "save a checkpoint each epoch so a killed run resumes"),
@@ -90,9 +96,13 @@ TRAINER_OPTIONS: dict[str, Option] = {
 # Keys that do not change what is computed: left out of the run's identity hash.
 NON_SEMANTIC_KEYS = frozenset(
     {"device", "num_workers", "data_root", "records", "progress", "wandb", "wandb_project",
-     "wandb_mode", "select", "checkpoint", "eval_batch_size",
+     "wandb_mode", "select", "checkpoint", "eval_batch_size", "log_epochs",
      "unsafe_unpickle"}  # how a file is read, not what is computed
 )
+
+
+# What every official script does; a dataset adds its paper recipe (``paper_protocol``).
+PAPER_PROTOCOL: dict[str, Any] = {"val_fraction": 0.0, "select": "best_test", "amp": "none"}
 
 
 YAML11_BOOL_WORDS = {"on", "off", "yes", "no", "y", "n"}
@@ -256,6 +266,9 @@ def assemble(
         ("the YAML file", yaml_values or {}),
         ("--set", overrides or {}),
     ]
+    chosen = {**(yaml_values or {}), **(overrides or {})}.get("protocol", "honest")
+    if chosen == "paper":  # after the defaults, before the user's own settings
+        layers.insert(3, ("the paper protocol", {**PAPER_PROTOCOL, **getattr(dataset_cls, "paper_protocol", {})}))
     for source, values in layers:
         for key, value in values.items():
             _apply(cfg, schema, key, value, source, dataset_cls, method_cls)

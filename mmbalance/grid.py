@@ -414,6 +414,19 @@ def check_grid(grid: Grid, base: Mapping[str, Any]) -> list[tuple[str, str]]:
     return states
 
 
+def progress_line(outcomes: Mapping[int, str], to_train: int, elapsed_s: float, jobs: int) -> str:
+    """Cells done / running / failed / remaining, and an ETA from the cells finished so far
+    (elapsed wall time per finished cell, so parallel workers are accounted for)."""
+    finished = sum(o in (TRAINED, FAILED) for o in outcomes.values())
+    failed = sum(o == FAILED for o in outcomes.values())
+    left = max(0, to_train - finished)
+    running = min(jobs, left)
+    eta = elapsed_s / finished * left if finished else float("nan")
+    eta_text = "–" if eta != eta else (f"{eta / 60:.1f} min" if eta >= 90 else f"{eta:.0f} s")
+    return (f"  progress: {finished - failed} trained, {running} running, {failed} failed, "
+            f"{left - running} waiting of {to_train}; ETA {eta_text}")
+
+
 def run_grid(
     grid: Grid, shared: Mapping[str, Any], dry_run: bool = False, jobs: int = 1, gpus: list[str] | None = None
 ) -> int:
@@ -425,7 +438,7 @@ def run_grid(
     listed GPU at a time). Cells never share a run directory, so parallel workers cannot
     corrupt each other's records.
     """
-    base = {"records": grid.records or "runs", "progress": "off", **shared}
+    base = {"records": grid.records or "runs", "progress": "off", "log_epochs": False, **shared}
     n = len(grid.cells)
     tags = [f"[{i}/{n}] {c}" for i, c in enumerate(grid.cells, 1)]
     states = check_grid(grid, base)
@@ -448,10 +461,15 @@ def run_grid(
         )
 
     outcomes: dict[int, str] = {}
+    to_train = sum(st not in ("done", NOT_APPLICABLE) for st, _ in states)
+    started = time.perf_counter()
+    width = max(1, jobs if not gpus else len(gpus))
 
     def report(i: int, result: tuple[str, str]) -> None:
         outcomes[i] = result[0]
         print(f"{tags[i]}: {result[1]}", flush=True)
+        if result[0] in (TRAINED, FAILED) and to_train:
+            print(progress_line(outcomes, to_train, time.perf_counter() - started, width), flush=True)
 
     if gpus:
         jobs = len(gpus)

@@ -7,8 +7,10 @@ the encoder whatever its architecture (methods-a.md 0.3-3).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,6 +123,60 @@ class MultimodalModel(nn.Module):
         groups["fusion"] = self.fusion_params()
         groups["extra"] = list(self.extra.parameters())
         return groups
+
+
+# Backbones the official code of the papers starts from pretrained weights (iprm.md 2.2):
+# without backbone.<m>.weights they start from random weights here, which the run must say.
+PRETRAINED_IN_PAPERS: dict[str, str] = {
+    "i3d": "Kinetics-400 I3D (NVGesture)",
+    "resnet50": "ImageNet ResNet-50 (Sarcasm)",
+    "bert": "bert-base-uncased (Sarcasm, IEMOCAP)",
+    "clip_vision": "CLIP ViT-B/32 vision tower",
+    "clip_text": "CLIP text tower",
+    "vit": "M3AE / CAV-MAE visual branch (IEMOCAP)",
+    "fbank_transformer": "CAV-MAE audio branch (IEMOCAP)",
+}
+
+
+def sha256_of(path: Path) -> str:
+    """Content hash of a weights file, or of every file in a weights folder (sorted names)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_record(table: Mapping[str, Any], modalities: Iterable[str]) -> dict[str, Any]:
+    """Per encoder: ``{"backbone", "weights": "random"}`` or the weights' path and SHA-256,
+    and whether the papers' code starts that backbone pretrained."""
+    out: dict[str, Any] = {}
+    for m in modalities:
+        entry = dict(table.get(m) or {})
+        name = entry.get("name")
+        weights = entry.get("weights")
+        rec: dict[str, Any] = {"backbone": name, "pretrained_in_papers": PRETRAINED_IN_PAPERS.get(str(name))}
+        if weights:
+            p = Path(weights).expanduser()
+            rec.update(weights=str(p.resolve()), sha256=sha256_of(p) if p.exists() else None)
+        else:
+            rec["weights"] = "random"
+        out[m] = rec
+    return out
+
+
+def random_init_warning(record: Mapping[str, Any]) -> str | None:
+    """The warning for encoders the papers start pretrained that this run starts at random."""
+    random = [f"{m} ({r['backbone']}: the papers load {r['pretrained_in_papers']})"
+              for m, r in record.items() if r["weights"] == "random" and r["pretrained_in_papers"]]
+    if not random:
+        return None
+    return ("random init: " + "; ".join(random) + ". Numbers will not be comparable with the papers'. "
+            "Set --set backbone.<modality>.weights=PATH to start from local pretrained weights.")
 
 
 def _batch_len(x: Any) -> int:

@@ -51,7 +51,12 @@ from mmbalance.data import (
 from mmbalance.errors import ConfigError, MMBalanceError, did_you_mean
 from mmbalance.method import PER_MODALITY_SOURCES, EstimationCost, Method, Phase, Prediction
 from mmbalance.metrics import classification_metrics, final_metrics
-from mmbalance.model import MultimodalModel, build_encoder
+from mmbalance.model import MultimodalModel, build_encoder, random_init_warning, weights_record
+
+
+class RandomInitWarning(UserWarning):
+    """An encoder the papers start from pretrained weights starts from random ones here."""
+
 
 HELDOUT_SEED = 1234  # the held-out slice of train is the same for every seed of a grid
 
@@ -189,6 +194,10 @@ class Trainer:
         self.method.model = model
         self.method.configure_model(model)
         self.model = model.to(self.device)
+        self.weights = weights_record(cfg["backbone"], used)
+        warning = random_init_warning(self.weights)
+        if warning:
+            warnings.warn(warning, RandomInitWarning, stacklevel=2)
         self._set_optimizers(self.method.configure_optimizers())
         self._check_per_modality_source()
 
@@ -550,6 +559,7 @@ class Trainer:
         step = phase.step or method.training_step
         optimizer = self._phase_optimizer(phase)
         frozen = self._freeze_outside(phase.params)
+        bar_every = 25  # batches between running-loss updates of a progress bar (one sync each)
         loader = self.loader(self.splits.train, train=True, epoch=epoch, seed=order)
         loss_sum = torch.zeros((), device=self.device)
         n = 0
@@ -557,7 +567,8 @@ class Trainer:
         try:
             method.phase = phase
             method.phase_optimizer = optimizer
-            for i, batch in self._progress(self._limited(loader, total), total, desc):
+            bar = self._progress(self._limited(loader, total), total, desc)
+            for i, batch in bar:
                 batch = to_device(batch, self.device)
                 if manual:
                     loss = step(batch, i)  # it wraps its forward passes in autocast
@@ -576,6 +587,8 @@ class Trainer:
                     loss_sum += loss.detach().float()
                 n += 1
                 method.global_step += 1
+                if hasattr(bar, "set_postfix") and n % bar_every == 0:  # terminals only
+                    bar.set_postfix(loss=f"{(loss_sum / n).item():.4f}", refresh=False)
         finally:
             for p, req in frozen:
                 p.requires_grad_(req)
@@ -660,6 +673,23 @@ class Trainer:
         rows = [{k: (v[i] if i < len(v) else None) for k, v in cols.items()} | {"step": i} for i in range(n)]
         records.write_jsonl(self.run_dir / "diagnostics" / f"epoch_{epoch:04d}.jsonl", rows)
         return {k: float(np.nanmean(v)) for k, v in cols.items()}
+
+    def epoch_line(self, entry: Mapping[str, Any]) -> str:
+        """One persistent line per epoch: how training goes, readable in a log file too."""
+        parts = [f"epoch {entry['epoch'] + 1}/{self.cfg['epochs']}", f"loss {entry['train_loss']:.4f}"]
+        if entry.get("val") is not None:
+            parts.append(f"val {entry['val']['fused']['acc']:.2f}")
+            parts.append(f"test {entry['test']['fused']['acc']:.2f}")
+            per = [f"{m} {entry['test'][m]['acc']:.1f}" for m in self.modalities if m in entry["test"]]
+            if per:
+                parts.append("[" + " ".join(per) + "]")
+        else:
+            parts.append("(not evaluated: mid-stage)")
+        key = key_diagnostic(self.method.key_diagnostic, entry.get("diagnostics") or {})
+        if key is not None:
+            parts.append(f"{key[0]} {key[1]:.3g}")
+        parts.append(f"{entry['train_time_s']:.1f} s")
+        return "  ".join(parts)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _save_checkpoint(self, epoch: int) -> None:
@@ -755,6 +785,7 @@ class Trainer:
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
             "cpu_threads": torch.get_num_threads(),  # float sums depend on it: same seed, same threads
             "data_fingerprint": self.data_fingerprint,
+            "weights": self.weights,  # per encoder: "random", or the path and its SHA-256
             "code_version": records.code_version(),
             "versions": records.library_versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -847,6 +878,8 @@ class Trainer:
                 "test": test,
             }
             self.history.append(entry)
+            if self.cfg["log_epochs"]:
+                print(self.epoch_line(entry), flush=True)
             if self.cfg["checkpoint"]:
                 self._save_checkpoint(epoch)
             self._write_record(header, None)
@@ -878,6 +911,19 @@ class Trainer:
             resume="allow",
             config=self.cfg,
         )
+
+
+def key_diagnostic(name: str | None, diagnostics: Mapping[str, float]) -> tuple[str, float] | None:
+    """The method's key diagnostic among an epoch's means: the exact name, else the first
+    diagnostic starting with it (a prefix such as IPRM's "omega_")."""
+    if not name:
+        return None
+    if name in diagnostics:
+        return name, diagnostics[name]
+    for k, v in diagnostics.items():
+        if k.startswith(name):
+            return k, v
+    return None
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -222,3 +222,39 @@ def test_broken_media_suggests_prepare_only_where_there_is_one(tmp_path):
     with pytest.raises(DataError) as info:
         read_wav(tmp_path / "missing.wav")
     assert "prepare" not in str(info.value)
+
+
+def test_paper_protocol_is_named_and_sets_what_the_official_scripts_do(capsys):
+    assert main(["config", "--method", "iprm", "--dataset", "cremad", "--protocol", "paper"]) == 0
+    out = capsys.readouterr().out
+    for line in ("val_fraction: 0.0", "select: best_test", "amp: none", "protocol: paper"):
+        assert line in out
+    from mmbalance.runner import resolve_config
+
+    honest = resolve_config("iprm", "cremad")[0]
+    assert honest["protocol"] == "honest" and honest["val_fraction"] > 0 and honest["select"] == "best_val"
+    mine = resolve_config("iprm", "cremad", {"protocol": "paper", "amp": "bf16"})[0]
+    assert mine["amp"] == "bf16"  # the user's own settings still win over the protocol
+
+
+def test_paper_protocol_run_is_recorded(fast):
+    rec = run("concat", "synthetic", {**fast, **SMALL, "protocol": "paper"}).record
+    assert rec["header"]["config"]["protocol"] == "paper"
+    assert rec["header"]["dataset_info"]["val_is_test"] is True
+
+
+def test_random_init_of_a_pretrained_backbone_is_warned_and_recorded(tmp_path):
+    import torch
+
+    from mmbalance.model import random_init_warning, weights_record
+
+    rec = weights_record({"image": {"name": "resnet50"}, "text": {"name": "mlp"}}, ["image", "text"])
+    assert rec["image"]["weights"] == "random" and rec["text"]["pretrained_in_papers"] is None
+    assert "random init: image (resnet50" in random_init_warning(rec)
+    w = tmp_path / "w.pt"
+    torch.save({"a": torch.ones(2)}, w)
+    import hashlib
+
+    rec = weights_record({"image": {"name": "resnet50", "weights": str(w)}}, ["image"])
+    assert rec["image"]["sha256"] == hashlib.sha256(w.read_bytes()).hexdigest()
+    assert random_init_warning(rec) is None

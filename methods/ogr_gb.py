@@ -1,0 +1,560 @@
+"""OGR-GB: Gradient-Blending (Wang, Tran, Feiszli, CVPR 2020), "What makes training multi-modal
+classification networks hard?".
+
+Spec: reference/methods-a.md section 1 (with Errata item 10 and the "Confirmed as written"
+paragraph: ΔG/ΔO² with sum normalisation). Heads k ∈ {m_1..m_M, fused}: the model's unimodal
+linear head on each pooled embedding e_m, and the fused head (concat by default). Training loss
+
+    L_blend = sum_k w_k * CE(z_k, y)                        (one encoder pass per step)
+
+with the weights w estimated from overfitting-to-generalisation ratios on the held-out slice
+of train (``heldout_fraction``, carved once per cell by the trainer, kept apart from
+validation). One estimation, from the current state of the run's model:
+
+1. L^T_0, L^V_0 per head: mean per-sample CE in eval mode, L^T on the training split (its first
+   ``train_loss_fraction`` of batches, in file order, so every measurement of a run uses the
+   same samples), L^V on the held-out slice; one pass each, every head at once;
+2. sub-training on deep copies (``trainer.sub_train``, on the training split, for
+   ``super_epoch`` epochs): each unimodal sub-network (encoder_m + unimodal head m, CE of that
+   head only; the other encoders are not run) and the multimodal network (every encoder + the
+   fused head, fused CE only);
+3. L^T_1, L^V_1 per head on the trained copies, the same samples as in 1;
+4. ``ΔG = L^V_0 - L^V_1``, ``ΔO = (L^V_1 - L^T_1) - (L^V_0 - L^T_0)``,
+   ``w~_k = max(ΔG_k, 0) / max(ΔO_k², min_delta_o_sq)``, ``w = w~ / sum(w~)``
+   (:func:`blend_weights`, pure).
+
+``mode=offline``: one estimation from the initial weights in ``on_cell_start``; the run then
+trains from those same initial weights with the fixed w. ``mode=online`` (default, the
+reference's mmbalance default): an estimation at the start of every super-epoch
+(``epoch % super_epoch == 0``, in ``on_train_epoch_start``), from the current model. The run's
+model, its optimizer and the global RNG streams are untouched by an estimation (copies, and
+the RNG state is restored afterwards), so the main loop draws what it would draw without one.
+
+Edge cases (reference 1.5 pseudo-code, documented choices):
+
+* ``ΔG ≤ 0`` (the held-out loss did not fall): the head gets raw weight 0 (``abs_dg=true`` is
+  BalanceBenchmark's ``|ΔG|``, which gives a head whose held-out loss rose a positive weight).
+* ``ΔO ≤ 0`` (overfitting did not grow): ΔO enters squared, as in the reference; ``ΔO²`` is
+  floored at ``min_delta_o_sq`` so ``ΔO = 0`` gives ``ΔG / min_delta_o_sq`` (a very large weight)
+  instead of a division by zero. ``delta_o_rule=clamp`` instead clamps ΔO itself from below at
+  ``sqrt(min_delta_o_sq)`` before squaring, so any ΔO ≤ 0 (a head that generalises at least as
+  fast as it fits) gets the largest weight the floor allows.
+* non-finite losses (a diverged sub-training): raw weight 0.
+* every raw weight 0: the previous weights are kept (uniform 1/(M+1) before the first
+  estimation), and the diagnostic ``fallback`` is 1.
+* ``max_weight < 1`` caps any single weight (reference 1.11 "cap any single weight, e.g.
+  ≤ 0.9"), the excess going to the other heads in proportion to their weights (equally, if they
+  all have 0). Off by default (1.0): the formula as written.
+
+A head with weight 0 is not trained during that super-epoch; its per-modality accuracy is then
+that of a head frozen since the previous estimation.
+
+Cost: a training step is one forward of every encoder, M + 1 linear heads and M + 1 CEs
+(the plain joint step plus M small heads). The estimation's sub-training is counted by the
+trainer as estimation cost (``record["final"]["estimation_cost"]``, per epoch
+``estimation_cost``) and excluded from ``train_time_s``; the estimation's measurement passes
+and copies are charged to the same counter (batches and time, no optimizer steps).
+
+Departures from the official code (facebookresearch/VMZ consumes precomputed weights only and
+never computes them; BalanceBenchmark, MultiBench and PMR's ``OGR_model`` are the
+reimplementations the reference read):
+
+* **Fused head**: the suite's linear concat head (``fusion_mode=sum``: one linear head per
+  modality, summed), as for every method here; VMZ's is concat -> FC-ReLU-FC-ReLU-FC.
+* **Held-out data**: a fixed 8 % slice of train (MultiBench's ``v_rate = 0.08``), never the
+  validation or test split (BalanceBenchmark measures L^V on its validation loader).
+* **Losses**: per-sample means in eval mode on fixed samples, measured before and after the
+  estimation window (BalanceBenchmark sums batch losses, takes L^T from the training-mode losses
+  of the estimation epochs and its "before" after the first estimation epoch: reference 1.11 c,
+  d and Errata 10). MultiBench's default ``delta=False`` (final losses instead of deltas) is not
+  offered.
+* **Unimodal estimates** train encoder_m + unimodal head m (the paper), not the fused head with
+  the other modalities zeroed (BalanceBenchmark). With ``unimodal_estimation=auto`` (default) the
+  M unimodal sub-networks train together in one sub-training on one copy with the loss
+  ``sum_m CE_m``: their parameters are disjoint, so for any per-parameter optimizer (SGD, Adam,
+  AdamW) this is the same computation as M separate runs on the same batches, at one data pass;
+  with ``grad_clip`` set the global-norm clip would couple them, so ``auto`` then runs them
+  separately (``separate`` always does; ``joint`` forces the shared run).
+* **Estimation optimizer**: ``fresh`` (default) = the dataset recipe's optimizer at its base
+  learning rate, no momentum history, as BalanceBenchmark (reloads its temporary optimizer's
+  initial state) and MultiBench (new optimizer per estimate); ``copy`` = a copy of the run's
+  optimizer state (momentum, current scheduled rate). The rate is constant during sub-training.
+* **Inference**: the fused head (``inference=fused``, the reference's default). PMR's
+  ``OGR_model.forward`` always returns ``(out_f + out_a + out_v) / 3`` (Errata 10):
+  ``inference=mean`` averages the M + 1 heads' logits at evaluation (training always uses the
+  blended loss over the separate heads). Per-modality accuracy: the trained unimodal heads.
+* MultiBench's extra fused-head fine-tuning (``finetune_epoch``) is not implemented.
+
+No published per-dataset values exist for the suite's datasets (reference 1.6: the weights are
+computed); ``super_epoch=10`` (BalanceBenchmark) is the default everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmbalance.config import Option
+from mmbalance.errors import ConfigError
+from mmbalance.heads import build_head
+from mmbalance.method import EstimationCost, Method, Prediction
+from mmbalance.registry import register_method
+
+NAME = "ogr_gb"
+FUSED = "fused"
+HELDOUT_FRACTION = 0.08  # MultiBench's v_rate
+TAG = "ogr_gb"
+
+OPTIONS: dict[str, Option] = {
+    "mode": Option("online", "online: re-estimate the blend weights every super_epoch epochs from the "
+                   "current model; offline: once from the initial weights", choices=("online", "offline")),
+    "super_epoch": Option(10, "epochs per estimate; also the length of each estimation's sub-training "
+                          "(BalanceBenchmark 10, MultiBench 20)", type=int, min=1),
+    "estimation_optimizer": Option("fresh", "optimizer of the sub-training: fresh (dataset recipe at "
+                                   "the base rate) or copy (the run's optimizer state and current rate)",
+                                   choices=("fresh", "copy")),
+    "unimodal_estimation": Option("auto", "train the M unimodal sub-networks in one shared sub-training "
+                                  "(joint; exact without grad_clip), one each (separate), or joint "
+                                  "unless grad_clip is set (auto)", choices=("auto", "joint", "separate")),
+    "train_loss_fraction": Option(1.0, "share of the training batches (first ones, in file order) on "
+                                  "which L^T is measured", type=float, min=0, max=1, min_open=True),
+    "min_delta_o_sq": Option(1e-4, "floor on ΔO² in w = ΔG / ΔO² (guards ΔO -> 0)", type=float,
+                             min=0, min_open=True),
+    "delta_o_rule": Option("square", "ΔO <= 0: square = ΔO enters squared (reference), clamp = ΔO "
+                           "clamped below at sqrt(min_delta_o_sq) (largest weight)",
+                           choices=("square", "clamp")),
+    "abs_dg": Option(False, "BalanceBenchmark's |ΔG| (a head whose held-out loss rose still gets weight); "
+                     "default max(ΔG, 0)"),
+    "max_weight": Option(1.0, "cap on any single blend weight (1 = no cap; reference 1.11 suggests 0.9)",
+                         type=float, min=0, max=1, min_open=True),
+    "fusion_mode": Option("concat", "fused head: concat (W [e_1; ...; e_M] + b) or sum (sum_m W_m e_m + b_m)",
+                          choices=("concat", "sum")),
+    "inference": Option("fused", "evaluation logits: the fused head (fused) or the mean of the M + 1 "
+                        "heads (mean, PMR's OGR_model)", choices=("fused", "mean")),
+}
+
+
+# ---- pure mathematics (no trainer state) -------------------------------------------------------
+def generalisation_and_overfitting(
+    lt0: float, lv0: float, lt1: float, lv1: float
+) -> tuple[float, float]:
+    """``(ΔG, ΔO)`` of one head over an estimation window (reference 1.2).
+
+    ``ΔG = L^V_0 - L^V_1`` (positive when the held-out loss falls), ``ΔO = O_1 - O_0`` with
+    ``O = L^V - L^T`` (positive when the train/held-out gap grows).
+    """
+    return lv0 - lv1, (lv1 - lt1) - (lv0 - lt0)
+
+
+def raw_blend_weight(
+    dg: float, do: float, *, min_delta_o_sq: float = 1e-4, delta_o_rule: str = "square", abs_dg: bool = False
+) -> float:
+    """The unnormalised weight ``ΔG / ΔO²`` with the documented edge-case rules.
+
+    ``ΔG ≤ 0`` -> 0 (unless ``abs_dg``: ``|ΔG|``); ``ΔO²`` floored at ``min_delta_o_sq``
+    (``square``), or ΔO clamped below at ``sqrt(min_delta_o_sq)`` first (``clamp``); a
+    non-finite ΔG or ΔO -> 0.
+    """
+    if not (math.isfinite(dg) and math.isfinite(do)):
+        return 0.0
+    gain = abs(dg) if abs_dg else max(dg, 0.0)
+    if gain == 0.0:
+        return 0.0
+    if delta_o_rule == "square":
+        denom = max(do * do, min_delta_o_sq)
+    elif delta_o_rule == "clamp":
+        denom = max(do, math.sqrt(min_delta_o_sq)) ** 2
+    else:
+        raise ValueError(f"delta_o_rule must be 'square' or 'clamp', got {delta_o_rule!r}")
+    return gain / denom
+
+
+def cap_weights(weights: Sequence[float], cap: float) -> list[float]:
+    """Cap every weight of a normalised vector at ``cap``; the excess goes to the uncapped
+    weights in proportion to their values (equally when they are all 0). ``cap >= 1``: no-op."""
+    w = [float(x) for x in weights]
+    if cap >= 1.0:
+        return w
+    k = len(w)
+    if cap * k < 1.0 - 1e-12:
+        raise ValueError(f"a cap of {cap} cannot hold {k} weights summing to 1 (needs cap >= 1/{k})")
+    fixed: set[int] = set()
+    while True:
+        over = [i for i in range(k) if i not in fixed and w[i] > cap]
+        if not over:
+            return w
+        for i in over:
+            fixed.add(i)
+            w[i] = cap
+        free = [i for i in range(k) if i not in fixed]
+        if not free:
+            return w
+        rest = 1.0 - cap * len(fixed)
+        total = sum(w[i] for i in free)
+        for i in free:
+            w[i] = w[i] * rest / total if total > 0 else rest / len(free)
+
+
+@dataclass
+class BlendResult:
+    """One estimation: the new weights and what they came from (all per head, in head order)."""
+
+    weights: list[float]
+    raw: list[float]
+    dg: list[float]
+    do: list[float]
+    fallback: bool
+    losses: dict[str, list[float]] = field(default_factory=dict)  # LT0, LV0, LT1, LV1
+
+
+def blend_weights(
+    lt0: Sequence[float],
+    lv0: Sequence[float],
+    lt1: Sequence[float],
+    lv1: Sequence[float],
+    *,
+    previous: Sequence[float] | None = None,
+    min_delta_o_sq: float = 1e-4,
+    delta_o_rule: str = "square",
+    abs_dg: bool = False,
+    max_weight: float = 1.0,
+) -> BlendResult:
+    """G-Blend weights from each head's train (L^T) and held-out (L^V) losses at the start (0)
+    and the end (1) of the estimation window: ``w_k ∝ ΔG_k / ΔO_k²``, normalised to sum 1,
+    then capped at ``max_weight``. When every raw weight is 0 the ``previous`` weights are kept
+    (uniform when there are none) and ``fallback`` is True."""
+    n = len(lt0)
+    if not (len(lv0) == len(lt1) == len(lv1) == n) or n == 0:
+        raise ValueError("lt0, lv0, lt1, lv1 need one loss per head, the same heads")
+    dgs, dos, raw = [], [], []
+    for a, b, c, d in zip(lt0, lv0, lt1, lv1, strict=True):
+        dg, do = generalisation_and_overfitting(float(a), float(b), float(c), float(d))
+        dgs.append(dg)
+        dos.append(do)
+        raw.append(raw_blend_weight(dg, do, min_delta_o_sq=min_delta_o_sq, delta_o_rule=delta_o_rule, abs_dg=abs_dg))
+    total = sum(raw)
+    if total > 0 and math.isfinite(total):
+        weights = cap_weights([r / total for r in raw], max_weight)
+        fallback = False
+    else:
+        weights = [float(x) for x in previous] if previous is not None else [1.0 / n] * n
+        fallback = True
+    losses = {"LT0": [float(x) for x in lt0], "LV0": [float(x) for x in lv0],
+              "LT1": [float(x) for x in lt1], "LV1": [float(x) for x in lv1]}
+    return BlendResult(weights, raw, dgs, dos, fallback, losses)
+
+
+def blended_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_k * L_k`` in fp32 (``losses``, ``weights``: (K,) tensors)."""
+    return (weights.float() * losses.float()).sum()
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Run a block without disturbing Python's, NumPy's, torch's CPU (and CUDA) RNG streams."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+# ---- the plugin --------------------------------------------------------------------------------
+@register_method(NAME, "OGR-GB: Gradient-Blending, loss weights from overfitting-to-generalisation ratios (CVPR 2020)")
+class OGRGB(Method):
+    name = NAME
+    description = "OGR-GB: Gradient-Blending, loss weights from overfitting-to-generalisation ratios (CVPR 2020)"
+    options = OPTIONS
+    fusion = "concat"  # informational: build_fusion follows fusion_mode
+    heldout_fraction = HELDOUT_FRACTION
+    key_diagnostic = "w_fused"
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__(cfg)
+        self.heads: list[str] = []
+        self.weights: list[float] = []
+        self.estimations: list[dict[str, Any]] = []
+        self._w_tensor: torch.Tensor | None = None
+        self._pending: dict[str, Any] | None = None  # offline estimation, logged at epoch 0
+
+    def _opt(self, key: str) -> Any:
+        """Option value; the declared default when ``cfg`` lacks it (a method built by hand)."""
+        return self.cfg.get(key, OPTIONS[key].default)
+
+    # ---- declarations / set-up ----------------------------------------------------------------
+    def trains_unimodal_heads(self) -> bool:
+        return True  # every unimodal head carries a blended CE term
+
+    def per_modality_source(self) -> str:
+        return "unimodal_heads"
+
+    def check_modalities(self, available: Sequence[str]) -> list[str]:
+        used = super().check_modalities(available)
+        cap = float(self._opt("max_weight"))
+        k = len(used) + 1
+        if cap * k < 1.0 - 1e-12:
+            raise ConfigError(
+                f"Method '{NAME}': max_weight={cap:g} cannot hold {k} blend weights (the "
+                f"{len(used)} unimodal heads and the fused head) that sum to 1; it must be at "
+                f"least 1/{k} = {1.0 / k:.4g}. Raise it or use max_weight=1 (no cap)."
+            )
+        self.heads = [*used, FUSED]
+        self.weights = [1.0 / k] * k
+        return used
+
+    def build_fusion(self, dims: Mapping[str, int], num_classes: int) -> nn.Module:
+        return build_head(self._opt("fusion_mode"), dims, num_classes)
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.heads[:-1]
+
+    # ---- estimation ---------------------------------------------------------------------------
+    def _head_logits(self, net: nn.Module, batch: Mapping[str, Any], heads: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Logits of ``heads`` on ``net``, running only the encoders they need."""
+        need = self.modalities if FUSED in heads else [h for h in heads if h != FUSED]
+        feats = {m: net.encoders[m](batch[m]) for m in need}
+        out = {h: net.uni_heads[h](feats[h]) for h in heads if h != FUSED}
+        if FUSED in heads:
+            out[FUSED] = net.fuse(feats)
+        return out
+
+    @torch.no_grad()
+    def _measure(self, net: nn.Module, heads: Sequence[str], split: str) -> tuple[list[float], int]:
+        """Mean per-sample CE of each head of ``net`` on ``split`` in eval mode (one pass, one
+        host sync). Train: its first ``train_loss_fraction`` of batches, in file order."""
+        assert self.trainer is not None
+        fraction = float(self._opt("train_loss_fraction")) if split == "train" else None
+        was = net.training
+        net.eval()
+        sums: torch.Tensor | None = None
+        count, batches = 0, 0
+        try:
+            for batch in self.trainer.iterate(split, fraction=fraction, shuffle=False, tag=f"{TAG}-measure"):
+                y = batch["label"]
+                with self.trainer.autocast():
+                    logits = self._head_logits(net, batch, heads)
+                ce = torch.stack([F.cross_entropy(logits[h].float(), y, reduction="sum") for h in heads])
+                sums = ce if sums is None else sums + ce
+                count += int(y.shape[0])
+                batches += 1
+        finally:
+            net.train(was)
+        if sums is None or count == 0:
+            raise ConfigError(f"Method '{NAME}': the {split} split gave no batch to measure the losses on.")
+        return (sums / count).tolist(), batches
+
+    def _sub_optimizer(self, net: nn.Module) -> torch.optim.Optimizer | None:
+        """None (sub_train's fresh recipe optimizer) or a copy of the run's optimizer on ``net``."""
+        if self._opt("estimation_optimizer") == "fresh":
+            return None
+        assert self.trainer is not None and self.optimizer is not None
+        opt = self.trainer.default_optimizers(list(net.parameters()))[0]
+        opt.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+        return opt
+
+    def _joint_unimodal(self) -> bool:
+        how = self._opt("unimodal_estimation")
+        return how == "joint" or (how == "auto" and not self.cfg.get("grad_clip"))
+
+    def _sub_networks(self) -> list[list[str]]:
+        """The head groups trained together on one copy: the unimodal heads (one group, or one
+        each), then the fused head."""
+        uni = [self.modalities] if self._joint_unimodal() else [[m] for m in self.modalities]
+        return [*uni, [FUSED]]
+
+    def _train_copy(self, heads: Sequence[str]) -> tuple[nn.Module, EstimationCost]:
+        """A deep copy of the run's model whose sub-network(s) for ``heads`` trained for
+        ``super_epoch`` epochs on the training split."""
+        assert self.trainer is not None and self.model is not None
+        net = copy.deepcopy(self.model)
+        if FUSED in heads:
+            params = [p for m in self.modalities for p in net.encoder_params(m)] + net.fusion_params()
+        else:
+            params = [p for m in heads for p in net.encoder_params(m) + net.uni_head_params(m)]
+        heads = list(heads)
+
+        def loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+            logits = self._head_logits(model, batch, heads)
+            y = batch["label"]
+            return sum(F.cross_entropy(logits[h].float(), y) for h in heads)
+
+        cost = self.trainer.sub_train(net, params, loss_fn, "train", int(self._opt("super_epoch")),
+                                      optimizer=self._sub_optimizer(net), tag=f"{TAG}-sub-uni"
+                                      if FUSED not in heads else f"{TAG}-sub-fused")
+        return net, cost
+
+    def estimate(self) -> BlendResult:
+        """One G-Blend estimation from the run's current model (which it leaves untouched)."""
+        assert self.trainer is not None and self.model is not None
+        t0 = time.perf_counter()
+        sub_time, batches = 0.0, 0
+        with preserved_rng(self.trainer.device):
+            lt0, n1 = self._measure(self.model, self.heads, "train")
+            lv0, n2 = self._measure(self.model, self.heads, "heldout")
+            batches += n1 + n2
+            lt1 = dict.fromkeys(self.heads, 0.0)
+            lv1 = dict.fromkeys(self.heads, 0.0)
+            for group in self._sub_networks():
+                net, cost = self._train_copy(group)
+                sub_time += cost.time_s
+                for split, out in (("train", lt1), ("heldout", lv1)):
+                    values, n = self._measure(net, group, split)
+                    batches += n
+                    out.update(zip(group, values, strict=True))
+                del net
+        result = blend_weights(
+            lt0, lv0, [lt1[h] for h in self.heads], [lv1[h] for h in self.heads],
+            previous=self.weights,
+            min_delta_o_sq=float(self._opt("min_delta_o_sq")),
+            delta_o_rule=self._opt("delta_o_rule"),
+            abs_dg=bool(self._opt("abs_dg")),
+            max_weight=float(self._opt("max_weight")),
+        )
+        self._set_weights(result.weights)
+        self.estimations.append({"epoch": self.epoch, "heads": list(self.heads), "weights": list(result.weights),
+                                 "raw": result.raw, "dG": result.dg, "dO": result.do,
+                                 "fallback": result.fallback, **result.losses})
+        if self.trainer.device.type == "cuda":
+            torch.cuda.synchronize(self.trainer.device)
+        self._charge(batches, time.perf_counter() - t0 - sub_time)
+        return result
+
+    def _charge(self, batches: int, time_s: float) -> None:
+        """Count the measurement passes and copies as estimation cost (the contract has no
+        service for it: sub_train charges only its own steps; see the report)."""
+        cost = getattr(self.trainer, "estimation_cost", None)
+        if isinstance(cost, EstimationCost):
+            cost.add(EstimationCost(optimizer_steps=0, batches=batches, time_s=max(0.0, time_s)))
+
+    def _set_weights(self, weights: Sequence[float]) -> None:
+        self.weights = [float(w) for w in weights]
+        device = self.trainer.device if self.trainer is not None else torch.device("cpu")
+        self._w_tensor = torch.tensor(self.weights, dtype=torch.float32, device=device)
+
+    def _is_estimation_epoch(self, epoch: int) -> bool:
+        return self._opt("mode") == "online" and epoch % int(self._opt("super_epoch")) == 0
+
+    # ---- loop hooks ---------------------------------------------------------------------------
+    def on_cell_start(self) -> None:
+        if self._opt("mode") == "offline":
+            self.estimate()
+            self._pending = self.estimations[-1]
+
+    def on_fit_start(self) -> None:
+        assert self.trainer is not None
+        self.trainer.heldout()  # the held-out slice exists (raises a clear error otherwise)
+        self._set_weights(self.weights)
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        estimated = None
+        if self._is_estimation_epoch(epoch):
+            self.estimate()
+            estimated = self.estimations[-1]
+        elif self._pending is not None:
+            estimated = self._pending
+        self._pending = None
+        values: dict[str, float] = {f"w_{h}": w for h, w in zip(self.heads, self.weights, strict=True)}
+        values["estimated"] = 1.0 if estimated is not None else 0.0
+        if estimated is not None:
+            for key, name in (("raw", "raw"), ("dG", "dG"), ("dO", "dO"), ("LT0", "LT0"),
+                              ("LV0", "LV0"), ("LT1", "LT1"), ("LV1", "LV1")):
+                values.update({f"{name}_{h}": float(v) for h, v in zip(self.heads, estimated[key], strict=True)})
+            values["fallback"] = 1.0 if estimated["fallback"] else 0.0
+        self.log(**values)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        assert self.model is not None
+        out = self.model(batch)
+        y = batch["label"]
+        logits = [out.uni[m] for m in self.modalities] + [out.fused]
+        losses = torch.stack([F.cross_entropy(z.float(), y) for z in logits])
+        if self._w_tensor is None or self._w_tensor.device != losses.device:
+            self._w_tensor = torch.tensor(self.weights, dtype=torch.float32, device=losses.device)
+        if self.trainer is not None:
+            detached = losses.detach()
+            self.log(**{f"loss_{h}": detached[i] for i, h in enumerate(self.heads)})
+        return blended_loss(losses, self._w_tensor)
+
+    @torch.no_grad()
+    def predict(self, batch: Mapping[str, Any]) -> Prediction:
+        assert self.model is not None
+        feats = self.model.encode(batch)
+        uni = self.model.unimodal_logits(feats)
+        fused = self.model.fuse(feats)
+        if self._opt("inference") == "mean":
+            fused = (fused + sum(uni.values())) / (len(uni) + 1)
+        return Prediction(fused, uni)
+
+    # ---- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"heads": list(self.heads), "weights": list(self.weights),
+                "estimations": copy.deepcopy(self.estimations)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        if self.heads and list(state["heads"]) != self.heads:
+            raise ConfigError(
+                f"Method '{NAME}': the checkpoint holds blend weights for the heads "
+                f"{list(state['heads'])}, but this run has {self.heads}. Resume with the same "
+                f"modalities, or start fresh."
+            )
+        self.heads = list(state["heads"])
+        self.estimations = copy.deepcopy(list(state["estimations"]))
+        self._set_weights(state["weights"])
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def label(self) -> str:
+        tags = []
+        if self._opt("mode") == "offline":
+            tags.append("offline")
+        if int(self._opt("super_epoch")) != OPTIONS["super_epoch"].default:
+            tags.append(f"n={int(self._opt('super_epoch'))}")
+        if self._opt("estimation_optimizer") == "copy":
+            tags.append("copied optimizer")
+        if float(self._opt("train_loss_fraction")) != 1.0:
+            tags.append(f"L^T on {float(self._opt('train_loss_fraction')):g} of train")
+        if self._opt("delta_o_rule") == "clamp":
+            tags.append("ΔO clamped")
+        if float(self._opt("min_delta_o_sq")) != OPTIONS["min_delta_o_sq"].default:
+            tags.append(f"ΔO² >= {float(self._opt('min_delta_o_sq')):g}")
+        if self._opt("abs_dg"):
+            tags.append("|ΔG|")
+        if float(self._opt("max_weight")) < 1.0:
+            tags.append(f"cap {float(self._opt('max_weight')):g}")
+        if self._opt("fusion_mode") != "concat":
+            tags.append(f"{self._opt('fusion_mode')} fusion")
+        if self._opt("inference") == "mean":
+            tags.append("mean of heads")
+        return "OGR-GB" if not tags else f"OGR-GB ({', '.join(tags)})"
+
+    def record_info(self) -> dict[str, Any]:
+        return {
+            "heads": list(self.heads),
+            "mode": self._opt("mode"),
+            "super_epoch": int(self._opt("super_epoch")),
+            "heldout_fraction": self.heldout_fraction,
+            "estimation_optimizer": self._opt("estimation_optimizer"),
+            "unimodal_estimation": "joint" if self._joint_unimodal() else "separate",
+            "edge_rules": (
+                f"ΔG<=0 -> {'|ΔG|' if self._opt('abs_dg') else '0'}; ΔO² floored at "
+                f"{float(self._opt('min_delta_o_sq')):g} ({self._opt('delta_o_rule')}); all 0 -> previous weights"
+            ),
+            "inference_rule": ("fused head" if self._opt("inference") == "fused"
+                               else "mean of the fused and unimodal heads' logits"),
+        }

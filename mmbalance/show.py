@@ -1,0 +1,94 @@
+"""``mmbalance show RUN_DIR``: one run at a glance, finished, still running or killed.
+
+Reads only the run folder (record.jsonl, LOCK, DONE, pictures): the configuration summary,
+the per-epoch table, the final metrics under every selection rule and where the pictures are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmbalance import records
+from mmbalance.errors import MMBalanceError
+
+
+def run_state(run_dir: Path) -> str:
+    """done | running (pid N) | stopped (killed or interrupted; rerun to resume)."""
+    if (run_dir / records.DONE).exists():
+        return "done"
+    lock = records.RunLock(run_dir)
+    try:
+        lock.acquire()
+    except records.RunLockedError as exc:
+        return f"running ({str(exc).split('(', 1)[1].split(',')[0]})" if "(" in str(exc) else "running"
+    else:
+        lock.release()
+    return "stopped before the end (killed or interrupted): rerun the same command to resume"
+
+
+def epoch_rows(rec: dict[str, Any]) -> list[list[Any]]:
+    mods = rec["header"].get("modalities", [])
+    rows = []
+    for e in rec["epochs"]:
+        val, test = e.get("val"), e.get("test")
+        row = [e["epoch"], f"{e['train_loss']:.4f}",
+               f"{val['fused']['acc']:.2f}" if val else "–", f"{test['fused']['acc']:.2f}" if test else "–"]
+        row += [f"{test[m]['acc']:.2f}" if test and m in test else "–" for m in mods]
+        row.append(f"{e['train_time_s']:.1f}")
+        rows.append(row)
+    return rows
+
+
+def render(run_dir: Path) -> str:
+    from tabulate import tabulate
+
+    run_dir = Path(run_dir)
+    if not (run_dir / records.RECORD).exists():
+        raise MMBalanceError(
+            f"'{run_dir}' holds no {records.RECORD}: it is not a run folder (or the run has not "
+            f"finished its set-up yet). Run folders are under --records, named "
+            f"<dataset>_<method>_s<seed>_<hash>."
+        )
+    rows = records.read_jsonl(run_dir / records.RECORD)
+    rec: dict[str, Any] = {"header": {}, "epochs": [], "final": None}
+    for row in rows:
+        kind = row.get("type")
+        if kind == "header":
+            rec["header"] = row
+        elif kind == "epoch":
+            rec["epochs"].append(row)
+        elif kind == "final":
+            rec["final"] = row
+    h = rec["header"]
+    cfg = h.get("config", {})
+    mods = h.get("modalities", [])
+    out = [
+        f"run      {run_dir}",
+        f"state    {run_state(run_dir)}",
+        f"method   {h.get('method_label', cfg.get('method'))}   dataset {cfg.get('dataset')}   seed {cfg.get('seed')}"
+        f"   protocol {cfg.get('protocol', 'honest')}",
+        f"recipe   {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, {cfg.get('optimizer')} lr "
+        f"{cfg.get('lr')}, {cfg.get('scheduler')} schedule, amp {h.get('amp')}, device {h.get('device')}",
+        f"data     {', '.join(mods)}; sizes {h.get('dataset_info', {}).get('sizes')}"
+        + ("; validation is the test split" if h.get("dataset_info", {}).get("val_is_test") else ""),
+        "",
+        tabulate(epoch_rows(rec), headers=["epoch", "loss", "val", "test", *[f"test[{m}]" for m in mods], "s"],
+                 disable_numparse=True),
+    ]
+    if rec["final"] is not None:
+        sel = []
+        for rule, chosen in rec["final"]["selection"].items():
+            t = chosen["test"]
+            sel.append([rule, chosen["epoch"], f"{t['fused']['acc']:.2f}", f"{t['fused']['map']:.2f}",
+                        f"{t['fused']['f1']:.2f}", *[f"{t[m]['acc']:.2f}" if m in t else "–" for m in mods]])
+        out += ["", "final (test, %):", tabulate(sel, headers=["rule", "epoch", "acc", "MAP", "macro-F1",
+                                                                *[f"acc[{m}]" for m in mods]], disable_numparse=True)]
+    pictures = sorted(run_dir.glob("*.png")) + sorted((run_dir / "plots").glob("*.png"))
+    diag = run_dir / "diagnostics.json"
+    out.append("")
+    out.append("pictures: " + (", ".join(str(p) for p in pictures) if pictures
+                               else f"none yet (draw them with `mmbalance plot {run_dir}`)"))
+    if diag.exists():
+        out.append(f"imbalance diagnostics: {diag}")
+    return "\n".join(out)
