@@ -8,10 +8,17 @@ frames) are options; so is reading the MLA split lists over Layout A/B media.
 
 CREMA-D ships no validation split: one is carved from train with a fixed seed (see
 ``VAL_SEED``) and the rule is recorded in ``Splits.info``.
+
+The root may be the dataset folder itself or a parent holding it under any of the names the
+codebases use: ``CREMA-D`` (the release), ``CREMAD`` (OGM-GE) or ``CREMA`` (IPRM). Clips whose
+wav or frame folder is missing: an error by default (``check_manifest=true``); ``warn`` skips
+them with a warning that counts them (the official loaders skip them silently); ``false``
+skips them with a note only (subsets).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,13 +36,16 @@ from mmbalance.data import (
 )
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import (
+    MANIFEST_MODES,
     AVClipPlugin,
     AVSettings,
     Clip,
+    MissingSamplesWarning,
     av_clip_splits,
     find_clip,
     read_text_lines,
     stored_fbank_input,
+    warn_missing,
 )
 from mmbalance.registry import register_dataset
 
@@ -56,6 +66,8 @@ CLASS_COUNTS = {
         "test": {"ANG": 105, "DIS": 129, "FEA": 133, "HAP": 123, "NEU": 114, "SAD": 140},
     }
 }
+# Folder names of the dataset under a data root: the release's, OGM-GE's, IPRM's.
+ROOT_NAMES = ("CREMA-D", "CREMAD", "CREMA")
 # Fixed seed of the carved validation split: independent of the run seed, so every run of a
 # grid validates on the same clips.
 VAL_SEED = 20220601
@@ -113,7 +125,11 @@ class CremaD(AVClipPlugin):
             True, "index the sorted frame listing (deterministic); false = os.listdir order as the official code"
         ),
         "check_manifest": Option(
-            True, "require the split's published sample and per-class counts (false for subsets)"
+            True,
+            "true = require the split's published sample and per-class counts; warn = skip "
+            "listed clips whose files are missing and warn with their count (the official "
+            "loader skips them silently); false = skip them with a note (subsets)",
+            choices=MANIFEST_MODES,
         ),
         "class_order": Option(
             "official",
@@ -126,8 +142,11 @@ class CremaD(AVClipPlugin):
         "Layout B (default, njustkmg/IPRM): <root>/annotations/train.csv and test.csv (no header, "
         "rows 'clip_id,EMO', e.g. '1001_DFA_ANG_XX,ANG'), <root>/AudioWAV/<clip_id>.wav and "
         "<root>/Image-01-FPS/<clip_id>/*.jpg (1-fps frames, at least as many as 'frames'); the root "
-        "may be the CREMA-D folder itself or a parent holding CREMA-D/. Layout A (OGM-GE) keeps the "
-        "same media but reads train.csv/test.csv from list_dir (default <root>/data/CREMAD). Layout "
+        "may be the dataset folder itself or a parent holding CREMA-D/, CREMAD/ or CREMA/. The "
+        "split csvs may live elsewhere (OGM-GE keeps them in its code checkout, data/CREMAD/): "
+        "--set list_dir=DIR reads them from there in any layout. Layout A (OGM-GE) keeps the "
+        "same media but reads train.csv/test.csv from list_dir (default <root>/data/CREMAD) and "
+        "switches to OGM-GE's recipe (1 frame, 3 s of audio). Layout "
         "D (MLA): <root>/data/my_{train,test}_cre.txt ('<clip_id>.flv Anger'), "
         "<root>/audio/{train,test}_fbank/<clip_id>.npy (1024x128 kaldi fbank) and "
         "<root>/visual/{train,test}_imgs/Image-01-FPS/<clip_id>/*.jpg. Build layout B from the raw "
@@ -157,10 +176,14 @@ class CremaD(AVClipPlugin):
 
 
 def _find_root(cfg: Mapping[str, Any]) -> Path:
-    """The CREMA-D folder: data_root itself, or its CREMA-D/ (or IPRM's CREMA/) subfolder."""
-    root = resolve_data_root(cfg, NAME, subdir="CREMA-D")
-    if root.name != "CREMA-D" and (root / "CREMA").is_dir() and not (root / "AudioWAV").exists():
-        root = root / "CREMA"
+    """The CREMA-D folder: data_root itself, or its first subfolder named as in
+    :data:`ROOT_NAMES` (CREMA-D, OGM-GE's CREMAD, IPRM's CREMA)."""
+    root = resolve_data_root(cfg, NAME, subdir=ROOT_NAMES[0])
+    if root.name in ROOT_NAMES or (root / "AudioWAV").exists():
+        return root
+    for name in ROOT_NAMES[1:]:
+        if (root / name).is_dir():
+            return root / name
     return root
 
 
@@ -212,6 +235,31 @@ def _fix_text(r: Resolved) -> str:
     )
 
 
+def _lists_missing_text(r: Resolved) -> str:
+    """The extra advice when a split list is absent: where OGM-GE users keep theirs, and what
+    switching to layout A would change besides the list folder."""
+    names = "train.csv and test.csv" if r.split == "ogm" else "my_train_cre.txt and my_test_cre.txt"
+    where = "OGM-GE keeps its csvs in the code checkout, data/CREMAD/" if r.split == "ogm" else (
+        "MLA keeps its lists in the code checkout, data/"
+    )
+    text = (
+        f" The split lists ({names}) are not in {r.list_dir}. If they are elsewhere ({where}), "
+        f"pass --set list_dir=DIR; that keeps "
+        f"layout {r.layout}'s recipe ({r.frames} frame(s), "
+        f"{'stored fbanks' if r.layout == 'D' else f'{_seconds(r):g} s of audio'})."
+    )
+    if r.layout != "A" and r.split == "ogm":
+        text += (
+            " Beware: --set layout=A also reads data/CREMAD/ but changes the recipe to OGM-GE's "
+            "(1 frame, 3 s of audio), which is not IPRM's."
+        )
+    return text
+
+
+def _seconds(r: Resolved) -> float:
+    return float(r.audio.spec.extras.get("seconds", 0.0))
+
+
 def _index_split(
     root: Path,
     r: Resolved,
@@ -223,7 +271,8 @@ def _index_split(
     """Read one split list, keep the clips whose files exist, and check the manifest."""
     list_file = _list_file(r, split)
     audio_dir, frame_root, suffix = _media_paths(root, r, split)
-    require_paths(NAME, root, [list_file, audio_dir, frame_root], _layout_line(r), _fix_text(r))
+    fix = _fix_text(r) + ("" if list_file.is_file() else _lists_missing_text(r))
+    require_paths(NAME, root, [list_file, audio_dir, frame_root], _layout_line(r), fix)
     rows = _read_rows(list_file, r.split)
     found = (
         find_clip(cid, label_of[emo], audio_dir / f"{cid}{suffix}", frame_root / cid, r.frames, r.sort_frames)
@@ -233,7 +282,11 @@ def _index_split(
     listed = [cid for cid, _ in rows]
     usable = [c.clip_id for c in clips]
     expected = MANIFEST[r.split][split]
-    notes += check_split(NAME, split, listed, usable, expected, _fix_text(r), strict=r.strict)
+    skip = " To skip clips whose files are missing, as the official loader does, pass --set check_manifest=warn."
+    notes += check_split(NAME, split, listed, usable, expected, _fix_text(r) + skip, strict=r.strict)
+    if r.manifest == "warn":
+        warned = warn_missing(NAME, split, listed, usable)
+        notes += [warned] if warned else []
     notes += _check_class_counts(r, split, [names[c.label] for c in clips])
     return clips
 
@@ -291,4 +344,6 @@ def _check_class_counts(r: Resolved, split: str, emos: list[str]) -> list[str]:
     )
     if r.strict:
         raise DataError(msg)
+    if r.manifest == "warn":
+        warnings.warn(msg, MissingSamplesWarning, stacklevel=2)
     return [msg]

@@ -111,11 +111,19 @@ def read_list(path: Path, split: str) -> list[Utterance]:
     return out
 
 
-def image_transform(train: bool, size: int) -> Any:
+# MLA builds its train transform with timm's create_transform(..., color_jitter=True); timm
+# 0.4.5 turns a scalar into (float(x),) * 3, so True is brightness = contrast = saturation = 1.0
+# (timm's default, 0.4, applies only when the argument is left out).
+MLA_COLOR_JITTER = 1.0
+
+
+def image_transform(train: bool, size: int, color_jitter: float = MLA_COLOR_JITTER) -> Any:
     """MLA's face transforms with torchvision (torch's global RNG, unlike timm's ``random``).
 
-    Train = timm ``create_transform(size, is_training=True)`` defaults: RandomResizedCrop
-    (scale 0.08-1, bicubic) + flip + colour jitter 0.4; test = Resize(size, bicubic) +
+    Train = what timm 0.4.5's ``create_transform(size, is_training=True, color_jitter=True,
+    interpolation="bicubic")`` builds: RandomResizedCrop (scale 0.08-1, bicubic) + flip +
+    ColorJitter(brightness, contrast, saturation = ``color_jitter``, no hue), 1.0 for MLA's
+    ``True`` (:data:`MLA_COLOR_JITTER`; 0 turns it off); test = Resize(size, bicubic) +
     CenterCrop(size). Both ImageNet-normalised.
     """
     from torchvision import transforms as T
@@ -127,7 +135,7 @@ def image_transform(train: bool, size: int) -> Any:
             [
                 T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=bicubic),
                 T.RandomHorizontalFlip(),
-                T.ColorJitter(0.4, 0.4, 0.4),
+                *([T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []),
                 *norm,
             ]
         )
@@ -174,11 +182,12 @@ class MLAUtterances(Dataset):
         image_size: int,
         sorted_frames: bool,
         fbank_shape: tuple[int, ...] | None,
+        color_jitter: float = MLA_COLOR_JITTER,
     ) -> None:
         self.utts = list(utts)
         self.modalities = tuple(modalities)
         self.paths = paths
-        self.transform = image_transform(train, image_size)
+        self.transform = image_transform(train, image_size, color_jitter)
         self.sorted_frames = sorted_frames
         self.fbank_shape = fbank_shape
 
@@ -295,6 +304,7 @@ class IEMOCAP(DatasetPlugin):
         "unsafe_unpickle": Option(False, "MulT layout: unpickle MulT's .pkl directly when its .npz is absent; a pickle can run arbitrary code, use only on files you trust (allow-list unpickler still applied; safe path: 'mmbalance prepare iemocap_mult')"),
         "image_size": Option(256, "MLA layout: face image size (train random-resized crop, test resize + centre crop)"),
         "frame_pick": Option("sorted", "MLA layout: the face is the middle file of the sorted listing, or of os.listdir order (official)", ["sorted", "listdir"]),
+        "color_jitter": Option(MLA_COLOR_JITTER, "MLA layout: train colour jitter (brightness = contrast = saturation); 1.0 = MLA's timm color_jitter=True, 0.4 = timm's default, 0 = none", min=0.0),
     }
     layout_help = (
         "IEMOCAP root (or <root>/IEMOCAP), MLA layout: my_train_iemo.txt and my_test_iemo.txt "
@@ -373,9 +383,10 @@ class IEMOCAP(DatasetPlugin):
         fbank_shape = _first_shape(paths.fbank(usable["train"][0])) if "audio" in mods else None
         size = int(option(cfg, self, "image_size"))
         sorted_frames = option(cfg, self, "frame_pick") == "sorted"
+        jitter = float(option(cfg, self, "color_jitter"))
 
         def make(utts: Sequence[Utterance], train: bool) -> MLAUtterances:
-            return MLAUtterances(utts, mods, paths, train, size, sorted_frames, fbank_shape)
+            return MLAUtterances(utts, mods, paths, train, size, sorted_frames, fbank_shape, jitter)
 
         specs = {m: self._mla_spec(m, paths, usable["train"][0], size, fbank_shape) for m in mods}
         info = {
@@ -386,6 +397,12 @@ class IEMOCAP(DatasetPlugin):
             "val_is_test": held is None,
             "val_utterances": [u.utt for u in held] if held is not None else None,
             "frame_pick": option(cfg, self, "frame_pick"),
+            "image_transform": (
+                f"train: RandomResizedCrop({size}, scale 0.08-1, bicubic) + flip + ColorJitter("
+                f"{jitter:g}, {jitter:g}, {jitter:g}); eval: Resize({size}, bicubic) + "
+                f"CenterCrop({size}); ImageNet mean/std"
+            ),
+            "color_jitter": jitter,
             "notes": notes,
         }
         return Splits(

@@ -2,10 +2,25 @@
 
 Default = the njustkmg layout the IPRM lab's loaders read (Layout C of reference/datasets.md):
 ``annotations/{train,valid,test}.csv`` with a ``youtube_id,label`` header, WAVs per split,
-1-fps frame folders per split. Audio: 35,400 Hz mono, tiled/cut to 10 s, log STFT 512/353 ->
-(1, 257, 1003). Visual: 3 frames, IPRM's CREMA-D rule (random sorted in train, first 3 in
-eval). Layouts A (OGM-GE lists ``{clip},10,{label}``) and B (BalanceMM lists ``clip ...
-label``) read stored kaldi fbanks (1024, 128) -> (1, 1024, 128) and ``frame_0000k.jpg`` frames.
+1-fps frame folders per split. Audio: 35,400 Hz mono (resampled by soxr HQ, as librosa.load),
+tiled/cut to 10 s, log STFT 512/353 -> (1, 257, 1003). Layouts A (OGM-GE lists
+``{clip},10,{label}``) and B (BalanceMM lists ``clip ... label``) read stored kaldi fbanks
+(1024, 128) -> (1, 1024, 128) and ``frame_0000k.jpg`` frames.
+
+Visual: 3 frames, picked as the layout's own loader picks them (``frame_choice=source``, the
+default; :data:`mmbalance.media.FRAME_RULES`), in train and in eval alike:
+
+* C (IGM / AUG ``datasets/KS.py``): the first 3 entries of the listing. The lab code draws 3
+  random indices and then reads entries 0, 1, 2 regardless, so the first three it is.
+* A (OGM-GE ``dataset/dataset.py``): frames ``(n // 3) * i + 1``, i.e. 1, 4, 7 of the 10
+  ``frame_0000k.jpg``.
+* B (BalanceMM ``KS_dataset.py``): 3 segments of ``s = n // 3``; train draws one frame per
+  segment at random (``[i*s + 1, i*s + s]``, capped at 9), eval takes ``i*s + max(s // 2, 1)``.
+
+The indices go into the sorted listing (``sort_frames``), which is what the official code's
+file names ``frame_0000{t}.jpg`` address. ``frame_choice=random`` uses IPRM's CREMA-D rule
+instead (3 distinct random sorted indices in train, the first 3 in eval), which iprm.md 10.2
+guessed for IPRM's KS runs; the rule in effect is recorded in ``Splits.info``.
 
 Class index = sorted class names (a **decision**: the lab numbers classes by first appearance
 in train.csv, which depends on row order; ``class_order=first_appearance`` restores that). The
@@ -31,6 +46,7 @@ from mmbalance.data import (
 )
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import (
+    MANIFEST_MODES,
     AVClipPlugin,
     AVSettings,
     Clip,
@@ -38,6 +54,7 @@ from mmbalance.media import (
     find_clip,
     read_text_lines,
     stored_fbank_input,
+    warn_missing,
 )
 from mmbalance.registry import register_dataset
 
@@ -49,6 +66,8 @@ PAPER_CLASSES = 31
 MANIFEST = {"A": {"train": 14799, "test": 2597}}
 VAL_SEED = 20220602
 LIST_NAMES = {"A": "my_{split}.txt", "B": "{split}.txt"}
+# frame_choice=source: the frame rule of each layout's own loader (mmbalance.media.FRAME_RULES)
+SOURCE_FRAME_RULES = {"C": "first", "A": "ogm_fixed", "B": "segments"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,13 @@ class KineticsSounds(AVClipPlugin):
             type=str,
         ),
         "frames": Option(3, "frames per clip"),
+        "frame_choice": Option(
+            "source",
+            "which frames: source = the layout's own loader's (C: the first 3, IGM; A: 1, 4, 7, "
+            "OGM-GE; B: a random one per third in train and each third's middle in eval, "
+            "BalanceMM); random = IPRM's CREMA-D rule (3 random sorted in train, first 3 in eval)",
+            choices=("source", "random"),
+        ),
         "min_frames": Option(
             None,
             "clips with fewer frames are dropped; default frames + 1 (the lab loaders need more "
@@ -95,7 +121,10 @@ class KineticsSounds(AVClipPlugin):
             True, "index the sorted frame listing (deterministic); false = os.listdir order"
         ),
         "check_manifest": Option(
-            True, "require the published list sizes where known (layout A); false for subsets"
+            True,
+            "require the published list sizes where known (layout A); false for subsets; warn = "
+            "skip clips whose files are missing with a warning that counts them",
+            choices=MANIFEST_MODES,
         ),
         "class_order": Option(
             "sorted",
@@ -114,7 +143,9 @@ class KineticsSounds(AVClipPlugin):
         "<root>/my_{train,test}.txt with lines '<clip>,10,<int label>'; Layout B (BalanceMM): "
         "<root>/{train,test}.txt with lines '<clip> ... <int label>'; both with "
         "<root>/audio/{train,test}_fbank/<clip>.npy (1024x128 kaldi fbank) and "
-        "<root>/visual/{train,test}_imgs/<clip>/frame_0000k.jpg. Build layout C from the raw "
+        "<root>/visual/{train,test}_imgs/<clip>/frame_0000k.jpg. Frames are picked as each "
+        "layout's loader picks them (C: the first 3; A: 1, 4, 7; B: one per third), or with "
+        "--set frame_choice=random as IPRM's CREMA-D rule. Build layout C from the raw "
         f"clips with `{PREPARE}`."
     )
 
@@ -135,6 +166,7 @@ class KineticsSounds(AVClipPlugin):
             "class_order": r.class_order,
             "label_map": dict(label_of),
             "frames": r.frames,
+            "frame_source": "the layout's own loader" if r.frame_rule != "random" else "IPRM's CREMA-D rule",
             "min_frames": r.min_frames,
             "frame_order": "sorted listing" if r.sort_frames else "os.listdir order",
         }
@@ -176,6 +208,7 @@ def _resolve(cfg: Mapping[str, Any], root: Path) -> Resolved:
         ),
         default_rate=35400,
         default_order="sorted",
+        frame_rule=SOURCE_FRAME_RULES[layout] if cfg.get("frame_choice", "source") == "source" else "random",
         min_frames=min_frames,
     )
 
@@ -301,8 +334,9 @@ def _index(
     )
     clips = [c for c in found if c is not None]
     expected = MANIFEST.get(r.layout, {}).get(split)
-    notes += check_split(
-        NAME, split, [cid for cid, _ in rows], [c.clip_id for c in clips], expected,
-        _fix_text(r), strict=r.strict,
-    )
+    listed, usable = [cid for cid, _ in rows], [c.clip_id for c in clips]
+    notes += check_split(NAME, split, listed, usable, expected, _fix_text(r), strict=r.strict)
+    if r.manifest == "warn":
+        warned = warn_missing(NAME, split, listed, usable)
+        notes += [warned] if warned else []
     return clips

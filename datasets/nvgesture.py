@@ -7,6 +7,11 @@ random 64-frame window and one random 224 crop shared by all modalities in train
 frames and a centre crop at test time. Modality order is the paper's m1, m2, m3 = RGB, OF,
 Depth (iprm.md 2.2), which decides the IPRM pair order (rgb, flow), (rgb, depth), (flow, depth).
 
+The flow's origin is recorded with the run (``Splits.info["flow"]``): ``mmbalance prepare
+nvgesture`` writes which method made each file (OpenCV's TV-L1 by default, or Horn-Schunck)
+into ``flow_data/<split>/mmbalance_flow.json``; flow from elsewhere is reported as
+"unrecorded", and a mix of methods as "mixed" with a note.
+
 Decisions (iprm.md 12.4): colour frames are converted to RGB by default, since they receive
 RGB ImageNet statistics and feed RGB-pretrained I3D; ``color_order=bgr`` reproduces the
 official code, which keeps OpenCV's BGR. The source has no validation split: one is carved
@@ -39,6 +44,7 @@ from mmbalance.data import (
 )
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import IMAGENET_MEAN, IMAGENET_STD
+from mmbalance.prepare.flow import FLOW_META_FILE, flow_provenance, read_flow_meta
 from mmbalance.registry import register_dataset
 from mmbalance.video import read_frames
 
@@ -228,9 +234,10 @@ class NVGesture(DatasetPlugin):
         "and sk_depth.avi from the NVIDIA release, and precomputed optical flow "
         "Video_data/flow_data/{train,test}/<n>.npy of shape (256, 256, 2, T), n = 0-based line "
         "of the clip in its list. 'mmbalance prepare nvgesture --raw RAW --out ROOT' turns the "
-        "NVIDIA release into this layout (renamed lists, verified AVIs, and Horn-Schunck flow, "
-        "since the official flow algorithm is unknown); flow you computed yourself can be "
-        "dropped into flow_data instead."
+        "NVIDIA release into this layout (renamed lists, verified AVIs, and optical flow: "
+        "OpenCV's TV-L1 by default, or Horn-Schunck; the official flow algorithm is unknown), "
+        "recording the method in flow_data/<split>/mmbalance_flow.json; flow you computed "
+        "yourself can be dropped into flow_data instead."
     )
 
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
@@ -267,6 +274,8 @@ class NVGesture(DatasetPlugin):
             "color_order": opts["color_order"],
             "notes": notes,
         }
+        if "flow" in mods:
+            info["flow"] = self._flow_origin(root, usable, notes)
         return Splits(
             train=NVGestureClips(train_clips, mods, True, root, opts),
             val=NVGestureClips(val_clips, mods, False, root, opts),
@@ -304,6 +313,23 @@ class NVGesture(DatasetPlugin):
             )
         require_paths(self.name, root, ["Video_data"], self.layout_help)
         return {s: p for s, p in found.items() if p is not None}
+
+    @staticmethod
+    def _flow_origin(root: Path, usable: Mapping[str, Sequence[Clip]], notes: list[str]) -> dict[str, Any]:
+        """Which method made the flow files this run reads (from mmbalance_flow.json)."""
+        metas = {s: read_flow_meta(root / "Video_data" / "flow_data" / s) for s in usable}
+        prov = flow_provenance(metas, {s: [c.line for c in cs] for s, cs in usable.items()})
+        if prov["method"] == "mixed":
+            notes.append(
+                f"flow files come from several methods {prov['counts']}: re-run `mmbalance "
+                f"prepare nvgesture ... --set overwrite=true` for flow made one way"
+            )
+        elif prov["method"] == "unrecorded":
+            notes.append(
+                f"no {FLOW_META_FILE} records how the flow was made (not by `mmbalance prepare "
+                f"nvgesture`); the run's flow method is unknown"
+            )
+        return prov
 
     def _flow_frames(self, clips: Sequence[Clip], root: Path, opts: Mapping[str, Any]) -> int:
         """T of the stored flow, read from the first file's header (shape checks included)."""

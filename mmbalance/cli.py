@@ -71,15 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
     p_grid.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     p_grid.add_argument("--jobs", type=int, default=1, help="cells run at once in worker processes (default 1)")
     p_grid.add_argument("--gpus", help="one cell per GPU at a time: 'all' or a list like 0,1")
+    p_grid.add_argument("--launcher", choices=["pool", "local", "slurm"], default="pool",
+                        help="pool: worker processes here (default); slurm: a Slurm job array through "
+                             "submitit; local: the same path through submitit's local executor")
+    p_grid.add_argument("--status", action="store_true",
+                        help="list each cell as done, running, failed or pending (reads the records only)")
+    for name, help_ in (("gpus-per-task", "GPUs per Slurm task"), ("cpus-per-task", "CPUs per Slurm task"),
+                        ("mem-gb", "memory per Slurm task (GB)"), ("time-min", "time limit per task (minutes)"),
+                        ("partition", "Slurm partition"), ("account", "Slurm account"), ("qos", "Slurm QOS"),
+                        ("array-parallelism", "tasks of the array running at once")):
+        p_grid.add_argument(f"--{name}", dest=name.replace("-", "_"), help=help_)
 
     p_show = sub.add_parser("show", help="one run at a glance: settings, per-epoch table, final metrics")
     p_show.add_argument("run_dir", help="a run folder (finished, running or killed)")
+
+    p_probe = sub.add_parser("probe", help="imbalance diagnostics of a recorded run (linear probes, Shapley)")
+    p_probe.add_argument("run_dir", help="a run folder with a checkpoint")
+    p_probe.add_argument("--device", default="cpu", help="device for the probe passes (default cpu)")
+
+    p_plot = sub.add_parser("plot", help="draw PNG pictures of a run folder or of a records folder")
+    p_plot.add_argument("target", help="RUN_DIR (its diagnostics and accuracy) or RECORDS_DIR (comparisons)")
+    p_plot.add_argument("--out", help="output folder (default: <target>/plots)")
+    p_plot.add_argument("--rule", default="best_val", help="selection rule of the comparisons (default best_val)")
 
     p_lb = sub.add_parser("leaderboard", help="write markdown + CSV leaderboards from recorded runs")
     p_lb.add_argument("--records", default="runs", help="directory holding run records (default ./runs)")
     p_lb.add_argument("--out", default="leaderboards", help="output directory (default ./leaderboards)")
     p_lb.add_argument("--name", default="leaderboard", help="file stem of the outputs")
     p_lb.add_argument("--title", help="title of the markdown report")
+    p_lb.add_argument("--no-pictures", action="store_true", help="do not draw the CD diagram and cost chart")
+    p_lb.add_argument("--reference", help="method label the paired tests compare with (default 'Concat + uni CE')")
+    p_lb.add_argument("--format", default="markdown", choices=["markdown", "latex", "all"],
+                      help="markdown (+ CSV, default), latex (booktabs .tex tables too) or all")
     p_lb.add_argument("--rule", dest="rules", action="append",
                       help="selection rule(s): best_val, best_test, last (default: all three)")
 
@@ -169,6 +192,16 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid_file)
     shared = {k: v for k, v in (("records", args.records), ("device", args.device), ("data_root", args.data_root)) if v}
+    base = {"records": grid.records or "runs", **shared}
+    if args.status:
+        from mmbalance.launchers import grid_status
+
+        return grid_status(grid, {"progress": "off", "log_epochs": False, **base})
+    if args.launcher != "pool":
+        from mmbalance.launchers import RESOURCES, submit_grid
+
+        resources = {**grid.slurm, **{k: getattr(args, k) for k in RESOURCES if getattr(args, k, None) is not None}}
+        return submit_grid(grid, base, args.launcher, resources, dry_run=args.dry_run)
     gpus = None
     if args.gpus:
         import torch
@@ -190,14 +223,30 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     ensure_dir(Path(args.out))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each damaged record is listed below instead
+        extra = {"reference": args.reference} if args.reference else {}
         files = write_leaderboard(Path(args.records), Path(args.out), args.name,
-                                  tuple(args.rules or ("best_val", "best_test", "last")), args.title)
+                                  tuple(args.rules or ("best_val", "best_test", "last")), args.title,
+                                  pictures=not args.no_pictures, latex=args.format in ("latex", "all"), **extra)
     md, csv = files
     for path, reason in getattr(files, "skipped", []):
         print(f"warning: skipped damaged record {path}: {reason}", file=sys.stderr)
     skipped = len(getattr(files, "skipped", []))
     print(f"wrote {md} and {csv}" + (f" ({skipped} damaged record(s) skipped)" if skipped else ""))
+    for extra_file in [*getattr(files, "pictures", []), *getattr(files, "latex", [])]:
+        print(f"wrote {extra_file}")
     return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from mmbalance.diagnostics import probe_main
+
+    return probe_main(args.run_dir, args.device)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from mmbalance.plots import plot_main
+
+    return plot_main(args.target, args.out, args.rule)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -217,7 +266,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "config": cmd_config, "run": cmd_run, "grid": cmd_grid, "show": cmd_show,
+COMMANDS = {"list": cmd_list, "config": cmd_config, "run": cmd_run, "grid": cmd_grid, "show": cmd_show, "probe": cmd_probe, "plot": cmd_plot,
             "leaderboard": cmd_leaderboard, "prepare": cmd_prepare}
 
 

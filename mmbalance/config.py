@@ -84,6 +84,8 @@ TRAINER_OPTIONS: dict[str, Option] = {
         "the test set (best_test), fp32 (amp=none), the paper's per-dataset recipe",
         ["honest", "paper"]),
     "progress": _opt("auto", "progress bar: auto (on a terminal), on, off", ["auto", "on", "off"]),
+    "diagnostics": _opt(True, "after training: linear probes of the frozen encoders and each modality's "
+                        "Shapley contribution to the fused accuracy (diagnostics.json, the final row)"),
     "log_epochs": _opt(True, "print one line per epoch (loss, val/test accuracy, per modality, seconds)"),
     "limit_train_batches": _opt(None, "stop each training epoch after this many batches (smoke tests)", type=int, min=1),
     "limit_eval_batches": _opt(None, "evaluate on at most this many batches (smoke tests)", type=int, min=1),
@@ -96,7 +98,7 @@ TRAINER_OPTIONS: dict[str, Option] = {
 # Keys that do not change what is computed: left out of the run's identity hash.
 NON_SEMANTIC_KEYS = frozenset(
     {"device", "num_workers", "data_root", "records", "progress", "wandb", "wandb_project",
-     "wandb_mode", "select", "checkpoint", "eval_batch_size", "log_epochs",
+     "wandb_mode", "select", "checkpoint", "eval_batch_size", "log_epochs", "diagnostics",
      "unsafe_unpickle"}  # how a file is read, not what is computed
 )
 

@@ -71,6 +71,7 @@ class Grid:
     name: str
     cells: list[Cell]
     records: str | None = None
+    slurm: dict[str, Any] = field(default_factory=dict)  # resources for --launcher slurm
 
 
 # ---- the grid file ----------------------------------------------------------------------------
@@ -124,9 +125,13 @@ def _seeds(value: Any, path: Path) -> list[int]:
 def load_grid(path: str | Path) -> Grid:
     p = Path(path)
     data = read_yaml_mapping(p, "Grid file")
-    unknown = set(data) - {"name", "records", "seeds", "set", "datasets", "methods"}
+    allowed = ("name", "records", "seeds", "set", "datasets", "methods", "slurm")
+    unknown = set(data) - set(allowed)
     if unknown:
-        raise ConfigError(f"Grid file '{p}' has unknown keys {sorted(unknown)}; allowed: name, records, seeds, set, datasets, methods.")
+        raise ConfigError(f"Grid file '{p}' has unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}.")
+    slurm = data.get("slurm") or {}
+    if not isinstance(slurm, Mapping):
+        raise ConfigError(f"Grid file '{p}': 'slurm' must be a mapping of resources, e.g. {{gpus_per_task: 1}}.")
     seeds = _seeds(data.get("seeds", [0]), p)
     common = _settings(data.get("set"), "at the top level", p)
     cells = [
@@ -135,7 +140,7 @@ def load_grid(path: str | Path) -> Grid:
         for m, mset in _entries(data.get("methods"), "methods", p)
         for s in seeds
     ]
-    return Grid(str(data.get("name", p.stem)), cells, data.get("records"))
+    return Grid(str(data.get("name", p.stem)), cells, data.get("records"), dict(slurm))
 
 
 # ---- one cell ---------------------------------------------------------------------------------
@@ -213,6 +218,8 @@ def run_cell(cell: Cell, base: Mapping[str, Any]) -> tuple[str, str]:
     except UnsupportedError as exc:
         return NOT_APPLICABLE, f"not applicable — {exc}"
     except MMBalanceError as exc:
+        if run_dir is not None and run_dir.exists():  # so `grid --status` can say why
+            _save_traceback(cell, base, run_dir, f"{type(exc).__name__}: {exc}")
         return FAILED, f"FAILED — {exc}"
     except Exception as exc:
         text = traceback.format_exc()

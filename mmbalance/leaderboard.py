@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -21,6 +22,7 @@ from mmbalance import records
 from mmbalance.config import config_hash
 from mmbalance.errors import MMBalanceError
 from mmbalance.metrics import RULE_CAPTIONS, SELECTION_RULES
+from mmbalance.stats import REFERENCE, compare_methods, score_table, statistics_section
 
 METRIC_NAMES = {"acc": "accuracy", "map": "MAP", "f1": "macro-F1"}
 
@@ -39,13 +41,18 @@ class DamagedRecordWarning(UserWarning):
 
 class LeaderboardFiles(tuple):
     """``(md_path, csv_path)`` as before, plus ``.skipped``: the damaged records left out, as
-    (run folder, reason) pairs, so callers that unpack two paths keep working."""
+    (run folder, reason) pairs, and ``.pictures``: the PNG files written beside the markdown,
+    so callers that unpack two paths keep working."""
 
     skipped: list[tuple[Path, str]]
+    pictures: list[Path]
 
-    def __new__(cls, md: Path, csv: Path, skipped: Sequence[tuple[Path, str]] = ()) -> LeaderboardFiles:
+    def __new__(
+        cls, md: Path, csv: Path, skipped: Sequence[tuple[Path, str]] = (), pictures: Sequence[Path] = ()
+    ) -> LeaderboardFiles:
         self = super().__new__(cls, (md, csv))
         self.skipped = list(skipped)
+        self.pictures = list(pictures)
         return self
 
 
@@ -66,7 +73,18 @@ def _run_row(rec: dict[str, Any], run_dir: Path, root: Path | None) -> dict[str,
         "_config": header["config"],
         "run_dir": str(run_dir.relative_to(root)) if root else str(run_dir),
         "epoch_time_s": sum(e["train_time_s"] for e in epochs) / max(1, len(epochs)),
+        "protocol": header["config"].get("protocol", "honest"),
+        "random_init": ", ".join(sorted(
+            f"{m} ({w.get('backbone')})" for m, w in (header.get("weights") or {}).items()
+            if w.get("weights") == "random" and w.get("pretrained_in_papers"))),
     }
+    diag = rec["final"].get("diagnostics") or {}
+    for m, probe in (diag.get("probe") or {}).items():
+        row[f"probe.{m}"] = probe.get("probe_acc") if isinstance(probe, Mapping) else None
+    for m, phi in (diag.get("shapley") or {}).items():
+        row[f"shapley.{m}"] = phi
+    if diag.get("imbalance_degree") is not None:
+        row["imbalance_degree"] = diag["imbalance_degree"]
     for rule, chosen in rec["final"]["selection"].items():
         row[f"{rule}.epoch"] = chosen["epoch"]
         for part, metrics in chosen["test"].items():
@@ -151,15 +169,25 @@ def disambiguate(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _fmt(mean: float, std: float, n: int, n_max: int) -> str:
+def _fmt(mean: float, std: float, n: int, n_max: int, pm: str = "±") -> str:
     if math.isnan(mean):
         return "–"
-    text = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+    text = f"{mean:.2f} {pm} {std:.2f}" if n > 1 else f"{mean:.2f}"
     return text + (f" (n={n})" if n != n_max else "")
 
 
-def pivot(df: pd.DataFrame, column: str, higher_is_better: bool = True) -> tuple[pd.DataFrame, dict[str, int]]:
+# How the best and second-best cells are marked, and how ± is written, per output format.
+STYLES: dict[str, tuple[str, str, str]] = {
+    "markdown": ("**{}**", "<u>{}</u>", "±"),
+    "latex": ("\\textbf{{{}}}", "\\underline{{{}}}", "$\\pm$"),
+}
+
+
+def pivot(
+    df: pd.DataFrame, column: str, higher_is_better: bool = True, style: str = "markdown"
+) -> tuple[pd.DataFrame, dict[str, int]]:
     """Method x dataset table of 'mean ± std' strings, best bold and second underlined."""
+    best, second, pm = STYLES[style]
     grouped = df.groupby(["method", "dataset"])[column].agg(["mean", "std", "count"]).reset_index()
     grouped["std"] = grouped["std"].fillna(0.0)
     methods = list(dict.fromkeys(df["method"]))
@@ -175,12 +203,12 @@ def pivot(df: pd.DataFrame, column: str, higher_is_better: bool = True) -> tuple
         order = sub.sort_values("mean", ascending=not higher_is_better)["mean"].round(2).tolist()
         ranks = sorted(set(order), reverse=higher_is_better)
         for _, r in sub.iterrows():
-            text = _fmt(r["mean"], r["std"], int(r["count"]), n_max)
+            text = _fmt(r["mean"], r["std"], int(r["count"]), n_max, pm)
             val = round(r["mean"], 2)
             if ranks and val == ranks[0]:
-                text = f"**{text}**"
+                text = best.format(text)
             elif len(ranks) > 1 and val == ranks[1]:
-                text = f"<u>{text}</u>"
+                text = second.format(text)
             table.loc[r["method"], ds] = text
     return table, seeds
 
@@ -192,14 +220,70 @@ def _seed_note(seeds: dict[str, int]) -> str:
     return "seeds per dataset: " + ", ".join(f"{d} {n}" for d, n in seeds.items())
 
 
+def context_note(df: pd.DataFrame) -> str:
+    """What a reader must know to compare with the papers: the protocol and random inits."""
+    notes = []
+    if "protocol" in df:
+        protocols = sorted(set(df["protocol"].fillna("honest")))
+        notes.append("Protocol " + " and ".join(protocols) + (
+            " (paper: all of train, epoch selected on test, fp32)" if "paper" in protocols else
+            " (validation carved from train)"))
+    if "random_init" in df:
+        rand = sorted({r for r in df["random_init"].fillna("") if r})
+        if rand:
+            notes.append("Random init of encoders the papers start pretrained: " + "; ".join(rand))
+    return (" " + ". ".join(notes) + ".") if notes else ""
+
+
+def latex_escape(text: str) -> str:
+    for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
+                 ("$", "\\$"), ("{", "\\{"), ("}", "\\}"), ("~", "\\textasciitilde{}"), ("^", "\\^{}")):
+        text = text.replace(a, b)
+    return text
+
+
+def latex_tables(df: pd.DataFrame, rules: Sequence[str], title: str) -> str:
+    """Every fused-metric table as LaTeX through pandas' writer: booktabs rules, best in bold,
+    second underlined, mean $\\pm$ std, the caption naming the rule and the seed count."""
+    parts = [f"% {title}: generated by `mmbalance leaderboard --format latex` from recorded runs.",
+             "% Needs \\usepackage{booktabs}."]
+    for rule in rules:
+        for metric, name in METRIC_NAMES.items():
+            col = f"{rule}.fused.{metric}"
+            if col not in df or df[col].isna().all():
+                continue
+            table, seeds = pivot(df, col, style="latex")
+            table.index = [latex_escape(str(i)) for i in table.index]
+            table.columns = [latex_escape(str(c)) for c in table.columns]
+            table = table.reset_index(names="method")
+            caption = latex_escape(
+                f"Test {name} (%) of the fused prediction, {RULE_CAPTIONS[rule]} (rule {rule}); mean ± std "
+                f"over seeds, {_seed_note(seeds)}; best in bold, second underlined." + context_note(df)
+            ).replace("±", "$\\pm$")
+            parts.append(table.to_latex(index=False, escape=False, caption=caption, label=f"tab:{metric}-{rule.replace('_', '-')}",
+                                        column_format="l" + "c" * (len(table.columns) - 1), position="t"))
+    return "\n".join(parts) + "\n"
+
+
 def markdown_table(table: pd.DataFrame, caption: str) -> str:
     body = table.reset_index(names="method").to_markdown(index=False)
     return f"{caption}\n\n{body}\n"
 
 
+def _picture(alt: str, file: str) -> str:
+    """A markdown image with a link relative to the markdown file (both in one folder)."""
+    return f"![{alt}]({quote(file)})\n"
+
+
 def build_report(
-    df: pd.DataFrame, rules: Sequence[str], title: str, skipped: Sequence[tuple[Path, str]] = ()
+    df: pd.DataFrame, rules: Sequence[str], title: str, skipped: Sequence[tuple[Path, str]] = (), *,
+    statistics: bool = True, reference: str = REFERENCE, pictures: Mapping[str, str] | None = None,
 ) -> str:
+    """The markdown report: per rule the fused accuracy/MAP/F1 tables and the per-modality table;
+    then (``statistics``) the Statistics section for the first rule (average ranks, Friedman,
+    Nemenyi CD, paired tests against ``reference``); then the cost table. ``pictures`` maps
+    'cd' and 'cost' to PNG file names beside the markdown, embedded where they belong."""
+    pictures = dict(pictures or {})
     note = "Generated by `mmbalance leaderboard` from recorded runs; do not edit by hand."
     if skipped:  # in the header line, so a reader of the table knows runs are missing from it
         note += f" {len(skipped)} damaged record(s) skipped: " + ", ".join(f"`{p}`" for p, _ in skipped) + "."
@@ -213,12 +297,21 @@ def build_report(
             caption = (
                 f"**Test {name} (%) of the fused prediction, {RULE_CAPTIONS[rule]}** (rule `{rule}`); "
                 f"mean ± std over seeds, {_seed_note(seeds)}; best in bold, second underlined."
+                + context_note(df)
             )
             parts.append(f"## {name}, rule `{rule}`\n\n" + markdown_table(table, caption))
         per_mod = _per_modality(df, rule)
         if per_mod:
             parts.append(per_mod)
+    diag = diagnostics_section(df)
+    if diag:
+        parts.append(diag)
+    if statistics and rules:
+        cd = pictures.get("cd")
+        parts.append(statistics_section(df, rules[0], reference, cd_picture=quote(cd) if cd else None))
     parts.append(_cost_table(df))
+    if pictures.get("cost"):
+        parts.append(_picture("Training time per epoch", pictures["cost"]))
     return "\n".join(parts)
 
 
@@ -242,6 +335,38 @@ def _per_modality(df: pd.DataFrame, rule: str) -> str:
     return f"## Per-modality accuracy, rule `{rule}`\n\n" + markdown_table(table, caption)
 
 
+def _diagnostic_long(df: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    rows = []
+    for _, r in df.iterrows():
+        for col, value in r.items():
+            if isinstance(col, str) and col.startswith(prefix) and value == value and value is not None:
+                rows.append({"method": r["method"], "dataset": f"{r['dataset']} · {col[len(prefix):]}",
+                             "value": float(value)})
+    return pd.DataFrame(rows)
+
+
+def diagnostics_section(df: pd.DataFrame) -> str:
+    """The imbalance diagnostics recorded at the end of every run: a linear probe of each frozen
+    encoder (compare a method's row with the Unimodal row: the same encoder trained alone) and
+    each modality's Shapley contribution to the fused accuracy."""
+    parts = []
+    probe = _diagnostic_long(df, "probe.")
+    if not probe.empty:
+        table, seeds = pivot(probe, "value")
+        parts.append(markdown_table(table, (
+            "**Linear probe of each frozen encoder (test accuracy, %)**: scikit-learn logistic regression "
+            "on the encoder's train-split features after training; an under-trained encoder scores low. "
+            f"The Unimodal rows are the same encoder trained alone; {_seed_note(seeds)}.")))
+    shap = _diagnostic_long(df, "shapley.")
+    if not shap.empty:
+        table, seeds = pivot(shap, "value")
+        parts.append(markdown_table(table, (
+            "**Shapley contribution of each modality to the fused test accuracy (points)**, from "
+            "evaluations with absent (blank) modalities; the contributions sum to the fused accuracy "
+            f"minus the all-absent accuracy; {_seed_note(seeds)}.")))
+    return ("## Imbalance diagnostics\n\n" + "\n".join(parts)) if parts else ""
+
+
 def _cost_table(df: pd.DataFrame) -> str:
     grouped = df.groupby(["method", "dataset"])["epoch_time_s"].mean().reset_index()
     lines = []
@@ -257,14 +382,41 @@ def _cost_table(df: pd.DataFrame) -> str:
     return "## Cost\n\n" + caption + "\n\n" + pd.DataFrame(lines).to_markdown(index=False) + "\n"
 
 
+def write_pictures(df: pd.DataFrame, out_dir: Path, name: str, rule: str, statistics: bool = True) -> dict[str, Path]:
+    """Draw the leaderboard's pictures beside its markdown: ``<name>_cd.png`` (critical-difference
+    diagram for ``rule``, when a Friedman/Nemenyi analysis is possible and ``statistics``) and
+    ``<name>_cost.png``. A picture that cannot be drawn this time is removed if an older one is
+    there, so the folder never shows a diagram the markdown no longer describes."""
+    from mmbalance import plots  # matplotlib is imported only when pictures are wanted
+
+    files = {"cd": Path(out_dir) / f"{name}_cd.png", "cost": Path(out_dir) / f"{name}_cost.png"}
+    drawn: dict[str, Path | None] = {"cd": None, "cost": None}
+    col = f"{rule}.fused.acc"
+    if statistics and col in df and not df[col].isna().all():
+        drawn["cd"] = plots.plot_critical_difference(compare_methods(score_table(df, col)), files["cd"], rule)
+    drawn["cost"] = plots.plot_cost(df, files["cost"])
+    for key, path in files.items():
+        if drawn[key] is None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise records.RecordsIOError(f"Cannot remove the stale picture '{path}': {exc}.") from exc
+    return {k: p for k, p in drawn.items() if p is not None}
+
+
 def write_leaderboard(
     records_dir: Path, out_dir: Path, name: str = "leaderboard", rules: Sequence[str] = ("best_val", "best_test", "last"),
-    title: str | None = None,
+    title: str | None = None, *, pictures: bool = True, statistics: bool = True, reference: str = REFERENCE,
+    latex: bool = False,
 ) -> LeaderboardFiles:
     """Read every finished run under ``records_dir`` and write ``<name>.md`` and ``<name>.csv``.
 
-    Damaged records are skipped with one DamagedRecordWarning each and counted in the report's
-    header line; the returned ``(md_path, csv_path)`` carries them as ``.skipped``."""
+    With ``statistics`` the report has a Statistics section for the first rule (average ranks,
+    Friedman p, Nemenyi CD, paired tests over seeds against ``reference``); with ``pictures``
+    the CD diagram and the cost chart are drawn beside the markdown as ``<name>_cd.png`` and
+    ``<name>_cost.png`` and embedded in it (relative links). Damaged records are skipped with
+    one DamagedRecordWarning each and counted in the report's header line; the returned
+    ``(md_path, csv_path)`` carries them as ``.skipped`` and the pictures as ``.pictures``."""
     unknown = [r for r in rules if r not in SELECTION_RULES]
     if unknown:
         raise MMBalanceError(f"Unknown selection rule(s) {unknown}; choose from {', '.join(SELECTION_RULES)}.")
@@ -285,5 +437,14 @@ def write_leaderboard(
     md_path, csv_path = out_dir / f"{name}.md", out_dir / f"{name}.csv"
     records.atomic_write_text(csv_path, df.to_csv(index=False))
     shown = [(p.relative_to(root) if p.is_relative_to(root) else p, why) for p, why in skipped]
-    records.atomic_write_text(md_path, build_report(df, rules, title or name, shown))
-    return LeaderboardFiles(md_path, csv_path, skipped)
+    drawn = write_pictures(df, out_dir, name, rules[0], statistics) if pictures and rules else {}
+    report = build_report(df, rules, title or name, shown, statistics=statistics, reference=reference,
+                          pictures={k: p.name for k, p in drawn.items()})
+    records.atomic_write_text(md_path, report)
+    files = LeaderboardFiles(md_path, csv_path, skipped, list(drawn.values()))
+    files.latex = []
+    if latex:
+        tex_path = out_dir / f"{name}.tex"
+        records.atomic_write_text(tex_path, latex_tables(df, rules, title or name))
+        files.latex.append(tex_path)
+    return files

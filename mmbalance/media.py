@@ -5,13 +5,17 @@ reproduce those recipes with soundfile, torchaudio and torch so every plugin get
 numbers for the same file (see reference/datasets.md, "Common conventions"):
 
 * audio: read a WAV (soundfile), mix to mono (channel mean, as ``librosa.load``), resample
-  (torchaudio), tile/crop to a fixed length, clip to [-1, 1];
+  with soxr at HQ quality and fix the length to ``ceil(n * new / old)`` (what
+  ``librosa.load(sr=...)`` does by default: its ``res_type`` is ``soxr_hq``), tile/crop to a
+  fixed length, clip to [-1, 1];
 * "spectrogram" (librosa family): ``log(|STFT| + 1e-7)`` with a periodic Hann window, centred
   frames, so ``frames = 1 + n_samples // hop`` -> shape (1, 1 + n_fft // 2, frames);
 * "fbank" (torchaudio family): kaldi fbank of the mean-removed waveform, 128 mel bins, 10 ms
   shift, zero-padded or cut to 1024 frames -> (1024, 128);
 * frames: list a clip's frame folder (sorted, or in the filesystem's order as the official
-  code does), choose k of them, load as RGB, ImageNet train/test transforms;
+  code does), choose k of them by a named rule (:data:`FRAME_RULES`: IPRM's random sorted
+  indices, the first k, OGM-GE's fixed 1, 4, 7, BalanceMM's segments), load as RGB, ImageNet
+  train/test transforms;
 * audio + frame-folder plugins (CREMA-D, Kinetics-Sounds): their base class, settings, audio
   input, clip indexing and Splits assembly (validation carved by ``data.carve_validation``).
 
@@ -25,7 +29,7 @@ import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -68,27 +72,51 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(rate)
 
 
-@functools.lru_cache(maxsize=16)
-def _resampler(orig: int, new: int):
-    """One cached torchaudio Resample per rate pair: its sinc kernel is built once."""
-    import torchaudio
+# What every loader that changes a sample rate uses; recorded with the run (the resampler's
+# stop-band leakage is what fills the spectrogram rows above the source's Nyquist frequency).
+RESAMPLER = "soxr HQ, length fixed to ceil(n * new / old) (librosa.load's default soxr_hq)"
 
-    return torchaudio.transforms.Resample(orig_freq=orig, new_freq=new)
+
+def soxr_resample(samples: np.ndarray, orig: int, new: int) -> np.ndarray:
+    """Resample the last axis of ``samples`` from ``orig`` Hz to ``new`` Hz as librosa does.
+
+    The field's loaders call ``librosa.load(path, sr=new)``, whose default ``res_type`` is
+    ``soxr_hq``: libsoxr at HQ quality, then the length fixed to ``ceil(n * new / orig)``
+    (zero-padded or cut; soxr itself returns a rounded length) and the input dtype kept.
+    Doing the same keeps the rows above the source's Nyquist frequency of a log spectrogram
+    (the filter's leakage, tens of dB down) equal to the official inputs'; another filter
+    (e.g. torchaudio's default sinc) leaves nats of difference there. Works on (samples,) and
+    (channels, samples); identity when the rates are equal.
+    """
+    import soxr
+
+    if orig == new:
+        return samples
+    x = np.asarray(samples)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float32)
+    n_out = int(np.ceil(x.shape[-1] * (float(new) / orig)))  # librosa's arithmetic
+    y = soxr.resample(np.ascontiguousarray(x.T), int(orig), int(new), quality="HQ").T
+    if y.shape[-1] < n_out:
+        y = np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, n_out - y.shape[-1])])
+    return np.ascontiguousarray(y[..., :n_out], dtype=x.dtype)
 
 
 def resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
-    """Resample the last axis from ``orig`` Hz to ``new`` Hz (identity when equal)."""
+    """Resample the last axis from ``orig`` Hz to ``new`` Hz with :func:`soxr_resample`
+    (librosa's default), identity when equal. float32 stays float32."""
     if orig == new:
         return wave
-    with torch.no_grad():
-        return _resampler(int(orig), int(new))(wave)
+    out = soxr_resample(wave.detach().cpu().numpy(), int(orig), int(new))
+    return torch.from_numpy(out).to(wave.device)
 
 
 def load_audio(path: str | Path, sample_rate: int | None = None, mono: bool = True) -> torch.Tensor:
     """Load a sound file like ``librosa.load(path, sr=sample_rate, mono=mono)``.
 
-    Returns float32 (samples,) when ``mono`` (channel mean), else (channels, samples).
-    ``sample_rate=None`` keeps the file's rate.
+    Returns float32 (samples,) when ``mono`` (channel mean, taken before resampling as
+    librosa does), else (channels, samples). ``sample_rate=None`` keeps the file's rate;
+    another rate is reached with :func:`resample` (soxr HQ, :data:`RESAMPLER`).
     """
     wave, rate = read_wav(path)
     if mono:
@@ -260,18 +288,57 @@ def count_frames(folder: str | Path) -> int:
         return 0
 
 
-def choose_frames(available: int, k: int, train: bool) -> list[int]:
-    """Which of ``available`` listed frames to read.
+# How a loader picks k of a clip's n listed frames (indices into the listing), per source.
+FRAME_RULES: dict[str, str] = {
+    "random": "train: k distinct random indices, sorted (IPRM's CREMA-D rule); eval: the first k",
+    "first": "train and eval: the first k of the listing (IGM/AUG's KS loader: it draws random "
+    "indices but reads the first k entries)",
+    "ogm_fixed": "train and eval: indices (n // k) * i + 1 for i < k, i.e. frames 1, 4, 7 of "
+    "10 (OGM-GE's AV loader)",
+    "segments": "k equal segments of s = n // k frames; train: a random index in "
+    "[i*s + 1, i*s + s] capped at 9, eval: i*s + max(s // 2, 1); index 1 for all when n <= 6 "
+    "(BalanceMM's KS loader)",
+}
 
-    Train: k distinct random indices, sorted (IPRM's CREMA-D rule), drawn from torch's global
-    RNG so the trainer's per-epoch/per-worker seeding makes them reproducible. Test: the first
-    k. Fewer than k frames -> DataError (the plugins drop such clips when indexing).
+
+def choose_frames(available: int, k: int, train: bool, rule: str = "random") -> list[int]:
+    """Which of ``available`` listed frames to read, by one of :data:`FRAME_RULES`.
+
+    The rules are the official loaders' (each source picks frames its own way, and the pick
+    changes what a visual encoder sees). ``random`` (IPRM's CREMA-D rule) draws in train k
+    distinct indices, sorted, from torch's global RNG (the trainer's per-epoch / per-worker
+    seeding makes them reproducible) and reads the first k in eval. ``first`` reads the first
+    k in both (IGM's KS loader). ``ogm_fixed`` reads ``(n // k) * i + 1`` in both (OGM-GE:
+    frames 1, 4, 7 of a 10-frame folder; the official code opens ``frame_0000{t}.jpg``, which
+    is index t of a sorted 0-based folder). ``segments`` is BalanceMM's: k segments of
+    ``s = n // k``; train draws t uniformly in ``[i*s + 1, i*s + s]`` (capped at 9, as its
+    one-digit file names force), eval takes ``i*s + max(s // 2, 1)``; with n <= 6 every pick
+    is index 1. Fewer frames than a rule needs -> DataError (the plugins drop such clips when
+    indexing).
     """
+    if rule not in FRAME_RULES:
+        raise ConfigError(f"Unknown frame rule '{rule}'. Use one of {', '.join(FRAME_RULES)}.")
     if available < k:
         raise DataError(f"Need {k} frames but the clip has only {available}.")
-    if not train:
-        return list(range(k))
-    return sorted(torch.randperm(available)[:k].tolist())
+    seg = available // k
+    if rule == "first" or (rule == "random" and not train):
+        picks = list(range(k))
+    elif rule == "random":
+        picks = sorted(torch.randperm(available)[:k].tolist())
+    elif rule == "ogm_fixed":
+        picks = [seg * i + 1 for i in range(k)]
+    elif available <= 6:  # segments, a short folder
+        picks = [1] * k
+    elif train:
+        picks = [min(int(torch.randint(i * seg + 1, i * seg + seg + 1, ()).item()), 9) for i in range(k)]
+    else:
+        picks = [i * seg + max(seg // 2, 1) for i in range(k)]
+    if max(picks) >= available:
+        raise DataError(
+            f"The '{rule}' frame rule picks index {max(picks)} of a clip with only {available} "
+            f"frames; it needs at least {max(picks) + 1}."
+        )
+    return picks
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -337,8 +404,8 @@ class AVClipDataset(Dataset):
 
     ``audio_loader`` maps a clip's audio path to a (1, F, T) float32 tensor (a
     ``functools.partial`` of a module-level function, so worker processes can pickle it).
-    Train mode draws k random frames and random crops from torch's global RNG; eval mode reads
-    the first k frames with a plain resize. Modalities not in ``modalities`` are never read.
+    ``frame_rule`` (one of :data:`FRAME_RULES`) picks the k frames; train mode crops at random
+    from torch's global RNG, eval mode resizes. Modalities not in ``modalities`` are never read.
     """
 
     def __init__(
@@ -350,7 +417,11 @@ class AVClipDataset(Dataset):
         image_size: int,
         train: bool,
         fix: str = "",
+        frame_rule: str = "random",
     ) -> None:
+        if frame_rule not in FRAME_RULES:
+            raise ConfigError(f"Unknown frame rule '{frame_rule}'. Use one of {', '.join(FRAME_RULES)}.")
+        self.frame_rule = frame_rule
         self.clips = list(clips)
         self.fix = fix  # appended to a broken file's DataError: the dataset's own remedy
         self.modalities = tuple(modalities)
@@ -381,7 +452,7 @@ class AVClipDataset(Dataset):
         if "audio" in self.modalities:
             item["audio"] = self.audio_loader(clip.audio)
         if "visual" in self.modalities:
-            picks = choose_frames(len(clip.frame_names), self.frames, self.train)
+            picks = choose_frames(len(clip.frame_names), self.frames, self.train, self.frame_rule)
             paths = [clip.frame_dir / clip.frame_names[k] for k in picks]
             item["visual"] = load_frame_stack(paths, self.transform)
         item["label"] = int(clip.label)
@@ -417,6 +488,7 @@ class AudioInput:
     loader: Callable[[Path], torch.Tensor]
     spec: ModalitySpec
     rule: str
+    resampler: str | None = None  # how a sound file reaches the input's rate (None: no audio read)
 
 
 def log_spectrogram_input(sample_rate: int, seconds: float, n_fft: int, hop_length: int) -> AudioInput:
@@ -427,9 +499,13 @@ def log_spectrogram_input(sample_rate: int, seconds: float, n_fft: int, hop_leng
             load_log_spectrogram, sample_rate=sample_rate, seconds=seconds, n_fft=n_fft,
             hop_length=hop_length,
         ),
-        spec=ModalitySpec("spectrogram", shape, {"sample_rate": sample_rate, "seconds": seconds}),
-        rule=f"wav -> mono {sample_rate} Hz -> tiled/cut to {seconds:g} s -> clip [-1, 1] -> "
-        f"log(|STFT {n_fft}/{hop_length}, Hann, centred| + 1e-7) -> {shape}",
+        spec=ModalitySpec(
+            "spectrogram", shape, {"sample_rate": sample_rate, "seconds": seconds, "resampler": "soxr_hq"}
+        ),
+        rule=f"wav -> mono {sample_rate} Hz (resampled by {RESAMPLER}) -> tiled/cut to "
+        f"{seconds:g} s -> clip [-1, 1] -> log(|STFT {n_fft}/{hop_length}, Hann, centred| + "
+        f"1e-7) -> {shape}",
+        resampler=RESAMPLER,
     )
 
 
@@ -445,6 +521,39 @@ def stored_fbank_input(feature: str, note: str) -> AudioInput:
     )
 
 
+MANIFEST_MODES = (True, False, "warn")
+
+
+class MissingSamplesWarning(UserWarning):
+    """Listed samples whose files are absent were skipped (``check_manifest=warn``)."""
+
+
+def manifest_mode(value: Any) -> str:
+    """``check_manifest`` -> "strict" (true, the default), "off" (false) or "warn"."""
+    if value == "warn":
+        return "warn"
+    return "strict" if value is None or bool(value) else "off"
+
+
+def warn_missing(dataset: str, split: str, listed: Sequence[str], usable: Sequence[str]) -> str | None:
+    """Warn (:class:`MissingSamplesWarning`) how many listed samples were skipped for lack of
+    files, as ``check_manifest=warn`` promises (the official loaders skip them silently);
+    returns the message, or None when nothing is missing."""
+    import warnings
+
+    have = set(usable)
+    missing = [i for i in listed if i not in have]
+    if not missing:
+        return None
+    msg = (
+        f"Dataset '{dataset}', split '{split}': {len(missing)} of {len(listed)} listed samples "
+        f"have no files and are skipped (e.g. {', '.join(missing[:3])}); check_manifest=warn "
+        f"goes on with {len(usable)}, as the official loader does silently."
+    )
+    warnings.warn(msg, MissingSamplesWarning, stacklevel=2)
+    return msg
+
+
 @dataclass(frozen=True)
 class AVSettings:
     """What an audio + frames plugin resolves from its options (its own settings extend it)."""
@@ -455,8 +564,11 @@ class AVSettings:
     list_dir: Path
     image_size: int
     sort_frames: bool
-    strict: bool  # check_manifest
+    strict: bool  # check_manifest is true: a manifest mismatch is an error
     class_order: str
+    # check_manifest as "strict" | "off" | "warn" (skip missing clips, warn with their count)
+    manifest: str = field(default="strict", kw_only=True)
+    frame_rule: str = field(default="random", kw_only=True)  # a key of FRAME_RULES
 
     @classmethod
     def from_options(
@@ -472,6 +584,7 @@ class AVSettings:
         stored_fbank: AudioInput | None,
         default_rate: int,
         default_order: str,
+        frame_rule: str = "random",
         **extra: Any,
     ) -> Self:
         """The settings from the options both AV plugins read alike; ``extra`` fills the
@@ -480,12 +593,16 @@ class AVSettings:
         Checks ``frames`` and ``seconds`` (the audio_seconds in effect), then reads the audio as
         ``stored_fbank`` when the layout stores fbanks, else as log spectrograms of
         ``sample_rate`` (default ``default_rate``), n_fft and hop_length; ``list_dir`` is joined
-        to ``root`` (an absolute one wins the join).
+        to ``root`` (an absolute one wins the join). ``check_manifest`` may be true, false or
+        "warn"; ``frame_rule`` is the :data:`FRAME_RULES` key the plugin chose.
         """
         if frames < 1:
             raise ConfigError(f"Dataset '{dataset}': frames must be at least 1, got {frames}.")
         if seconds is not None and seconds <= 0:
             raise ConfigError(f"Dataset '{dataset}': audio_seconds must be positive, got {seconds}.")
+        if frame_rule not in FRAME_RULES:
+            raise ConfigError(f"Dataset '{dataset}': unknown frame rule '{frame_rule}'.")
+        manifest = manifest_mode(cfg.get("check_manifest", True))
         audio = stored_fbank or log_spectrogram_input(
             int(cfg.get("sample_rate", default_rate)), float(seconds or 0.0),
             int(cfg.get("n_fft", 512)), int(cfg.get("hop_length", 353)),
@@ -497,8 +614,10 @@ class AVSettings:
             list_dir=root / Path(list_dir).expanduser(),
             image_size=int(cfg.get("image_size", 224)),
             sort_frames=bool(cfg.get("sort_frames", True)),
-            strict=bool(cfg.get("check_manifest", True)),
+            strict=manifest == "strict",
             class_order=str(cfg.get("class_order", default_order)),
+            manifest=manifest,
+            frame_rule=frame_rule,
             **extra,
         )
 
@@ -533,6 +652,20 @@ def find_clip(
     return Clip(clip_id, label, audio, frame_dir, tuple(names))
 
 
+def frame_naming(names: Sequence[str]) -> str:
+    """Which extractor a frame folder's names point to (recorded with the run, since the
+    extractor decides which moments of a clip the frames show)."""
+    import re
+
+    if names and all(re.fullmatch(r"\d{5}\.jpg", n) for n in names):
+        kind = "{source index:05d}.jpg: OGM-GE's current per-second extractor"
+    elif names and all(re.fullmatch(r"frame_\d{5}\.jpg", n) for n in names):
+        kind = "frame_NNNNN.jpg: OGM-GE's earlier 10-frame extractor (or another)"
+    else:
+        kind = "other names"
+    return f"{kind}; e.g. {', '.join(names[:3])}"
+
+
 def av_clip_splits(
     parts: Mapping[str, Sequence[Clip]],
     modalities: Sequence[str],
@@ -559,7 +692,7 @@ def av_clip_splits(
     frames, size = r.frames, r.image_size
 
     def make(clips: Sequence[Clip], train: bool) -> AVClipDataset:
-        return AVClipDataset(clips, modalities, r.audio.loader, frames, size, train, fix)
+        return AVClipDataset(clips, modalities, r.audio.loader, frames, size, train, fix, r.frame_rule)
 
     test = make(parts["test"], False)
     if "valid" in parts:
@@ -574,9 +707,13 @@ def av_clip_splits(
         **info,
         "val_rule": rule,
         "val_is_test": val_is_test,
-        "frame_rule": f"train: {frames} distinct random sorted indices + RandomResizedCrop"
-        f"({size}) + flip; eval: first {frames} + Resize",
+        "frame_choice": r.frame_rule,
+        "frame_rule": f"{FRAME_RULES[r.frame_rule]} (k = {frames}); train: RandomResizedCrop"
+        f"({size}) + flip; eval: Resize",
         "audio": r.audio.rule,
+        **({"resampler": r.audio.resampler} if r.audio.resampler else {}),
+        "check_manifest": r.manifest,
+        **({"frame_files": frame_naming(parts["train"][0].frame_names)} if parts["train"] else {}),
         "sizes": {"train": len(train), "val": len(val), "test": len(test)},
         "notes": notes,
     }

@@ -130,17 +130,21 @@ def tokenizer_for_backbone(backbone: str | None, path: str | Path | None) -> Any
 
 
 def encode_texts(
-    tokenizer: Any, texts: Sequence[str], max_length: int, pad_to_max: bool = False
+    tokenizer: Any, texts: Sequence[str], max_length: int | None, pad_to_max: bool = False
 ) -> list[dict[str, torch.Tensor]]:
-    """Tokenise each text (special tokens on, truncated to ``max_length``) into LongTensors.
+    """Tokenise each text (special tokens on) into LongTensors, truncated to ``max_length``.
 
-    Without ``pad_to_max`` the items keep their own length and :class:`PadTokens` pads a batch
-    to its longest member (the lab loaders pad to the longest); with it every item is padded
-    to ``max_length`` so the default collate works.
+    ``max_length=None`` truncates nothing: what IGM's ``tokenizer(text, padding='longest',
+    max_length=50)`` does, since transformers only truncates there when asked. Without
+    ``pad_to_max`` the items keep their own length and :class:`PadTokens` pads a batch to its
+    longest member (the lab loaders pad to the longest); with it every item is padded to
+    ``max_length`` (which must then be given) so the default collate works.
     """
+    if pad_to_max and max_length is None:
+        raise ConfigError("Padding every text to max_length needs a max_length; none was given.")
     enc = tokenizer(
         list(texts),
-        truncation=True,
+        truncation=max_length is not None,
         max_length=max_length,
         padding="max_length" if pad_to_max else False,
         return_attention_mask=True,

@@ -890,6 +890,13 @@ class Trainer:
             "total_train_time_s": sum(e["train_time_s"] for e in self.history),
             "estimation_cost": self.estimation_cost.as_dict(),
         }
+        if self.cfg["diagnostics"]:
+            from mmbalance.diagnostics import compute_diagnostics, write_diagnostics
+
+            diag = compute_diagnostics(self)  # on the last epoch's model, before DONE
+            write_diagnostics(self.run_dir, diag)
+            final["diagnostics"] = {k: diag.get(k) for k in
+                                    ("probe", "probe_baseline_acc", "shapley", "coalitions", "imbalance_degree")}
         self._write_record(header, final)
         records.atomic_write_text(self.run_dir / records.DONE, json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         if wandb_run is not None:

@@ -2,10 +2,11 @@
 
 The NVGesture loaders of this line of work read ``sk_color.avi`` / ``sk_depth.avi`` with
 OpenCV: seek to the first annotated frame, read ``end - start`` frames into a fixed-length
-buffer (missing frames stay zero), and resize each frame bilinearly. OpenCV is not a
-dependency here, so the same reading is done with PyAV (FFmpeg): frames are decoded in
-presentation order and counted from 0, which is what OpenCV's frame position means for these
-constant-frame-rate AVIs. Converting and resizing happen in one libswscale call per frame.
+buffer (missing frames stay zero), and resize each frame bilinearly. The suite reads them
+with PyAV (FFmpeg) instead (OpenCV is a dependency only for optical flow and image
+augmentation): frames are decoded in presentation order and counted from 0, which is what
+OpenCV's frame position means for these constant-frame-rate AVIs. Converting and resizing
+happen in one libswscale call per frame.
 """
 
 from __future__ import annotations

@@ -44,6 +44,22 @@ def write_frames(folder: Path, count: int, names: str = "{:05d}.jpg", step: int 
         Image.fromarray(arr).save(folder / names.format(k * step), format="JPEG")
 
 
+def write_indexed_frames(folder: Path, count: int, names: str = "frame_{:05d}.jpg", size=(24, 20)) -> None:
+    """``count`` flat JPEG frames whose red value encodes the index: frame k has red 20 k + 10
+    (k < 12), so a loaded clip tells which frames were picked (:func:`frame_indices`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        arr = np.full((size[1], size[0], 3), 60, dtype=np.uint8)
+        arr[..., 0] = 20 * k + 10
+        Image.fromarray(arr).save(folder / names.format(k), format="JPEG", quality=95)
+
+
+def frame_indices(visual: Any) -> list[int]:
+    """The frame indices of a (3, T, H, W) ImageNet-normalised stack of :func:`write_indexed_frames`."""
+    red = visual[0].mean(dim=(1, 2)) * 0.229 + 0.485  # undo Normalize on the red channel
+    return [int(round((float(r) * 255 - 10) / 20)) for r in red]
+
+
 # ------------------------------------------------------------------------------ tiny runs
 
 

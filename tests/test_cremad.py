@@ -313,6 +313,67 @@ def test_manifest_reports_missing_and_extra_samples(tmp_path, monkeypatch):
         build(tmp_path, check_manifest=True)
 
 
+def test_check_manifest_warn_skips_missing_clips_and_counts_them(tmp_path):
+    base = make_cremad_b(tmp_path, n_train=3)
+    gone = [clip_ids(3)[k][0] for k in (2, 7)]
+    (base / "AudioWAV" / f"{gone[0]}.wav").unlink()
+    for f in (base / "Image-01-FPS" / gone[1]).iterdir():
+        f.unlink()  # an empty frame folder: unusable too
+    with pytest.warns(media.MissingSamplesWarning, match="2 of 18 listed samples have no files") as rec:
+        splits = build(tmp_path, check_manifest="warn", audio_seconds=0.5, val_fraction=0.0)
+    assert len(splits.train) == 16 and len(splits.test) == 6
+    assert not {c.clip_id for c in splits.train.clips} & set(gone)
+    assert any(gone[0] in str(w.message) for w in rec)
+    assert splits.info["check_manifest"] == "warn"
+    assert any("2 of 18" in n for n in splits.info["notes"])
+    # the default stays strict, and its message offers warn
+    with pytest.raises(DataError, match="check_manifest=warn"):
+        build(tmp_path, audio_seconds=0.5, check_manifest=True)
+    with pytest.raises(ConfigError, match="warn"):
+        build(tmp_path, check_manifest="skip")
+
+
+def test_root_may_be_named_as_ogm_ge_or_iprm(tmp_path):
+    for name in ("CREMAD", "CREMA"):
+        parent = tmp_path / name.lower()
+        make_cremad_b(parent, n_train=1, n_test=1)
+        (parent / "CREMA-D").rename(parent / name)
+        splits = build(parent, audio_seconds=0.5, val_fraction=0.0)
+        assert len(splits.test) == 6
+        assert splits.test.clips[0].audio.parent.parent.name == name
+
+
+def test_missing_split_csvs_name_list_dir_and_warn_about_layout_a(tmp_path):
+    base = make_cremad_b(tmp_path)
+    ogm = tmp_path / "OGM-GE_CVPR2022" / "data" / "CREMAD"
+    ogm.mkdir(parents=True)
+    for f in ("train.csv", "test.csv"):
+        (base / "annotations" / f).rename(ogm / f)
+    with pytest.raises(DataError) as err:
+        build(tmp_path)
+    msg = str(err.value)
+    assert "--set list_dir=DIR" in msg and "data/CREMAD" in msg
+    assert "layout=A" in msg and "1 frame, 3 s of audio" in msg
+    assert "2 frame(s), 20 s of audio" in msg  # what list_dir keeps (layout B, IPRM)
+    # the advice works: layout B's recipe with OGM-GE's csvs from the code checkout
+    splits = build(tmp_path, list_dir=str(ogm), audio_seconds=0.5, val_fraction=0.0)
+    assert len(splits.train) == 12 and splits.modalities["visual"].shape[1] == 2
+    # files present: no list_dir advice in other errors
+    (ogm / "train.csv").rename(base / "annotations" / "train.csv")
+    (ogm / "test.csv").rename(base / "annotations" / "test.csv")
+    (base / "Image-01-FPS").rename(base / "frames")
+    with pytest.raises(DataError) as err:
+        build(tmp_path)
+    assert "list_dir" not in str(err.value) and "Image-01-FPS" in str(err.value)
+
+
+def test_audio_rule_records_the_resampler(tmp_path):
+    make_cremad_b(tmp_path, n_train=1, n_test=1)
+    splits = build(tmp_path, audio_seconds=0.5, val_fraction=0.0)
+    assert "soxr" in splits.info["audio"] and splits.info["resampler"] == media.RESAMPLER
+    assert splits.info["frame_choice"] == "random"
+
+
 def test_manifest_checks_per_class_counts(tmp_path, monkeypatch):
     make_cremad_b(tmp_path)
     from mmbalance.datasets import cremad

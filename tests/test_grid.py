@@ -75,3 +75,23 @@ def test_bad_cell_settings(tmp_path):
     path.write_text("seeds: [0]\nset: [epochs, 3]\nmethods: [concat]\ndatasets: [synthetic]\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_grid(path)
+
+
+def test_progress_line_counts_and_eta():
+    from mmbalance.grid import FAILED, TRAINED, progress_line
+
+    line = progress_line({0: TRAINED, 1: TRAINED, 2: FAILED, 3: "skipped"}, to_train=10, elapsed_s=300.0, jobs=2)
+    # 3 finished in 300 s -> 100 s each; 7 left -> 700 s; 2 of them running
+    assert line == "  progress: 2 trained, 2 running, 1 failed, 5 waiting of 10; ETA 11.7 min"
+    assert progress_line({}, 4, 0.0, 2).endswith("ETA –")
+
+
+def test_grid_prints_progress_after_each_trained_cell(tmp_path, capsys):
+    path = tmp_path / "g.yaml"
+    path.write_text(f"records: {tmp_path / 'runs'}\nseeds: [0, 1]\nset: {{epochs: 1, n_train: 200, n_test: 100}}\n"
+                    "datasets: [synthetic]\nmethods: [concat]\n")
+    assert run_grid(load_grid(path), {}) == 0
+    lines = capsys.readouterr().out.splitlines()
+    progress = [ln for ln in lines if ln.startswith("  progress:")]
+    assert len(progress) == 2 and "1 trained, 1 running, 0 failed, 0 waiting of 2" in progress[0]
+    assert progress[1].startswith("  progress: 2 trained, 0 running, 0 failed, 0 waiting of 2; ETA 0 s")

@@ -22,6 +22,11 @@ from mmbalance.trainer import Trainer
 FAST = "{epochs: 1, n_train: 200, n_test: 100, device: cpu}"
 
 
+
+def _lines(out: str) -> list[str]:
+    """The grid's report lines, without the progress lines printed after each finished cell."""
+    return [ln for ln in out.splitlines() if not ln.startswith("  progress:")]
+
 def write_grid(tmp_path: Path, methods: str, seeds: str = "[0]", common: str = FAST) -> Path:
     path = tmp_path / "g.yaml"
     path.write_text(f"name: faults\nrecords: {tmp_path / 'runs'}\nseeds: {seeds}\nset: {common}\n"
@@ -86,7 +91,7 @@ def test_cell_refused_by_its_method_is_not_applicable_not_failed(tmp_path, capsy
     # iprm refuses replicate_official_head_bug on two modalities (UnsupportedError)
     path = write_grid(tmp_path, "[{name: iprm, set: {replicate_official_head_bug: true}}, concat]")
     assert run_grid(load_grid(path), {}) == 0
-    out = capsys.readouterr().out.splitlines()
+    out = _lines(capsys.readouterr().out)
     assert out[0].startswith("[1/2] iprm on synthetic seed 0: not applicable — Method 'iprm'")
     assert out[1].startswith("[2/2] concat on synthetic seed 0: best_val test acc")
     assert out[-1] == "grid faults: 1 done, 0 skipped (already done), 1 not applicable, 0 FAILED"
@@ -113,15 +118,17 @@ def test_failing_cell_in_process_does_not_stop_the_grid(tmp_path, capsys, monkey
     fail_for("sum", monkeypatch)
     assert run_grid(load_grid(path), {}) == 1
     cap = capsys.readouterr()
-    lines = cap.out.splitlines()
+    lines = _lines(cap.out)
     assert lines[1].startswith("[2/4] sum on synthetic seed 0: FAILED — RuntimeError: injected failure")
     assert lines[2].startswith("[3/4] weight on synthetic seed 0: FAILED — Training diverged")
     assert lines[3].startswith("[4/4] unimodal on synthetic seed 0: best_val test acc")
     assert lines[-1] == ("grid faults: 2 done, 0 skipped (already done), 0 not applicable, 2 FAILED: "
                          "[2/4] sum on synthetic seed 0; [3/4] weight on synthetic seed 0")
     assert "Traceback" in cap.err and "injected failure" in cap.err
-    errors = list((tmp_path / "runs").rglob(grid_mod.ERROR_FILE))
-    assert len(errors) == 1 and "injected failure" in errors[0].read_text()
+    errors = sorted((tmp_path / "runs").rglob(grid_mod.ERROR_FILE), key=lambda p: p.read_text())
+    assert len(errors) == 2  # the traceback of the bug, the message of the divergence
+    assert "injected failure" in errors[0].read_text() + errors[1].read_text()
+    assert any("Training diverged" in e.read_text() for e in errors)
     assert sorted(load_record(r)["header"]["config"]["method"] for r in find_runs(tmp_path / "runs")
                   if load_record(r)["done"]) == ["concat", "unimodal"]
 
@@ -130,8 +137,9 @@ def test_failing_cell_in_process_does_not_stop_the_grid(tmp_path, capsys, monkey
     assert run_grid(load_grid(path), {}) == 1
     out = capsys.readouterr().out
     assert out.count("done, skipped") == 2 and "[2/4] sum on synthetic seed 0: best_val" in out
-    assert out.splitlines()[-1].startswith("grid faults: 1 done, 2 skipped (already done), 0 not applicable, 1 FAILED")
-    assert not list((tmp_path / "runs").rglob(grid_mod.ERROR_FILE))  # cleared by the success
+    assert _lines(out)[-1].startswith("grid faults: 1 done, 2 skipped (already done), 0 not applicable, 1 FAILED")
+    left = list((tmp_path / "runs").rglob(grid_mod.ERROR_FILE))  # sum's cleared by its success
+    assert len(left) == 1 and "Training diverged" in left[0].read_text()
 
 
 def faulty_run_cell(cell: Cell, base: dict) -> tuple[str, str]:
@@ -164,14 +172,14 @@ def test_failing_and_crashing_cells_in_workers(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(grid_mod, "run_cell", faulty_run_cell)
     assert run_grid(load_grid(path), {}, jobs=2) == 1
     out = capsys.readouterr().out
-    lines = {line.split(":")[0]: line for line in out.splitlines()[:-1]}
+    lines = {line.split(":")[0]: line for line in _lines(out)[:-1]}
     assert len(lines) == 5
     assert "FAILED — the worker process running this cell died (killed by SIGKILL" in lines["[1/5] weight on synthetic seed 0"]
     assert "best_val test acc" in lines["[2/5] concat on synthetic seed 0"]
     assert "FAILED — RuntimeError: injected failure (traceback in" in lines["[3/5] sum on synthetic seed 0"]
     assert "FAILED — Training diverged" in lines["[4/5] concat on synthetic seed 0"]
     assert "best_val test acc" in lines["[5/5] unimodal on synthetic seed 0"]
-    summary = out.splitlines()[-1]
+    summary = _lines(out)[-1]
     assert summary.startswith("grid faults: 2 done, 0 skipped (already done), 0 not applicable, 3 FAILED: ")
     for tag in ("[1/5] weight", "[3/5] sum", "[4/5] concat"):
         assert tag in summary

@@ -15,6 +15,7 @@ from mmbalance.datasets.iemocap import (
     IEMOCAP,
     SEPARATOR,
     IEMOCAPMulT,
+    image_transform,
     mult_labels,
     parse_list_line,
 )
@@ -130,6 +131,33 @@ def test_face_is_middle_of_sorted_listing(mla_root: Path) -> None:
     rgb = img[:, 16, 16] * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)
     assert rgb.argmax().item() == 2  # frame_002 is blue
     assert build(mla_root, mods=("visual",), frame_pick="listdir").info["frame_pick"] == "listdir"
+
+
+def _brightness_factors(transform, draws: int = 60) -> list[float]:
+    """Mean output level / input level of a flat grey face: the colour jitter's brightness
+    factor (contrast and saturation leave a flat grey image as it is; crop and flip too)."""
+    grey = Image.new("RGB", (32, 32), (80, 80, 80))
+    out = []
+    for _ in range(draws):
+        x = transform(grey) * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        out.append(float(x.mean()) * 255 / 80)
+    return out
+
+
+def test_train_colour_jitter_is_mlas_timm_color_jitter_true(mla_root: Path) -> None:
+    # timm 0.4.5: color_jitter=True -> (float(True),) * 3 = 1.0: brightness factor in [0, 2]
+    torch.manual_seed(0)
+    factors = _brightness_factors(image_transform(True, 32))
+    assert max(factors) > 1.5 and min(factors) < 0.5  # outside 0.4's [0.6, 1.4]
+    assert all(-0.01 <= f <= 2.01 for f in factors)
+    torch.manual_seed(0)
+    weak = _brightness_factors(image_transform(True, 32, color_jitter=0.4))
+    assert all(0.59 <= f <= 1.41 for f in weak)
+    assert all(abs(f - 1.0) < 0.01 for f in _brightness_factors(image_transform(True, 32, color_jitter=0.0), 5))
+    assert all(abs(f - 1.0) < 0.01 for f in _brightness_factors(image_transform(False, 32), 3))
+    s = build(mla_root, mods=("visual",))
+    assert s.info["color_jitter"] == 1.0 and "ColorJitter(1, 1, 1)" in s.info["image_transform"]
+    assert build(mla_root, mods=("visual",), color_jitter=0.4).info["color_jitter"] == 0.4
 
 
 def test_only_requested_modalities_are_read(tmp_path: Path) -> None:

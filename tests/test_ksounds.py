@@ -15,11 +15,14 @@ import torch
 from fixtures_media import (
     check_av_bf16_steps_on_cuda,
     check_av_concat_step,
+    frame_indices,
     write_frames,
+    write_indexed_frames,
     write_wav,
 )
 from torch.utils.data import DataLoader
 
+from mmbalance import media
 from mmbalance.config import assemble
 from mmbalance.data import Splits
 from mmbalance.errors import ConfigError, DataError
@@ -154,6 +157,67 @@ def test_layout_a_ogm_lists_with_fbank(tmp_path):
     assert batch["visual"].shape == (3, 3, 3, 32, 32)
     first = build(tmp_path, layout="A", class_order="first_appearance")
     assert first.class_names == ["2", "1", "0"]
+
+
+def test_frame_rules_hand_cases():
+    # OGM-GE: (n // k) * i + 1 -> 1, 4, 7 of 10, in train and eval alike
+    assert media.choose_frames(10, 3, train=True, rule="ogm_fixed") == [1, 4, 7]
+    assert media.choose_frames(12, 3, train=False, rule="ogm_fixed") == [1, 5, 9]
+    assert media.choose_frames(5, 3, train=False, rule="ogm_fixed") == [1, 2, 3]
+    # IGM: the first k, whatever the mode
+    assert media.choose_frames(10, 3, train=True, rule="first") == [0, 1, 2]
+    # BalanceMM: eval = each segment's middle; n <= 6 -> index 1 everywhere
+    assert media.choose_frames(10, 3, train=False, rule="segments") == [1, 4, 7]
+    assert media.choose_frames(12, 3, train=False, rule="segments") == [2, 6, 10]
+    assert media.choose_frames(6, 3, train=True, rule="segments") == [1, 1, 1]
+    torch.manual_seed(0)
+    draws = [media.choose_frames(12, 3, train=True, rule="segments") for _ in range(200)]
+    assert {d[0] for d in draws} == {1, 2, 3, 4} and {d[1] for d in draws} == {5, 6, 7, 8}
+    assert {d[2] for d in draws} == {9}  # [9, 12] capped at 9, as the one-digit file names force
+    with pytest.raises(DataError, match="needs at least 4"):
+        media.choose_frames(3, 3, train=False, rule="ogm_fixed")
+    with pytest.raises(ConfigError, match="segments"):
+        media.choose_frames(10, 3, train=False, rule="middle")
+
+
+def _picks(ds, i: int = 0) -> list[int]:
+    return frame_indices(ds[i]["visual"])
+
+
+def test_frame_choice_follows_each_layouts_loader(tmp_path):
+    base = make_layout_c(tmp_path / "c", frames=10)
+    for folder in (base / "train_img" / "Image-01-FPS").iterdir():
+        write_indexed_frames(folder, 10)  # overwrite the fixture's frames with indexed ones
+    for folder in (base / "test_img" / "Image-01-FPS").iterdir():
+        write_indexed_frames(folder, 10)
+    c = build(tmp_path / "c", modalities=("visual",), val_fraction=0.0)
+    assert c.info["frame_choice"] == "first" and "IGM" in c.info["frame_rule"]
+    torch.manual_seed(1)
+    assert _picks(c.test) == [0, 1, 2] and _picks(c.train) == [0, 1, 2] and _picks(c.train, 1) == [0, 1, 2]
+
+    # the former rule, IPRM's CREMA-D one, stays available
+    r = build(tmp_path / "c", modalities=("visual",), val_fraction=0.0, frame_choice="random")
+    assert r.info["frame_choice"] == "random" and _picks(r.test) == [0, 1, 2]
+    torch.manual_seed(1)
+    seen = {tuple(_picks(r.train)) for _ in range(8)}
+    assert len(seen) > 1 and all(list(p) == sorted(set(p)) for p in seen)
+
+    for layout in ("A", "B"):
+        fb = make_fbank_layout(tmp_path / layout, layout, per_class=1)
+        for s in ("train", "test"):
+            for folder in (fb / "visual" / f"{s}_imgs").iterdir():
+                write_indexed_frames(folder, 10, "frame_0000{}.jpg")
+        splits = build(tmp_path / layout, layout=layout, modalities=("visual",), val_fraction=0.0)
+        assert _picks(splits.test) == [1, 4, 7]  # OGM-GE's fixed frames; BalanceMM's middles
+        torch.manual_seed(2)
+        train = [_picks(splits.train) for _ in range(12)]
+        if layout == "A":
+            assert splits.info["frame_choice"] == "ogm_fixed"
+            assert all(p == [1, 4, 7] for p in train)
+        else:
+            assert splits.info["frame_choice"] == "segments"
+            assert all(1 <= a <= 3 and 4 <= b <= 6 and 7 <= c <= 9 for a, b, c in train)
+            assert len({tuple(p) for p in train}) > 1
 
 
 def test_layout_a_manifest_counts(tmp_path):

@@ -119,3 +119,55 @@ def test_intact_records_give_no_warning_and_no_skip_note(recorded, tmp_path):
         warnings.simplefilter("error", DamagedRecordWarning)
         result = write_leaderboard(root, tmp_path, "lb", rules=("best_val",))
     assert result.skipped == [] and "damaged" not in result[0].read_text()
+
+
+def test_statistics_section_with_one_setting_is_a_note_and_cost_chart_is_embedded(recorded, tmp_path):
+    root, _ = recorded
+    (tmp_path / "lb_cd.png").write_bytes(b"stale")  # from an earlier leaderboard: must go
+    files = write_leaderboard(root, tmp_path, "lb", rules=("best_val",))
+    text = files[0].read_text()
+    stats_part = text.split("## Statistics, rule `best_val`")[1].split("## Cost")[0]
+    # 3 methods on 1 setting: ranks, but no Friedman test and no CD; no reference method run
+    assert "at least 2 settings (here 1)" in stats_part and "Friedman test over" not in stats_part
+    assert "| Sum " in stats_part or "| Concat" in stats_part
+    assert "No paired tests: the reference method 'Concat + uni CE' has no runs" in stats_part
+    assert [p.name for p in files.pictures] == ["lb_cost.png"]
+    assert not (tmp_path / "lb_cd.png").exists() and "lb_cd.png" not in text
+    assert "![Training time per epoch](lb_cost.png)" in text
+    assert (tmp_path / "lb_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_method_and_switches(recorded, tmp_path):
+    root, results = recorded
+    files = write_leaderboard(root, tmp_path, "lb", rules=("best_val", "last"), reference="Sum",
+                              pictures=False)
+    text = files[0].read_text()
+    assert files.pictures == [] and "![" not in text and not list(tmp_path.glob("*.png"))
+    assert "**Difference from Sum per setting**" in text
+    assert "## Statistics, rule `best_val`" in text and "## Statistics, rule `last`" not in text
+    # the paired row of Concat (epochs=2) pairs seeds 0 and 1 of both methods
+    diff = sum(results[("concat", s)].final["best_val"]["test"]["fused"]["acc"]
+               - results[("sum", s)].final["best_val"]["test"]["fused"]["acc"] for s in (0, 1)) / 2
+    row = next(ln for ln in text.split("**Difference from Sum per setting**")[1].splitlines()
+               if ln.startswith("| Concat (epochs=2)"))
+    assert f"{diff:+.2f}" in row
+    plain = write_leaderboard(root, tmp_path, "plain", rules=("best_val",), statistics=False, pictures=False)
+    assert "## Statistics" not in plain[0].read_text()
+
+
+def test_latex_export_has_booktabs_bold_second_and_caption(recorded, tmp_path, capsys):
+    root, _ = recorded
+    assert main(["leaderboard", "--records", str(root), "--out", str(tmp_path), "--name", "lb",
+                 "--rule", "best_val", "--format", "latex", "--no-pictures"]) == 0
+    tex = (tmp_path / "lb.tex").read_text()
+    tables = tex.split("\\begin{table}")[1:]
+    assert len(tables) == 3  # accuracy, MAP, macro-F1 under best_val
+    first = tables[0]
+    for token in ("\\toprule", "\\midrule", "\\bottomrule", "\\caption{Test accuracy", "rule best\\_val",
+                  "seeds", "$\\pm$", "\\textbf{", "\\underline{", "Protocol honest"):
+        assert token in first, token
+    body = first.split("\\midrule")[1].split("\\bottomrule")[0]
+    rows = [r for r in body.strip().splitlines() if r.strip()]
+    assert len(rows) == 3 and all(r.rstrip().endswith("\\\\") for r in rows)  # Concat, Sum, Concat (epochs=3)
+    assert sum("\\textbf{" in r for r in rows) >= 1 and "_" not in body.replace("\\_", "")
+    assert "lb.tex" in capsys.readouterr().out

@@ -134,6 +134,22 @@ def test_frame_plan_matches_hand_computed_indices():
         prep.frame_plan(0, 30, 1, 10)
 
 
+def test_per_second_plan_is_ogm_ges_current_extractor():
+    # one frame per started second: the first of every block of int(rate) frames
+    assert prep.per_second_plan(100, 30, 1) == [0, 30, 60, 90]
+    assert prep.per_second_plan(90, 30, 1) == [0, 30, 60]  # exactly 3 s: no fourth frame
+    assert prep.per_second_plan(31, 30, 1) == [0, 30]
+    # 2 per second: step int(30 / 2) = 15 within each second
+    assert prep.per_second_plan(70, 30, 2) == [0, 15, 30, 45, 60]
+    # 29.97 fps is int() 29 in OpenCV: the blocks are 29 frames long
+    assert prep.per_second_plan(75, 29, 1) == [0, 29, 58]
+    # 3 per second at 10 fps: step 3, kept while j < 9 (j = 9 is skipped)
+    assert prep.per_second_plan(20, 10, 3) == [0, 3, 6, 10, 13, 16]
+    with pytest.raises(ConfigError, match="more than the video"):
+        prep.per_second_plan(10, 10, 11)
+    assert set(prep.FRAME_EXTRACTORS) == {"per_second", "ten_frames"}
+
+
 def test_stratified_split_is_deterministic_and_per_class():
     ids = [f"c{k}" for k in range(20)]
     labels = ["A"] * 10 + ["B"] * 6 + ["C"] * 4
@@ -159,13 +175,15 @@ def test_cremad_random_split_writes_layout_b_the_loader_reads(tmp_path):
     assert summary["failed"] == 0 and any("NOT the paper" in n for n in summary["notes"])
     assert json.loads((out / "mmbalance_prepare.json").read_text())["dataset"] == "cremad"
 
+    # default = OGM-GE's current extractor: 2.5 s at 10 fps -> source frames 0, 10, 20
     names = sorted(p.name for p in (out / "Image-01-FPS" / CREMAD_IDS[0]).iterdir())
-    assert names == [f"frame_{i:05d}.jpg" for i in range(1, 11)]
-    with Image.open(out / "Image-01-FPS" / CREMAD_IDS[0] / "frame_00001.jpg") as im:
+    assert names == ["00000.jpg", "00010.jpg", "00020.jpg"]
+    with Image.open(out / "Image-01-FPS" / CREMAD_IDS[0] / "00000.jpg") as im:
         assert im.size == (32, 24) and im.mode == "RGB"
-    # 2.5 s at 10 fps = 25 frames: plan [5, 15, 20 x 8] (wrap into frames 20..24).
-    expected = [RED_STEP * k for k in prep.frame_plan(25, 10, 1, 10)]
-    assert np.allclose(red_values(out / "Image-01-FPS" / CREMAD_IDS[0]), expected, atol=3)
+    assert np.allclose(red_values(out / "Image-01-FPS" / CREMAD_IDS[0]), [0, 60, 120], atol=3)
+    # 4.0 s clip (40 frames): 0, 10, 20, 30
+    assert len(list((out / "Image-01-FPS" / CREMAD_IDS[3]).glob("*.jpg"))) == 4
+    assert any("per second" in n for n in summary["notes"])
 
     train = (out / "annotations" / "train.csv").read_text().splitlines()
     test = (out / "annotations" / "test.csv").read_text().splitlines()
@@ -178,6 +196,7 @@ def test_cremad_random_split_writes_layout_b_the_loader_reads(tmp_path):
 
     splits = build_splits("cremad", tmp_path, ["audio", "visual"], image_size=32, audio_seconds=0.5)
     assert (len(splits.train), len(splits.test)) == (2, 2)
+    assert "per-second extractor" in splits.info["frame_files"]  # the run records the extractor
     item = splits.test[0]
     assert item["visual"].shape == (3, 2, 32, 32) and item["audio"].shape[0] == 1
 
@@ -212,10 +231,36 @@ def test_cremad_user_split_files_resume_and_workers(tmp_path):
     again = prep.prepare("cremad", raw, out, **opts)
     assert again["skipped_existing"] == {"frame folders": 4, "wavs": 4}
     assert "frame folders" not in again["written"]
-    redo = prep.prepare("cremad", raw, out, overwrite=True, fps=2, seconds=2, **opts)
+    redo = prep.prepare("cremad", raw, out, overwrite=True, fps=2, **opts)
     assert redo["written"]["frame folders"] == 4
-    assert len(list((out / "Image-02-FPS" / "1001_DFA_ANG_XX").glob("*.jpg"))) == 4
+    # 2 per second at 10 fps, 25 frames: 0, 5, 10, 15, 20
+    names = sorted(p.name for p in (out / "Image-02-FPS" / "1001_DFA_ANG_XX").glob("*.jpg"))
+    assert names == ["00000.jpg", "00005.jpg", "00010.jpg", "00015.jpg", "00020.jpg"]
     assert not list(out.rglob("*.partial"))
+
+
+def test_cremad_ten_frame_extractor_option(tmp_path):
+    raw = make_cremad_raw(tmp_path, CREMAD_IDS[:2])
+    out = tmp_path / "out"
+    opts = dict(test_fraction=0.5, seed=0, progress=False)
+    summary = prep.prepare("cremad", raw, out, extractor="ten_frames", **opts)
+    assert summary["written"]["frame folders"] == 2 and summary["options"]["extractor"] == "ten_frames"
+    folder = out / "Image-01-FPS" / CREMAD_IDS[0]
+    assert sorted(p.name for p in folder.iterdir()) == [f"frame_{i:05d}.jpg" for i in range(1, 11)]
+    # 2.5 s at 10 fps = 25 frames: plan [5, 15, 20 x 8] (wrap into frames 20..24).
+    expected = [RED_STEP * k for k in prep.frame_plan(25, 10, 1, 10)]
+    assert np.allclose(red_values(folder), expected, atol=3)
+    loaded = build_splits("cremad", out, ["visual"], image_size=32)
+    assert "10-frame extractor" in loaded.info["frame_files"]
+    redo = prep.prepare("cremad", raw, out, extractor="ten_frames", fps=2, seconds=2, **opts)
+    assert len(list((out / "Image-02-FPS" / CREMAD_IDS[0]).glob("*.jpg"))) == 4
+    assert redo["written"]["frame folders"] == 2
+    # switching back without overwrite replaces the folder (it lacks the other extractor's files)
+    back = prep.prepare("cremad", raw, out, **opts)
+    assert back["written"]["frame folders"] == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.jpg", "00010.jpg", "00020.jpg"]
+    with pytest.raises(ConfigError, match="per_second"):
+        prep.prepare("cremad", raw, out, extractor="ogm", **opts)
 
 
 def test_cremad_bad_raw_and_bad_split_file(tmp_path):
@@ -339,11 +384,85 @@ def make_nvgesture_raw(root: Path, frames: int = 8, size: int = 64) -> Path:
     return raw
 
 
+def test_tvl1_recovers_a_known_translation():
+    if not prep.tvl1_available():
+        pytest.skip("OpenCV's contrib build (cv2.optflow) is not installed")
+    tex = (_texture(96, seed=3).numpy() * 255).astype(np.uint8)
+    # frame 2 = frame 1 moved 3 px right and 1 px up: flow = (+3, -1)
+    a, b = tex[16:80, 16:80], tex[17:81, 13:77]
+    flow = prep.tvl1_flow(np.stack([a, b]))
+    assert flow.shape == (1, 64, 64, 2) and flow.dtype == np.float32
+    centre = flow[0, 12:-12, 12:-12]
+    assert abs(np.median(centre[..., 0]) - 3.0) < 0.2 and abs(np.median(centre[..., 1]) + 1.0) < 0.2
+    still = prep.tvl1_flow(np.stack([a, a]))
+    assert np.abs(still).max() < 0.05
+    with pytest.raises(DataError, match="at least 2"):
+        prep.tvl1_flow(a[None])
+
+
+def test_flow_method_choice_and_fallback(monkeypatch):
+    from mmbalance.prepare import flow as flow_mod
+
+    monkeypatch.setattr(flow_mod, "tvl1_available", lambda: False)
+    method, note = flow_mod.resolve_flow_method("auto")
+    assert method == "horn_schunck" and "opencv-contrib-python-headless" in note
+    with pytest.raises(ConfigError, match="opencv-contrib-python-headless"):
+        flow_mod.resolve_flow_method("tvl1")
+    with pytest.raises(ConfigError, match="farneback"):
+        flow_mod.resolve_flow_method("farneback")
+    monkeypatch.setattr(flow_mod, "tvl1_available", lambda: True)
+    assert flow_mod.resolve_flow_method("auto") == ("tvl1", None)
+    assert flow_mod.resolve_flow_method("horn_schunck") == ("horn_schunck", None)
+
+
+def test_nvgesture_tvl1_is_the_default_and_every_file_records_its_method(tmp_path):
+    if not prep.tvl1_available():
+        pytest.skip("OpenCV's contrib build (cv2.optflow) is not installed")
+    import cv2
+
+    raw = make_nvgesture_raw(tmp_path)
+    summary = prep.prepare("nvgesture", raw, raw, frame_size=64, progress=False)
+    assert summary["written"]["flow files"] == 3 and summary["failed"] == 0
+    assert summary["options"]["method"] == "auto" and any("TV-L1" in n for n in summary["notes"])
+    flow = np.load(raw / "Video_data" / "flow_data" / "train" / "0.npy")
+    assert flow.shape == (64, 64, 2, 4) and flow.dtype == np.float32
+    assert abs(np.median(flow[12:-12, 12:-12, 0, :3]) - 2.0) < 0.3  # moves right 2 px per frame
+    meta = json.loads((raw / "Video_data" / "flow_data" / "train" / "mmbalance_flow.json").read_text())
+    (mid,) = set(meta["files"].values())
+    assert sorted(meta["files"]) == ["0", "1"] and mid.startswith("tvl1-")
+    record = meta["methods"][mid]
+    assert record["method"] == "tvl1" and cv2.__version__ in record["library"]
+    assert record["parameters"]["lambda"] == pytest.approx(0.15)  # OpenCV's default
+    splits = build_splits("nvgesture", raw, ["rgb", "flow"], frame_size=64, crop_size=48, clip_frames=4, train_frames=4)
+    assert splits.info["flow"]["method"] == mid and splits.info["flow"]["counts"] == {mid: 3}
+    assert splits.info["flow"]["methods"][mid]["library"] == record["library"]
+
+    # one file redone with Horn-Schunck: the loader reports a mix
+    (raw / "Video_data" / "flow_data" / "test" / "0.npy").unlink()
+    prep.prepare("nvgesture", raw, raw, frame_size=64, method="horn_schunck", device="cpu", progress=False)
+    test_meta = prep.read_flow_meta(raw / "Video_data" / "flow_data" / "test")
+    assert test_meta["files"]["0"].startswith("horn_schunck-")
+    mixed = build_splits("nvgesture", raw, ["rgb", "flow"], frame_size=64, crop_size=48, clip_frames=4, train_frames=4)
+    assert mixed.info["flow"]["method"] == "mixed" and any("several methods" in n for n in mixed.info["notes"])
+    assert mixed.info["flow"]["counts"] == {mid: 2, test_meta["files"]["0"]: 1}
+    # flow made elsewhere: unrecorded
+    for split in ("train", "test"):
+        (raw / "Video_data" / "flow_data" / split / "mmbalance_flow.json").unlink()
+    bare = build_splits("nvgesture", raw, ["flow"], frame_size=64, crop_size=48, clip_frames=4, train_frames=4)
+    assert bare.info["flow"]["method"] == "unrecorded" and any("unknown" in n for n in bare.info["notes"])
+    (raw / "Video_data" / "flow_data" / "train" / "mmbalance_flow.json").write_text("{not json")
+    with pytest.raises(DataError, match="mmbalance_flow.json"):
+        build_splits("nvgesture", raw, ["flow"], frame_size=64, crop_size=48, clip_frames=4, train_frames=4)
+
+
 def test_nvgesture_lists_links_and_horn_schunck_flow(tmp_path):
     raw = make_nvgesture_raw(tmp_path)
     out = tmp_path / "prepared"
-    summary = prep.prepare("nvgesture", raw, out, frame_size=64, device="cpu", progress=False)
+    summary = prep.prepare("nvgesture", raw, out, frame_size=64, method="horn_schunck", device="cpu", progress=False)
     assert summary["written"]["flow files"] == 3 and summary["failed"] == 0
+    meta = prep.read_flow_meta(out / "Video_data" / "flow_data" / "train")
+    (mid,) = set(meta["files"].values())
+    assert meta["methods"][mid]["parameters"]["alpha"] == 0.03 and mid.startswith("horn_schunck-")
     assert (out / "nvgesture_train_correct_v2.lst").read_bytes() == (
         raw / "nvgesture_train_correct_cvpr2016_v2.lst"
     ).read_bytes()

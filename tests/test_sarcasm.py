@@ -10,14 +10,23 @@ import pytest
 import torch
 from fixtures_media import CUDA_BF16, check_cuda_bf16_steps
 from mmbalance.datasets.sarcasm import (
+    AUGMENTS,
     CLASS_NAMES,
     CLIP_MEAN,
     CLIP_STD,
+    IGM_AUGMENT_OPS,
+    IGMRandomAugment,
     Sarcasm,
     clean_text,
+    igm_autocontrast,
+    igm_brightness,
+    igm_equalize,
+    igm_operation,
+    igm_sharpness,
+    image_transform,
     keep_original_train,
 )
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mmbalance.data import Splits
 from mmbalance.errors import ConfigError, DataError
@@ -132,12 +141,135 @@ def test_images_use_clip_statistics_and_random_train_crops(json_root: Path, voca
     assert set(s.train[0]) == {"image", "label", "index"}  # no tokenizer needed without text
 
 
-def test_fixed_padding_and_max_length(json_root: Path, vocab: Path) -> None:
-    s = build(json_root, vocab, mods=("text",), text_padding="max_length", max_length=5)
+def test_fixed_padding_and_max_tokens(json_root: Path, vocab: Path) -> None:
+    s = build(json_root, vocab, mods=("text",), text_padding="max_length", max_tokens=5)
     assert s.collate is None
     ids = s.train[0]["text"]["input_ids"]
     assert ids.shape == (5,) and ids[-1].item() == VOCAB.index("[SEP]")  # truncated, [SEP] kept
     assert s.modalities["text"].shape == (5,)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        build(json_root, vocab, mods=("text",), text_padding="max_length")
+
+
+def test_text_is_tokenised_as_released_without_truncation(tmp_path: Path, vocab: Path) -> None:
+    root = make_json(tmp_path / "Sarcasm")
+    long_text = " ".join(["great day"] * 30)  # 60 words -> 60 word pieces + [CLS] [SEP]
+    recs = json.loads((root / "annotations" / "train_data.json").read_text())
+    recs[0]["text"] = long_text
+    (root / "annotations" / "train_data.json").write_text(json.dumps(recs))
+    s = build(root, vocab, mods=("text",), max_words=80)
+    ids = s.train[0]["text"]["input_ids"]
+    assert ids.shape == (62,)  # IGM: padding='longest', max_length=50, no truncation=True -> none
+    assert ids[0].item() == VOCAB.index("[CLS]") and ids[-1].item() == VOCAB.index("[SEP]")
+    assert s.modalities["text"].shape == (62,) and "not truncated" in s.info["text_rule"]
+    cut = build(root, vocab, mods=("text",), max_words=80, max_tokens=50)
+    assert cut.train[0]["text"]["input_ids"].shape == (50,) and "max_tokens=50" in cut.info["text_rule"]
+    # IGM keeps 50 words after cleaning (its max_tokens config feeds pre_caption's max_words)
+    assert build(root, vocab, mods=("text",)).train[0]["text"]["input_ids"].shape == (52,)
+
+
+# ------------------------------------------------------------------- IGM's RandomAugment
+
+
+def _flat(value: int, size: int = 8) -> np.ndarray:
+    return np.full((size, size, 3), value, dtype=np.uint8)
+
+
+def test_igm_colour_operations_hand_cases() -> None:
+    # Brightness at level 7: factor 0.7 * 1.8 + 0.1 = 1.36, float32, clipped, truncated
+    assert igm_operation(_flat(100), "Brightness", 7)[0, 0, 0] == 136
+    assert igm_brightness(_flat(136), 1.36)[0, 0, 0] == 184  # 184.96 truncates
+    assert igm_brightness(_flat(200), 1.36)[0, 0, 0] == 255
+    # AutoContrast: a channel with minimum 0 is stretched (as PIL does) ...
+    img = np.zeros((1, 3, 3), dtype=np.uint8)
+    img[0, :, 0] = [0, 50, 100]
+    img[0, :, 1] = [20, 70, 120]
+    img[0, :, 2] = 70
+    out = igm_autocontrast(img)
+    assert out[0, :, 0].tolist() == [0, 127, 254]  # 100 * 2.55 = 254.99999999999997, truncated
+    assert out[0, :, 0].tolist() == np.asarray(ImageOps.autocontrast(Image.fromarray(img[..., 0])))[0].tolist()
+    # ... any other turns white: the release negates the uint8 minimum (-20 wraps to 236)
+    assert out[0, :, 1].tolist() == [255, 255, 255]
+    assert out[0, :, 2].tolist() == [70, 70, 70]  # flat: kept
+    # Equalize: PIL's rule; 510 x 0, 255 x 100, 255 x 200 -> step 765 // 255 = 3
+    ch = np.array([0] * 510 + [100] * 255 + [200] * 255, dtype=np.uint8).reshape(1, -1, 1).repeat(3, 2)
+    assert sorted(set(igm_equalize(ch)[0, :, 0].tolist())) == [0, 170, 255]
+    rng = np.random.default_rng(0)
+    photo = rng.integers(30, 200, (24, 24, 3), dtype=np.uint8)
+    pil = np.asarray(ImageOps.equalize(Image.fromarray(photo[..., 1])))
+    assert np.array_equal(igm_equalize(photo)[..., 1], pil)
+    assert np.array_equal(igm_equalize(_flat(50)), _flat(50))  # step 0: unchanged
+
+
+def test_igm_sharpness_wraps_like_the_released_uint8_cast() -> None:
+    img = np.full((5, 5, 3), 200, dtype=np.uint8)
+    img[2, 2] = 255
+    out = igm_sharpness(img, 1.36)
+    # centre: smoothed (5 * 255 + 8 * 200) / 13 = 221.15 -> 221; 221 + 1.36 * 34 = 267.24
+    assert out[2, 2, 0] == 267 - 256  # truncated, then wrapped modulo 256
+    assert out[1, 2, 0] == 198  # (12 * 200 + 255) / 13 = 204.2 -> 204; 204 - 1.36 * 4 = 198.56
+    assert (out[0] == 200).all() and (out[:, 0] == 200).all()  # the border is left as it is
+    assert np.array_equal(igm_sharpness(img, 1.0), img)
+    assert igm_operation(img, "Sharpness", 7)[2, 2, 0] == 11
+
+
+def test_igm_geometric_operations_hand_cases() -> None:
+    ramp = np.tile((np.arange(32) * 5).astype(np.uint8)[None, :, None], (32, 1, 3))
+    # TranslateX at level 7: 7 pixels; the matrix [[1, 0, -7], [0, 1, 0]] moves content left
+    left = igm_operation(ramp, "TranslateX", 7)
+    assert np.array_equal(left[:, :25], ramp[:, 7:]) and (left[:, 25:] == 128).all()
+    right = igm_operation(ramp, "TranslateX", 7, negate=True)
+    assert np.array_equal(right[:, 7:], ramp[:, :25]) and (right[:, :7] == 128).all()
+    down = igm_operation(ramp.transpose(1, 0, 2).copy(), "TranslateY", 7)
+    assert (down[25:] == 128).all()
+    # ShearX at level 7: x' = x + 0.21 y; row 0 stays, row 10 moves 2.1 px right
+    sheared = igm_operation(ramp, "ShearX", 7).astype(float)
+    assert np.array_equal(sheared[0], ramp[0].astype(float))
+    assert np.allclose(sheared[10, 5:30, 0], 5 * (np.arange(5, 30) - 2.1), atol=1.0)
+    assert (sheared[31, :6] == 128).all()  # uncovered: grey fill
+    # Rotate at level 7: 21 degrees about the centre; corners uncovered, centre kept
+    dot = np.zeros((33, 33, 3), dtype=np.uint8)
+    dot[15:18, 15:18] = 255
+    rot = igm_operation(dot, "Rotate", 7)
+    assert (rot[0, 0] == 128).all() and (rot[-1, -1] == 128).all()
+    assert (rot[16, 16] > 200).all()
+    # the sign: +21 degrees turns the picture counter-clockwise (OpenCV, y down), so below the
+    # centre the right edge shows content from further left on the ramp (darker), above it
+    # from further right; -21 degrees the other way round
+    ccw, cw = igm_operation(ramp, "Rotate", 7), igm_operation(ramp, "Rotate", 7, negate=True)
+    assert ccw[24, 28, 0] < cw[24, 28, 0] and ccw[8, 28, 0] > cw[8, 28, 0]
+    with pytest.raises(ConfigError, match="Posterise"):
+        igm_operation(dot, "Posterise", 7)
+
+
+def test_igm_random_augment_draws_two_ops_each_with_probability_half() -> None:
+    aug = IGMRandomAugment(2, 7, ops=("Brightness",))
+    torch.manual_seed(0)
+    values = [int(aug(Image.fromarray(_flat(100)))[0, 0, 0]) for _ in range(400)]
+    counts = {v: values.count(v) for v in set(values)}
+    # none applied (1/4), one (1/2: 136), both (1/4: 136 * 1.36 = 184.96 -> 184)
+    assert set(counts) == {100, 136, 184}
+    assert abs(counts[100] - 100) < 40 and abs(counts[136] - 200) < 40 and abs(counts[184] - 100) < 40
+    torch.manual_seed(0)
+    assert values[:20] == [int(aug(Image.fromarray(_flat(100)))[0, 0, 0]) for _ in range(20)]
+    assert IGM_AUGMENT_OPS == ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
+                               "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+    with pytest.raises(ConfigError, match="Solarise"):
+        IGMRandomAugment(ops=("Solarise",))
+
+
+def test_train_transform_uses_igm_augment_by_default(json_root: Path, vocab: Path) -> None:
+    names = [type(t).__name__ for t in image_transform(True, 32, "clip").transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "IGMRandomAugment", "ToTensor", "Normalize"]
+    tv = [type(t).__name__ for t in image_transform(True, 32, "clip", "torchvision").transforms]
+    assert "RandAugment" in tv and "IGMRandomAugment" not in tv
+    assert "IGMRandomAugment" not in [type(t).__name__ for t in image_transform(False, 32, "clip").transforms]
+    s = build(json_root, vocab, mods=("image",))
+    assert s.info["augment"] == AUGMENTS["igm"] and "level 7 of 10" in s.info["image_transform"]
+    assert build(json_root, vocab, mods=("image",), augment="none").info["augment"] == AUGMENTS["none"]
+    torch.manual_seed(3)
+    item = s.train[0]["image"]
+    assert item.shape == (3, 32, 32) and item.dtype == torch.float32
 
 
 def test_tokenizer_is_required_or_taken_from_backbone_weights(json_root: Path, vocab: Path) -> None:

@@ -6,12 +6,16 @@ audio extraction, optical flow, fbank features); this package is those scripts, 
 PyAV (FFmpeg) instead of OpenCV / moviepy / ffmpeg subprocesses:
 
 * ``cremad``: raw CREMA-D (``VideoFlash/*.flv`` + ``AudioWAV/*.wav``) -> Layout B
-  (``annotations/{train,test}.csv``, ``AudioWAV/``, ``Image-01-FPS/<clip>/frame_00001.jpg``).
+  (``annotations/{train,test}.csv``, ``AudioWAV/``, ``Image-01-FPS/<clip>/00000.jpg``,
+  ``00030.jpg``, ...: OGM-GE's current one-frame-per-second extractor; ``extractor=ten_frames``
+  writes its earlier ten ``frame_00001.jpg ...`` instead).
 * ``ksounds``: a folder of Kinetics clips + ``youtube_id,label`` csvs -> Layout C
   (``annotations/*.csv``, ``{split}_wav/<id>.wav``, ``{split}_img/Image-01-FPS/<id>/``).
 * ``nvgesture``: the NVIDIA release -> renamed ``*_correct_v2.lst`` lists, the AVIs verified,
   and dense optical flow ``Video_data/flow_data/{split}/<line>.npy`` (256, 256, 2, T) computed
-  with our own pyramidal Horn-Schunck (the official flow algorithm is unknown, iprm.md 10.3).
+  with OpenCV's TV-L1 where its contrib build installs, or our own pyramidal Horn-Schunck
+  (``method=horn_schunck``; the official flow algorithm is unknown, iprm.md 10.3); the method
+  of every file is recorded in ``flow_data/<split>/mmbalance_flow.json``.
 * ``iemocap``: IEMOCAP sentence WAVs + MLA's split lists -> MLA Layout A (kaldi fbank
   ``.npy``, BERT token ``.npy`` when a local vocab is given, 256x256 faces when face crops
   are given).
@@ -33,7 +37,7 @@ reported in the summary instead of stopping a 7,000-clip run. The summary (also 
 Layout: this ``__init__`` holds the registry and :func:`prepare`; one module per dataset
 (``cremad``, ``ksounds``, ``nvgesture``, ``iemocap``, ``iemocap_mult``, each with its
 ``RAW_LAYOUT`` text);
-``flow`` is the Horn-Schunck optical flow; ``common`` the shared report, file, split, worker
+``flow`` the optical flow (TV-L1, Horn-Schunck, their metadata); ``common`` the shared report, file, split, worker
 pool and PyAV frame / audio extraction helpers.
 """
 
@@ -49,9 +53,23 @@ from typing import Any
 
 from mmbalance.errors import ConfigError, DataError, MMBalanceError, did_you_mean
 from mmbalance.prepare import cremad, iemocap, iemocap_mult, ksounds, nvgesture
-from mmbalance.prepare.common import Report, frame_plan, stratified_split
+from mmbalance.prepare.common import (
+    FRAME_EXTRACTORS,
+    Report,
+    frame_plan,
+    per_second_plan,
+    stratified_split,
+)
 from mmbalance.prepare.cremad import prepare_cremad
-from mmbalance.prepare.flow import FlowSettings, horn_schunck
+from mmbalance.prepare.flow import (
+    FLOW_METHODS,
+    FlowSettings,
+    flow_provenance,
+    horn_schunck,
+    read_flow_meta,
+    tvl1_available,
+    tvl1_flow,
+)
 from mmbalance.prepare.flow import _gaussian_blur as _gaussian_blur  # used by tests
 from mmbalance.prepare.flow import warp as warp
 from mmbalance.prepare.iemocap import prepare_iemocap
@@ -157,8 +175,15 @@ __all__ = [
     "NOT_OFFERED",
     "PREPARERS",
     "RAW_LAYOUTS",
+    "FLOW_METHODS",
     "FlowSettings",
+    "flow_provenance",
+    "read_flow_meta",
+    "tvl1_available",
+    "tvl1_flow",
+    "FRAME_EXTRACTORS",
     "frame_plan",
+    "per_second_plan",
     "horn_schunck",
     "prepare",
     "preparer_options",

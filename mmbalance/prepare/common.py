@@ -3,7 +3,7 @@
 The per-run :class:`Report` (turned into the summary the CLI prints and writes), atomic file
 placement and csv / ``.npy`` writing, the seeded per-class split, the worker pool that runs
 one job per clip, and PyAV (FFmpeg) extraction of OGM-GE-style frames and mono WAV audio
-from videos.
+(resampled with soxr, as librosa) from videos.
 """
 
 from __future__ import annotations
@@ -299,6 +299,75 @@ def extract_frames(
     return "ok"
 
 
+# The frame extractors OGM-GE has published for CREMA-D, by the name ``prepare cremad`` takes.
+FRAME_EXTRACTORS: dict[str, str] = {
+    "per_second": "OGM-GE's current data/CREMAD/video_preprocessing.py: in every second "
+    "(int(frame rate) source frames) keep fps of them, int(rate / fps) apart from the second's "
+    "first, full resolution, named by source index {index:05d}.jpg (00000.jpg, 00030.jpg, ...)",
+    "ten_frames": "OGM-GE's earlier video_to_frame.py: round(seconds * fps) frames sampled at "
+    "(i + 0.5) / fps s, wrapping into the last second of short clips, named frame_00001.jpg ...",
+}
+
+
+def per_second_plan(total: int, rate: int, fps: int) -> list[int]:
+    """Source frame indices (0-based) that OGM-GE's current CREMA-D extractor saves.
+
+    It counts frames, restarts a within-second counter j every ``rate`` frames (``rate`` =
+    the integer part of the declared frame rate, as ``int(cv2.CAP_PROP_FPS)``) and keeps a
+    frame when ``j % step == 0 and j < step * fps`` with ``step = rate // fps``: at 1 fps
+    and 30 fps the frames 0, 30, 60, ... -- one per started second, so a 2.5 s clip gives 3.
+    """
+    step = _per_second_step(rate, fps)
+    return [k for k in range(total) if (k % rate) % step == 0 and (k % rate) < step * fps]
+
+
+def _per_second_step(rate: int, fps: int) -> int:
+    if rate < 1:
+        raise DataError(f"The video declares a frame rate of {rate} frames per second.")
+    step = rate // fps
+    if step < 1:
+        raise ConfigError(f"fps={fps} is more than the video's {rate} frames per second.")
+    return step
+
+
+def extract_frames_per_second(video: Path, folder: Path, fps: int, quality: int, overwrite: bool) -> str:
+    """Write the frames of :func:`per_second_plan` as ``{index:05d}.jpg`` into ``folder``;
+    returns 'ok' or 'skipped' (already there: the folder holds ``00000.jpg``).
+
+    Decoded once with PyAV, frames kept on the way (the plan needs no clip length); the
+    folder appears atomically, as in :func:`extract_frames`.
+    """
+    import av
+
+    if not overwrite and (folder / "00000.jpg").is_file():
+        return "skipped"
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    saved = 0
+    with av.open(str(video)) as container:
+        if not container.streams.video:
+            raise DataError(f"'{video}' holds no video stream.")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.guessed_rate or stream.average_rate or stream.base_rate
+        if not rate:
+            raise DataError(f"Video '{video}' declares no frame rate; cannot keep frames per second.")
+        whole = int(Fraction(rate))  # OpenCV's CAP_PROP_FPS, truncated as int() does
+        step = _per_second_step(whole, fps)
+        for k, frame in enumerate(container.decode(stream)):
+            if (k % whole) % step == 0 and (k % whole) < step * fps:  # per_second_plan's rule
+                frame.to_image().convert("RGB").save(tmp / f"{k:05d}.jpg", format="JPEG", quality=quality)
+                saved += 1
+    if not saved:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"'{video}' holds no decodable frames.")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return "ok"
+
+
 def frames_folder_name(fps: int) -> str:
     """'Image-01-FPS' for 1 fps: the folder name the loaders read ("01" = fps, two digits)."""
     return f"Image-{fps:02d}-FPS"
@@ -321,25 +390,34 @@ def _check_frame_options(fps: Any, seconds: Any, quality: Any) -> tuple[int, int
 
 
 def decode_audio(path: Path, sample_rate: int) -> np.ndarray:
-    """A video's first audio stream as mono float32 at ``sample_rate`` (FFmpeg's swresample).
+    """A video's first audio stream as mono float32 at ``sample_rate``, resampled as librosa.
 
-    Channels are averaged after resampling (the channel mean, as ``librosa.load(mono=True)``),
-    rather than FFmpeg's downmix matrix, so the levels match the field's loaders.
+    FFmpeg decodes at the stream's own rate (its swresample only converts the sample format);
+    the channels are averaged (the channel mean, as ``librosa.load(mono=True)``, rather than
+    FFmpeg's downmix matrix, so the levels match the field's loaders) and the rate is then
+    changed with :func:`mmbalance.media.soxr_resample` -- soxr HQ with librosa's length fix,
+    what ``librosa.load(sr=sample_rate)`` would do to the same audio.
     """
     import av
+
+    from mmbalance.media import soxr_resample
 
     chunks: list[np.ndarray] = []
     with av.open(str(path)) as container:
         if not container.streams.audio:
             raise DataError(f"'{path}' holds no audio stream.")
         stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="fltp", rate=int(sample_rate))
+        native = int(stream.rate or stream.sample_rate or 0)
+        if native <= 0:
+            raise DataError(f"'{path}' has an audio stream without a sample rate.")
+        resampler = av.AudioResampler(format="fltp", rate=native)
         for frame in container.decode(stream):
             chunks += [f.to_ndarray() for f in resampler.resample(frame)]
         chunks += [f.to_ndarray() for f in resampler.resample(None)]
     if not chunks:
         raise DataError(f"'{path}' has an audio stream but no decodable samples.")
-    return np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32)
+    mono = np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32)
+    return soxr_resample(mono, native, int(sample_rate))
 
 
 def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> None:

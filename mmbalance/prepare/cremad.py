@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.prepare.common import (
+    FRAME_EXTRACTORS,
     Report,
     _check_frame_options,
     _check_link,
@@ -15,6 +16,7 @@ from mmbalance.prepare.common import (
     _run_jobs,
     _same_path,
     extract_frames,
+    extract_frames_per_second,
     frames_folder_name,
     place_file,
     read_rows,
@@ -28,8 +30,10 @@ RAW_LAYOUT = (
     "RAW = the CREMA-D release (CheyneyComputerScience/CREMA-D, media pulled from Git LFS): "
     "RAW/VideoFlash/<clip>.flv and RAW/AudioWAV/<clip>.wav, clip = "
     "<actor>_<sentence>_<EMO>_<level>. Writes Layout B into OUT: Image-01-FPS/<clip>/"
-    "frame_00001.jpg... (fps frames per second, `seconds` worth, OGM-GE sampling), "
-    "AudioWAV/ (copied or linked) and annotations/train.csv + test.csv ('clip,EMO'). Pass "
+    "00000.jpg, 00030.jpg, ... (fps frames per second, named by source index: what produced "
+    "OGM-GE's Image-01-FPS in its current code; --set extractor=ten_frames writes its earlier "
+    "10 frames frame_00001.jpg ... instead), AudioWAV/ (copied or linked) and "
+    "annotations/train.csv + test.csv ('clip,EMO'). Pass "
     "the paper's OGM-GE split with --set train_csv=.../train.csv --set test_csv=.../test.csv; "
     "without them a stratified random split (seed, test_fraction) is written."
 )
@@ -69,13 +73,17 @@ class FrameJob:
     num_frames: int
     quality: int
     overwrite: bool
+    extractor: str = "per_second"
 
 
 def run_frame_job(job: FrameJob) -> tuple[str, str, str]:
     try:
-        status = extract_frames(
-            job.video, job.folder, job.fps, job.num_frames, job.quality, job.overwrite
-        )
+        if job.extractor == "per_second":
+            status = extract_frames_per_second(job.video, job.folder, job.fps, job.quality, job.overwrite)
+        else:
+            status = extract_frames(
+                job.video, job.folder, job.fps, job.num_frames, job.quality, job.overwrite
+            )
     except Exception as exc:  # one corrupt clip must not stop the run; reported instead
         return job.item, "failed", f"{type(exc).__name__}: {exc}"
     return job.item, status, ""
@@ -121,6 +129,7 @@ def prepare_cremad(
     raw: Path,
     out: Path,
     *,
+    extractor: str = "per_second",
     fps: int = 1,
     seconds: float = 10.0,
     train_csv: str | None = None,
@@ -136,10 +145,15 @@ def prepare_cremad(
     """Raw CREMA-D -> Layout B (IPRM / njustkmg; datasets.md section 1, iprm.md 10.1).
 
     Raw layout: ``RAW/VideoFlash/<clip>.flv`` and ``RAW/AudioWAV/<clip>.wav``.
-    Writes ``OUT/Image-{fps:02d}-FPS/<clip>/frame_00001.jpg ...`` (``round(seconds * fps)``
-    frames per clip, sampled as OGM-GE's extractor does: see :func:`frame_plan`; full
-    resolution), ``OUT/AudioWAV/<clip>.wav`` (``audio`` = copy, symlink or hardlink; nothing
-    is done when OUT is RAW) and ``OUT/annotations/{train,test}.csv`` ('clip,EMO', no header).
+    Writes ``OUT/Image-{fps:02d}-FPS/<clip>/`` frames at full resolution, by ``extractor``
+    (:data:`FRAME_EXTRACTORS`): ``per_second`` (default) is what made ``Image-01-FPS`` in
+    OGM-GE's current code -- ``fps`` frames of every second, named by source index
+    (``00000.jpg``, ``00030.jpg``, ...; :func:`per_second_plan`), so 1-5 frames per CREMA-D
+    clip; ``ten_frames`` is its earlier extractor -- ``round(seconds * fps)`` frames
+    ``frame_00001.jpg ...`` sampled at (i + 0.5) / fps s with short clips wrapped
+    (:func:`frame_plan`). Also ``OUT/AudioWAV/<clip>.wav`` (``audio`` = copy, symlink or
+    hardlink; nothing is done when OUT is RAW) and ``OUT/annotations/{train,test}.csv``
+    ('clip,EMO', no header).
 
     Split: ``train_csv`` / ``test_csv`` = OGM-GE's ``data/CREMAD/{train,test}.csv`` (the
     paper's 6698 / 744 split; rows are copied as given, clips missing from RAW are reported).
@@ -148,6 +162,11 @@ def prepare_cremad(
     """
     raw, out = Path(raw), Path(out)
     link = _check_link(str(audio))
+    if extractor not in FRAME_EXTRACTORS:
+        raise ConfigError(
+            f"extractor='{extractor}' is not one of {', '.join(FRAME_EXTRACTORS)}: "
+            + "; ".join(f"{k} = {v}" for k, v in FRAME_EXTRACTORS.items())
+        )
     fps_i, num_frames, quality = _check_frame_options(fps, seconds, jpeg_quality)
     videos, wavs = _cremad_clips(raw)
     both = sorted(set(videos) & set(wavs))
@@ -168,7 +187,10 @@ def prepare_cremad(
     if not todo:
         raise DataError(f"None of the {len(listed)} clips of the split has both files in '{raw}'.")
     frame_root = out / frames_folder_name(fps_i)
-    jobs = [FrameJob(c, videos[c], frame_root / c, fps_i, num_frames, quality, bool(overwrite)) for c in todo]
+    jobs = [
+        FrameJob(c, videos[c], frame_root / c, fps_i, num_frames, quality, bool(overwrite), extractor)
+        for c in todo
+    ]
     _record(report, _run_jobs(run_frame_job, jobs, int(workers), "cremad frames", progress), "frame folders")
     _place_audio(report, todo, wavs, out / "AudioWAV", link, bool(overwrite))
     write_csv(out / "annotations" / "train.csv", train)
@@ -177,7 +199,10 @@ def prepare_cremad(
     report.paths.update(
         frames=str(frame_root), audio=str(out / "AudioWAV"), annotations=str(out / "annotations")
     )
-    report.notes.append(f"{num_frames} frames per clip at {fps_i} fps")
+    if extractor == "per_second":
+        report.notes.append(f"frames: {fps_i} per second of each clip ({FRAME_EXTRACTORS[extractor]})")
+    else:
+        report.notes.append(f"frames: {num_frames} per clip at {fps_i} fps ({FRAME_EXTRACTORS[extractor]})")
     return report
 
 

@@ -1,19 +1,176 @@
-"""Dense optical flow: our own pyramidal Horn-Schunck in torch (used by ``nvgesture``).
+"""Dense optical flow for ``prepare nvgesture``: OpenCV's TV-L1, or our own Horn-Schunck.
 
-The official NVGesture flow algorithm is unknown (iprm.md 10.3), so this is mmbalance's own
-coarse-to-fine Horn & Schunck (1981). torch is imported inside the functions, so importing
-this module stays light.
+The official NVGesture flow algorithm is unknown (iprm.md 10.3). The default is TV-L1 (Zach,
+Pock & Bischof 2007, the flow I3D's authors computed for their flow stream), taken from
+OpenCV's contrib build (``cv2.optflow.DualTVL1OpticalFlow``, parameters at OpenCV's defaults)
+wherever that installs; mmbalance's own coarse-to-fine Horn & Schunck (1981) in torch is the
+option (and the fallback without the contrib build). Which method made each flow file is
+recorded beside the files in ``mmbalance_flow.json`` (:func:`read_flow_meta`), and the loader
+reports it with the run. torch and cv2 are imported inside the functions, so importing this
+module stays light.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, DataError
+
+FLOW_METHODS = {
+    "tvl1": "TV-L1 (OpenCV contrib cv2.optflow.DualTVL1OpticalFlow, OpenCV's default parameters)",
+    "horn_schunck": "mmbalance's pyramidal Horn-Schunck (torch)",
+}
+FLOW_META_FILE = "mmbalance_flow.json"
+FLOW_FORMAT = (
+    "(H, W, 2, T) float32, channel 0 = u (x, rightwards), 1 = v (y, downwards), in pixels, "
+    "prev(y, x) ~ next(y + v, x + u), between consecutive grey (BT.601) frames of sk_color"
+)
+
+
+def tvl1_available() -> bool:
+    """Whether OpenCV's TV-L1 can be used: the contrib build (``cv2.optflow``) is installed."""
+    try:
+        import cv2
+    except ImportError:
+        return False
+    return hasattr(cv2, "optflow") and hasattr(cv2.optflow, "DualTVL1OpticalFlow_create")
+
+
+def resolve_flow_method(method: str) -> tuple[str, str | None]:
+    """``auto`` -> tvl1 where OpenCV's contrib build is installed, else horn_schunck; returns
+    (method, a note saying why when auto fell back). An explicit tvl1 without the contrib build
+    is a ConfigError naming the package."""
+    if method not in (*FLOW_METHODS, "auto"):
+        raise ConfigError(f"method='{method}' is not one of auto, {', '.join(FLOW_METHODS)}.")
+    if method == "auto":
+        if tvl1_available():
+            return "tvl1", None
+        return "horn_schunck", (
+            "method=auto fell back to Horn-Schunck: OpenCV's contrib build (cv2.optflow) is not "
+            "installed; `pip install opencv-contrib-python-headless` gives TV-L1"
+        )
+    if method == "tvl1" and not tvl1_available():
+        raise ConfigError(
+            "method=tvl1 needs OpenCV's contrib build (cv2.optflow.DualTVL1OpticalFlow). Install "
+            "it with `pip install opencv-contrib-python-headless` (and no other opencv-python "
+            "package beside it), or pass --set method=horn_schunck."
+        )
+    return method, None
+
+
+def tvl1_parameters() -> dict[str, Any]:
+    """The parameters OpenCV's TV-L1 runs with here (its defaults), read back from OpenCV."""
+    import cv2
+
+    f = cv2.optflow.DualTVL1OpticalFlow_create()
+    return {
+        "tau": f.getTau(), "lambda": f.getLambda(), "theta": f.getTheta(),
+        "nscales": f.getScalesNumber(), "warps": f.getWarpingsNumber(),
+        "epsilon": f.getEpsilon(), "inner_iterations": f.getInnerIterations(),
+        "outer_iterations": f.getOuterIterations(), "scale_step": f.getScaleStep(),
+        "gamma": f.getGamma(), "median_filtering": f.getMedianFiltering(),
+    }
+
+
+def tvl1_flow(grey_frames: np.ndarray) -> np.ndarray:
+    """TV-L1 flow between consecutive uint8 grey frames (T, H, W) -> (T - 1, H, W, 2) float32.
+
+    OpenCV's Dual TV-L1 at its default parameters, one estimator per clip; the convention is
+    OpenCV's (and :func:`horn_schunck`'s): prev(y, x) ~ next(y + v, x + u), u first.
+    """
+    import cv2
+
+    frames = np.ascontiguousarray(grey_frames, dtype=np.uint8)
+    if frames.ndim != 3 or frames.shape[0] < 2:
+        raise DataError(f"TV-L1 needs at least 2 grey frames (T, H, W), got shape {frames.shape}.")
+    estimator = cv2.optflow.DualTVL1OpticalFlow_create()
+    return np.stack([estimator.calc(frames[t], frames[t + 1], None) for t in range(len(frames) - 1)]).astype(np.float32)
+
+
+def flow_method_record(method: str, settings: FlowSettings | None, pad: bool, frame_size: int) -> dict[str, Any]:
+    """What made a flow file: the method, its library and parameters, the input and padding."""
+    if method == "tvl1":
+        import cv2
+
+        library = f"OpenCV {cv2.__version__} (contrib: cv2.optflow.DualTVL1OpticalFlow)"
+        params: dict[str, Any] = tvl1_parameters()
+    else:
+        library = "mmbalance.prepare.flow.horn_schunck (torch)"
+        params = asdict(settings or FlowSettings())
+    return {
+        "method": method,
+        "description": FLOW_METHODS[method],
+        "library": library,
+        "parameters": params,
+        "input": f"sk_color frames start..end-1, resized to {frame_size}x{frame_size} (bilinear), grey BT.601",
+        "frames": "T = frames (last pair's flow repeated)" if pad else "T = frames - 1",
+    }
+
+
+def method_id(record: Mapping[str, Any]) -> str:
+    """A short stable name for a method record: '<method>-<8 hex of its content>'."""
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{record.get('method', 'flow')}-{digest[:8]}"
+
+
+def read_flow_meta(folder: Path) -> dict[str, Any]:
+    """The ``mmbalance_flow.json`` of one ``flow_data/<split>`` folder, or an empty record.
+
+    {"format", "methods": {id: record}, "files": {line: id}}. Plain JSON: reading it runs
+    nothing. A damaged file is a DataError naming it.
+    """
+    path = Path(folder) / FLOW_META_FILE
+    if not path.is_file():
+        return {"format": FLOW_FORMAT, "methods": {}, "files": {}}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta.get("methods"), dict) or not isinstance(meta.get("files"), dict):
+            raise ValueError("'methods' and 'files' must be objects")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(
+            f"Flow metadata '{path}' is damaged ({exc}). Delete it and re-run `mmbalance prepare "
+            f"nvgesture ... --set overwrite=true`, or leave the flow's origin unrecorded."
+        ) from exc
+    return meta
+
+
+def write_flow_meta(folder: Path, meta: Mapping[str, Any]) -> None:
+    """Write ``mmbalance_flow.json`` atomically (temporary name, then rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FLOW_META_FILE
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def flow_provenance(metas: Mapping[str, Mapping[str, Any]], lines: Mapping[str, list[int]]) -> dict[str, Any]:
+    """Which methods made the flow files a run reads: ``lines`` = split -> list lines used,
+    ``metas`` = split -> :func:`read_flow_meta`. Returns {"methods": {id: record}, "counts":
+    {id or "unrecorded": files}, "method": one id, "mixed", or "unrecorded"}."""
+    counts: dict[str, int] = {}
+    used: dict[str, Any] = {}
+    for split, split_lines in lines.items():
+        meta = metas.get(split) or {}
+        files, methods = meta.get("files", {}), meta.get("methods", {})
+        for line in split_lines:
+            mid = files.get(str(line))
+            key = mid if mid in methods else "unrecorded"
+            counts[key] = counts.get(key, 0) + 1
+            if key != "unrecorded":
+                used[key] = methods[key]
+    kinds = sorted(counts)
+    summary = kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "unrecorded")
+    return {"method": summary, "methods": used, "counts": counts}
 
 
 @dataclass(frozen=True)

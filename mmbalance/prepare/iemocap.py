@@ -45,7 +45,11 @@ def read_iemocap_list(path: Path) -> list[tuple[str, str, str]]:
 
 
 def iemocap_fbank(wav: Path) -> np.ndarray:
-    """MLA's audio input: 16 kHz mono, mean removed, kaldi fbank 128 x 10 ms -> (1024, 128)."""
+    """MLA's audio input: 16 kHz mono, mean removed, kaldi fbank 128 x 10 ms -> (1024, 128).
+
+    IEMOCAP's sentence WAVs are 16 kHz already; a file at another rate is resampled with
+    soxr HQ (:func:`mmbalance.media.load_audio`, as librosa.load).
+    """
     from mmbalance.media import kaldi_fbank, load_audio
 
     wave = load_audio(wav, sample_rate=16000, mono=True)
@@ -164,6 +168,7 @@ def prepare_iemocap(
             "no faces_dir given: visual/ not written (MLA's face crops come from an unpublished "
             "detector; pass --set faces_dir=DIR with one folder of crops per utterance)"
         )
+    report.notes.append("audio: mono 16 kHz (WAVs at another rate resampled by soxr HQ, as librosa.load) -> kaldi fbank")
     report.paths.update(audio=str(out / "audio"), lists=str(out))
     return report
 

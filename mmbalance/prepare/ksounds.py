@@ -161,8 +161,9 @@ def prepare_ksounds(
     Writes ``OUT/annotations/{split}.csv`` (header ``youtube_id,label``, labels as given),
     ``OUT/{split}_img/Image-{fps:02d}-FPS/<id>/frame_00001.jpg ...`` (``round(seconds * fps)``
     frames, OGM-GE sampling) and ``OUT/{split}_wav/<id>.wav``: the first audio stream, mono
-    (channel mean), resampled by FFmpeg to ``sample_rate`` (default 35,400 Hz, the rate the
-    lab's KS loader reads, so loading does not resample again), 16-bit PCM.
+    (channel mean), resampled to ``sample_rate`` with soxr HQ as ``librosa.load`` does
+    (default 35,400 Hz, the rate the lab's KS loader asks librosa for, so loading does not
+    resample again), 16-bit PCM.
     """
     raw, out = Path(raw), Path(out)
     fps_i, num_frames, quality = _check_frame_options(fps, seconds, jpeg_quality)
@@ -191,5 +192,8 @@ def prepare_ksounds(
         raise DataError(f"None of the listed clips has a video under '{raw}' (looked for <youtube_id>.<ext>).")
     _record(report, _run_jobs(run_clip_job, jobs, int(workers), "ksounds clips", progress), "clips")
     report.paths.update(annotations=str(out / "annotations"), **{s: str(out / f"{s}_img") for s in files})
-    report.notes.append(f"{num_frames} frames per clip at {fps_i} fps; audio mono {sample_rate} Hz")
+    report.notes.append(
+        f"{num_frames} frames per clip at {fps_i} fps; audio mono {sample_rate} Hz, resampled "
+        f"from each stream's rate by soxr HQ (librosa.load's default)"
+    )
     return report

@@ -13,12 +13,25 @@ from mmbalance.errors import DataError
 from mmbalance.prepare.common import (
     Report,
     _check_link,
-    _progress,
+    _run_jobs,
     _same_path,
     _save_npy,
     place_file,
 )
-from mmbalance.prepare.flow import FlowSettings, _torch_device, grey, horn_schunck
+from mmbalance.prepare.flow import (
+    FLOW_FORMAT,
+    FLOW_METHODS,
+    FlowSettings,
+    _torch_device,
+    flow_method_record,
+    grey,
+    horn_schunck,
+    method_id,
+    read_flow_meta,
+    resolve_flow_method,
+    tvl1_flow,
+    write_flow_meta,
+)
 
 RAW_LAYOUT = (
     "RAW = the NVIDIA release: RAW/nvgesture_train_correct_cvpr2016_v2.lst, "
@@ -26,8 +39,9 @@ RAW_LAYOUT = (
     "sk_color.avi + sk_depth.avi. Writes into OUT (may equal RAW): "
     "nvgesture_{train,test}_correct_v2.lst, Video_data/ (class folders linked or the two "
     "AVIs copied, unless OUT is RAW) and Video_data/flow_data/{train,test}/<line>.npy, "
-    "(256, 256, 2, T) float32 optical flow from our own Horn-Schunck (set flow=false to "
-    "supply your own flow instead)."
+    "(256, 256, 2, T) float32 optical flow by OpenCV's TV-L1 where its contrib build is "
+    "installed (method=horn_schunck: our own Horn-Schunck), the method recorded in "
+    "flow_data/<split>/mmbalance_flow.json (set flow=false to supply your own flow instead)."
 )
 
 
@@ -119,6 +133,7 @@ def prepare_nvgesture(
     out: Path,
     *,
     flow: bool = True,
+    method: str = "auto",
     link: str = "symlink",
     strict: bool = True,
     frame_size: int = 256,
@@ -129,6 +144,7 @@ def prepare_nvgesture(
     sigma: float = 1.0,
     pad_flow: bool = True,
     device: str = "auto",
+    workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Report:
@@ -142,18 +158,25 @@ def prepare_nvgesture(
     every listed AVI exists (``strict``: a missing one is an error), and with ``flow`` writes
     ``OUT/Video_data/flow_data/{split}/{line}.npy``.
 
-    Flow: our own pyramidal Horn-Schunck (:func:`horn_schunck`) between consecutive grey
-    frames of ``sk_color`` over the annotated range, read and resized to ``frame_size``
-    exactly as the loader reads RGB. Stored (frame_size, frame_size, 2, T) float32, x then y,
-    in pixels. T = number of frames (80) with ``pad_flow`` (the last pair's flow repeated, so
-    flow aligns with RGB and depth) else frames - 1. The official flow algorithm is unknown
-    (probably TV-L1), so models trained on this flow are not the paper's; set ``flow=false``
-    to supply your own. ``device``: cpu, cuda or auto. Cost: 79 frame pairs of 256 x 256 per
-    clip take seconds on a GPU and tens of seconds per CPU core, so the 1,532 clips want a GPU
-    (or a night); finished files are skipped on a rerun.
+    Flow between consecutive grey frames of ``sk_color`` over the annotated range, read and
+    resized to ``frame_size`` exactly as the loader reads RGB, by ``method``: ``tvl1`` =
+    OpenCV's Dual TV-L1 at its default parameters (the flow I3D's authors used; OpenCV's
+    contrib build, a dependency), ``horn_schunck`` = our own pyramidal Horn-Schunck
+    (:func:`horn_schunck` with ``alpha``, ``iterations``, ``warps``, ``levels``, ``sigma``, on
+    ``device``), ``auto`` (default) = tvl1 where the contrib build is installed, else
+    horn_schunck (the summary says so). Stored (frame_size, frame_size, 2, T) float32, x then
+    y, in pixels (no clipping or rescaling). T = number of frames (80) with ``pad_flow`` (the
+    last pair's flow repeated, so flow aligns with RGB and depth) else frames - 1. The method,
+    library and parameters of every file are recorded in
+    ``flow_data/<split>/mmbalance_flow.json`` (the loader reports them with the run). The
+    official flow algorithm is unknown, so models trained on this flow are not exactly the
+    paper's; set ``flow=false`` to supply your own. Cost: TV-L1 takes about a second per 256 x
+    256 pair on a CPU core (79 pairs per clip; ``workers`` clips run in parallel processes);
+    Horn-Schunck takes seconds per clip on a GPU. Finished files are skipped on a rerun.
     """
     raw, out = Path(raw), Path(out)
     link = _check_link(str(link))
+    chosen, fallback = resolve_flow_method(str(method)) if flow else (str(method), None)
     lists = _nvgesture_lists(raw)
     report = Report("nvgesture", raw, out)
     clips = {s: read_nvgesture_list(p) for s, p in lists.items()}
@@ -178,44 +201,103 @@ def prepare_nvgesture(
     if not flow:
         report.notes.append("flow=false: supply Video_data/flow_data/{train,test}/<line>.npy yourself")
         return report
+    if fallback:
+        report.notes.append(fallback)
     settings = FlowSettings(float(alpha), int(iterations), int(warps), int(levels), float(sigma))
-    dev = _torch_device(str(device))
+    if chosen == "horn_schunck":
+        _torch_device(str(device))  # a bad device is an error before any work
+    record = flow_method_record(chosen, settings if chosen == "horn_schunck" else None, bool(pad_flow), int(frame_size))
+    mid = method_id(record)
     for split, split_clips in clips.items():
         folder = out / "Video_data" / "flow_data" / split
-        todo = [c for c in split_clips if _avi(raw, c, c.color).is_file()]
-        for c in _progress(todo, len(todo), f"nvgesture {split} flow", progress):
+        meta = read_flow_meta(folder)
+        meta["format"] = FLOW_FORMAT
+        jobs = []
+        for c in split_clips:
+            if not _avi(raw, c, c.color).is_file():
+                continue
             target = folder / f"{c.line}.npy"
             if target.is_file() and not overwrite:
                 report.skipped["flow files"] += 1
                 continue
-            try:
-                arr = clip_flow(_avi(raw, c, c.color), c.color[1], c.color[2], int(frame_size), settings, bool(pad_flow), dev)
-            except Exception as exc:  # reported per clip
-                report.fail(f"{split}/{c.line}", f"{type(exc).__name__}: {exc}")
+            jobs.append(FlowJob(
+                f"{split}/{c.line}", _avi(raw, c, c.color), c.color[1], c.color[2], target,
+                chosen, int(frame_size), settings, bool(pad_flow), str(device),
+            ))
+        for item, status, message in _run_jobs(run_flow_job, jobs, int(workers), f"nvgesture {split} flow", progress):
+            if status != "ok":
+                report.fail(item, message)
                 continue
-            _save_npy(target, arr)
+            meta["methods"][mid] = record
+            meta["files"][item.split("/", 1)[1]] = mid
+            write_flow_meta(folder, meta)  # after every file: an interrupted run stays truthful
             report.written["flow files"] += 1
     report.paths["flow"] = str(out / "Video_data" / "flow_data")
+    shown = f"{FLOW_METHODS[chosen]}" + (f" ({settings})" if chosen == "horn_schunck" else "")
     report.notes.append(
-        f"flow = mmbalance's pyramidal Horn-Schunck ({settings}), not the paper's (unknown) method"
+        f"flow = {shown}, recorded as '{mid}' in flow_data/<split>/mmbalance_flow.json; the "
+        f"paper's method is unknown"
     )
     return report
 
 
-def clip_flow(
-    video: Path, start: int, end: int, size: int, settings: FlowSettings, pad: bool, device: Any
-) -> np.ndarray:
-    """Flow of one clip as (size, size, 2, T) float32 -- the layout the loader reads."""
-    import torch
+@dataclass(frozen=True)
+class FlowJob:
+    """One clip's optical flow (picklable for the worker pool)."""
 
+    item: str  # "<split>/<line>"
+    video: Path
+    start: int
+    end: int
+    target: Path
+    method: str
+    size: int
+    settings: FlowSettings
+    pad: bool
+    device: str
+
+
+def run_flow_job(job: FlowJob) -> tuple[str, str, str]:
+    try:
+        dev = _torch_device(job.device) if job.method == "horn_schunck" else None
+        arr = clip_flow(job.video, job.start, job.end, job.size, job.settings, job.pad, dev, job.method)
+        _save_npy(job.target, arr)
+    except Exception as exc:  # reported per clip, the run goes on
+        return job.item, "failed", f"{type(exc).__name__}: {exc}"
+    return job.item, "ok", ""
+
+
+def clip_flow(
+    video: Path,
+    start: int,
+    end: int,
+    size: int,
+    settings: FlowSettings,
+    pad: bool,
+    device: Any,
+    method: str = "horn_schunck",
+) -> np.ndarray:
+    """Flow of one clip as (size, size, 2, T) float32 -- the layout the loader reads.
+
+    ``method`` tvl1 (OpenCV, on uint8 grey frames) or horn_schunck (torch on ``device``, on
+    [0, 1] grey frames); both see the frames the loader reads for RGB.
+    """
     from mmbalance.video import read_frames
 
     frames = read_frames(video, start, end, size=size, order="rgb")
-    g = torch.from_numpy(grey(frames)).to(device)
-    if g.shape[0] < 2:
+    if frames.shape[0] < 2:
         raise DataError(f"'{video}' frames {start}:{end} give fewer than 2 frames; no flow.")
+    if method == "tvl1":
+        luma = np.clip(np.rint(grey(frames) * 255.0), 0, 255).astype(np.uint8)
+        flow = tvl1_flow(luma)  # (T - 1, H, W, 2)
+        if pad:
+            flow = np.concatenate([flow, flow[-1:]], axis=0)
+        return np.ascontiguousarray(flow.transpose(1, 2, 3, 0).astype(np.float32))
+    import torch
+
+    g = torch.from_numpy(grey(frames)).to(device)
     with torch.no_grad():
-        flow = horn_schunck(g[:-1], g[1:], settings)
+        out = horn_schunck(g[:-1], g[1:], settings)
     if pad:
-        flow = torch.cat([flow, flow[-1:]], dim=0)
-    return np.ascontiguousarray(flow.permute(2, 3, 1, 0).cpu().numpy().astype(np.float32))
+        out = torch.cat([out, out[-1:]], dim=0)
+    return np.ascontiguousarray(out.permute(2, 3, 1, 0).cpu().numpy().astype(np.float32))

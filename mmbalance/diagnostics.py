@@ -1,0 +1,502 @@
+"""Imbalance diagnostics of a trained run: linear probes of the frozen encoders, and each
+modality's Shapley contribution to the fused accuracy.
+
+Two questions a leaderboard number cannot answer:
+
+* **How much does each encoder know?** A linear probe (:func:`linear_probe`): the frozen
+  encoder's features of the train split (eval mode, no gradient, through ``model.encode``),
+  standardised with train statistics, a scikit-learn ``LogisticRegression`` (C = 1.0, lbfgs,
+  fixed ``random_state``), scored on the test split. An under-trained encoder (the weak
+  modality joint training leaves behind) probes low even where its trained head hides it; an
+  encoder that learned nothing probes at the majority-class baseline
+  (``probe_baseline_acc``: always predicting the train split's most frequent class), which is
+  exactly what a constant feature gets.
+* **How much does the fused prediction rely on each modality?** Shapley values over absent-
+  modality evaluations (:func:`shapley_diagnostics`): for every coalition S of the run's
+  modalities, ``v(S)`` is the fused test accuracy when the modalities outside S are *absent*
+  (their encoder sees a blank input, ``model.encode(batch, drop=...)``), computed with the
+  method's own ``predict`` so each method's fusion rule (IPRM's logit sum, AGM's...) is the
+  one scored. ``phi_m = sum_{S without m} |S|! (M-|S|-1)! / M! (v(S+m) - v(S))``; the values
+  sum to ``v(all) - v(none)`` (:func:`shapley_values`).
+
+``imbalance_degree`` is ``max_m phi_m - min_m phi_m`` in accuracy points: 0 when every
+modality contributes the same, large when one modality carries the fused accuracy alone. It
+is an absolute gap, not a ratio (a ratio explodes when the weak modality's phi is near 0 or
+negative); ``shapley_share`` gives each ``phi_m / (v(all) - v(none))`` for a normalised view.
+
+Entry points: :func:`compute_diagnostics` on a set-up trainer (the end of a run),
+:func:`probe_run` on a finished run folder (rebuilds the trainer from the record, loads the
+checkpoint with ``weights_only=True``, writes ``diagnostics.json``), :func:`probe_main` for
+the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from mmbalance import records
+from mmbalance.errors import MMBalanceError, UnsupportedError
+from mmbalance.metrics import classification_metrics
+
+if TYPE_CHECKING:
+    from mmbalance.model import MultimodalModel
+    from mmbalance.trainer import Trainer
+
+DIAGNOSTICS_FILE = "diagnostics.json"
+#: Logistic-regression settings of the probe: inverse L2 strength, iteration cap, seed.
+PROBE_C = 1.0
+PROBE_MAX_ITER = 2000
+PROBE_SEED = 0
+IMBALANCE_RULE = "max_m phi_m - min_m phi_m, in accuracy points (0 = every modality contributes the same)"
+_MISSING = object()
+
+
+class DiagnosticsError(MMBalanceError):
+    """Diagnostics cannot be computed for this run (no checkpoint, not a run folder...)."""
+
+
+# ---- pure math ---------------------------------------------------------------------------------
+def coalition_key(coalition: Iterable[str]) -> str:
+    """Name of a coalition in the output: its modalities sorted and joined by '+', or 'none'."""
+    names = sorted(coalition)
+    return "+".join(names) if names else "none"
+
+
+def all_coalitions(modalities: Sequence[str]) -> list[frozenset[str]]:
+    """Every subset of ``modalities`` (2^M of them), smallest first."""
+    mods = list(modalities)
+    return [frozenset(c) for r in range(len(mods) + 1) for c in itertools.combinations(mods, r)]
+
+
+def shapley_weight(size: int, n: int) -> float:
+    """``|S|! (n-|S|-1)! / n!``: the share of the n! arrival orders in which exactly the
+    coalition S (of ``size`` players) precedes a given player, so each marginal gain is
+    averaged over orders, not over subsets."""
+    return math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+
+
+def shapley_values(values: Mapping[frozenset[str], float], modalities: Sequence[str]) -> dict[str, float]:
+    """Exact Shapley value of every modality from the value ``values[S]`` of every coalition.
+
+    ``phi_m = sum_{S subset of M without m} shapley_weight(|S|, M) (v(S + m) - v(S))``. The
+    values sum to ``v(M) - v(empty)`` (efficiency), a modality that never changes the value
+    gets 0 (dummy), and two interchangeable modalities get the same value (symmetry): the
+    only split of the fused gain over the all-absent baseline with these three properties.
+    Needs all 2^M coalitions (frozensets of modality names); a missing one is an error.
+    """
+    mods = list(modalities)
+    if len(set(mods)) != len(mods) or not mods:
+        raise DiagnosticsError(f"Shapley values need distinct modality names, got {mods}.")
+    wanted = all_coalitions(mods)
+    missing = [coalition_key(s) for s in wanted if s not in values]
+    if missing:
+        raise DiagnosticsError(
+            f"Shapley values over {mods} need the value of every coalition; missing: {', '.join(missing)}."
+        )
+    n = len(mods)
+    phi: dict[str, float] = {}
+    for m in mods:
+        others = [o for o in mods if o != m]
+        total = 0.0
+        for r in range(n):
+            w = shapley_weight(r, n)
+            for c in itertools.combinations(others, r):
+                s = frozenset(c)
+                total += w * (float(values[s | {m}]) - float(values[s]))
+        phi[m] = total
+    return phi
+
+
+def imbalance_degree(phi: Mapping[str, float]) -> float:
+    """``max phi - min phi`` (accuracy points): how unequal the modalities' contributions to
+    the fused accuracy are. An absolute gap rather than a ratio, so it stays finite when the
+    weak modality contributes nothing (or hurts)."""
+    if not phi:
+        raise DiagnosticsError("imbalance degree of no modality")
+    return float(max(phi.values()) - min(phi.values()))
+
+
+def shapley_share(phi: Mapping[str, float]) -> dict[str, float | None]:
+    """``phi_m / sum(phi)``: each modality's share of the fused gain over the all-absent
+    baseline (None when that gain is 0, where a share means nothing)."""
+    total = float(sum(phi.values()))
+    return {m: (float(v) / total if abs(total) > 1e-12 else None) for m, v in phi.items()}
+
+
+def majority_accuracy(train_y: np.ndarray, test_y: np.ndarray) -> float:
+    """Test accuracy (%) of always predicting the train split's most frequent class (ties to
+    the smallest label): the chance level a probe on an uninformative feature reaches."""
+    train_y = np.asarray(train_y)
+    test_y = np.asarray(test_y)
+    classes, counts = np.unique(train_y, return_counts=True)
+    top = classes[np.argmax(counts)]
+    return 100.0 * float(np.mean(test_y == top)) if len(test_y) else float("nan")
+
+
+def probe_accuracy(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    C: float = PROBE_C,
+    max_iter: int = PROBE_MAX_ITER,
+    seed: int = PROBE_SEED,
+) -> dict[str, Any]:
+    """Fit a standardised logistic-regression probe on (train_x, train_y); accuracy in %.
+
+    Standardisation uses train statistics only (a test statistic would leak); a constant
+    feature keeps scale 1 (scikit-learn's rule), so it carries no information rather than
+    dividing by zero. Returns ``probe_acc`` (test), ``probe_train_acc`` and whether lbfgs
+    converged within ``max_iter``.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x = np.asarray(train_x, dtype=np.float64).reshape(len(train_x), -1)
+    test_x = np.asarray(test_x, dtype=np.float64).reshape(len(test_x), -1)
+    train_y = np.asarray(train_y)
+    test_y = np.asarray(test_y)
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+        raise DiagnosticsError("probe: features and labels differ in length.")
+    if not len(train_y) or not len(test_y):
+        raise DiagnosticsError("probe: the train or test split is empty.")
+    for name, x in (("train", train_x), ("test", test_x)):
+        if not np.isfinite(x).all():
+            raise DiagnosticsError(
+                f"probe: the encoder's {name} features contain NaN or infinity (a diverged model?); "
+                f"a linear probe cannot be fitted."
+            )
+    if len(np.unique(train_y)) < 2:
+        raise DiagnosticsError("probe: the train split holds a single class; a classifier cannot be fitted.")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(train_x, train_y)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return {
+        "probe_acc": 100.0 * float(np.mean(clf.predict(test_x) == test_y)),
+        "probe_train_acc": 100.0 * float(np.mean(clf.predict(train_x) == train_y)),
+        "probe_converged": converged,
+    }
+
+
+# ---- absent modalities -------------------------------------------------------------------------
+class _EncodeCalls:
+    """How often the wrapped ``encode`` ran (a predict that bypasses it cannot blank anything)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+
+@contextlib.contextmanager
+def absent_modalities(model: MultimodalModel, drop: Iterable[str]) -> Iterator[_EncodeCalls]:
+    """Within the block, every ``model.encode(batch, drop=d)`` also drops ``drop``.
+
+    The method's own ``predict`` (and ``model(batch)``, which calls ``self.encode``) then sees
+    those modalities absent: their encoder gets a blank input (see ``MultimodalModel.encode``).
+    Done by shadowing ``encode`` on the instance and restoring it afterwards, so methods need
+    no absent-modality code. Yields a counter of the wrapped calls.
+    """
+    dropped = frozenset(drop)
+    unknown = dropped - set(model.modalities)
+    if unknown:
+        raise DiagnosticsError(f"cannot mark {sorted(unknown)} absent: the model has {model.modalities}.")
+    inner = model.encode
+    previous = model.__dict__.get("encode", _MISSING)
+    counter = _EncodeCalls()
+
+    def encode(batch: Mapping[str, Any], drop: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        counter.calls += 1
+        return inner(batch, drop=set(drop) | dropped)
+
+    model.encode = encode  # type: ignore[method-assign]
+    try:
+        yield counter
+    finally:
+        if previous is _MISSING:
+            del model.encode
+        else:
+            model.encode = previous  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the block; the model's mode is restored afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
+def _limited(loader: Iterable[Any], limit: int | None) -> Iterator[Any]:
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            return
+        yield batch
+
+
+def _ready(trainer: Trainer) -> None:
+    if trainer.model is None or trainer.splits is None:
+        raise DiagnosticsError("diagnostics need a set-up trainer with a model (call trainer.setup() first).")
+
+
+def coalition_accuracy(trainer: Trainer, present: Iterable[str], split: str = "test") -> float:
+    """Fused accuracy (%) of the method's ``predict`` on ``split`` with only ``present``
+    modalities present (the others blanked); batches limited as in evaluation."""
+    from mmbalance.trainer import to_device
+
+    _ready(trainer)
+    model = trainer.model
+    drop = frozenset(trainer.modalities) - frozenset(present)
+    ds = getattr(trainer.splits, split)
+    fused, labels = [], []
+    with _eval_no_grad(model):
+        for batch in _limited(trainer.loader(ds, train=False), trainer.cfg.get("limit_eval_batches")):
+            batch = to_device(batch, trainer.device)
+            with absent_modalities(model, drop) as counter, trainer.autocast():
+                pred = trainer.method.predict(batch)
+            if drop and counter.calls == 0:
+                raise UnsupportedError(
+                    f"Method '{trainer.method.name}': its predict() does not go through "
+                    f"model.encode(), so modalities cannot be made absent for the Shapley "
+                    f"diagnostics. Encode through self.model.encode(batch) in predict()."
+                )
+            fused.append(pred.fused.float().cpu())
+            labels.append(batch["label"].cpu())
+    if not labels:
+        raise DiagnosticsError(f"the {split} split is empty; nothing to evaluate.")
+    return classification_metrics(torch.cat(fused), torch.cat(labels), trainer.splits.num_classes)["acc"]
+
+
+def shapley_diagnostics(trainer: Trainer, split: str = "test") -> dict[str, Any]:
+    """Every coalition's fused accuracy, the modalities' Shapley values and the imbalance
+    degree (see the module docstring). 2^M passes over ``split``."""
+    mods = list(trainer.modalities)
+    values = {s: coalition_accuracy(trainer, s, split) for s in all_coalitions(mods)}
+    phi = shapley_values(values, mods)
+    full, empty = values[frozenset(mods)], values[frozenset()]
+    return {
+        "shapley": phi,
+        "shapley_share": shapley_share(phi),
+        "coalitions": {coalition_key(s): v for s, v in values.items()},
+        "fused_acc": full,
+        "absent_acc": empty,
+        "imbalance_degree": imbalance_degree(phi),
+        "imbalance_rule": IMBALANCE_RULE,
+    }
+
+
+# ---- linear probes -----------------------------------------------------------------------------
+def encode_split(trainer: Trainer, split: str, limit: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every modality's frozen features (float32, eval mode, no grad) of ``split`` in order,
+    and the labels. ``limit``: at most that many (evaluation-size) batches."""
+    from mmbalance.trainer import to_device
+
+    _ready(trainer)
+    model = trainer.model
+    ds = getattr(trainer.splits, split)
+    feats: dict[str, list[np.ndarray]] = {m: [] for m in trainer.modalities}
+    labels: list[np.ndarray] = []
+    with _eval_no_grad(model):
+        for batch in _limited(trainer.loader(ds, train=False), limit):
+            batch = to_device(batch, trainer.device)
+            with trainer.autocast():
+                out = model.encode(batch)
+            for m in feats:
+                f = out[m].float()
+                feats[m].append(f.reshape(f.shape[0], -1).cpu().numpy())
+            labels.append(batch["label"].cpu().numpy())
+    if not labels:
+        raise DiagnosticsError(f"the {split} split is empty; nothing to probe.")
+    return {m: np.concatenate(v) for m, v in feats.items()}, np.concatenate(labels)
+
+
+def linear_probe(
+    trainer: Trainer, C: float = PROBE_C, max_iter: int = PROBE_MAX_ITER, seed: int = PROBE_SEED
+) -> dict[str, Any]:
+    """Linear-probe accuracy of every frozen encoder: fitted on the train split (at most
+    ``limit_train_batches`` evaluation-size batches when that smoke-test limit is set), scored
+    on the test split (``limit_eval_batches`` likewise)."""
+    train_x, train_y = encode_split(trainer, "train", trainer.cfg.get("limit_train_batches"))
+    test_x, test_y = encode_split(trainer, "test", trainer.cfg.get("limit_eval_batches"))
+    probe = {m: probe_accuracy(train_x[m], train_y, test_x[m], test_y, C=C, max_iter=max_iter, seed=seed)
+             for m in trainer.modalities}
+    return {
+        "probe": probe,
+        "probe_baseline_acc": majority_accuracy(train_y, test_y),
+        "probe_settings": {"model": "LogisticRegression (lbfgs, L2)", "C": C, "max_iter": max_iter,
+                           "random_state": seed, "standardize": "train statistics",
+                           "fit_split": "train", "score_split": "test"},
+        "n_train": int(len(train_y)),
+        "n_test": int(len(test_y)),
+    }
+
+
+# ---- entry points ------------------------------------------------------------------------------
+def compute_diagnostics(trainer: Trainer) -> dict[str, Any]:
+    """Linear probes and Shapley contributions of the trainer's current model.
+
+    No gradient, eval mode for the passes; the model's train/eval mode is restored. A run
+    whose modalities cannot be blanked (token inputs without a ``blank_input``, a predict that
+    bypasses ``model.encode``) still gets its probes; ``shapley`` is then None and
+    ``shapley_unavailable`` says why, so the end of a long run is never lost to a diagnostic.
+    """
+    _ready(trainer)
+    was = trainer.model.training
+    try:
+        out: dict[str, Any] = {"modalities": list(trainer.modalities), "split": "test"}
+        out.update(linear_probe(trainer))
+        try:
+            out.update(shapley_diagnostics(trainer))
+        except UnsupportedError as exc:
+            out.update(shapley=None, shapley_share=None, coalitions=None, fused_acc=None, absent_acc=None,
+                       imbalance_degree=None, imbalance_rule=IMBALANCE_RULE, shapley_unavailable=str(exc))
+        return out
+    finally:
+        trainer.model.train(was)
+
+
+def write_diagnostics(run_dir: Path, diagnostics: Mapping[str, Any]) -> Path:
+    """Write ``run_dir/diagnostics.json`` atomically; returns its path."""
+    path = Path(run_dir) / DIAGNOSTICS_FILE
+    records.atomic_write_text(path, json.dumps(diagnostics, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise DiagnosticsError(f"'{run_dir}' is not a folder. Pass a run folder (runs/<dataset>_<method>_s<seed>_<hash>).")
+    if not (run_dir / records.RECORD).is_file():
+        raise DiagnosticsError(
+            f"'{run_dir}' holds no {records.RECORD}, so it is not a run folder. Pass a folder "
+            f"that `mmbalance run` wrote (runs/<dataset>_<method>_s<seed>_<hash>)."
+        )
+
+
+def rebuild_trainer(run_dir: Path, device: str = "cpu") -> Trainer:
+    """The trainer of a recorded run, from its record header's configuration (not set up).
+
+    The configuration is replayed as overrides on the current code (``records`` pointed at the
+    run's parent folder, the device replaced); the rebuilt run folder must be ``run_dir``
+    itself, else the run cannot be reproduced (renamed folder, other data, changed code) and
+    this is an error naming the difference.
+    """
+    from mmbalance.config import flatten_backbone
+    from mmbalance.runner import make_trainer
+
+    run_dir = Path(run_dir)
+    _check_run_folder(run_dir)
+    header = records.load_record(run_dir)["header"]
+    cfg = header.get("config")
+    if not isinstance(cfg, Mapping) or not cfg.get("method") or not cfg.get("dataset"):
+        raise DiagnosticsError(f"The record of '{run_dir}' holds no configuration with a method and a dataset; it is damaged.")
+    overrides = flatten_backbone({k: v for k, v in cfg.items() if k not in ("method", "dataset")})
+    overrides.update(records=str(run_dir.parent), device=device, progress="off")
+    try:
+        trainer = make_trainer(cfg["method"], cfg["dataset"], overrides)
+    except MMBalanceError as exc:
+        raise DiagnosticsError(
+            f"The run '{run_dir}' cannot be rebuilt from its recorded configuration with this "
+            f"version of the suite: {exc}"
+        ) from exc
+    if trainer.run_dir.resolve() != run_dir.resolve():
+        why = []
+        if header.get("config_hash") and header["config_hash"] != trainer.hash:
+            why.append(f"its settings now hash to {trainer.hash}, the record says {header['config_hash']}")
+        if "data_fingerprint" in header and header["data_fingerprint"] != trainer.data_fingerprint:
+            why.append("the data it reads has another fingerprint now (other files or another data root)")
+        if not why:
+            why.append(f"the folder is named '{run_dir.name}', not '{trainer.run_dir.name}' (renamed?)")
+        raise DiagnosticsError(
+            f"The recorded configuration of '{run_dir}' rebuilds the run folder "
+            f"'{trainer.run_dir}', not this one: {'; '.join(why)}. Diagnostics would not "
+            f"describe the recorded run; point --data-root (or $MMBALANCE_DATA_ROOT) at the "
+            f"run's data, or keep the folder's original name."
+        )
+    return trainer
+
+
+def probe_run(run_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    """Diagnostics of a recorded run from its checkpoint, written to ``run_dir/diagnostics.json``.
+
+    The checkpoint (the last finished epoch) is loaded with ``weights_only=True`` through the
+    trainer's own restore, which refuses one of other settings or data. The run folder's lock
+    is held meanwhile, so a run still training is reported instead of read half-way.
+    """
+    run_dir = Path(run_dir)
+    _check_run_folder(run_dir)
+    if not (run_dir / records.CHECKPOINT).is_file():
+        raise DiagnosticsError(
+            f"The run '{run_dir}' has no {records.CHECKPOINT} (it was trained with "
+            f"checkpoint=false, or the file was removed), so its trained weights are gone. "
+            f"Retrain it with --set checkpoint=true --fresh to get diagnostics."
+        )
+    trainer = rebuild_trainer(run_dir, device)
+    with records.RunLock(run_dir):
+        trainer.setup()
+        next_epoch = trainer._load_checkpoint()
+        trainer.method.resumed = True
+        trainer.method.on_fit_start()  # the hook that finishes a restore (pending method state)
+        diag = compute_diagnostics(trainer)
+        h = records.load_record(run_dir)
+        diag["run"] = {
+            "run_dir": str(run_dir),
+            "method": trainer.cfg["method"],
+            "method_label": h["header"].get("method_label"),
+            "dataset": trainer.cfg["dataset"],
+            "seed": trainer.cfg["seed"],
+            "checkpoint_epoch": next_epoch - 1,
+            "done": bool(h["done"]),
+            "device": str(trainer.device),
+        }
+        write_diagnostics(run_dir, diag)
+    return diag
+
+
+def format_table(diag: Mapping[str, Any]) -> str:
+    """The diagnostics as a small table: per modality probe accuracy, Shapley value and share."""
+    from tabulate import tabulate
+
+    def num(v: Any, fmt: str = "{:.2f}") -> str:
+        return "–" if v is None else fmt.format(v)
+
+    shapley = diag.get("shapley") or {}
+    share = diag.get("shapley_share") or {}
+    rows = [[m, num(diag["probe"][m]["probe_acc"]), num(shapley.get(m)), num(share.get(m), "{:.0%}")]
+            for m in diag["modalities"]]
+    lines = [tabulate(rows, headers=["modality", "probe acc", "Shapley (acc pts)", "share"])]
+    lines.append(f"probe baseline (majority class): {diag['probe_baseline_acc']:.2f}")
+    if diag.get("shapley") is None:
+        lines.append(f"Shapley values unavailable: {diag.get('shapley_unavailable')}")
+    else:
+        lines.append(f"fused acc {diag['fused_acc']:.2f}, all modalities absent {diag['absent_acc']:.2f}; "
+                     f"imbalance degree {diag['imbalance_degree']:.2f} ({diag['imbalance_rule']})")
+        lines.append("coalitions: " + ", ".join(f"{k} {v:.2f}" for k, v in diag["coalitions"].items()))
+    return "\n".join(lines)
+
+
+def probe_main(run_dir: str, device: str = "cpu") -> int:
+    """``mmbalance probe RUN_DIR``: compute, write and print a run's diagnostics (test split, %)."""
+    diag = probe_run(Path(run_dir), device=device)
+    run = diag["run"]
+    state = "finished" if run["done"] else "NOT finished (last checkpoint)"
+    print(f"{run['method_label'] or run['method']} on {run['dataset']} (seed {run['seed']}, epoch "
+          f"{run['checkpoint_epoch']}, {state}) — imbalance diagnostics on the test split, in %:")
+    print(format_table(diag))
+    print(f"diagnostics: {Path(run_dir) / DIAGNOSTICS_FILE}")
+    return 0
