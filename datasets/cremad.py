@@ -14,6 +14,9 @@ codebases use: ``CREMA-D`` (the release), ``CREMAD`` (OGM-GE) or ``CREMA`` (IPRM
 wav or frame folder is missing: an error by default (``check_manifest=true``); ``warn`` skips
 them with a warning that counts them (the official loaders skip them silently); ``false``
 skips them with a note only (subsets).
+
+``--set cache=DIR`` reads the same clips from the input cache of :mod:`mmbalance.cache`
+(eval tensors bit for bit those of the files; train crops drawn from the same stream).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from mmbalance.data import (
 )
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import (
+    CACHE_OPTIONS,
     MANIFEST_MODES,
     AVClipPlugin,
     AVSettings,
@@ -137,6 +141,7 @@ class CremaD(AVClipPlugin):
             "sorted = ANG 0, DIS 1, FEA 2, HAP 3, NEU 4, SAD 5 (MMPareto, MLA)",
             choices=("official", "sorted"),
         ),
+        **CACHE_OPTIONS,
     }
     layout_help = (
         "Layout B (default, njustkmg/IPRM): <root>/annotations/train.csv and test.csv (no header, "
@@ -151,6 +156,9 @@ class CremaD(AVClipPlugin):
         "<root>/audio/{train,test}_fbank/<clip_id>.npy (1024x128 kaldi fbank) and "
         "<root>/visual/{train,test}_imgs/Image-01-FPS/<clip_id>/*.jpg. Build layout B from the raw "
         f"CREMA-D release with `{PREPARE}`."
+        " --set cache=DIR reads an input cache instead of the files (memory-mapped audio inputs, "
+        "uint8 frames; built in DIR, outside the data folder, on first use or by `mmbalance prepare "
+        f"{NAME} ... --set cache=DIR`); the uncached files stay the reference."
     )
 
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
@@ -172,6 +180,8 @@ class CremaD(AVClipPlugin):
             parts, mods, r, names, info, notes,
             val_fraction=option(cfg, self, "val_fraction"), seed=VAL_SEED, dataset=NAME,
             fix=f"If the prepared layout is incomplete, re-run `{PREPARE}` (it skips finished clips).",
+            cache_root=root, fingerprint=self.data_fingerprint(cfg) if r.cache else None,
+            cache_workers=cfg.get("num_workers"),
         )
 
 

@@ -74,7 +74,7 @@ MULT_SEP = "__"  # .npz array name = f"{split}{MULT_SEP}{key}"
 PREPARE_MULT = "mmbalance prepare iemocap_mult"
 MULT_KEYS = {"audio": "audio", "visual": "vision", "text": "text"}
 LIST_FILES = {"train": "my_train_iemo.txt", "test": "my_test_iemo.txt"}
-LAYOUT_A_BACKBONES = ("fbank_transformer", "vit", "bert")
+LAYOUT_A_BACKBONES = ("fbank_transformer", "vit", "bert", "m3ae_text")
 
 
 @dataclass(frozen=True)
@@ -292,8 +292,8 @@ class IEMOCAP(DatasetPlugin):
             "audio": {"name": "fbank_transformer"},
             # img_size follows the modality (image_size, 256 by default): one knob, no mismatch
             "visual": {"name": "vit"},
-            # MLA's ids carry no [CLS]: pool the unmasked tokens (M3AE's token mean)
-            "text": {"name": "bert", "pool": "mean"},
+            # MLA's text encoder is M3AE's text branch (not BERT) over BERT-vocabulary ids
+            "text": {"name": "m3ae_text"},
         },
     }
     method_defaults = {"iprm": {"alpha": 0.7}}

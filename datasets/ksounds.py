@@ -46,6 +46,7 @@ from mmbalance.data import (
 )
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import (
+    CACHE_OPTIONS,
     MANIFEST_MODES,
     AVClipPlugin,
     AVSettings,
@@ -132,6 +133,7 @@ class KineticsSounds(AVClipPlugin):
             "first_appearance = order of first appearance in the train list (lab code)",
             choices=("sorted", "first_appearance"),
         ),
+        **CACHE_OPTIONS,
     }
     layout_help = (
         "Layout C (default, njustkmg): <root>/annotations/train.csv and test.csv (optional "
@@ -147,6 +149,9 @@ class KineticsSounds(AVClipPlugin):
         "layout's loader picks them (C: the first 3; A: 1, 4, 7; B: one per third), or with "
         "--set frame_choice=random as IPRM's CREMA-D rule. Build layout C from the raw "
         f"clips with `{PREPARE}`."
+        " --set cache=DIR reads an input cache instead of the files (memory-mapped audio inputs, "
+        "uint8 frames; built in DIR, outside the data folder, on first use or by `mmbalance prepare "
+        f"{NAME} ... --set cache=DIR`); the uncached files stay the reference."
     )
 
     def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
@@ -174,6 +179,8 @@ class KineticsSounds(AVClipPlugin):
             parts, mods, r, class_names, info, notes,
             val_fraction=option(cfg, self, "val_fraction"), seed=VAL_SEED, dataset=NAME,
             fix=f"If the prepared layout is incomplete, re-run `{PREPARE}` (it skips finished clips).",
+            cache_root=root, fingerprint=self.data_fingerprint(cfg) if r.cache else None,
+            cache_workers=cfg.get("num_workers"),
             valid_rule=f"val = the layout's own valid split ({_list_file(r, 'valid')})",
         )
 

@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_prepare_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p_prep.add_argument("dataset")
-    p_prep.add_argument("--raw", required=True, help="folder of the raw release")
+    p_prep.add_argument("--raw", help="folder of the raw release (not needed with --cache alone)")
+    p_prep.add_argument("--cache", nargs="?", const=True, default=None, metavar="DIR",
+                        help="also build the input cache (cremad, ksounds) in DIR (default <out>-cache); "
+                             "without --raw, build only the cache of the prepared layout in --out")
     p_prep.add_argument("--out", required=True, help="data root to write the prepared layout into")
     p_prep.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="preparer option (e.g. --set fps=1)")
@@ -260,7 +263,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from mmbalance.config import parse_overrides
     from mmbalance.prepare import prepare
 
-    summary = prepare(args.dataset, Path(args.raw), Path(args.out), **parse_overrides(args.sets))
+    sets = parse_overrides(args.sets)
+    if args.raw is None:
+        if args.cache is None:
+            raise MMBalanceError("mmbalance prepare needs --raw RAW (the raw release), or --cache to build only "
+                                 "the input cache of an already prepared --out folder.")
+        from mmbalance.prepare import prepare_cache
+
+        cache = Path(args.out + "-cache") if args.cache is True else Path(args.cache)
+        summary = prepare_cache(args.dataset, Path(args.out), cache, **sets)
+    else:
+        if args.cache is not None:
+            sets["cache"] = args.cache
+        summary = prepare(args.dataset, Path(args.raw), Path(args.out), **sets)
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0

@@ -99,7 +99,7 @@ TRAINER_OPTIONS: dict[str, Option] = {
 NON_SEMANTIC_KEYS = frozenset(
     {"device", "num_workers", "data_root", "records", "progress", "wandb", "wandb_project",
      "wandb_mode", "select", "checkpoint", "eval_batch_size", "log_epochs", "diagnostics",
-     "unsafe_unpickle"}  # how a file is read, not what is computed
+     "unsafe_unpickle", "cache"}  # how a file is read, not what is computed
 )
 
 

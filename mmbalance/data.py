@@ -66,6 +66,8 @@ class Splits:
     class_names: list[str]
     info: dict[str, Any] = field(default_factory=dict)  # recorded with the run (split rule...)
     collate: Any = None  # optional custom collate_fn (e.g. token padding)
+    # optional per-batch train transform run on the device (the input cache's crops and flips)
+    device_transform: Any = None
 
 
 class DatasetPlugin:

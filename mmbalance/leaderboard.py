@@ -9,6 +9,7 @@ its final row) is left out with a DamagedRecordWarning naming it and counted in 
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,7 +79,7 @@ def _run_row(rec: dict[str, Any], run_dir: Path, root: Path | None) -> dict[str,
             f"{m} ({w.get('backbone')})" for m, w in (header.get("weights") or {}).items()
             if w.get("weights") == "random" and w.get("pretrained_in_papers"))),
     }
-    diag = rec["final"].get("diagnostics") or {}
+    diag = rec["final"].get("diagnostics") or _diagnostics_file(run_dir)
     for m, probe in (diag.get("probe") or {}).items():
         row[f"probe.{m}"] = probe.get("probe_acc") if isinstance(probe, Mapping) else None
     for m, phi in (diag.get("shapley") or {}).items():
@@ -92,6 +93,18 @@ def _run_row(rec: dict[str, Any], run_dir: Path, root: Path | None) -> dict[str,
                 for metric, value in metrics.items():
                     row[f"{rule}.{part}.{metric}"] = value
     return row
+
+
+def _diagnostics_file(run_dir: Path) -> dict[str, Any]:
+    """Diagnostics computed after the run by `mmbalance probe` (plain JSON), if any."""
+    path = Path(run_dir) / "diagnostics.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_runs(

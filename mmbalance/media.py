@@ -17,7 +17,9 @@ numbers for the same file (see reference/datasets.md, "Common conventions"):
   indices, the first k, OGM-GE's fixed 1, 4, 7, BalanceMM's segments), load as RGB, ImageNet
   train/test transforms;
 * audio + frame-folder plugins (CREMA-D, Kinetics-Sounds): their base class, settings, audio
-  input, clip indexing and Splits assembly (validation carved by ``data.carve_validation``).
+  input, clip indexing and Splits assembly (validation carved by ``data.carve_validation``);
+  with their ``cache`` option the same Splits read the input cache of :mod:`mmbalance.cache`
+  (:data:`CACHE_OPTIONS`; :func:`train_candidates` says which frames it must hold).
 
 Every failure to read a file raises :class:`DataError` naming that file, so a corrupt sample in
 a 7,000-clip dataset points at itself instead of at a worker traceback.
@@ -38,6 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmbalance.config import Option
 from mmbalance.data import PAPER_SCHEDULE, DatasetPlugin, ModalitySpec, Splits, carve_validation
 from mmbalance.errors import ConfigError, DataError
 
@@ -341,6 +344,30 @@ def choose_frames(available: int, k: int, train: bool, rule: str = "random") -> 
     return picks
 
 
+def train_candidates(available: int, k: int, rule: str = "random") -> list[int]:
+    """Every listing index :func:`choose_frames` can return in train mode, sorted.
+
+    What an input cache must hold per clip so a train-time draw never misses (mmbalance.cache):
+    ``random`` can pick any of the n frames; ``first`` and ``ogm_fixed`` are deterministic;
+    ``segments`` draws within each segment, capped at index 9 (index 1 when n <= 6). Fewer
+    frames than ``k`` -> DataError, as in :func:`choose_frames`.
+    """
+    if rule not in FRAME_RULES:
+        raise ConfigError(f"Unknown frame rule '{rule}'. Use one of {', '.join(FRAME_RULES)}.")
+    if available < k:
+        raise DataError(f"Need {k} frames but the clip has only {available}.")
+    seg = available // k
+    if rule == "random":
+        picks = set(range(available))
+    elif rule in ("first", "ogm_fixed"):
+        picks = set(choose_frames(available, k, True, rule))
+    elif available <= 6:
+        picks = {1}
+    else:
+        picks = {min(t, 9) for i in range(k) for t in range(i * seg + 1, i * seg + seg + 1)}
+    return sorted(t for t in picks if t < available)
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image file as an RGB PIL image; DataError naming the file if it is unreadable."""
     try:
@@ -523,6 +550,23 @@ def stored_fbank_input(feature: str, note: str) -> AudioInput:
 
 MANIFEST_MODES = (True, False, "warn")
 
+# The input-cache options of the audio + frames plugins (mmbalance.cache).
+CACHE_OPTIONS: dict[str, Option] = {
+    "cache": Option(
+        None,
+        "folder of an input cache (memory-mapped spectrograms / fbanks, uint8 frames; see "
+        "mmbalance.cache): built there on first use (or by `mmbalance prepare DATASET ... --set "
+        "cache=DIR`), refused when built for other data or settings; default: read the files",
+        type=str,
+    ),
+    "cache_frame_size": Option(
+        360,
+        "input cache: largest shorter side (pixels) of the stored train frames; the most common "
+        "frame size is stored as it is when its shorter side is at most this (exact crops)",
+        min=16,
+    ),
+}
+
 
 class MissingSamplesWarning(UserWarning):
     """Listed samples whose files are absent were skipped (``check_manifest=warn``)."""
@@ -569,6 +613,10 @@ class AVSettings:
     # check_manifest as "strict" | "off" | "warn" (skip missing clips, warn with their count)
     manifest: str = field(default="strict", kw_only=True)
     frame_rule: str = field(default="random", kw_only=True)  # a key of FRAME_RULES
+    # the input cache (mmbalance.cache): its folder (None = read the files) and the largest
+    # shorter side of the train frames it stores
+    cache: str | None = field(default=None, kw_only=True)
+    cache_frame_size: int = field(default=360, kw_only=True)
 
     @classmethod
     def from_options(
@@ -618,6 +666,8 @@ class AVSettings:
             class_order=str(cfg.get("class_order", default_order)),
             manifest=manifest,
             frame_rule=frame_rule,
+            cache=str(cfg["cache"]) if cfg.get("cache") else None,
+            cache_frame_size=int(cfg.get("cache_frame_size") or 360),
             **extra,
         )
 
@@ -679,6 +729,9 @@ def av_clip_splits(
     dataset: str,
     valid_rule: str = "",
     fix: str = "",
+    cache_root: Path | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
+    cache_workers: int | None = None,
 ) -> Splits:
     """The Splits of an audio + frames dataset from its indexed clips.
 
@@ -687,11 +740,27 @@ def av_clip_splits(
     fixed ``seed`` (:func:`mmbalance.data.carve_validation`; val_fraction=0 validates on the
     test split). Validation and test use eval-mode sampling. ``info`` (the dataset's own
     entries) is recorded with the val, frame and audio rules, the sizes and ``notes`` added.
+
+    With ``r.cache`` set (the ``cache`` option) the datasets read the input cache of
+    :mod:`mmbalance.cache` instead of the files: opened (or built, in ``cache_workers``
+    processes) for every clip of ``parts`` under the dataset folder ``cache_root``, keyed to
+    ``fingerprint`` (the plugin's data fingerprint) and the settings; the Splits then carry
+    ``device_transform`` (train-time crops and flips on the device, per batch).
     """
 
     frames, size = r.frames, r.image_size
+    store = None
+    if r.cache:
+        from mmbalance.cache import CachedAVClipDataset, open_av_cache
 
-    def make(clips: Sequence[Clip], train: bool) -> AVClipDataset:
+        store = open_av_cache(
+            r, parts, dataset=dataset, root=cache_root, fingerprint=fingerprint or {},
+            workers=cache_workers,
+        )
+
+    def make(clips: Sequence[Clip], train: bool) -> Dataset:
+        if store is not None:
+            return CachedAVClipDataset(store, clips, modalities, frames, size, train, fix, r.frame_rule)
         return AVClipDataset(clips, modalities, r.audio.loader, frames, size, train, fix, r.frame_rule)
 
     test = make(parts["test"], False)
@@ -716,8 +785,9 @@ def av_clip_splits(
         **({"frame_files": frame_naming(parts["train"][0].frame_names)} if parts["train"] else {}),
         "sizes": {"train": len(train), "val": len(val), "test": len(test)},
         "notes": notes,
+        **({"input_cache": store.describe()} if store is not None else {}),
     }
-    return Splits(
+    splits = Splits(
         train=train,
         val=val,
         test=test,
@@ -726,3 +796,8 @@ def av_clip_splits(
         class_names=list(class_names),
         info=info,
     )
+    if store is not None and "visual" in modalities:
+        from mmbalance.cache import DeviceCrop
+
+        splits.device_transform = DeviceCrop(size)  # type: ignore[attr-defined]
+    return splits

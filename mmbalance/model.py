@@ -135,6 +135,7 @@ PRETRAINED_IN_PAPERS: dict[str, str] = {
     "clip_text": "CLIP text tower",
     "vit": "M3AE / CAV-MAE visual branch (IEMOCAP)",
     "fbank_transformer": "CAV-MAE audio branch (IEMOCAP)",
+    "m3ae_text": "M3AE text branch (IEMOCAP)",
 }
 
 

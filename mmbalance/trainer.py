@@ -39,6 +39,7 @@ from torch.utils.data import (
 )
 
 from mmbalance import records
+from mmbalance.cache import wrap_loader
 from mmbalance.config import config_hash
 from mmbalance.data import (
     BatchView,
@@ -195,6 +196,10 @@ class Trainer:
         self.method.configure_model(model)
         self.model = model.to(self.device)
         self.weights = weights_record(cfg["backbone"], used)
+        for m, enc in encoders.items():  # what a name-mapped checkpoint left unused or missing
+            report = getattr(enc, "weights_report", None)
+            if report is not None and hasattr(report, "as_dict"):
+                self.weights[m]["load"] = report.as_dict()
         warning = random_init_warning(self.weights)
         if warning:
             warnings.warn(warning, RandomInitWarning, stacklevel=2)
@@ -284,7 +289,9 @@ class Trainer:
             order = RandomSampler(ds, generator=gen) if train else SequentialSampler(ds)
             sampler = BatchSampler(order, batch_size=bs, drop_last=False)
             return DataLoader(BatchView(ds), batch_size=None, sampler=sampler, **common)
-        return DataLoader(ds, batch_size=bs, shuffle=train, drop_last=False, collate_fn=self._collate, **common)
+        loader = DataLoader(ds, batch_size=bs, shuffle=train, drop_last=False, collate_fn=self._collate, **common)
+        # a cached paper dataset crops on the device (CUDA): batches then arrive there already
+        return wrap_loader(loader, self.splits, self.device)
 
     def _collate(self, items: Any) -> Any:
         assert self.splits is not None

@@ -38,3 +38,13 @@ def shared_data() -> Path:
 def fast(tmp_path: Path) -> dict:
     """Overrides for quick CPU runs writing records under tmp_path."""
     return {"records": str(tmp_path / "runs"), "progress": "off", "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny models on a shared 2-core machine: extra OpenMP threads only add barrier waits.
+    Method test modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,13 +31,7 @@ TINY = {"device": "cpu", "progress": "off", "n_train": 120, "n_test": 60, "dim":
         "batch_size": 32, "checkpoint": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids barrier waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest
 
 
 def fs(*names: str) -> frozenset[str]:

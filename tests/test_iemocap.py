@@ -87,7 +87,7 @@ def test_registered_with_paper_recipe() -> None:
     assert d["backbone"]["audio"]["name"] == "fbank_transformer"
     assert d["backbone"]["visual"] == {"name": "vit"}  # its img_size follows image_size
     assert IEMOCAP.options["image_size"].default == 256
-    assert d["backbone"]["text"]["name"] == "bert"
+    assert d["backbone"]["text"]["name"] == "m3ae_text"  # MLA's text encoder
     assert {b["name"] for b in IEMOCAPMulT.defaults["backbone"].values()} == {"seq_transformer"}
     assert IEMOCAP.method_defaults["iprm"]["alpha"] == 0.7
     assert IEMOCAP.modality_names == ("audio", "visual", "text")
@@ -375,14 +375,15 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2
 
 
 def tiny_overrides(root: Path, records: Path, **extra) -> dict:
-    """concat with the paper's encoder kinds (fbank ViT, image ViT, BERT), shrunk."""
+    """concat with the paper's encoder kinds (fbank ViT, image ViT, M3AE text), shrunk."""
     ov = {"data_root": str(root), "records": str(records), "epochs": 1, "batch_size": 2,
           "limit_train_batches": 1, "limit_eval_batches": 1, "check_manifest": False,
           "val_fraction": 0.2, "embed_dim": 16, "checkpoint": False, "progress": "off",
-          "image_size": 32, "backbone.text.config": TINY_BERT}
+          "image_size": 32, "backbone.text.vocab_size": TINY_BERT["vocab_size"]}
     for field, value in TINY_VIT.items():
         ov[f"backbone.audio.{field}"] = value
         ov[f"backbone.visual.{field}"] = value
+        ov[f"backbone.text.{field}"] = value
     ov.update(extra)
     return ov
 
@@ -392,7 +393,7 @@ def test_one_concat_step_mla_layout(mla_root: Path, tmp_path: Path) -> None:
 
     result = run("concat", "iemocap", overrides=tiny_overrides(mla_root, tmp_path / "runs", device="cpu"))
     assert {m: b["name"] for m, b in result.config["backbone"].items()} == {
-        "audio": "fbank_transformer", "visual": "vit", "text": "bert"}
+        "audio": "fbank_transformer", "visual": "vit", "text": "m3ae_text"}
     (epoch,) = result.record["epochs"]
     assert epoch["train_batches"] == 1 and np.isfinite(epoch["train_loss"])
     assert {"fused", "audio", "visual", "text"} <= set(result.final["last"]["test"])

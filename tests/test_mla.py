@@ -48,13 +48,7 @@ EXP_MINUS_H2 = 0.75**0.75 * 0.25**0.25
 LAMBDA_1 = 0.5 / (0.5 + EXP_MINUS_H2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids barrier waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest
 
 
 # ---- mathematics by hand -----------------------------------------------------------------------

@@ -26,13 +26,7 @@ SYN = {"epochs": 2, "n_train": 300, "n_test": 100}
 T = torch.tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids barrier waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest
 
 
 def combine(g_mm, g_u, **kw):

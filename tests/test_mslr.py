@@ -24,13 +24,7 @@ SMALL = {"epochs": 2, "n_train": 300, "n_test": 100}
 LR = 0.05  # the synthetic recipe's base rate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP barrier waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest
 
 
 def run_previous(accs, window, lo=0.5, hi=2.0, variant="previous"):

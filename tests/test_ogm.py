@@ -27,13 +27,7 @@ from mmbalance.trainer import to_device
 SYN = {"epochs": 2, "n_train": 300, "n_test": 100}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids barrier waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest
 
 
 # ---- mathematics by hand -----------------------------------------------------------------------

@@ -39,13 +39,7 @@ SCORE = 1.6836327054524383
 PCE = 0.1809245195459824
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models: extra OpenMP threads only add barrier waits on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest
 
 
 def setup_trainer(tmp_path, **overrides):

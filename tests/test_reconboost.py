@@ -29,13 +29,7 @@ SMALL = {"n_train": 200, "n_test": 60, "dim": 8, "embed_dim": 16, "batch_size": 
 PASS = {"recon_epoch": "pass"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest
 
 
 def trainer_for(fast, **overrides) -> Trainer:

@@ -29,6 +29,14 @@ PyAV (FFmpeg) instead of OpenCV / moviepy / ffmpeg subprocesses:
 ``sarcasm`` needs no preparation (its loader reads the original release as distributed), so
 it is listed in :data:`NOT_OFFERED` with the reason instead of being half-done here.
 
+``cremad`` and ``ksounds`` can also build the optional input cache of
+:mod:`mmbalance.cache` (memory-mapped spectrograms / fbanks and uint8 frames, read by runs
+with ``--set cache=DIR``): ``--set cache=DIR`` after the preparation (``cache=true``: a
+``<out>-cache`` folder beside OUT), with the dataset's settings from ``--set
+cache_set={...}`` (e.g. ``{layout: A}``; default: the dataset's defaults, which are what a
+run with no other settings reads); :func:`prepare_cache` builds or checks one for an already
+prepared data root.
+
 Every preparer is resumable: outputs are written to a temporary name and renamed into place,
 finished outputs are skipped unless ``overwrite=True``, and a clip that cannot be decoded is
 reported in the summary instead of stopping a 7,000-clip run. The summary (also written to
@@ -78,6 +86,10 @@ from mmbalance.prepare.ksounds import prepare_ksounds
 from mmbalance.prepare.nvgesture import prepare_nvgesture
 
 SUMMARY_FILE = "mmbalance_prepare.json"
+# Datasets whose runs can read the input cache of mmbalance.cache (the audio + frames plugins).
+CACHE_DATASETS = ("cremad", "ksounds")
+# What a run's cache folder is called beside the prepared OUT when --set cache=true.
+CACHE_SUFFIX = "-cache"
 
 RAW_LAYOUTS: dict[str, str] = {
     "cremad": cremad.RAW_LAYOUT,
@@ -130,12 +142,22 @@ def prepare(dataset: str, raw: Path | str, out: Path | str, **options: Any) -> d
     """Run one dataset's preparer; returns (and writes to OUT/mmbalance_prepare.json) a summary.
 
     ``options`` are the preparer's keyword options (see :func:`preparer_options`); an unknown
-    one is a ConfigError listing the valid names. Raises DataError when RAW does not hold the
+    one is a ConfigError listing the valid names. Two more are understood for ``cremad`` and
+    ``ksounds``: ``cache`` (a folder, or true for ``<OUT>-cache``) builds the input cache of
+    the prepared layout afterwards with :func:`prepare_cache`, with the dataset settings in
+    ``cache_set`` (a mapping); its summary is the ``cache`` entry. Raises DataError when RAW does not hold the
     expected raw release (the message shows :data:`RAW_LAYOUTS`), or when nothing at all
     could be prepared.
     """
     fn = _preparer(dataset)
     allowed = preparer_options(dataset)
+    options = dict(options)
+    cache = options.pop("cache", None)
+    cache_set = options.pop("cache_set", None)
+    if cache not in (None, False):
+        _cache_overrides(dataset, cache_set)  # bad cache settings fail before hours of work
+    elif cache_set is not None:
+        raise ConfigError(f"cache_set is given but cache is not: add --set cache=DIR to 'mmbalance prepare {dataset}'.")
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise ConfigError(
@@ -154,14 +176,89 @@ def prepare(dataset: str, raw: Path | str, out: Path | str, **options: Any) -> d
     report = fn(raw_p, out_p, **options)
     report.options = {**allowed, **options}
     summary = report.summary(time.monotonic() - start)
-    _write_summary(out_p, summary)
     done = sum(report.written.values()) + sum(report.skipped.values())
+    _write_summary(out_p, summary)
+    if cache not in (None, False) and done:  # the layout's summary is on disk even if this fails
+        folder = out_p.parent / f"{out_p.name}{CACHE_SUFFIX}" if cache is True else Path(str(cache)).expanduser()
+        summary["cache"] = prepare_cache(dataset, out_p, folder, **(cache_set or {}))
+        _write_summary(out_p, summary)
     if report.failures and not done:
         raise DataError(
             f"'mmbalance prepare {dataset}' could not prepare anything: {len(report.failures)} "
             f"failures, e.g. {report.failures[0]['item']}: {report.failures[0]['error']}"
         )
     return summary
+
+
+def _cache_overrides(dataset: str, cache_set: Any) -> dict[str, Any]:
+    """The dataset settings a cache is built with, checked (names and values) against the
+    dataset's options without reading any data."""
+    key = dataset.lower()
+    if key not in CACHE_DATASETS:
+        raise ConfigError(
+            f"Dataset '{dataset}' has no input cache; it is offered for "
+            f"{', '.join(CACHE_DATASETS)} (audio + frames). Drop --set cache=..."
+        )
+    if cache_set is None:
+        cache_set = {}
+    if not isinstance(cache_set, Mapping):
+        raise ConfigError(
+            f"cache_set must be a mapping of {dataset} settings, e.g. --set 'cache_set={{layout: A}}'; "
+            f"got {cache_set!r}."
+        )
+    bad = [k for k in cache_set if k in ("cache", "data_root")]
+    if bad:
+        raise ConfigError(f"cache_set cannot set {', '.join(bad)}: they are given by --set cache= and OUT.")
+    from mmbalance.runner import resolve_config
+
+    resolve_config("concat", key, {**cache_set, "cache": "unused"})  # unknown keys / bad values
+    return dict(cache_set)
+
+
+def prepare_cache(
+    dataset: str,
+    data_root: Path | str,
+    cache: Path | str,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Build (or, when it exists, check) the input cache of a prepared ``dataset``.
+
+    ``data_root`` is what a run's ``--data-root`` would be; ``cache`` the folder a run will
+    name with ``--set cache=DIR``; ``settings`` the dataset options the runs use (layout,
+    audio_seconds, frames, image_size, cache_frame_size, ...; default: the dataset's own).
+    The cache is built exactly as a run would build it on first use (every clip of the
+    train, test and valid lists, in ``workers`` processes, default the CPUs up to 8), so a
+    run with the same settings opens it without rebuilding. A cache already there is checked
+    and a stale one refused (:class:`mmbalance.cache.StaleCacheError`). Returns a summary.
+    """
+    from mmbalance.cache import MANIFEST
+    from mmbalance.runner import resolve_config
+
+    key = dataset.lower()
+    # val_fraction 0: the cache holds every train clip whatever a run carves for validation
+    overrides = {"val_fraction": 0.0, **_cache_overrides(key, settings),
+                 "data_root": str(Path(data_root).expanduser()), "cache": str(Path(cache).expanduser())}
+    if workers:
+        overrides["num_workers"] = int(workers)
+    cfg, dataset_cls, _ = resolve_config("concat", key, overrides)
+    existed = (Path(overrides["cache"]) / MANIFEST).is_file()
+    start = time.monotonic()
+    plugin = dataset_cls()
+    splits = plugin.build(cfg, list(plugin.modality_names))
+    return {
+        "dataset": key,
+        "data_root": overrides["data_root"],
+        "settings": dict(settings),
+        "action": "checked (already built)" if existed else "built",
+        "seconds": round(time.monotonic() - start, 2),
+        "sizes": splits.info.get("sizes"),
+        **splits.info["input_cache"],
+        "use": f"mmbalance run --dataset {key} --data-root {overrides['data_root']} --set cache={overrides['cache']}"
+        + "".join(f" --set {k}={v}" for k, v in settings.items()),
+    }
 
 
 def _write_summary(out: Path, summary: Mapping[str, Any]) -> None:
@@ -185,7 +282,9 @@ __all__ = [
     "frame_plan",
     "per_second_plan",
     "horn_schunck",
+    "CACHE_DATASETS",
     "prepare",
+    "prepare_cache",
     "preparer_options",
     "stratified_split",
 ]
