@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_checks import assert_resume_identical
 from mmbalance.methods.agm import (
     AGM,
     ScaleGrad,
@@ -24,7 +25,6 @@ from mmbalance.methods.agm import (
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.runner import make_trainer, run
 from mmbalance.trainer import to_device
-from tests.method_checks import assert_resume_identical
 
 SMALL = {"epochs": 2, "n_train": 300, "n_test": 100}
 TINY = {"device": "cpu", "progress": "off", "n_train": 120, "n_test": 60, "dim": 16, "embed_dim": 16,
