@@ -257,7 +257,7 @@ def test_probe_run_refuses_folders_it_cannot_trust(concat_run, tmp_path):
 
 
 def test_probe_run_refuses_a_run_without_checkpoint(tmp_path):
-    trainer = trained(tmp_path, epochs=1, checkpoint=False)
+    trainer = trained(tmp_path, epochs=1, checkpoint=False, diagnostics=False)  # nothing written yet
     assert not (trainer.run_dir / records.CHECKPOINT).exists()
     with pytest.raises(DiagnosticsError, match="no checkpoint.pt") as err:
         probe_run(trainer.run_dir)
