@@ -50,16 +50,7 @@ def render(run_dir: Path) -> str:
             f"finished its set-up yet). Run folders are under --records, named "
             f"<dataset>_<method>_s<seed>_<hash>."
         )
-    rows = records.read_jsonl(run_dir / records.RECORD)
-    rec: dict[str, Any] = {"header": {}, "epochs": [], "final": None}
-    for row in rows:
-        kind = row.get("type")
-        if kind == "header":
-            rec["header"] = row
-        elif kind == "epoch":
-            rec["epochs"].append(row)
-        elif kind == "final":
-            rec["final"] = row
+    rec = records.load_record(run_dir)  # a running or killed run has no final row yet
     h = rec["header"]
     cfg = h.get("config", {})
     mods = h.get("modalities", [])
