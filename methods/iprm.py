@@ -10,9 +10,18 @@ Spec: reference/iprm.md (sections 1-9, 11, 12). One iteration, two modalities (a
 
 The state (lambda, omega per modality pair) lives in buffers of the fused-head module, so it
 stays on the device (no per-step host sync), moves with the model, and is also returned by
-:meth:`IPRM.state_dict` for checkpoints. Inference sums the unimodal and fused logits, the
-fused branch at the last EMA weight (the official rule; ``inference=fused_only`` drops the
-unimodal logits).
+:meth:`IPRM.state_dict` for checkpoints.
+
+Cost: the encoders run once; the two fused passes of a pair share its normalised features,
+angle and denominator (:func:`mmbalance.fusion.sphere_geometry`, computed once with autograd;
+the probe reads them without), the unimodal log-softmaxes serve both the CEs and the probe
+KLs, each fused pass computes one log-softmax, and the per-step diagnostics are kept as the
+tensors the step already made and handed to the trainer at the epoch's end (one host copy).
+Every number is the one the plain formulation computes, bit for bit on CPU (tests/test_iprm.py
+pins both a plain reference step and values recorded before this sharing).
+
+Inference sums the unimodal and fused logits, the fused branch at the last EMA weight (the
+official rule; ``inference=fused_only`` drops the unimodal logits).
 
 Three or more modalities (section 7): ``pair_mode=tri_cls`` gives every unordered pair its own
 fused head, probe and EMA; ``pair_mode=single_cls`` shares one fused head and trains one
@@ -32,9 +41,9 @@ from torch import nn
 
 from mmbalance.config import Option
 from mmbalance.errors import ConfigError, UnsupportedError
-from mmbalance.fusion import MIXERS
+from mmbalance.fusion import MIXER_PARTS, PairGeometry
 from mmbalance.method import Method, Prediction
-from mmbalance.probe import INIT_WEIGHT, ema, kl_to_fused, strength_weights
+from mmbalance.probe import INIT_WEIGHT, ema, kl_pair_to_fused, log_probs, pair_strength_weight
 from mmbalance.registry import register_method
 
 DEFAULT_ALPHA = 0.8
@@ -83,6 +92,7 @@ class IPRMFusion(nn.Module):
         self.shared = shared
         self.mixup = mixup
         self.safe = safe
+        self._prepare, self._mix = MIXER_PARTS[mixup]
         n_heads = 1 if shared else len(self.pairs)
         self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(n_heads))
         self.register_buffer("lam", torch.full((len(self.pairs),), INIT_WEIGHT))
@@ -95,8 +105,16 @@ class IPRMFusion(nn.Module):
     def head(self, k: int) -> nn.Linear:
         return self.heads[0 if self.shared else k]
 
+    def geometry(self, z_first: torch.Tensor, z_second: torch.Tensor) -> PairGeometry:
+        """The weight-independent part of this run's mix (normalised rows; GMM: angle too)."""
+        return self._prepare(z_first, z_second, self.safe)
+
+    def mix_at(self, geom: PairGeometry, w_first: Any) -> torch.Tensor:
+        """This run's mix (GMM or L-Mixup) of a prepared pair at the first modality's weight."""
+        return self._mix(geom, w_first)
+
     def mix(self, z_first: torch.Tensor, z_second: torch.Tensor, w_first: Any) -> torch.Tensor:
-        return MIXERS[self.mixup](z_first, z_second, w_first, safe=self.safe)
+        return self.mix_at(self.geometry(z_first, z_second), w_first)
 
     def pair_logits(self, k: int, z_first: torch.Tensor, z_second: torch.Tensor, w_first: Any) -> torch.Tensor:
         """Fused logits of pair k: its head on the mix of the two features at ``w_first``."""
@@ -129,8 +147,18 @@ class IPRM(Method):
             raise ConfigError(f"Method 'iprm': fixed_weight must lie in [0, 1], got {fixed}.")
         self.alpha = alpha if self._opt("ema") else 0.0
         self.fixed_weight = None if fixed is None else float(fixed)
+        # the options the training step branches on, read once
+        self._unpaired = bool(self._opt("unpaired"))
+        self._one_pass = bool(self._opt("one_pass"))
+        self._probe_fixed = self._opt("probe_lambda") == "fixed"
+        self._single_cls = self._opt("pair_mode") == "single_cls"
+        self._head_bug = bool(self._opt("replicate_official_head_bug"))
         self.modalities: list[str] = []
         self._pending_state: Mapping[str, Any] | None = None
+        # this epoch's per-step diagnostics: the step's tensors (see training_step) and, for
+        # Single-CLS, the drawn (pair, first, second); logged at the epoch's end
+        self._step_rows: list[tuple[torch.Tensor, ...]] = []
+        self._step_pairs: list[tuple[int, int, int] | None] = []
 
     def _opt(self, key: str) -> Any:
         """Option value; the declared default when ``cfg`` lacks it (a method built by hand)."""
@@ -181,21 +209,60 @@ class IPRM(Method):
         """The unimodal heads on the raw features (with the official head bug if asked for)."""
         assert self.model is not None
         uni = self.model.unimodal_logits(feats)
-        if self._opt("replicate_official_head_bug"):
+        if self._head_bug:
             _, second, third = self.modalities
             uni[third] = self.model.uni_heads[second](feats[third])
         return uni
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        assert self.model is not None
-        feats = self.model.encode(batch)
+        """Encoders once; per trained pair: probe at lambda_t, rebalance at omega_t (iprm.md 4).
+
+        The work each pair shares between its two fused passes is done once: the unimodal
+        log-softmaxes (in their CEs and in the probe KLs), the pair's normalised features,
+        angle and denominator (:func:`mmbalance.fusion.sphere_geometry`), and one
+        log-softmax per fused pass. The per-step diagnostics are kept as the tensors the step
+        made and logged at the end of the epoch. Nothing here waits for the device.
+        """
+        model = self.model
+        assert model is not None
+        feats = model.encode(batch)
         uni = self.unimodal_logits(feats)
         y = batch["label"]
-        loss = sum(F.cross_entropy(logits, y) for logits in uni.values())
-        logs: dict[str, torch.Tensor] = {}
-        for k, first, second in self._pairs_this_step():
-            loss = loss + self._pair_loss(k, first, second, feats, uni, y, logs)
-        self._log_state(logs)
+        logp = {m: log_probs(logits) for m, logits in uni.items()}  # once: CE and probe KL
+        loss: Any = None
+        for lp in logp.values():  # == the sum of F.cross_entropy, bit for bit
+            ce = F.nll_loss(lp, y)
+            loss = ce if loss is None else loss + ce
+        fusion: IPRMFusion = model.fusion
+        lam_buf, omega_buf = fusion.lam, fusion.omega
+        lam_all = self._next_lambdas(lam_buf, omega_buf)  # lambda_t of each pair's lower modality
+        drawn = self._pairs_this_step()
+        n_pairs = len(fusion.pairs)
+        every_pair = len(drawn) == n_pairs
+        omegas, stats = [], []
+        for k, first, second in drawn:
+            lam_low = lam_all if n_pairs == 1 else lam_all[k : k + 1]
+            pair_loss, omega_low, d, guarded = self._pair_loss(fusion, k, first, second, lam_low, feats, logp, y)
+            loss = loss + pair_loss
+            omegas.append(omega_low)
+            stats += (d, guarded)
+        # the state holds no autograd history (buffers; weights from no-grad passes)
+        if every_pair:
+            omega_buf_new = omegas[0] if n_pairs == 1 else torch.cat(omegas)
+            lam_buf.copy_(lam_all)
+            omega_buf.copy_(omega_buf_new)
+        else:  # Single-CLS: only the drawn pair's state advances
+            k = drawn[0][0]
+            lam_buf[k : k + 1] = lam_all[k : k + 1]
+            omega_buf[k : k + 1] = omegas[0]
+        if self.trainer is not None:  # driven by hand (tests): nothing to log into
+            # the step's diagnostics, kept as the tensors they already are (no op): lam and
+            # omega of every pair (the fresh tensors just stored; Single-CLS copies the state,
+            # which later steps overwrite in place), then per trained pair its two KLs (first,
+            # second) and its guard flag
+            state = (lam_all, omega_buf_new) if every_pair else (torch.cat((lam_buf, omega_buf)),)
+            self._step_rows.append((*state, *stats))
+            self._step_pairs.append(None if every_pair else drawn[0])
         return loss
 
     def _pairs_this_step(self) -> list[tuple[int, int, int]]:
@@ -205,65 +272,80 @@ class IPRM(Method):
         ordered pair drawn uniformly with torch's CPU RNG (re-seeded by the trainer every
         epoch, so seeds and resumes reproduce; the draw never touches the accelerator).
         """
-        pairs = self.heads.pairs
-        if self._opt("pair_mode") != "single_cls" or len(pairs) == 1:
+        pairs = self.model.fusion.pairs
+        if not self._single_cls or len(pairs) == 1:
             return [(k, i, j) for k, (i, j) in enumerate(pairs)]
         ordered = [(k, i, j) for k, (i, j) in enumerate(pairs)] + [(k, j, i) for k, (i, j) in enumerate(pairs)]
         return [ordered[int(torch.randint(len(ordered), ()).item())]]
 
     def _pair_loss(
         self,
+        fusion: IPRMFusion,
         k: int,
         first: int,
         second: int,
+        lam_low: torch.Tensor,
         feats: Mapping[str, torch.Tensor],
-        uni: Mapping[str, torch.Tensor],
+        logp: Mapping[str, torch.Tensor],
         y: torch.Tensor,
-        logs: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        """Probe, rebalance and advance the state of pair k; returns its fused CE."""
-        fusion = self.heads
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Probe and rebalance pair k. Returns ``(fused CE, omega_low, KLs, guarded)``.
+
+        ``lam_low``/``omega_low`` are the ``(1,)`` weights of the pair's lower-index modality
+        (the stored convention); ``first``/``second`` is the order of this step's mix, so a
+        reversed Single-CLS draw (first > second) mixes at ``1 - lam_low`` and stores
+        ``1 - w_first``. ``KLs`` is ``(2,)``: first, second.
+        """
         m_a, m_b = self.modalities[first], self.modalities[second]
         flip = first > second  # the state holds the lower-index modality's weight
-        lam_low = self._next_lambda(k)
         lam_a = 1.0 - lam_low if flip else lam_low
-        z_a, z_b, u_a, u_b, y_b = feats[m_a], feats[m_b], uni[m_a], uni[m_b], y
-        if self._opt("unpaired"):
+        z_a, z_b, lp_a, lp_b, y_b = feats[m_a], feats[m_b], logp[m_a], logp[m_b], y
+        if self._unpaired:
             perm = torch.randperm(len(y), device=y.device)
-            z_b, u_b, y_b = z_b[perm], u_b[perm], y[perm]
-        if self._opt("one_pass"):
-            fused = fusion.pair_logits(k, z_a, z_b, lam_a)
-            w_a, d_a, d_b, guarded = self._weights(u_a, u_b, fused.detach())
+            z_b, y_b = z_b[perm], y[perm]
+            with torch.no_grad():
+                lp_b = lp_b[perm]  # rows of a row-wise log-softmax: == log_softmax(u_b[perm])
+        geom = fusion.geometry(z_a, z_b)  # with autograd; the probe reads it without
+        head = fusion.head(k)
+        weight, bias = head.weight, head.bias  # F.linear on them == head(...), without the call
+        mix_at = fusion.mix_at
+        if self._one_pass:
+            fused = F.linear(mix_at(geom, lam_a), weight, bias)  # the one fused pass, with grad
+            log_r = log_probs(fused)
+            with torch.no_grad():
+                d = kl_pair_to_fused(lp_a, lp_b, log_r)
+                w_a, guarded = pair_strength_weight(d)
             mix_w = lam_a
         else:
-            w_a, d_a, d_b, guarded = self.probe(k, z_a, z_b, u_a, u_b, lam_a)
+            with torch.no_grad():  # the probe at lambda_t
+                d = kl_pair_to_fused(lp_a, lp_b, log_probs(F.linear(mix_at(geom, lam_a), weight, bias)))
+                w_a, guarded = pair_strength_weight(d)
             if self.fixed_weight is not None:
                 w_a = torch.full_like(w_a, 1.0 - self.fixed_weight if flip else self.fixed_weight)
-            fused = fusion.pair_logits(k, z_a, z_b, w_a)
+            fused = F.linear(mix_at(geom, w_a), weight, bias)  # the rebalanced pass at omega_t
+            log_r = log_probs(fused)
             mix_w = w_a
-        if self._opt("unpaired"):  # soft target mix_w * onehot(y) + (1 - mix_w) * onehot(y[perm])
-            loss = mix_w * F.cross_entropy(fused, y) + (1.0 - mix_w) * F.cross_entropy(fused, y_b)
+        if self._unpaired:  # soft target mix_w * onehot(y) + (1 - mix_w) * onehot(y[perm])
+            # the second term keeps its own log-softmax node: summing both gradients before one
+            # log-softmax backward would round differently from the recorded runs
+            mix_w = mix_w.reshape(())
+            loss = mix_w * F.nll_loss(log_r, y) + (1.0 - mix_w) * F.nll_loss(log_probs(fused), y_b)
         else:
-            loss = F.cross_entropy(fused, y)
+            loss = F.nll_loss(log_r, y)
         omega_low = 1.0 - w_a if flip else w_a
         if self.fixed_weight is not None:
             omega_low = torch.full_like(omega_low, self.fixed_weight)
-        with torch.no_grad():
-            fusion.lam[k] = lam_low
-            fusion.omega[k] = omega_low
-        logs[f"kl_{m_a}@{k}"] = d_a
-        logs[f"kl_{m_b}@{k}"] = d_b
-        logs[f"guarded@{k}"] = guarded.float()
-        return loss
+        return loss, omega_low, d, guarded
 
-    def _next_lambda(self, k: int) -> torch.Tensor:
-        """Probing weight of step t for pair k: Eq. (4) from the stored state, or a constant."""
-        fusion = self.heads
+    def _next_lambdas(self, lam: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        """Probing weights of step t for every pair, ``(P,)``: Eq. (4) from the stored state, or
+        a constant (``fixed_weight``; ``probe_lambda=fixed``). Single-CLS stores only the drawn
+        pair's entry, so the others' values are computed but not kept."""
         if self.fixed_weight is not None:
-            return torch.full_like(fusion.lam[k], self.fixed_weight)
-        if self._opt("probe_lambda") == "fixed":
-            return torch.full_like(fusion.lam[k], INIT_WEIGHT)
-        return ema(fusion.lam[k], fusion.omega[k], self.alpha)
+            return torch.full_like(lam, self.fixed_weight)
+        if self._probe_fixed:
+            return torch.full_like(lam, INIT_WEIGHT)
+        return ema(lam, omega, self.alpha)
 
     @torch.no_grad()
     def probe(
@@ -275,49 +357,68 @@ class IPRM(Method):
         u_b: torch.Tensor,
         lam_a: torch.Tensor | float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The probe pass of pair k, without autograd: fused logits at ``lam_a``, then Eq. (2).
+        """The probe pass of pair k on its own, without autograd: fused logits at ``lam_a``,
+        then Eq. (2). Returns ``(w_a, kl_a, kl_b, guarded)``, all detached 0-d tensors.
 
-        Reuses the step's features and unimodal logits (no encoder re-run). Returns
-        ``(w_a, kl_a, kl_b, guarded)``, all detached 0-d tensors.
+        :meth:`training_step` runs the same computation inline, sharing the pair's geometry
+        and the unimodal log-softmaxes with the rebalanced pass and the CEs.
         """
-        probe_logits = self.heads.pair_logits(k, z_a, z_b, lam_a)
-        return self._weights(u_a, u_b, probe_logits)
-
-    @staticmethod
-    def _weights(
-        u_a: torch.Tensor, u_b: torch.Tensor, fused: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            d_a = kl_to_fused(u_a.detach(), fused.detach())
-            d_b = kl_to_fused(u_b.detach(), fused.detach())
-            w_a, _, guarded = strength_weights(d_a, d_b)
-        return w_a, d_a, d_b, guarded
-
-    def _log_state(self, step_logs: Mapping[str, torch.Tensor]) -> None:
-        """Per-step omega/lambda/KL per modality (per pair when there are several pairs).
-
-        Every key is logged at every step (NaN KL for a pair not drawn in Single-CLS), so the
-        trainer's per-epoch columns stay aligned step by step.
-        """
-        if self.trainer is None:  # driven by hand (tests): nothing to log into
-            return
         fusion = self.heads
-        single = len(fusion.pairs) == 1
-        values: dict[str, torch.Tensor] = {}
-        guarded = []
+        log_q = log_probs(fusion.head(k)(fusion.mix_at(fusion.geometry(z_a, z_b), lam_a)))
+        d = kl_pair_to_fused(log_probs(u_a), log_probs(u_b), log_q)
+        w_a, guarded = pair_strength_weight(d)
+        return w_a.reshape(()), d[0], d[1], guarded.reshape(())
+
+    # ---- per-step diagnostics --------------------------------------------------------------
+    def on_train_epoch_start(self, epoch: int) -> None:
+        super().on_train_epoch_start(epoch)
+        self._step_rows, self._step_pairs = [], []
+
+    def on_train_epoch_end(self, epoch: int) -> None:
+        super().on_train_epoch_end(epoch)
+        self._flush_step_logs()
+
+    def _flush_step_logs(self) -> None:
+        """Expand the epoch's per-step tensors into the logged keys, one ``log`` call per step.
+
+        Keys, order and values are those the step used to log itself (``omega_<m>``,
+        ``lambda_<m>``, ``kl_<m>`` per modality, suffixed ``@<pair>`` with several pairs, then
+        ``probe_guarded``): the second modality's weights are ``1 - first`` in float32, the KL
+        of a pair not drawn in a Single-CLS step is NaN, and every step keeps its row. The
+        values reach the trainer as floats after one device-to-host copy per epoch, made
+        after the last step, so the steps themselves never wait for the device.
+        """
+        rows, pairs = self._step_rows, self._step_pairs
+        self._step_rows, self._step_pairs = [], []
+        if not rows or self.trainer is None:
+            return
+        steps = len(rows)
+        # (steps, 2P + 3 per trained pair): lam, omega of every pair, then per trained pair
+        # KL first, KL second, guard (bool promotes to float); one stack per field
+        fields = [torch.stack(f).reshape(steps, -1) for f in zip(*rows, strict=True)]
+        table = torch.cat(fields, dim=1).cpu()  # the epoch's only host sync here
+        fusion = self.heads
+        n = len(fusion.pairs)
+        suffixes = [""] if n == 1 else [f"@{fusion.pair_name(k)}" for k in range(n)]
+        every_pair = pairs[0] is None
+        as_list = table.tolist()
+        cols: dict[str, list[float]] = {}
         for k, (i, j) in enumerate(fusion.pairs):
-            suffix = "" if single else f"@{fusion.pair_name(k)}"
-            lam, omega = fusion.lam[k].detach(), fusion.omega[k].detach()
-            for m, sign in ((self.modalities[i], False), (self.modalities[j], True)):
-                values[f"omega_{m}{suffix}"] = 1.0 - omega if sign else omega.clone()
-                values[f"lambda_{m}{suffix}"] = 1.0 - lam if sign else lam.clone()
-                kl = step_logs.get(f"kl_{m}@{k}")
-                values[f"kl_{m}{suffix}"] = kl if kl is not None else torch.full_like(lam, float("nan"))
-            g = step_logs.get(f"guarded@{k}")
-            if g is not None:
-                guarded.append(g)
-        values["probe_guarded"] = torch.stack(guarded).mean()
-        self.log(**values)
+            lam, omega = table[:, k], table[:, n + k]
+            if every_pair:  # all pairs trained each step, in index order (first = i)
+                kl_i, kl_j = table[:, 2 * n + 3 * k].tolist(), table[:, 2 * n + 3 * k + 1].tolist()
+            else:  # Single-CLS: a row holds the drawn pair's KLs, in the drawn order
+                nan = float("nan")
+                kl_i = [row[2 * n + (f != i)] if kt == k else nan for row, (kt, f, _) in zip(as_list, pairs, strict=True)]
+                kl_j = [row[2 * n + (f == i)] if kt == k else nan for row, (kt, f, _) in zip(as_list, pairs, strict=True)]
+            for m, second, kl in ((self.modalities[i], False, kl_i), (self.modalities[j], True, kl_j)):
+                cols[f"omega_{m}{suffixes[k]}"] = (1.0 - omega if second else omega).tolist()
+                cols[f"lambda_{m}{suffixes[k]}"] = (1.0 - lam if second else lam).tolist()
+                cols[f"kl_{m}{suffixes[k]}"] = kl
+        guards = [2 * n + 3 * k + 2 for k in range(n)] if every_pair else [2 * n + 2]
+        cols["probe_guarded"] = table[:, guards].mean(dim=1).tolist()  # mean over trained pairs
+        for t in range(steps):
+            self.log(**{key: col[t] for key, col in cols.items()})
 
     # ---- inference ------------------------------------------------------------------------
     @torch.no_grad()

@@ -12,6 +12,8 @@ reused by other methods (reference: iprm.md section 3).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 Weight = float | torch.Tensor
@@ -25,7 +27,12 @@ SAFE_SIN_MIN = 1e-6  # safe mode mixes linearly where sin(theta) is below this
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     """At least float32: arccos/sin of bf16 (autocast) features would lose the geometry."""
+    if t.dtype in _WIDE:  # the common case, without a call into torch
+        return t.dtype
     return torch.promote_types(t.dtype, torch.float32)
+
+
+_WIDE = (torch.float32, torch.float64)
 
 
 def _as_weight(lam: Weight, like: torch.Tensor) -> torch.Tensor:
@@ -35,17 +42,87 @@ def _as_weight(lam: Weight, like: torch.Tensor) -> torch.Tensor:
     no gradient through them, so they are detached here whatever the caller hands in.
     """
     if isinstance(lam, torch.Tensor):
+        if not lam.requires_grad and lam.dtype == like.dtype and lam.get_device() == like.get_device():
+            return lam  # already what the mix needs (IPRM's per-step weights): no extra ops
         return lam.detach().to(device=like.device, dtype=like.dtype)
     return torch.tensor(float(lam), device=like.device, dtype=like.dtype)
 
 
 def l2_normalize(z: torch.Tensor, safe: bool = False) -> torch.Tensor:
     """Row-wise ``z / ||z||``. Official: no eps (an all-zero row gives NaN); safe: eps-bounded."""
-    z = z.to(_compute_dtype(z))
-    norm = z.norm(dim=-1, keepdim=True)
+    dtype = _compute_dtype(z)
+    if z.dtype != dtype:
+        z = z.to(dtype)
+    norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)  # what z.norm(dim=-1) calls
     if safe:
         norm = norm.clamp_min(SAFE_NORM_EPS)
     return z / norm
+
+
+class PairGeometry(NamedTuple):
+    """What every mix of one feature pair shares, whatever the weight: computed once per step.
+
+    IPRM mixes the same pair twice per step (the probe at lambda_t, the rebalanced pass at
+    omega_t); only the weight differs, so the row normalisation, the angle and the official
+    denominator are computed once (with autograd, for the rebalanced pass) and the probe reads
+    them under ``no_grad``. ``theta``/``s``/``tiny`` are None for the linear mix (L-Mixup).
+    """
+
+    x: torch.Tensor  # xbar: (B, d) L2-normalised first features
+    y: torch.Tensor  # ybar: (B, d) L2-normalised second features
+    theta: torch.Tensor | None = None  # (B, 1) arccos of the clamped cosine
+    s: torch.Tensor | None = None  # (B, 1) denominator: sin(theta) + 1e-8 (official) or sin(theta) (safe)
+    tiny: torch.Tensor | None = None  # (B, 1) bool, safe mode only: sin(theta) < 1e-6
+
+
+def normalized_pair(z_a: torch.Tensor, z_b: torch.Tensor, safe: bool = False) -> PairGeometry:
+    """The two row-normalised batches (all the linear mix needs), in at least float32."""
+    x = l2_normalize(z_a, safe)
+    y = l2_normalize(z_b, safe)
+    return PairGeometry(x, y if y.dtype == x.dtype else y.to(x.dtype))
+
+
+def sphere_geometry(z_a: torch.Tensor, z_b: torch.Tensor, safe: bool = False) -> PairGeometry:
+    """Normalised rows, angle and denominator of a pair: the weight-independent half of GMM."""
+    pair = normalized_pair(z_a, z_b, safe)
+    x, y = pair.x, pair.y
+    c = (x * y).sum(dim=-1, keepdim=True)
+    bound = 1.0 - SAFE_CLAMP if safe else 1.0
+    theta = torch.acos(c.clamp(-bound, bound))
+    if not safe:
+        return PairGeometry(x, y, theta, torch.sin(theta) + OFFICIAL_SIN_EPS)
+    sin_t = torch.sin(theta)
+    tiny = sin_t < SAFE_SIN_MIN
+    # "double where": the discarded slerp branch must not see a ~0 denominator either, or
+    # its NaN/inf gradient would leak through torch.where's backward (0 * inf = NaN).
+    return PairGeometry(x, y, theta, torch.where(tiny, torch.ones_like(sin_t), sin_t), tiny)
+
+
+def _weight_column(lam: Weight, like: torch.Tensor) -> torch.Tensor:
+    """The weight as a tensor broadcasting over ``(B, 1)``: a per-row ``(B,)`` weight becomes a
+    column; scalars and single-element ``(1,)`` weights broadcast as they are."""
+    lam = _as_weight(lam, like)
+    return lam.unsqueeze(-1) if lam.dim() == 1 and lam.shape[0] != 1 else lam
+
+
+def slerp_at(geom: PairGeometry, lam_a: Weight) -> torch.Tensor:
+    """The GMM output of a prepared pair at weight ``lam_a`` (the weight-dependent half)."""
+    x, y, theta, s = geom.x, geom.y, geom.theta, geom.s
+    assert theta is not None and s is not None, "slerp_at needs sphere_geometry, not normalized_pair"
+    lam = _weight_column(lam_a, x)
+    if geom.tiny is None and not torch.is_grad_enabled():  # a probe: same ops, fewer buffers
+        out = torch.mul(lam, theta).sin_().div_(s).mul(x)
+        return out.add_(torch.mul(torch.rsub(lam, 1.0), theta).sin_().div_(s).mul(y))
+    slerp = torch.sin(lam * theta) / s * x + torch.sin(torch.rsub(lam, 1.0) * theta) / s * y
+    if geom.tiny is None:
+        return slerp
+    return torch.where(geom.tiny, lam * x + (1.0 - lam) * y, slerp)
+
+
+def linear_at(geom: PairGeometry, lam_a: Weight) -> torch.Tensor:
+    """The L-Mixup output of a prepared pair at weight ``lam_a``: ``lam*xbar + (1-lam)*ybar``."""
+    lam = _weight_column(lam_a, geom.x)
+    return lam * geom.x + (1.0 - lam) * geom.y
 
 
 def gmm(z_a: torch.Tensor, z_b: torch.Tensor, lam_a: Weight, safe: bool = False) -> torch.Tensor:
@@ -80,41 +157,23 @@ def gmm(z_a: torch.Tensor, z_b: torch.Tensor, lam_a: Weight, safe: bool = False)
 
     Orthogonal inputs (theta = pi/2) give ``sin(lam*pi/2) xbar + cos(lam*pi/2) ybar`` in both
     modes (up to the 1e-8 of the official denominator).
+
+    Equal, bit for bit, to ``slerp_at(sphere_geometry(z_a, z_b, safe), lam_a)``: a caller that
+    mixes one pair at several weights prepares the geometry once.
     """
-    x = l2_normalize(z_a, safe)
-    y = l2_normalize(z_b, safe).to(x.dtype)
-    lam = _as_weight(lam_a, x)
-    if lam.dim() == 1:
-        lam = lam.unsqueeze(-1)
-    c = (x * y).sum(dim=-1, keepdim=True)
-    bound = 1.0 - SAFE_CLAMP if safe else 1.0
-    c = c.clamp(-bound, bound)
-    theta = torch.arccos(c)
-    if not safe:
-        s = torch.sin(theta) + OFFICIAL_SIN_EPS
-        return torch.sin(lam * theta) / s * x + torch.sin((1.0 - lam) * theta) / s * y
-    sin_t = torch.sin(theta)
-    tiny = sin_t < SAFE_SIN_MIN
-    # "double where": the discarded slerp branch must not see a ~0 denominator either, or
-    # its NaN/inf gradient would leak through torch.where's backward (0 * inf = NaN).
-    s = torch.where(tiny, torch.ones_like(sin_t), sin_t)
-    slerp = torch.sin(lam * theta) / s * x + torch.sin((1.0 - lam) * theta) / s * y
-    linear = lam * x + (1.0 - lam) * y
-    return torch.where(tiny, linear, slerp)
+    return slerp_at(sphere_geometry(z_a, z_b, safe), lam_a)
 
 
 def linear_mix(z_a: torch.Tensor, z_b: torch.Tensor, lam_a: Weight, safe: bool = False) -> torch.Tensor:
     """L-Mixup (IPRM ablation, iprm.md section 8): ``lam*xbar + (1-lam)*ybar``.
 
     Same L2-normalised inputs and weight convention as :func:`gmm`, so swapping the two is the
-    only change in the ablation; the result is not re-normalised (a chord, not an arc).
+    only change in the ablation; the result is not re-normalised (a chord, not an arc). Equal,
+    bit for bit, to ``linear_at(normalized_pair(z_a, z_b, safe), lam_a)``.
     """
-    x = l2_normalize(z_a, safe)
-    y = l2_normalize(z_b, safe).to(x.dtype)
-    lam = _as_weight(lam_a, x)
-    if lam.dim() == 1:
-        lam = lam.unsqueeze(-1)
-    return lam * x + (1.0 - lam) * y
+    return linear_at(normalized_pair(z_a, z_b, safe), lam_a)
 
 
 MIXERS = {"gmm": gmm, "linear": linear_mix}
+#: The same two mixers split into (prepare the pair once, mix it at a weight).
+MIXER_PARTS = {"gmm": (sphere_geometry, slerp_at), "linear": (normalized_pair, linear_at)}

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 INIT_WEIGHT = 0.5
 #: Guard of the weight ratio (iprm.md section 4, our decision; the official code has none).
 GUARD_EPS = 1e-12
+_WIDE = (torch.float32, torch.float64)
 
 
 def kl_to_fused(uni_logits: torch.Tensor, fused_logits: torch.Tensor) -> torch.Tensor:
@@ -27,6 +28,45 @@ def kl_to_fused(uni_logits: torch.Tensor, fused_logits: torch.Tensor) -> torch.T
     log_p = F.log_softmax(uni_logits.to(dtype), dim=-1)
     log_q = F.log_softmax(fused_logits.to(dtype), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-softmax in at least float32 (bf16 autocast logits are upcast first).
+
+    IPRM needs each unimodal log-softmax twice per step, in its cross-entropy and in its probe
+    KL; computing it once here and handing it to both (``F.nll_loss`` for the CE) gives the same
+    bits as ``F.cross_entropy`` and :func:`kl_to_fused`, which compute exactly this inside.
+    """
+    if logits.dtype not in _WIDE:
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.log_softmax(-1)  # what F.log_softmax(logits, dim=-1) calls
+
+
+def kl_pair_to_fused(log_p_first: torch.Tensor, log_p_second: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Both probe divergences at once: ``[KL(p_first || q), KL(p_second || q)]``, a ``(2,)`` tensor.
+
+    Takes log-probabilities (:func:`log_probs`), so nothing is recomputed; each entry is the
+    batch mean of the per-sample sums, as :func:`kl_to_fused` (bit for bit on CPU: each row is
+    reduced alone in both layouts). One stacked pass issues 6 tensor ops instead of 10.
+    """
+    lp = torch.stack((log_p_first, log_p_second))
+    if torch.is_grad_enabled() and (lp.requires_grad or log_q.requires_grad):
+        return (lp.exp() * (lp - log_q)).sum(dim=-1).mean(dim=-1)
+    p = lp.exp()  # no autograd: overwrite the fresh temporaries instead of allocating more
+    return p.mul_(lp.sub_(log_q)).sum(dim=-1).mean(dim=-1)
+
+
+def pair_strength_weight(d: torch.Tensor, eps: float = GUARD_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (2) from the ``(2,)`` divergences of :func:`kl_pair_to_fused`: ``(w_first, guarded)``.
+
+    The same rule and guard as :func:`strength_weights` (equal values), in fewer ops and with
+    ``(1,)``-shaped results, so a step can concatenate them into one log row. The second
+    modality's weight is ``1 - w_first``.
+    """
+    d = d.clamp_min(0.0)
+    guarded = (d < eps).all(dim=0, keepdim=True)
+    ratio = d[1:] / (d.sum() + eps)
+    return ratio.masked_fill(guarded, INIT_WEIGHT), guarded
 
 
 def strength_weights(

@@ -8,7 +8,16 @@ import os
 import pytest
 import torch
 
-from mmbalance.fusion import gmm, l2_normalize, linear_mix
+from mmbalance.fusion import (
+    OFFICIAL_SIN_EPS,
+    gmm,
+    l2_normalize,
+    linear_at,
+    linear_mix,
+    normalized_pair,
+    slerp_at,
+    sphere_geometry,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -149,3 +158,87 @@ def test_linear_mix_hand_values():
     out = linear_mix(x, y, 0.25)
     torch.testing.assert_close(out, torch.tensor([[0.15, 0.2 + 0.75]]))
     torch.testing.assert_close(linear_mix(x, y, 1.0), torch.tensor([[0.6, 0.8]]))
+
+
+def gmm_in_one_expression(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
+    """The official formula as one expression (iprm.md 3), the way it was computed before the
+    geometry was split out: normalise, clamp, arccos, the 1e-8 denominator, the two sines."""
+    xb = x / x.norm(dim=-1, keepdim=True)
+    yb = y / y.norm(dim=-1, keepdim=True)
+    theta = torch.arccos((xb * yb).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0))
+    s = torch.sin(theta) + OFFICIAL_SIN_EPS
+    w = torch.tensor(lam)
+    return torch.sin(w * theta) / s * xb + torch.sin((1.0 - w) * theta) / s * yb
+
+
+def test_one_geometry_mixed_at_two_weights_equals_two_full_gmm_passes_bit_for_bit(pair):
+    """IPRM prepares a pair once and mixes it at the probe weight and at the rebalance weight:
+    both mixes, and the gradients through the shared geometry, equal the one-expression
+    formula computed twice from scratch, to the last bit."""
+    x0, y0 = (t.relu() + 0.05 for t in pair)  # post-ReLU features, as the encoders emit
+    lams = (0.37, 0.61)
+    xs, ys = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+    geom = sphere_geometry(xs, ys)
+    with torch.no_grad():
+        probe = slerp_at(geom, torch.tensor(lams[0]))
+    shared = slerp_at(geom, torch.tensor([lams[1]]))  # a (1,) weight, as the plugin's state
+    g = torch.randn_like(shared)
+    (shared * g).sum().backward()
+    xr, yr = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+    ref = gmm_in_one_expression(xr, yr, lams[1])
+    (ref * g).sum().backward()
+    assert torch.equal(probe, gmm_in_one_expression(x0, y0, lams[0]))
+    assert torch.equal(shared, ref)
+    assert torch.equal(xs.grad, xr.grad) and torch.equal(ys.grad, yr.grad)
+    assert not probe.requires_grad  # the probe half built no graph
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_prepared_mixes_leave_the_geometry_unchanged(pair, safe):
+    x, y = pair
+    geom = sphere_geometry(x, y, safe)
+    before = [t.clone() for t in geom if t is not None]
+    first = slerp_at(geom, 0.2)
+    slerp_at(geom, 0.9)
+    linear_at(geom, 0.4)
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for t in geom if t is not None], strict=True))
+    assert torch.equal(first, slerp_at(geom, 0.2))
+    torch.testing.assert_close(first.double(), slerp_by_rotation(x, y, 0.2), atol=2e-6, rtol=0)
+
+
+def test_weight_shapes_scalar_single_element_and_per_row(pair):
+    x, y = pair
+    geom = sphere_geometry(x, y)
+    at_scalar = slerp_at(geom, 0.3)
+    assert torch.equal(slerp_at(geom, torch.tensor(0.3)), at_scalar)
+    assert torch.equal(slerp_at(geom, torch.tensor([0.3])), at_scalar)  # (1,) broadcasts as is
+    per_row = torch.linspace(0.1, 0.9, len(x))
+    rows = slerp_at(geom, per_row)  # (B,) becomes a column: one weight per sample
+    for i in (0, 7, len(x) - 1):
+        torch.testing.assert_close(rows[i], gmm(x[i : i + 1], y[i : i + 1], float(per_row[i]))[0], atol=1e-6, rtol=0)
+
+
+def test_linear_parts_equal_linear_mix_and_need_no_angle(pair):
+    x, y = pair
+    geom = normalized_pair(x, y)
+    assert geom.theta is None and geom.s is None
+    assert torch.equal(linear_at(geom, 0.25), linear_mix(x, y, 0.25))
+    torch.testing.assert_close(linear_at(geom, 0.25), 0.25 * l2_normalize(x) + 0.75 * l2_normalize(y))
+    with pytest.raises(AssertionError, match="sphere_geometry"):
+        slerp_at(geom, 0.5)
+
+
+def test_prepared_geometry_keeps_the_degenerate_cases():
+    x = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    y = torch.tensor([[3.0, 0.0, 0.0, 0.0]])  # theta = 0 exactly
+    assert torch.equal(slerp_at(sphere_geometry(x, y), 0.3), torch.zeros_like(x))
+    torch.testing.assert_close(slerp_at(sphere_geometry(x, y, safe=True), 0.3), x, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_prepare_and_mix_need_no_host_sync(safe):
+    """On the meta device any .item()/bool() on a tensor raises: GMM stays on-device."""
+    x, y = torch.empty(4, 3, device="meta"), torch.empty(4, 3, device="meta")
+    geom = sphere_geometry(x, y, safe)
+    out = slerp_at(geom, torch.empty(1, device="meta"))
+    assert out.device.type == "meta" and out.shape == (4, 3)

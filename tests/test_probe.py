@@ -9,7 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmbalance.probe import INIT_WEIGHT, ema, init_state, kl_to_fused, strength_weights
+from mmbalance.probe import (
+    INIT_WEIGHT,
+    ema,
+    init_state,
+    kl_pair_to_fused,
+    kl_to_fused,
+    log_probs,
+    pair_strength_weight,
+    strength_weights,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -92,6 +101,10 @@ def test_pure_functions_need_no_host_sync():
     w_a, w_b, guarded = strength_weights(d, d)
     lam = ema(w_a, w_b, 0.8)
     assert lam.device.type == "meta" and guarded.device.type == "meta"
+    lp = log_probs(uni)
+    d2 = kl_pair_to_fused(lp, lp, log_probs(fused))
+    w, g = pair_strength_weight(d2)
+    assert d2.shape == (2,) and w.device.type == "meta" and g.device.type == "meta"
 
 
 def test_ema_follows_eq4_from_official_init():
@@ -117,3 +130,65 @@ def test_ema_alpha_zero_and_one():
     assert ema(lam, omega, 1.0).item() == pytest.approx(0.3)
     # linear, so it commutes with w -> 1 - w (the second modality needs no state)
     assert ema(1 - lam, 1 - omega, 0.7).item() == pytest.approx(1 - ema(lam, omega, 0.7).item())
+
+
+def test_log_probs_is_the_log_softmax_inside_cross_entropy():
+    """One log-softmax shared by the CE (through nll_loss) and the probe KL gives the bits that
+    F.cross_entropy and kl_to_fused compute, forward and backward."""
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(9, 6, generator=g) * 3).requires_grad_()
+    y = torch.randint(0, 6, (9,), generator=g)
+    lp = log_probs(logits)
+    assert torch.equal(lp, F.log_softmax(logits, dim=-1))
+    loss = F.nll_loss(lp, y)
+    loss.backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    ref = F.cross_entropy(logits, y)
+    ref.backward()
+    assert torch.equal(loss, ref) and torch.equal(grad, logits.grad)
+    assert log_probs(logits.detach().bfloat16()).dtype == torch.float32
+
+
+def test_pair_kl_equals_the_two_single_kls_bit_for_bit():
+    g = torch.Generator().manual_seed(2)
+    for b, k in ((1, 2), (7, 5), (64, 10), (300, 31)):
+        ua, ub, q = (torch.randn(b, k, generator=g) * s for s in (3.0, 2.0, 1.0))
+        la, lb, lq = log_probs(ua), log_probs(ub), log_probs(q)
+        d = kl_pair_to_fused(la, lb, lq)
+        assert d.shape == (2,)
+        assert torch.equal(d[0], kl_to_fused(ua, q)) and torch.equal(d[1], kl_to_fused(ub, q))
+        assert d[0].item() == pytest.approx(kl_float64(ua, q), rel=1e-4, abs=1e-6)
+    # the inputs are read, never overwritten (the in-place ops touch fresh temporaries only)
+    copies = [t.clone() for t in (la, lb, lq)]
+    kl_pair_to_fused(la, lb, lq)
+    assert all(torch.equal(a, b) for a, b in zip(copies, (la, lb, lq), strict=True))
+
+
+def test_pair_kl_stays_differentiable_when_asked():
+    g = torch.Generator().manual_seed(3)
+    ua = torch.randn(5, 4, generator=g, requires_grad=True)
+    q = torch.randn(5, 4, generator=g)
+    d = kl_pair_to_fused(log_probs(ua), log_probs(q), log_probs(q))
+    d[0].backward()
+    assert ua.grad is not None and torch.isfinite(ua.grad).all()
+    assert d[1].abs().item() < 1e-6  # the second is q against itself
+
+
+@pytest.mark.parametrize(
+    ("d_a", "d_b"),
+    [(0.1, 0.3), (0.3, 0.1), (0.0, 0.2), (0.2, 0.0), (0.0, 0.0), (-1e-9, 0.2), (1e-13, 3e-13), (5e-3, 5e-3)],
+)
+def test_pair_weight_equals_the_scalar_rule(d_a, d_b):
+    w, guarded = pair_strength_weight(torch.tensor([d_a, d_b]))
+    w0, _, g0 = strength_weights(torch.tensor(d_a), torch.tensor(d_b))
+    assert w.shape == (1,) and guarded.shape == (1,) and guarded.dtype == torch.bool
+    assert torch.equal(w[0], w0) and guarded.item() == g0.item()
+    assert 0.0 <= w.item() <= 1.0
+
+
+def test_pair_weight_hand_values_and_direction():
+    w, guarded = pair_strength_weight(torch.tensor([0.1, 0.3]))
+    assert w.item() == pytest.approx(0.75) and not guarded.item()  # the first is closer
+    w, guarded = pair_strength_weight(torch.tensor([0.0, 0.0]))
+    assert w.item() == INIT_WEIGHT and guarded.item()
