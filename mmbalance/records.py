@@ -279,6 +279,7 @@ def load_checkpoint(path: Path, map_location: Any = None) -> dict[str, Any]:
         "start this run over"
     )
     try:
+        # weights_only=True: a planted or foreign pickle in a shared run folder cannot run code
         state = torch.load(path, map_location=map_location, weights_only=True)
     except torch.cuda.OutOfMemoryError:
         raise  # not damage: the state does not fit on the device

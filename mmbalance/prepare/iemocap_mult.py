@@ -136,6 +136,8 @@ def load_mult_pickle(path: Path) -> Mapping[str, Any]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            # The one deliberate unpickle (the user's own conversion step): the allow-list
+            # unpickler refuses every global but numpy's array reconstructors and builtins.
             data = RestrictedUnpickler(f, encoding="latin1").load()
     except ForbiddenGlobal as exc:
         raise DataError(
