@@ -673,7 +673,7 @@ class Trainer:
         if not self._step_logs:
             return {}
         cols = {
-            k: torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in vals]).cpu().tolist()
+            k: _column(vals)
             for k, vals in self._step_logs.items()
         }  # one device-to-host copy per diagnostic per epoch
         n = max(len(v) for v in cols.values())
@@ -925,6 +925,15 @@ class Trainer:
             resume="allow",
             config=self.cfg,
         )
+
+
+def _column(vals: list[Any]) -> list[float]:
+    """One diagnostic's per-step values as floats: plain floats stay on the host (no copy to
+    the device and back), device tensors come over in one stacked copy."""
+    if all(not isinstance(v, torch.Tensor) for v in vals):
+        return torch.tensor([float(v) for v in vals], dtype=torch.float32).tolist()
+    dev = next(v.device for v in vals if isinstance(v, torch.Tensor))
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dev) for v in vals]).cpu().tolist()
 
 
 def key_diagnostic(name: str | None, diagnostics: Mapping[str, float]) -> tuple[str, float] | None:
