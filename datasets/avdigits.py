@@ -104,6 +104,7 @@ class AVDigits(DatasetPlugin):
     description = "FSDD spoken digits + scikit-learn digit images, paired by class (real, CPU-sized)"
     modality_names = ("audio", "image")
     layout_help = LAYOUT
+    pure_build = True  # in memory, from the config and fingerprinted files: reused in a grid worker
     defaults = {
         "epochs": 20,
         "batch_size": 64,

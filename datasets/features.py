@@ -166,6 +166,7 @@ class Features(DatasetPlugin):
     name = NAME
     description = "your own pre-extracted features: DIR/{train,val,test}.npz, one array per modality"
     layout_help = LAYOUT
+    pure_build = True  # in memory, from the config and fingerprinted files: reused in a grid worker
     defaults = {
         "epochs": 30,
         "scheduler": "cosine",

@@ -45,6 +45,7 @@ class MFeat(DatasetPlugin):
     description = "UCI handwritten digits, six feature views (pix fou fac zer kar mor); pick 2+ views"
     modality_names = ("fac", "mor")  # default pair: the strongest and the weakest view
     layout_help = LAYOUT
+    pure_build = True  # in memory, from the config and fingerprinted files: reused in a grid worker
     defaults = {
         "epochs": 30,
         "batch_size": 64,

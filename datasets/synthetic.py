@@ -58,6 +58,7 @@ class Synthetic(DatasetPlugin):
     description = "generated vectors with a tunable strong/weak modality imbalance (no files)"
     modality_names = ("m1", "m2")
     needs_data_root = False
+    pure_build = True  # in memory, from the config and fingerprinted files: reused in a grid worker
     defaults = {
         "epochs": 20,
         "batch_size": 64,

@@ -74,6 +74,10 @@ TRAINER_OPTIONS: dict[str, Option] = {
     "backbone": _opt({}, "per-modality backbone table: backbone.<modality>.name/weights/<kwarg>", type=dict),
     "device": _opt("auto", "auto | cpu | cuda | cuda:N", type=str),
     "amp": _opt("auto", "mixed precision: auto = bf16 autocast on CUDA, none on CPU", ["auto", "bf16", "none"]),
+    "memory_format": _opt(
+        "contiguous", "layout of 4-D conv weights and activations: channels_last is about 1.8x "
+        "faster for the CNNs on a CPU (and suits GPU tensor cores) but sums in another order, so "
+        "numbers differ from the default in the last bits", ["contiguous", "channels_last"]),
     "num_workers": _opt(None, "data-loader worker processes (default: 0 for in-memory data, else up to 8)", type=int, min=0),
     "data_root": _opt(None, "data root (also $MMBALANCE_DATA_ROOT)", type=str),
     "records": _opt("runs", "directory that holds run records", type=str),

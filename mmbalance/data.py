@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmbalance import memo
 from mmbalance.config import TRAINER_OPTIONS, Option
 from mmbalance.errors import ConfigError, DataError
 
@@ -93,6 +94,10 @@ class DatasetPlugin:
     prepare_command: ClassVar[str | None] = None
     # The folder under a shared data root that holds this dataset (resolve_data_root's subdir).
     data_subdir: ClassVar[str | None] = None
+    # build() depends only on the config keys it reads, the modalities and the files that
+    # data_fingerprint covers, and draws no global random numbers: the cells of one process
+    # (a grid worker) then share one build (mmbalance.memo). In-memory datasets set it.
+    pure_build: ClassVar[bool] = False
 
     def available_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
         """Modalities this dataset can provide under ``cfg`` (files may decide, e.g. features)."""
@@ -173,9 +178,17 @@ class DictDataset(Dataset):
 def hash_files(paths: Sequence[Path], root: Path) -> str:
     """sha256 over each file's path relative to ``root`` and its bytes (sorted by path), so
     the digest follows the content and not where the folder sits."""
-    h = hashlib.sha256()
     root = Path(root)
-    for p in sorted(Path(q) for q in paths):
+    ordered = sorted(Path(q) for q in paths)
+    try:
+        return memo.files_hash(ordered, root, lambda: _hash_files(ordered, root))
+    except OSError as exc:
+        raise DataError(f"Could not read '{exc.filename}' to fingerprint the data: {exc}.") from exc
+
+
+def _hash_files(ordered: Sequence[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for p in ordered:
         try:
             rel = p.relative_to(root).as_posix()
         except ValueError:

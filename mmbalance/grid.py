@@ -122,10 +122,30 @@ def _seeds(value: Any, path: Path) -> list[int]:
     return seeds
 
 
+BLOCK_KEYS = ("seeds", "set", "datasets", "methods")
+
+
+def _block_cells(block: Mapping[str, Any], seeds: list[int], common: Mapping[str, Any], where: str, p: Path) -> list[Cell]:
+    """Cells of one methods x datasets x seeds product (the file itself, or one of its blocks)."""
+    seeds = _seeds(block["seeds"], p) if "seeds" in block else seeds
+    common = {**common, **_settings(block.get("set"), f"of {where}", p)}
+    tag = f" ({where})" if where else ""
+    return [
+        Cell(m, d, s, {**common, **dset, **mset})
+        for d, dset in _entries(block.get("datasets"), f"datasets{tag}", p)
+        for m, mset in _entries(block.get("methods"), f"methods{tag}", p)
+        for s in seeds
+    ]
+
+
 def load_grid(path: str | Path) -> Grid:
+    """Read a grid file: one methods x datasets x seeds product, or a list of ``blocks`` (each
+    its own datasets, methods and optionally seeds and settings, on top of the file's), for
+    comparisons whose rows differ per setting (each dataset's unimodal runs, ablations on some
+    settings only). Cells run in file order; a cell listed twice runs once."""
     p = Path(path)
     data = read_yaml_mapping(p, "Grid file")
-    allowed = ("name", "records", "seeds", "set", "datasets", "methods", "slurm")
+    allowed = ("name", "records", "seeds", "set", "datasets", "methods", "blocks", "slurm")
     unknown = set(data) - set(allowed)
     if unknown:
         raise ConfigError(f"Grid file '{p}' has unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}.")
@@ -134,13 +154,25 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"Grid file '{p}': 'slurm' must be a mapping of resources, e.g. {{gpus_per_task: 1}}.")
     seeds = _seeds(data.get("seeds", [0]), p)
     common = _settings(data.get("set"), "at the top level", p)
-    cells = [
-        Cell(m, d, s, {**common, **dset, **mset})
-        for d, dset in _entries(data.get("datasets"), "datasets", p)
-        for m, mset in _entries(data.get("methods"), "methods", p)
-        for s in seeds
-    ]
-    return Grid(str(data.get("name", p.stem)), cells, data.get("records"), dict(slurm))
+    blocks = data.get("blocks")
+    if blocks is None:
+        cells = _block_cells({k: data.get(k) for k in ("datasets", "methods")}, seeds, common, "", p)
+    else:
+        if "datasets" in data or "methods" in data:
+            raise ConfigError(f"Grid file '{p}' has both 'blocks' and top-level datasets/methods; "
+                              f"move the top-level ones into a block.")
+        if not isinstance(blocks, list) or not blocks:
+            raise ConfigError(f"Grid file '{p}': 'blocks' must be a non-empty list of {{datasets: [...], methods: [...]}}.")
+        cells = []
+        for i, block in enumerate(blocks, 1):
+            if not isinstance(block, Mapping) or set(block) - set(BLOCK_KEYS):
+                raise ConfigError(f"Grid file '{p}': block {i} must be a mapping with keys among "
+                                  f"{', '.join(BLOCK_KEYS)}; got {block!r}.")
+            cells += _block_cells(block, seeds, common, f"block {i}", p)
+    unique: dict[str, Cell] = {}
+    for c in cells:
+        unique.setdefault(repr((c.method, c.dataset, c.seed, sorted(c.overrides.items(), key=str))), c)
+    return Grid(str(data.get("name", p.stem)), list(unique.values()), data.get("records"), dict(slurm))
 
 
 # ---- one cell ---------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from torch.utils.data import (
     default_collate,
 )
 
-from mmbalance import records
+from mmbalance import memo, memory, records
 from mmbalance.cache import wrap_loader
 from mmbalance.config import config_hash
 from mmbalance.data import (
@@ -175,7 +175,11 @@ class Trainer:
         cfg = self.cfg
         used = self.check()
         seed_everything(cfg["seed"])
-        self.splits = self.dataset.build(cfg, used)
+        if self.dataset.pure_build:  # a grid worker builds in-memory data once
+            self.splits = memo.reuse_splits(self.dataset.build, type(self.dataset).__qualname__,
+                                            cfg, used, self.data_fingerprint)
+        else:
+            self.splits = self.dataset.build(cfg, used)
         for m in used:
             if m not in self.splits.modalities:
                 raise MMBalanceError(f"dataset {cfg['dataset']} did not build modality {m}")
@@ -195,6 +199,8 @@ class Trainer:
         self.method.model = model
         self.method.configure_model(model)
         self.model = model.to(self.device)
+        if cfg["memory_format"] == "channels_last":  # conv weights NHWC; activations follow
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.weights = weights_record(cfg["backbone"], used)
         for m, enc in encoders.items():  # what a name-mapped checkpoint left unused or missing
             report = getattr(enc, "weights_report", None)
@@ -851,8 +857,7 @@ class Trainer:
         self.method.on_fit_start()
         wandb_run = self._wandb_init() if self.cfg["wandb"] else None
         for epoch in range(start, self.cfg["epochs"]):
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
+            mem_kind = memory.reset_peak(self.device)
             steps_before = self.optimizer_steps
             cost_before = self.estimation_cost.as_dict()
             extra_before = self.extra_batches
@@ -877,9 +882,8 @@ class Trainer:
                 # the method's sub-training (G-Blend) is its estimation cost, not epoch time
                 "train_time_s": t1 - t0 - (self.estimation_cost.time_s - cost_before["time_s"]),
                 "eval_time_s": t2 - t1,
-                "peak_mem_mb": (
-                    torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
-                ),
+                "peak_mem_mb": memory.peak_mb(self.device, mem_kind),  # of train and evaluation
+                "peak_mem_kind": mem_kind,
                 "diagnostics": self._diagnostics(epoch),
                 "val": val,
                 "test": test,
@@ -898,12 +902,17 @@ class Trainer:
             "estimation_cost": self.estimation_cost.as_dict(),
         }
         if self.cfg["diagnostics"]:
-            from mmbalance.diagnostics import compute_diagnostics, write_diagnostics
+            from mmbalance.diagnostics import DiagnosticsError, compute_diagnostics, write_diagnostics
 
-            diag = compute_diagnostics(self)  # on the last epoch's model, before DONE
-            write_diagnostics(self.run_dir, diag)
-            final["diagnostics"] = {k: diag.get(k) for k in
-                                    ("probe", "probe_baseline_acc", "shapley", "coalitions", "imbalance_degree")}
+            try:  # on the last epoch's model, before DONE
+                diag = compute_diagnostics(self)
+            except DiagnosticsError as exc:  # never lose a finished run to a diagnostic
+                warnings.warn(f"{self.run_dir.name}: no imbalance diagnostics: {exc}", stacklevel=2)
+                final["diagnostics_error"] = str(exc)
+            else:
+                write_diagnostics(self.run_dir, diag)
+                final["diagnostics"] = {k: diag.get(k) for k in
+                                        ("probe", "probe_baseline_acc", "shapley", "coalitions", "imbalance_degree")}
         self._write_record(header, final)
         records.atomic_write_text(self.run_dir / records.DONE, json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         if wandb_run is not None:
