@@ -64,7 +64,7 @@ def _canon(value: Any) -> str:
 
 
 def _matches(reads: Mapping[str, str], cfg: Mapping[str, Any]) -> bool:
-    return all(_canon(cfg[k] if k in cfg else KeyError) == v for k, v in reads.items())
+    return all(_canon(cfg.get(k, KeyError)) == v for k, v in reads.items())
 
 
 def reuse_splits(
@@ -84,7 +84,7 @@ def reuse_splits(
             return dataclasses.replace(splits, info=copy.deepcopy(splits.info))
     tracker = ReadTracker(cfg)
     splits = build(tracker, modalities)
-    reads = {k: _canon(cfg[k] if k in cfg else KeyError) for k in tracker.read}
+    reads = {k: _canon(cfg.get(k, KeyError)) for k in tracker.read}
     _splits.setdefault(key, []).append((reads, splits))
     _splits.move_to_end(key)
     while sum(len(v) for v in _splits.values()) > MAX_SPLITS:

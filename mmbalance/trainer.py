@@ -902,7 +902,11 @@ class Trainer:
             "estimation_cost": self.estimation_cost.as_dict(),
         }
         if self.cfg["diagnostics"]:
-            from mmbalance.diagnostics import DiagnosticsError, compute_diagnostics, write_diagnostics
+            from mmbalance.diagnostics import (
+                DiagnosticsError,
+                compute_diagnostics,
+                write_diagnostics,
+            )
 
             try:  # on the last epoch's model, before DONE
                 diag = compute_diagnostics(self)
