@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchaudio
 
 from mmbalance import media
 from mmbalance.config import Option
@@ -72,6 +71,8 @@ def read_wav(path: Path) -> np.ndarray:
 
 def log_mel(waves: np.ndarray, n_mels: int, seconds: float) -> torch.Tensor:
     """(N, samples) -> (N, 1, n_mels, frames) log-mel spectrograms."""
+    import torchaudio  # here, not at import: every command loads this plugin
+
     mel = torchaudio.transforms.MelSpectrogram(
         sample_rate=SAMPLE_RATE, n_fft=256, win_length=256, hop_length=128, n_mels=n_mels, f_max=SAMPLE_RATE / 2
     )

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_lb.add_argument("--reference", help="method label the paired tests compare with (default 'Concat + uni CE')")
     p_lb.add_argument("--format", default="markdown", choices=["markdown", "latex", "all"],
                       help="markdown (+ CSV, default), latex (booktabs .tex tables too) or all")
+    p_lb.add_argument("--layout", default="generic", choices=["generic", "paper"],
+                      help="generic: a table per metric and rule (default); paper: the IPRM paper's "
+                           "Tables 1-4, statistics, diagnostics and pictures, for the first --rule")
     p_lb.add_argument("--rule", dest="rules", action="append",
                       help="selection rule(s): best_val, best_test, last (default: all three)")
 
@@ -224,6 +227,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from mmbalance.records import ensure_dir
 
     ensure_dir(Path(args.out))
+    if args.layout == "paper":
+        from mmbalance.paper_tables import write_benchmark
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            written = write_benchmark(Path(args.records), Path(args.out), args.name, args.title,
+                                      (args.rules or ["best_val"])[0], pictures=not args.no_pictures)
+        for path in written:
+            print(f"wrote {path}")
+        return 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each damaged record is listed below instead
         extra = {"reference": args.reference} if args.reference else {}

@@ -74,6 +74,9 @@ def _run_row(rec: dict[str, Any], run_dir: Path, root: Path | None) -> dict[str,
         "_config": header["config"],
         "run_dir": str(run_dir.relative_to(root)) if root else str(run_dir),
         "epoch_time_s": sum(e["train_time_s"] for e in epochs) / max(1, len(epochs)),
+        # the largest per-epoch peak: accelerator allocation on CUDA, resident set on a CPU
+        "peak_mem_mb": max((e["peak_mem_mb"] for e in epochs if e.get("peak_mem_mb") is not None), default=None),
+        "peak_mem_kind": next((e["peak_mem_kind"] for e in epochs if e.get("peak_mem_kind")), None),
         "protocol": header["config"].get("protocol", "honest"),
         "random_init": ", ".join(sorted(
             f"{m} ({w.get('backbone')})" for m, w in (header.get("weights") or {}).items()

@@ -95,3 +95,57 @@ def test_grid_prints_progress_after_each_trained_cell(tmp_path, capsys):
     progress = [ln for ln in lines if ln.startswith("  progress:")]
     assert len(progress) == 2 and "1 trained, 1 running, 0 failed, 0 waiting of 2" in progress[0]
     assert progress[1].startswith("  progress: 2 trained, 0 running, 0 failed, 0 waiting of 2; ETA 0 s")
+
+
+BLOCKS = """
+records: runs
+seeds: [0, 1]
+set: {epochs: 1}
+blocks:
+  - datasets: [synthetic, {name: synthetic, set: {n_modalities: 3}}]
+    methods: [concat, sum]
+  - datasets: [synthetic]
+    seeds: [4]
+    set: {epochs: 2}
+    methods: [{name: unimodal, set: {modality: m1}}, concat]
+  - datasets: [synthetic]
+    methods: [concat]
+"""
+
+
+def test_grid_blocks_give_per_setting_rows_and_run_a_repeated_cell_once(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(BLOCKS)
+    cells = load_grid(path).cells
+    # block 1: 2 datasets x 2 methods x 2 seeds; block 2: 2 methods x seed 4; block 3 repeats block 1
+    assert len(cells) == 8 + 2
+    uni = [c for c in cells if c.method == "unimodal"]
+    assert [(c.seed, c.overrides) for c in uni] == [(4, {"epochs": 2, "modality": "m1"})]
+    three = [c for c in cells if c.overrides.get("n_modalities") == 3]
+    assert len(three) == 4 and all(c.overrides["epochs"] == 1 for c in three)
+    assert [str(c) for c in cells[:2]] == ["concat on synthetic seed 0", "concat on synthetic seed 1"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("blocks: [{datasets: [synthetic], methods: [concat]}]\ndatasets: [synthetic]\n", "both 'blocks'"),
+    ("blocks: []\n", "non-empty list"),
+    ("blocks: [{datasets: [synthetic], methods: [concat], epochs: 3}]\n", "block 1 must be a mapping"),
+    ("blocks: [{datasets: [synthetic]}]\n", r"methods \(block 1\)"),
+])
+def test_bad_grid_blocks(tmp_path, text, match):
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_grid(path)
+
+
+def test_the_benchmark_grid_file_loads():
+    from pathlib import Path
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "benchmark.yaml")
+    assert len(grid.cells) == 560
+    assert all(c.overrides["amp"] == "bf16" for c in grid.cells)
+    labels = {(c.method, c.dataset) for c in grid.cells}
+    for method in ("concat", "sum", "weight", "iprm", "ogr_gb", "mslr", "ogm", "pmr", "agm", "mmpareto",
+                   "reconboost", "mla", "lfm", "unimodal"):
+        assert all((method, d) in labels for d in ("avdigits", "avdigits-noisy", "mfeat", "synthetic"))

@@ -1,0 +1,111 @@
+"""What the benchmark grid's speed work buys (issue 10), each as a ratio measured in one run.
+
+1. ``test_cell_setup``: setting a cell up in a grid worker that already built the same data
+   (``mmbalance.memo``: splits and file hashes reused) against a cold one; numbers unchanged.
+2. ``test_metrics``: one evaluation's metrics (accuracy, MAP, macro-F1) with the port of
+   scikit-learn's average precision against calling scikit-learn per class; equal to the bit.
+3. ``test_numerics``: an AV-digits training epoch with ``amp=bf16, memory_format=channels_last``
+   (the benchmark grid's CPU numerics; numbers differ, so both are options, recorded) against
+   the default fp32, contiguous; epochs alternate, so load drift cancels in the ratio.
+
+Each test's ``extra_info`` holds ``ratio`` (optimised time / reference time; < 1 is faster)
+and prints it. Run::
+
+    pytest benchmarks/bench_speed.py --benchmark-json=bench_speed.json -s
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from bench_methods import dataset_overrides
+from sklearn.metrics import average_precision_score
+
+from mmbalance import memo
+from mmbalance.metrics import classification_metrics
+from mmbalance.runner import make_trainer
+
+ROUNDS = int(os.environ.get("MMBALANCE_BENCH_ROUNDS", "3"))
+
+
+def _report(benchmark, name: str, fast: list[float], slow: list[float]) -> float:
+    ratio = statistics.median(fast) / statistics.median(slow)
+    benchmark.extra_info.update({"ratio": round(ratio, 3), "fast_s": statistics.median(fast),
+                                 "reference_s": statistics.median(slow)})
+    print(f"\n{name}: {statistics.median(fast):.4f} s vs {statistics.median(slow):.4f} s, ratio {ratio:.3f}")
+    return ratio
+
+
+@pytest.mark.parametrize("dataset", ["avdigits", "mfeat"])
+def test_cell_setup(benchmark, dataset, tmp_path):
+    overrides = {**dataset_overrides("avdigits" if dataset == "avdigits" else "synthetic"),
+                 "records": str(tmp_path), "progress": "off", "device": "cpu"}
+    if dataset == "mfeat":
+        overrides["modalities"] = ["zer", "mor"]
+    warm, cold = [], []
+
+    def setup() -> float:
+        t0 = time.perf_counter()
+        make_trainer("concat", dataset, overrides).setup()
+        return time.perf_counter() - t0
+
+    def pair() -> None:
+        memo.clear()
+        cold.append(setup())
+        warm.append(setup())
+
+    benchmark.pedantic(pair, rounds=ROUNDS, iterations=1)
+    _report(benchmark, f"cell set-up on {dataset}, warm worker / cold", warm, cold)
+
+
+def _sklearn_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    scores = torch.softmax(logits.float(), dim=1).numpy()
+    y = labels.numpy()
+    onehot = np.eye(k, dtype=np.int64)[y]
+    return float(np.mean([average_precision_score(onehot[:, c], scores[:, c]) for c in range(k) if (y == c).any()]))
+
+
+def test_metrics(benchmark):
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(300, 10)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 10, 300))
+    assert classification_metrics(logits, labels, 10)["map"] == 100.0 * _sklearn_metrics(logits, labels, 10)
+    fast, slow = [], []
+
+    def pair() -> None:
+        for out, fn in ((slow, lambda: _sklearn_metrics(logits, labels, 10)), (fast, lambda: classification_metrics(logits, labels, 10))):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fn()
+            out.append((time.perf_counter() - t0) / 20)
+
+    benchmark.pedantic(pair, rounds=ROUNDS, iterations=1)
+    _report(benchmark, "metrics of one evaluation, port / scikit-learn per class", fast, slow)
+
+
+def test_numerics(benchmark, tmp_path: Path):
+    base = {**dataset_overrides("avdigits"), "progress": "off", "device": "cpu", "log_epochs": False,
+            "diagnostics": False, "checkpoint": False}
+    trainers = {}
+    for name, extra in (("default", {}), ("bf16_channels_last", {"amp": "bf16", "memory_format": "channels_last"})):
+        t = make_trainer("concat", "avdigits", {**base, **extra, "records": str(tmp_path / name)})
+        t.setup()
+        trainers[name] = t
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    epochs = iter(range(1000))
+
+    def pair() -> None:
+        e = next(epochs)
+        for name, t in trainers.items():
+            t0 = time.perf_counter()
+            t.train_epoch(e)
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(pair, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    _report(benchmark, "avdigits epoch, bf16 + channels_last / fp32 contiguous", times["bf16_channels_last"], times["default"])

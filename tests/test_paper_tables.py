@@ -1,0 +1,61 @@
+"""The benchmark report in the IPRM paper's table shapes, from a tiny set of real records."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mmbalance.cli import main
+from mmbalance.paper_tables import write_benchmark
+from mmbalance.runner import run
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    base = {"records": str(root), "progress": "off", "epochs": 2, "n_train": 240, "n_test": 120, "log_epochs": False}
+    cells = [("concat", {}), ("sum", {}), ("concat", {"unimodal_loss": True}), ("iprm", {}),
+             ("iprm", {"mixup": "linear"}), ("iprm", {"alpha": 0.3}), ("ogm", {}), ("unimodal", {"modality": "m1"})]
+    for method, extra in cells:
+        for seed in (0, 1):
+            for profile in ({}, {"modalities": ["m1", "m2"]}):
+                run(method, "synthetic", {**base, **extra, **profile, "seed": seed})
+    return root
+
+
+def test_report_has_the_paper_tables_and_pictures(records_dir, tmp_path):
+    files = write_benchmark(records_dir, tmp_path, "bench", title="Tiny benchmark")
+    names = {p.name for p in files}
+    assert {"bench.md", "bench.csv", "bench_cost.png", "bench_alpha.png"} <= names
+    for p in files:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
+    md = (tmp_path / "bench.md").read_text()
+    for heading in ("## Table 1.", "## Table 2.", "## Table 3.", "## Table 4.", "## Statistics", "## Imbalance diagnostics"):
+        assert heading in md
+    table1 = md.split("## Table 1.")[1].split("## Table 2.")[0]
+    assert "Unimodal (m1)" in table1 and "| Sum" in table1 and "OGM-GE" not in table1
+    table2 = md.split("## Table 2.")[1].split("## Table 3.")[0]
+    assert "OGM-GE" in table2 and "<br>MAP" in table2 and "<br>macro-F1" in table2
+    table3 = md.split("## Table 3.")[1].split("## Table 4.")[0]
+    assert "IPRM (L-Mixup)" in table3 and "alpha=0.3" not in table3
+    table4 = md.split("## Table 4.")[1].split("## Statistics")[0]
+    assert "1.00×" in table4 and " MB" in table4 and "resident set" in table4
+    assert "Wall time of the records" in md and "Per-dataset method values: none" in md
+    assert "![IPRM alpha sensitivity](bench_alpha.png)" in md
+
+
+def test_table_values_are_the_recorded_means(records_dir, tmp_path):
+    write_benchmark(records_dir, tmp_path, "bench", pictures=False)
+    df = pd.read_csv(tmp_path / "bench.csv")
+    sub = df[(df.method == "Sum") & (df.dataset == "synthetic")]["best_val.fused.acc"]
+    md = (tmp_path / "bench.md").read_text()
+    assert f"{sub.mean():.2f} ± {sub.std():.2f}" in md.split("## Table 1.")[1].split("## Table 2.")[0]
+
+
+def test_cli_layout_paper(records_dir, tmp_path, capsys):
+    assert main(["leaderboard", "--records", str(records_dir), "--out", str(tmp_path), "--name", "b",
+                 "--layout", "paper", "--no-pictures"]) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "b.md").exists()

@@ -1,0 +1,161 @@
+"""The fast paths of a grid worker change no number: reused splits and file hashes, the metric
+port, the per-epoch peak memory, the channels-last option (numbers differ, so it is named)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from mmbalance import memo, memory
+from mmbalance.data import DictDataset, Splits, hash_files
+from mmbalance.metrics import average_precision
+from mmbalance.runner import make_trainer, run
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+# ---- metrics --------------------------------------------------------------------------------
+def test_average_precision_equals_scikit_learn_to_the_bit():
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        n = int(rng.integers(2, 300))
+        s = rng.random(n).astype(np.float32)
+        if i % 3 == 0:
+            s = np.round(s, 1).astype(np.float32)  # many ties
+        y = rng.random(n) < rng.random()
+        y[0] = True
+        assert average_precision(y, s) == average_precision_score(y.astype(int), s)
+
+
+def test_average_precision_hand_case():
+    # scores 0.9 (pos), 0.8 (neg), 0.7 (pos): precision at the positives 1 and 2/3 -> AP = 5/6
+    assert average_precision(np.array([True, False, True]), np.array([0.9, 0.8, 0.7], np.float32)) == pytest.approx(5 / 6)
+
+
+# ---- reused splits ----------------------------------------------------------------------------
+def _toy_build(calls: list):
+    def build(cfg, modalities):
+        calls.append(cfg["scale"])
+        x = torch.full((4, 2), float(cfg["scale"]))
+        ds = DictDataset({"a": x}, torch.arange(4) % 2)
+        return Splits(ds, ds, ds, {}, 2, ["0", "1"], {"note": "built"})
+    return build
+
+
+def test_reuse_splits_keys_on_the_values_read_and_copies_info():
+    memo.clear()
+    calls: list = []
+    build = _toy_build(calls)
+    a = memo.reuse_splits(build, "toy", {"scale": 1, "seed": 0}, ["a"], {})
+    b = memo.reuse_splits(build, "toy", {"scale": 1, "seed": 7}, ["a"], {})  # seed was never read
+    assert calls == [1] and b.train is a.train
+    b.info["heldout_rule"] = "x"
+    b.train = None  # a cell re-carving train must not touch the kept build
+    c = memo.reuse_splits(build, "toy", {"scale": 1, "seed": 3}, ["a"], {})
+    assert "heldout_rule" not in c.info and c.train is a.train
+    memo.reuse_splits(build, "toy", {"scale": 2, "seed": 0}, ["a"], {})  # a read key changed
+    memo.reuse_splits(build, "toy", {"scale": 1, "seed": 0}, ["a", "b"], {})  # other modalities
+    memo.reuse_splits(build, "toy", {"scale": 1, "seed": 0}, ["a"], {"files": "other"})  # other data
+    assert calls == [1, 2, 1, 1]
+    memo.clear()
+
+
+def test_a_warm_worker_trains_the_same_numbers_as_a_cold_one(tmp_path):
+    base = {"records": str(tmp_path / "r"), "progress": "off", "epochs": 2, "n_train": 300, "n_test": 120,
+            "log_epochs": False, "diagnostics": False, "checkpoint": False}
+    memo.clear()
+    run("concat", "synthetic", {**base, "seed": 0})
+    warm = run("concat", "synthetic", {**base, "seed": 1}, fresh=True).record
+    memo.clear()
+    cold = run("concat", "synthetic", {**base, "seed": 1}, fresh=True).record
+    strip = lambda rec: [{k: e[k] for k in ("train_loss", "val", "test")} for e in rec["epochs"]]  # noqa: E731
+    assert strip(warm) == strip(cold)
+
+
+def test_impure_plugins_always_build(tmp_path, monkeypatch):
+    trainer = make_trainer("concat", "synthetic", {"records": str(tmp_path), "progress": "off"})
+    monkeypatch.setattr(type(trainer.dataset), "pure_build", False)
+    calls = []
+    original = type(trainer.dataset).build
+
+    def counting(self, cfg, modalities):
+        calls.append(1)
+        return original(self, cfg, modalities)
+
+    monkeypatch.setattr(type(trainer.dataset), "build", counting)
+    trainer.setup()
+    trainer.setup()
+    assert len(calls) == 2
+
+
+# ---- reused file hashes -----------------------------------------------------------------------
+def test_file_hash_follows_a_changed_byte_even_within_the_clock_granularity(tmp_path):
+    memo.clear()
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"abcd")
+    first = hash_files([f], tmp_path)
+    f.write_bytes(b"abce")  # same size, written immediately: a racy file is never remembered
+    assert hash_files([f], tmp_path) != first
+    old = time.time() - 60
+    os.utime(f, (old, old))
+    settled = hash_files([f], tmp_path)
+    assert hash_files([f], tmp_path) == settled  # now remembered
+    f.write_bytes(b"abcf")
+    assert hash_files([f], tmp_path) != settled  # a later write changes mtime: recomputed
+    memo.clear()
+
+
+# ---- peak memory ------------------------------------------------------------------------------
+def test_peak_rss_is_per_window():
+    cpu = torch.device("cpu")
+    kind = memory.reset_peak(cpu)
+    base = memory.peak_mb(cpu, kind)
+    x = torch.ones(40_000_000)  # 160 MB touched
+    x += 1
+    high = memory.peak_mb(cpu, kind)
+    del x
+    assert high - base > 100
+    if kind == "rss_peak_epoch":
+        kind = memory.reset_peak(cpu)
+        assert memory.peak_mb(cpu, kind) < high - 100
+
+
+def test_every_epoch_records_its_peak_memory(tmp_path):
+    rec = run("concat", "synthetic", {"records": str(tmp_path), "progress": "off", "epochs": 2, "n_train": 200,
+                                      "n_test": 100, "log_epochs": False, "diagnostics": False}).record
+    for e in rec["epochs"]:
+        assert e["peak_mem_mb"] > 50 and e["peak_mem_kind"] in ("rss_peak_epoch", "rss_peak_process")
+
+
+# ---- channels-last ------------------------------------------------------------------------------
+def test_channels_last_is_named_in_the_identity_and_trains_close_to_the_default(tmp_path, shared_data):
+    base = {"records": str(tmp_path), "progress": "off", "epochs": 1, "limit_train_batches": 3,
+            "limit_eval_batches": 1, "log_epochs": False, "diagnostics": False}
+    plain = make_trainer("concat", "avdigits", base)
+    fast = make_trainer("concat", "avdigits", {**base, "memory_format": "channels_last"})
+    assert plain.hash != fast.hash
+    fast.setup()
+    conv = next(m for m in fast.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    a = run("concat", "avdigits", base).record["epochs"][0]["train_loss"]
+    b = run("concat", "avdigits", {**base, "memory_format": "channels_last"}).record["epochs"][0]["train_loss"]
+    assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_a_failed_diagnostic_leaves_a_finished_run(tmp_path, monkeypatch):
+    from mmbalance import diagnostics
+
+    def broken(trainer):
+        raise diagnostics.DiagnosticsError("probe: the train split holds a single class")
+
+    monkeypatch.setattr(diagnostics, "compute_diagnostics", broken)
+    with pytest.warns(UserWarning, match="no imbalance diagnostics"):
+        res = run("concat", "synthetic", {"records": str(tmp_path), "progress": "off", "epochs": 1,
+                                          "n_train": 100, "n_test": 50, "log_epochs": False})
+    assert (res.run_dir / "DONE").exists()
+    assert "single class" in res.record["final"]["diagnostics_error"]
