@@ -529,7 +529,6 @@ def run_grid(
     failed = [tags[i] for i in range(n) if outcomes.get(i) == FAILED]
     count = {s: sum(o == s for o in outcomes.values()) for s in (TRAINED, SKIPPED, NOT_APPLICABLE)}
     summary = (f"grid {grid.name}: {count[TRAINED]} done, {count[SKIPPED]} skipped (already done), "
-               f"{count[NOT_APPLICABLE]} not applicable, {len(failed)} FAILED; "
-               f"wall time {(time.perf_counter() - started) / 60:.1f} min")
+               f"{count[NOT_APPLICABLE]} not applicable, {len(failed)} FAILED")
     print(summary + (f": {_listed(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
