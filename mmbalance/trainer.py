@@ -39,7 +39,7 @@ from torch.utils.data import (
 )
 
 from mmbalance import memo, memory, records
-from mmbalance.cache import wrap_loader
+from mmbalance.cache import to_device, wrap_loader  # to_device: re-exported for methods
 from mmbalance.config import config_hash
 from mmbalance.data import (
     BatchView,
@@ -95,16 +95,6 @@ def seed_everything(seed: int) -> None:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
 
 
 def _worker_init(worker_id: int) -> None:
