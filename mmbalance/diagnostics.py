@@ -57,6 +57,10 @@ DIAGNOSTICS_FILE = "diagnostics.json"
 PROBE_C = 1.0
 PROBE_MAX_ITER = 2000
 PROBE_SEED = 0
+#: BLAS threads of the probe's fit. Each lbfgs iteration is a few small matrix products, so a
+#: second thread only adds hand-off and, beside another grid worker, spin-waiting: one thread
+#: fitted AV-digits' 2430x128 probe 6.7x faster here (1.19 s -> 0.18 s) and to the same result.
+PROBE_BLAS_THREADS = 1
 IMBALANCE_RULE = "max_m phi_m - min_m phi_m, in accuracy points (0 = every modality contributes the same)"
 _MISSING = object()
 
@@ -163,6 +167,7 @@ def probe_accuracy(
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     train_x = np.asarray(train_x, dtype=np.float64).reshape(len(train_x), -1)
     test_x = np.asarray(test_x, dtype=np.float64).reshape(len(test_x), -1)
@@ -181,13 +186,14 @@ def probe_accuracy(
     if len(np.unique(train_y)) < 2:
         raise DiagnosticsError("probe: the train split holds a single class; a classifier cannot be fitted.")
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=PROBE_BLAS_THREADS):
         warnings.simplefilter("always", ConvergenceWarning)
         clf.fit(train_x, train_y)
+        test_pred, train_pred = clf.predict(test_x), clf.predict(train_x)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     return {
-        "probe_acc": 100.0 * float(np.mean(clf.predict(test_x) == test_y)),
-        "probe_train_acc": 100.0 * float(np.mean(clf.predict(train_x) == train_y)),
+        "probe_acc": 100.0 * float(np.mean(test_pred == test_y)),
+        "probe_train_acc": 100.0 * float(np.mean(train_pred == train_y)),
         "probe_converged": converged,
     }
 

@@ -1,4 +1,5 @@
-"""Classification metrics from scikit-learn, and the named model-selection rules.
+"""Classification metrics (scikit-learn's, ported to the bit where its per-call validation was
+the cost), and the named model-selection rules.
 
 MAP is the lab protocol of LFM/IPRM (iprm.md section 9): one-vs-rest average precision per
 class on softmax scores, averaged without weights over the classes present in the labels.
@@ -13,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 
 SELECTION_RULES = ("last", "best_val", "best_test")
 RULE_CAPTIONS = {
@@ -32,10 +32,25 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     present = [k for k in range(num_classes) if (y == k).any()]
     ap = [average_precision(y == k, scores[:, k]) for k in present]
     return {
-        "acc": 100.0 * float(accuracy_score(y, pred)),
+        "acc": 100.0 * float(np.mean(y == pred)),  # scikit-learn's accuracy_score, the same mean
         "map": 100.0 * float(np.mean(ap)) if ap else float("nan"),
-        "f1": 100.0 * float(f1_score(y, pred, labels=present, average="macro", zero_division=0)) if present else float("nan"),
+        "f1": 100.0 * macro_f1(y, pred, present, num_classes) if present else float("nan"),
     }
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, labels: Sequence[int], num_classes: int) -> float:
+    """scikit-learn's ``f1_score(y, pred, labels=labels, average="macro", zero_division=0)``:
+    its ``2 tp / (true + predicted)`` per label in float64 and its NaN-aware mean, so equal to
+    the bit (tests compare them), without the validation that cost 4 ms a call."""
+    idx = np.asarray(labels, dtype=np.int64)
+    tp = np.bincount(y[y == pred], minlength=num_classes)[idx].astype(np.float64)
+    true = np.bincount(y, minlength=num_classes)[idx].astype(np.float64)
+    predicted = np.bincount(pred, minlength=num_classes)[idx].astype(np.float64)
+    denom = true + predicted
+    zero = denom == 0
+    f = (2.0 * tp) / np.where(zero, 1.0, denom)
+    f[zero] = 0.0
+    return float(np.nanmean(f))
 
 
 def average_precision(positive: np.ndarray, score: np.ndarray) -> float:

@@ -170,6 +170,8 @@ def _recipes(recs: Sequence[Mapping[str, Any]]) -> list[str]:
         backbones = ", ".join(f"{m}: {v.get('name', '?')}" for m, v in sorted((cfg.get("backbone") or {}).items())
                               if isinstance(v, Mapping) and (not used or m in used))
         parts = [f"{k} {cfg[k]}" for k in RECIPE_KEYS if k in cfg]
+        if cfg.get("eval_batch_size"):  # unset: twice batch_size
+            parts.append(f"eval_batch_size {cfg['eval_batch_size']}")
         seen[label] = f"`{label}`: " + ", ".join(parts) + (f"; encoders {backbones}" if backbones else "")
     return [seen[k] for k in sorted(seen)]
 

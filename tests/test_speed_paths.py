@@ -159,3 +159,62 @@ def test_a_failed_diagnostic_leaves_a_finished_run(tmp_path, monkeypatch):
                                           "n_train": 100, "n_test": 50, "log_epochs": False})
     assert (res.run_dir / "DONE").exists()
     assert "single class" in res.record["final"]["diagnostics_error"]
+
+
+# ---- the probe's single BLAS thread ---------------------------------------------------------------
+def test_the_probe_fits_on_one_blas_thread_to_the_result_of_an_unlimited_fit(monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_info
+
+    from mmbalance import diagnostics
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 64))
+    y_tr, y_te = rng.integers(0, 10, 1500), rng.integers(0, 10, 300)
+    x_tr = centres[y_tr] + 2.0 * rng.normal(size=(1500, 64))
+    x_te = centres[y_te] + 2.0 * rng.normal(size=(300, 64))
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=diagnostics.PROBE_C, max_iter=diagnostics.PROBE_MAX_ITER,
+                                                                   random_state=diagnostics.PROBE_SEED)).fit(x_tr, y_tr)
+    threads_seen: list[int] = []
+    fit = LogisticRegression.fit
+
+    def spy(self, *args, **kwargs):
+        threads_seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    got = diagnostics.probe_accuracy(x_tr, y_tr, x_te, y_te)
+    assert threads_seen and set(threads_seen) == {diagnostics.PROBE_BLAS_THREADS}
+    assert got["probe_acc"] == 100.0 * float(np.mean(reference.predict(x_te) == y_te))
+    assert got["probe_train_acc"] == 100.0 * float(np.mean(reference.predict(x_tr) == y_tr))
+    assert got["probe_acc"] > 50.0  # the features carry the class: far above the 10 % chance
+
+
+def test_metrics_equal_scikit_learn_to_the_bit():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from mmbalance.metrics import classification_metrics, macro_f1
+
+    rng = np.random.default_rng(1)
+    for i in range(300):
+        k = int(rng.integers(2, 12))
+        n = int(rng.integers(1, 200))
+        y = rng.integers(0, k if i % 4 else max(2, k // 2), n)  # some classes absent from y
+        pred = rng.integers(0, k if i % 5 else 1, n)  # some runs predict a single class
+        present = [c for c in range(k) if (y == c).any()]
+        assert macro_f1(y, pred, present, k) == f1_score(y, pred, labels=present, average="macro", zero_division=0)
+        logits = torch.from_numpy(rng.normal(size=(n, k)).astype(np.float32))
+        got = classification_metrics(logits, torch.from_numpy(y), k)
+        p = logits.argmax(1).numpy()
+        assert got["acc"] == 100.0 * float(accuracy_score(y, p))
+        assert got["f1"] == 100.0 * float(f1_score(y, p, labels=present, average="macro", zero_division=0))
+
+
+def test_macro_f1_hand_case():
+    # class 0: tp 1, true 2, predicted 1 -> 2/3; class 1: tp 1, true 1, predicted 2 -> 2/3; class 2
+    # is absent from the labels and not asked for.
+    from mmbalance.metrics import macro_f1
+
+    assert macro_f1(np.array([0, 0, 1]), np.array([0, 1, 1]), [0, 1], 3) == pytest.approx(2 / 3)
