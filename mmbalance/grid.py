@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -40,7 +41,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -379,10 +380,12 @@ def run_in_workers(
     jobs: int,
     report: Callable[[int, tuple[str, str]], None],
     gpus: list[str] | None = None,
+    started: Callable[[int], None] | None = None,
 ) -> None:
     """Run ``tasks`` (index, fn, args), ``jobs`` at a time, in spawned worker processes.
 
-    ``report(index, result)`` is called in this process as each finishes. A worker that dies
+    ``report(index, result)`` is called in this process as each finishes (``started(index)``
+    as each is handed to a worker). A worker that dies
     mid-task (segfault, OOM killer) costs only its own task, reported FAILED; a fresh worker takes
     its slot (its GPU) and the other tasks go on.
     """
@@ -398,6 +401,8 @@ def run_in_workers(
             return
         index, fn, args = queue.popleft()
         w.task = index
+        if started is not None:
+            started(index)
         with contextlib.suppress(OSError):  # died while idle: its poll() reports the task FAILED
             w.conn.send((index, fn, args))
 
@@ -453,15 +458,45 @@ def check_grid(grid: Grid, base: Mapping[str, Any]) -> list[tuple[str, str]]:
     return states
 
 
-def progress_line(outcomes: Mapping[int, str], to_train: int, elapsed_s: float, jobs: int) -> str:
-    """Cells done / running / failed / remaining, and an ETA from the cells finished so far
-    (elapsed wall time per finished cell, so parallel workers are accounted for)."""
+def cost_keys(cell: Cell) -> tuple[tuple[Any, ...], ...]:
+    """What a cell's cost is predicted from, most specific first: the same configuration (any
+    seed), the same method on the same dataset, the same dataset."""
+    same = json.dumps(cell.overrides, sort_keys=True, default=str)
+    return (("config", cell.method, cell.dataset, same), ("method", cell.method, cell.dataset), ("dataset", cell.dataset))
+
+
+def eta_seconds(
+    cells: Sequence[Cell], took: Mapping[int, float], running: Mapping[int, float], waiting: Iterable[int], jobs: int
+) -> float:
+    """Wall seconds left: each unfinished cell costs the mean wall time of the finished cells
+    most like it (:func:`cost_keys`; the mean of all of them when none is alike), less what a
+    running cell has already run (``running``: its seconds so far), shared by ``jobs`` workers.
+
+    Per kind rather than one mean, because a grid's cells differ by orders of magnitude (an
+    AV-digits cell costs thirty synthetic ones) and run in file order, so one mean overstates
+    or understates for most of the grid. NaN before any cell finished."""
+    if not took:
+        return float("nan")
+    seen: dict[tuple[Any, ...], list[float]] = {}
+    for i, t in took.items():
+        for key in cost_keys(cells[i]):
+            seen.setdefault(key, []).append(t)
+    overall = sum(took.values()) / len(took)
+
+    def expected(i: int) -> float:
+        return next((sum(v) / len(v) for key in cost_keys(cells[i]) if (v := seen.get(key))), overall)
+
+    left = sum(max(0.0, expected(i) - ran) for i, ran in running.items()) + sum(expected(i) for i in waiting)
+    return left / max(1, jobs)
+
+
+def progress_line(outcomes: Mapping[int, str], to_train: int, eta_s: float, jobs: int) -> str:
+    """Cells done / running / failed / remaining, and the ETA (:func:`eta_seconds`)."""
     finished = sum(o in (TRAINED, FAILED) for o in outcomes.values())
     failed = sum(o == FAILED for o in outcomes.values())
     left = max(0, to_train - finished)
     running = min(jobs, left)
-    eta = elapsed_s / finished * left if finished else float("nan")
-    eta_text = "–" if eta != eta else (f"{eta / 60:.1f} min" if eta >= 90 else f"{eta:.0f} s")
+    eta_text = "–" if eta_s != eta_s else (f"{eta_s / 60:.1f} min" if eta_s >= 90 else f"{eta_s:.0f} s")
     return (f"  progress: {finished - failed} trained, {running} running, {failed} failed, "
             f"{left - running} waiting of {to_train}; ETA {eta_text}")
 
@@ -501,30 +536,39 @@ def run_grid(
 
     outcomes: dict[int, str] = {}
     to_train = sum(st not in ("done", NOT_APPLICABLE) for st, _ in states)
-    started = time.perf_counter()
     width = max(1, jobs if not gpus else len(gpus))
+    begun: dict[int, float] = {}  # running cells: when they started
+    took: dict[int, float] = {}  # trained cells: their wall seconds
+
+    def start(i: int) -> None:
+        begun[i] = time.perf_counter()
 
     def report(i: int, result: tuple[str, str]) -> None:
         outcomes[i] = result[0]
+        now = time.perf_counter()
+        if i in begun and result[0] == TRAINED:
+            took[i] = now - begun[i]
+        begun.pop(i, None)
         print(f"{tags[i]}: {result[1]}", flush=True)
         if result[0] in (TRAINED, FAILED) and to_train:
-            print(progress_line(outcomes, to_train, time.perf_counter() - started, width), flush=True)
+            waiting = [j for j in todo if j not in outcomes and j not in begun]
+            eta = eta_seconds(grid.cells, took, {j: now - t for j, t in begun.items()}, waiting, width)
+            print(progress_line(outcomes, to_train, eta, width), flush=True)
 
     if gpus:
         jobs = len(gpus)
     in_process = jobs <= 1 and not gpus  # a single listed GPU still gets a worker, pinned to it
-    todo = []
+    todo = [i for i, (state, _) in enumerate(states) if state not in ("done", NOT_APPLICABLE)]
     for i, (state, detail) in enumerate(states):
         if state == "done":
             report(i, (SKIPPED, "done, skipped"))
         elif state == NOT_APPLICABLE:
             report(i, (NOT_APPLICABLE, f"not applicable — {detail}"))
         elif in_process:
+            start(i)
             report(i, run_cell(grid.cells[i], base))
-        else:
-            todo.append(i)
-    if todo:
-        run_in_workers([(i, run_cell, (grid.cells[i], base)) for i in todo], jobs, report, gpus)
+    if todo and not in_process:
+        run_in_workers([(i, run_cell, (grid.cells[i], base)) for i in todo], jobs, report, gpus, start)
 
     failed = [tags[i] for i in range(n) if outcomes.get(i) == FAILED]
     count = {s: sum(o == s for o in outcomes.values()) for s in (TRAINED, SKIPPED, NOT_APPLICABLE)}

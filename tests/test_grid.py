@@ -80,10 +80,29 @@ def test_bad_cell_settings(tmp_path):
 def test_progress_line_counts_and_eta():
     from mmbalance.grid import FAILED, TRAINED, progress_line
 
-    line = progress_line({0: TRAINED, 1: TRAINED, 2: FAILED, 3: "skipped"}, to_train=10, elapsed_s=300.0, jobs=2)
-    # 3 finished in 300 s -> 100 s each; 7 left -> 700 s; 2 of them running
+    line = progress_line({0: TRAINED, 1: TRAINED, 2: FAILED, 3: "skipped"}, to_train=10, eta_s=700.0, jobs=2)
     assert line == "  progress: 2 trained, 2 running, 1 failed, 5 waiting of 10; ETA 11.7 min"
-    assert progress_line({}, 4, 0.0, 2).endswith("ETA –")
+    assert progress_line({}, 4, float("nan"), 2).endswith("ETA –")
+    assert progress_line({0: TRAINED}, 4, 42.0, 2).endswith("ETA 42 s")
+
+
+def test_eta_predicts_each_cell_from_the_finished_cells_most_like_it():
+    from mmbalance.grid import Cell, eta_seconds
+
+    cells = [
+        Cell("concat", "avdigits", 0), Cell("concat", "avdigits", 1),  # finished: 60 s, 80 s
+        Cell("concat", "synthetic", 0),  # finished: 2 s
+        Cell("concat", "avdigits", 2),  # running for 30 s: same config, 70 - 30 = 40 s left
+        Cell("concat", "avdigits", 0, {"unimodal_loss": True}),  # same method and dataset: 70 s
+        Cell("iprm", "synthetic", 0),  # same dataset: 2 s
+        Cell("iprm", "mfeat", 0),  # nothing alike: the mean of all, (60 + 80 + 2) / 3
+    ]
+    took = {0: 60.0, 1: 80.0, 2: 2.0}
+    eta = eta_seconds(cells, took, running={3: 30.0}, waiting=[4, 5, 6], jobs=2)
+    assert eta == pytest.approx((40.0 + 70.0 + 2.0 + 142.0 / 3) / 2)
+    # a running cell past its expected time adds nothing (never a negative ETA)
+    assert eta_seconds(cells, took, running={3: 500.0}, waiting=[], jobs=1) == 0.0
+    assert eta_seconds(cells, {}, running={}, waiting=[4], jobs=1) != eta_seconds(cells, {}, running={}, waiting=[4], jobs=1)
 
 
 def test_grid_prints_progress_after_each_trained_cell(tmp_path, capsys):
