@@ -2,8 +2,9 @@
 
 1. ``test_cell_setup``: setting a cell up in a grid worker that already built the same data
    (``mmbalance.memo``: splits and file hashes reused) against a cold one; numbers unchanged.
-2. ``test_metrics``: one evaluation's metrics (accuracy, MAP, macro-F1) with the port of
-   scikit-learn's average precision against calling scikit-learn per class; equal to the bit.
+2. ``test_metrics``: one evaluation's metrics (accuracy, MAP, macro-F1) with the ports of
+   scikit-learn's average precision and macro-F1 against calling scikit-learn; equal to the bit.
+   ``test_probe_blas_threads``: the linear probe on one BLAS thread against the default.
 3. ``test_numerics``: an AV-digits training epoch with ``amp=bf16, memory_format=channels_last``
    (the benchmark grid's CPU numerics; numbers differ, so both are options, recorded) against
    the default fp32, contiguous; epochs alternate, so load drift cancels in the ratio.
@@ -19,15 +20,16 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from bench_methods import dataset_overrides
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
-from mmbalance import memo
+from mmbalance import diagnostics, memo
 from mmbalance.metrics import classification_metrics
 from mmbalance.runner import make_trainer
 
@@ -64,18 +66,25 @@ def test_cell_setup(benchmark, dataset, tmp_path):
     _report(benchmark, f"cell set-up on {dataset}, warm worker / cold", warm, cold)
 
 
-def _sklearn_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+def _sklearn_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int) -> dict[str, float]:
+    """The metrics as scikit-learn computes them, one call per class and metric."""
     scores = torch.softmax(logits.float(), dim=1).numpy()
     y = labels.numpy()
+    pred = scores.argmax(1)
     onehot = np.eye(k, dtype=np.int64)[y]
-    return float(np.mean([average_precision_score(onehot[:, c], scores[:, c]) for c in range(k) if (y == c).any()]))
+    present = [c for c in range(k) if (y == c).any()]
+    return {
+        "acc": 100.0 * float(accuracy_score(y, pred)),
+        "map": 100.0 * float(np.mean([average_precision_score(onehot[:, c], scores[:, c]) for c in present])),
+        "f1": 100.0 * float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
+    }
 
 
 def test_metrics(benchmark):
     rng = np.random.default_rng(0)
     logits = torch.from_numpy(rng.normal(size=(300, 10)).astype(np.float32))
     labels = torch.from_numpy(rng.integers(0, 10, 300))
-    assert classification_metrics(logits, labels, 10)["map"] == 100.0 * _sklearn_metrics(logits, labels, 10)
+    assert classification_metrics(logits, labels, 10) == _sklearn_metrics(logits, labels, 10)
     fast, slow = [], []
 
     def pair() -> None:
@@ -86,7 +95,33 @@ def test_metrics(benchmark):
             out.append((time.perf_counter() - t0) / 20)
 
     benchmark.pedantic(pair, rounds=ROUNDS, iterations=1)
-    _report(benchmark, "metrics of one evaluation, port / scikit-learn per class", fast, slow)
+    _report(benchmark, "metrics of one evaluation, ports / scikit-learn", fast, slow)
+
+
+def test_probe_blas_threads(benchmark):
+    """AV-digits-sized probe (2430 x 128 features, 10 classes) on one BLAS thread against the
+    machine's default; the same predictions."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 128))
+    y_tr, y_te = rng.integers(0, 10, 2430), rng.integers(0, 10, 300)
+    x_tr = np.maximum(centres[y_tr] + 3.0 * rng.normal(size=(2430, 128)), 0.0)
+    x_te = np.maximum(centres[y_te] + 3.0 * rng.normal(size=(300, 128)), 0.0)
+    fast, slow = [], []
+
+    def unlimited() -> dict:
+        with unittest.mock.patch.object(diagnostics, "PROBE_BLAS_THREADS", None):  # no limit
+            return diagnostics.probe_accuracy(x_tr, y_tr, x_te, y_te)
+
+    assert unlimited() == diagnostics.probe_accuracy(x_tr, y_tr, x_te, y_te)
+
+    def pair() -> None:
+        for out, fn in ((slow, unlimited), (fast, lambda: diagnostics.probe_accuracy(x_tr, y_tr, x_te, y_te))):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+
+    benchmark.pedantic(pair, rounds=ROUNDS, iterations=1)
+    _report(benchmark, "linear probe, one BLAS thread / default threads", fast, slow)
 
 
 def test_numerics(benchmark, tmp_path: Path):
