@@ -57,9 +57,11 @@ DIAGNOSTICS_FILE = "diagnostics.json"
 PROBE_C = 1.0
 PROBE_MAX_ITER = 2000
 PROBE_SEED = 0
-#: BLAS threads of the probe's fit. Each lbfgs iteration is a few small matrix products, so a
-#: second thread only adds hand-off and, beside another grid worker, spin-waiting: one thread
-#: fitted AV-digits' 2430x128 probe 6.7x faster here (1.19 s -> 0.18 s) and to the same result.
+#: BLAS threads of the probe's fit, pinned: lbfgs stops at a tolerance, so the float bits of
+#: its small matrix products move its end point, and OpenBLAS's default (one thread per core)
+#: made a probe's accuracy depend on the machine (by 1-2 test samples of 300 on AV-digits,
+#: measured). One thread is also the fast choice for these small products: 6.7x faster on
+#: AV-digits' 2430x128 probe here (1.19 s -> 0.18 s), more beside another grid worker.
 PROBE_BLAS_THREADS = 1
 IMBALANCE_RULE = "max_m phi_m - min_m phi_m, in accuracy points (0 = every modality contributes the same)"
 _MISSING = object()
@@ -346,7 +348,8 @@ def linear_probe(
         "probe": probe,
         "probe_baseline_acc": majority_accuracy(train_y, test_y),
         "probe_settings": {"model": "LogisticRegression (lbfgs, L2)", "C": C, "max_iter": max_iter,
-                           "random_state": seed, "standardize": "train statistics",
+                           "random_state": seed, "blas_threads": PROBE_BLAS_THREADS,
+                           "standardize": "train statistics",
                            "fit_split": "train", "score_split": "test"},
         "n_train": int(len(train_y)),
         "n_test": int(len(test_y)),

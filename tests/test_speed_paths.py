@@ -161,12 +161,10 @@ def test_a_failed_diagnostic_leaves_a_finished_run(tmp_path, monkeypatch):
     assert "single class" in res.record["final"]["diagnostics_error"]
 
 
-# ---- the probe's single BLAS thread ---------------------------------------------------------------
-def test_the_probe_fits_on_one_blas_thread_to_the_result_of_an_unlimited_fit(monkeypatch):
+# ---- the probe's pinned BLAS thread ---------------------------------------------------------------
+def test_the_probe_fits_on_one_blas_thread_whatever_the_machine_allows(monkeypatch):
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from mmbalance import diagnostics
 
@@ -175,8 +173,6 @@ def test_the_probe_fits_on_one_blas_thread_to_the_result_of_an_unlimited_fit(mon
     y_tr, y_te = rng.integers(0, 10, 1500), rng.integers(0, 10, 300)
     x_tr = centres[y_tr] + 2.0 * rng.normal(size=(1500, 64))
     x_te = centres[y_te] + 2.0 * rng.normal(size=(300, 64))
-    reference = make_pipeline(StandardScaler(), LogisticRegression(C=diagnostics.PROBE_C, max_iter=diagnostics.PROBE_MAX_ITER,
-                                                                   random_state=diagnostics.PROBE_SEED)).fit(x_tr, y_tr)
     threads_seen: list[int] = []
     fit = LogisticRegression.fit
 
@@ -185,11 +181,13 @@ def test_the_probe_fits_on_one_blas_thread_to_the_result_of_an_unlimited_fit(mon
         return fit(self, *args, **kwargs)
 
     monkeypatch.setattr(LogisticRegression, "fit", spy)
-    got = diagnostics.probe_accuracy(x_tr, y_tr, x_te, y_te)
+    results = []
+    for ambient in (1, 2, None):  # what the machine (or a caller) allows
+        with threadpool_limits(limits=ambient):
+            results.append(diagnostics.probe_accuracy(x_tr, y_tr, x_te, y_te))
     assert threads_seen and set(threads_seen) == {diagnostics.PROBE_BLAS_THREADS}
-    assert got["probe_acc"] == 100.0 * float(np.mean(reference.predict(x_te) == y_te))
-    assert got["probe_train_acc"] == 100.0 * float(np.mean(reference.predict(x_tr) == y_tr))
-    assert got["probe_acc"] > 50.0  # the features carry the class: far above the 10 % chance
+    assert results[0] == results[1] == results[2]
+    assert results[0]["probe_acc"] > 50.0  # the features carry the class: far above the 10 % chance
 
 
 def test_metrics_equal_scikit_learn_to_the_bit():
