@@ -136,25 +136,42 @@ def _parse_time(text: Any) -> dt.datetime | None:
         return None
 
 
-def wall_time(recs: Sequence[Mapping[str, Any]], root: Path) -> tuple[float, int] | None:
-    """Seconds from the first start to the last finish over ``recs`` (header segments and the
-    DONE markers), and the number of runs: how long the records took to produce."""
-    starts, ends = [], []
+def busy_seconds(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: the time at least one was open."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def wall_time(recs: Sequence[Mapping[str, Any]], root: Path) -> tuple[float, float, int] | None:
+    """How long the records took to produce: (seconds with at least one run running, seconds
+    from the first start to the last finish, number of runs).
+
+    A run's running interval is its last segment's start to its DONE marker; the first
+    figure is their union, so a pause between an interrupted and a resumed grid does not
+    count, nor does a cell rerun later (the work of a resumed run's earlier segments, whose
+    end is not recorded, does not count either). The span counts everything."""
+    intervals, starts = [], []
     for rec in recs:
-        for seg in rec["header"].get("segments") or [{"started": rec["header"].get("started")}]:
-            t = _parse_time(seg.get("started"))
-            if t:
-                starts.append(t)
+        segs = [_parse_time(seg.get("started")) for seg in
+                rec["header"].get("segments") or [{"started": rec["header"].get("started")}]]
+        segs = [t for t in segs if t]
         try:
             done = json.loads((root / rec["_row"]["run_dir"] / records.DONE).read_text())
-            t = _parse_time(done.get("finished"))
+            end = _parse_time(done.get("finished"))
         except (OSError, ValueError, TypeError):
-            t = None
-        if t:
-            ends.append(t)
-    if not starts or not ends:
+            end = None
+        if segs:
+            starts.append(min(segs))
+        if segs and end:
+            intervals.append((max(segs).timestamp(), end.timestamp()))
+    if not intervals:
         return None
-    return (max(ends) - min(starts)).total_seconds(), len(recs)
+    span = max(e for _, e in intervals) - min(t.timestamp() for t in starts)
+    return busy_seconds(intervals), span, len(recs)
 
 
 def _recipes(recs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -200,11 +217,12 @@ def _per_dataset_values(recs: Sequence[Mapping[str, Any]]) -> str:
 
 def header_section(recs: Sequence[Mapping[str, Any]], df: pd.DataFrame, root: Path, grid: str | None) -> str:
     lines = [f"Read {len(recs)} finished runs from `{root}`" + (f" (grid `{grid}`)" if grid else "") + "."]
-    span = wall_time(recs, root)
-    if span:
-        seconds, n = span
-        lines.append(f"Wall time of the records: {seconds / 60:.1f} min from the first start to the last "
-                     f"finish ({n} runs; this includes any pause between interrupted and resumed grid runs).")
+    times = wall_time(recs, root)
+    if times:
+        busy, span, n = times
+        lines.append(f"Wall time of the records ({n} runs): {busy / 60:.1f} min with at least one run running "
+                     f"(the union of the runs' start-to-finish intervals, so pauses between interrupted and "
+                     f"resumed grid runs do not count); {span / 60:.1f} min from the first start to the last finish.")
     lines.append("Numerics: " + _numerics(recs) + ".")
     lines.append("Per-dataset method values: " + _per_dataset_values(recs) + ".")
     lines.append("Recipes (each dataset's default, no per-cell tuning): " + "; ".join(_recipes(recs)) + ".")

@@ -59,3 +59,11 @@ def test_cli_layout_paper(records_dir, tmp_path, capsys):
     assert main(["leaderboard", "--records", str(records_dir), "--out", str(tmp_path), "--name", "b",
                  "--layout", "paper", "--no-pictures"]) == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "b.md").exists()
+
+
+def test_busy_time_is_the_union_of_the_run_intervals():
+    from mmbalance.paper_tables import busy_seconds
+
+    # two workers overlapping (0-10, 5-12), a pause, a resumed cell (20-25), one inside another
+    assert busy_seconds([(5.0, 12.0), (0.0, 10.0), (20.0, 25.0), (21.0, 22.0)]) == 17.0
+    assert busy_seconds([]) == 0.0
