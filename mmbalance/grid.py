@@ -466,10 +466,12 @@ def cost_keys(cell: Cell) -> tuple[tuple[Any, ...], ...]:
 
 
 def eta_seconds(
-    cells: Sequence[Cell], took: Mapping[int, float], running: Mapping[int, float], waiting: Iterable[int], jobs: int
+    keys: Sequence[tuple[tuple[Any, ...], ...]], took: Mapping[int, float], running: Mapping[int, float],
+    waiting: Iterable[int], jobs: int,
 ) -> float:
     """Wall seconds left: each unfinished cell costs the mean wall time of the finished cells
-    most like it (:func:`cost_keys`; the mean of all of them when none is alike), less what a
+    most like it (``keys[i]``, cell i's :func:`cost_keys`, computed once per grid; the mean of
+    all of them when none is alike), less what a
     running cell has already run (``running``: its seconds so far), shared by ``jobs`` workers.
 
     Per kind rather than one mean, because a grid's cells differ by orders of magnitude (an
@@ -479,12 +481,12 @@ def eta_seconds(
         return float("nan")
     seen: dict[tuple[Any, ...], list[float]] = {}
     for i, t in took.items():
-        for key in cost_keys(cells[i]):
+        for key in keys[i]:
             seen.setdefault(key, []).append(t)
     overall = sum(took.values()) / len(took)
 
     def expected(i: int) -> float:
-        return next((sum(v) / len(v) for key in cost_keys(cells[i]) if (v := seen.get(key))), overall)
+        return next((sum(v) / len(v) for key in keys[i] if (v := seen.get(key))), overall)
 
     left = sum(max(0.0, expected(i) - ran) for i, ran in running.items()) + sum(expected(i) for i in waiting)
     return left / max(1, jobs)
@@ -539,6 +541,7 @@ def run_grid(
     width = max(1, jobs if not gpus else len(gpus))
     begun: dict[int, float] = {}  # running cells: when they started
     took: dict[int, float] = {}  # trained cells: their wall seconds
+    keys = [cost_keys(c) for c in grid.cells]
 
     def start(i: int) -> None:
         begun[i] = time.perf_counter()
@@ -552,7 +555,7 @@ def run_grid(
         print(f"{tags[i]}: {result[1]}", flush=True)
         if result[0] in (TRAINED, FAILED) and to_train:
             waiting = [j for j in todo if j not in outcomes and j not in begun]
-            eta = eta_seconds(grid.cells, took, {j: now - t for j, t in begun.items()}, waiting, width)
+            eta = eta_seconds(keys, took, {j: now - t for j, t in begun.items()}, waiting, width)
             print(progress_line(outcomes, to_train, eta, width), flush=True)
 
     if gpus:

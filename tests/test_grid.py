@@ -87,7 +87,7 @@ def test_progress_line_counts_and_eta():
 
 
 def test_eta_predicts_each_cell_from_the_finished_cells_most_like_it():
-    from mmbalance.grid import Cell, eta_seconds
+    from mmbalance.grid import Cell, cost_keys, eta_seconds
 
     cells = [
         Cell("concat", "avdigits", 0), Cell("concat", "avdigits", 1),  # finished: 60 s, 80 s
@@ -98,6 +98,7 @@ def test_eta_predicts_each_cell_from_the_finished_cells_most_like_it():
         Cell("iprm", "mfeat", 0),  # nothing alike: the mean of all, (60 + 80 + 2) / 3
     ]
     took = {0: 60.0, 1: 80.0, 2: 2.0}
+    cells = [cost_keys(c) for c in cells]
     eta = eta_seconds(cells, took, running={3: 30.0}, waiting=[4, 5, 6], jobs=2)
     assert eta == pytest.approx((40.0 + 70.0 + 2.0 + 142.0 / 3) / 2)
     # a running cell past its expected time adds nothing (never a negative ETA)
