@@ -787,6 +787,7 @@ class Trainer:
             "device": dev,
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
             "cpu_threads": torch.get_num_threads(),  # float sums depend on it: same seed, same threads
+            "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),  # speed only (mmbalance/__init__.py)
             "data_fingerprint": self.data_fingerprint,
             "weights": self.weights,  # per encoder: "random", or the path and its SHA-256
             "code_version": records.code_version(),
