@@ -52,3 +52,33 @@ def test_unknown_backbone_and_missing_entry():
         build_encoder("a", ModalitySpec("vector", (3,)), {"a": {"name": "resnet81"}}, 4)
     with pytest.raises(ConfigError, match="backbone.a.name"):
         build_encoder("a", ModalitySpec("vector", (3,)), {}, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cnn_pools_before_its_relu_with_the_numbers_of_relu_then_pool(dtype):
+    """The swap is a speed change only: forward and every gradient equal the conv-BN-ReLU-pool
+    order to the bit, on inputs with ties, zeros and all-negative windows."""
+    from torch import nn
+
+    from mmbalance.backbones.cnn import SmallCNN
+
+    torch.manual_seed(0)
+    net = SmallCNN(1, (4, 8), 16).to(dtype)
+    assert [type(m) for m in net.features[:4]] == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]
+    reference = SmallCNN(1, (4, 8), 16).to(dtype)
+    reference.load_state_dict(net.state_dict())  # same parameter names in either order
+    mods = list(reference.features)
+    for i in range(0, len(mods), 4):
+        mods[i + 2], mods[i + 3] = mods[i + 3], mods[i + 2]  # back to conv-BN-ReLU-pool
+    reference.features = nn.Sequential(*mods)
+    x = torch.randn(6, 1, 13, 11).round().to(dtype)  # rounded: many ties and exact zeros
+    x[0] = -1.0  # constant input: BN gives all-zero activations
+    outs, grads = [], []
+    for model in (net, reference):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))

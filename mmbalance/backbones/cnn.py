@@ -3,6 +3,13 @@
 Four conv-BN-ReLU-pool blocks by default: on AV-digits' 64x63 log-mel input three blocks leave
 too small a receptive field before global pooling (audio alone reached 44 % after 10 epochs,
 against 93 % with four blocks, measured here).
+
+Each block pools before its ReLU. ReLU is monotone, so max-pool and ReLU commute: the forward
+is the same to the bit, and so is the backward (a window whose maximum is positive routes its
+gradient to the same element either way; one whose maximum is not gets zero either way). The
+ReLU and its backward then touch a quarter of the elements: 3 % of an AV-digits training step
+on this suite's CPU (measured, paired cells). The parameter names are unchanged (the ReLU and
+the pool hold none), so weight files of either order load.
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ class SmallCNN(nn.Module):
             blocks += [
                 nn.Conv2d(c, w, 3, padding=1, bias=False),
                 nn.BatchNorm2d(w),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2, ceil_mode=True),
+                nn.MaxPool2d(2, ceil_mode=True),  # before the ReLU: the same numbers, 4x fewer
+                nn.ReLU(inplace=True),            # ReLU elements (see the module docstring)
             ]
             c = w
         self.features = nn.Sequential(*blocks)
