@@ -8,6 +8,11 @@
 3. ``test_numerics``: an AV-digits training epoch with ``amp=bf16, memory_format=channels_last``
    (the benchmark grid's CPU numerics; numbers differ, so both are options, recorded) against
    the default fp32, contiguous; epochs alternate, so load drift cancels in the ratio.
+4. ``test_pool_before_relu``: the CNN's pool-before-ReLU order against ReLU-then-pool, an
+   AV-digits epoch in the grid's numerics, epochs alternating; equal numbers (tested).
+5. ``test_huge_pages``: two AV-digits cells run at once as a grid's two workers do, one with
+   ``THP_MEM_ALLOC_ENABLE=1`` (mmbalance's default) and one with 0, roles swapped each round;
+   the ratio of their training seconds per epoch. Equal numbers (tested).
 
 Each test's ``extra_info`` holds ``ratio`` (optimised time / reference time; < 1 is faster)
 and prints it. Run::
@@ -42,6 +47,22 @@ def _report(benchmark, name: str, fast: list[float], slow: list[float]) -> float
                                  "reference_s": statistics.median(slow)})
     print(f"\n{name}: {statistics.median(fast):.4f} s vs {statistics.median(slow):.4f} s, ratio {ratio:.3f}")
     return ratio
+
+
+def _alternate_epochs(benchmark, trainers: dict) -> dict[str, list[float]]:
+    """Each round trains one epoch of every trainer in turn, so load drift cancels in a ratio."""
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    epochs = iter(range(1000))
+
+    def pair() -> None:
+        e = next(epochs)
+        for name, t in trainers.items():
+            t0 = time.perf_counter()
+            t.train_epoch(e)
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(pair, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    return times
 
 
 @pytest.mark.parametrize("dataset", ["avdigits", "mfeat"])
@@ -130,15 +151,70 @@ def test_numerics(benchmark, tmp_path: Path):
         t = make_trainer("concat", "avdigits", {**base, **extra, "records": str(tmp_path / name)})
         t.setup()
         trainers[name] = t
-    times: dict[str, list[float]] = {k: [] for k in trainers}
-    epochs = iter(range(1000))
+    times = _alternate_epochs(benchmark, trainers)
+    _report(benchmark, "avdigits epoch, bf16 + channels_last / fp32 contiguous", times["bf16_channels_last"], times["default"])
+
+
+def _relu_then_pool(trainer) -> None:
+    from mmbalance.backbones.cnn import SmallCNN
+
+    for net in (m for m in trainer.model.modules() if isinstance(m, SmallCNN)):
+        mods = list(net.features)
+        for i in range(0, len(mods), 4):
+            mods[i + 2], mods[i + 3] = mods[i + 3], mods[i + 2]
+        net.features = torch.nn.Sequential(*mods)
+
+
+def test_pool_before_relu(benchmark, tmp_path: Path):
+    base = {**dataset_overrides("avdigits"), "progress": "off", "device": "cpu", "log_epochs": False,
+            "diagnostics": False, "checkpoint": False, "amp": "bf16", "memory_format": "channels_last"}
+    trainers = {}
+    for name in ("pool_relu", "relu_pool"):
+        t = make_trainer("concat", "avdigits", {**base, "records": str(tmp_path / name)})
+        t.setup()
+        if name == "relu_pool":
+            _relu_then_pool(t)
+        trainers[name] = t
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a grid worker
+    try:
+        times = _alternate_epochs(benchmark, trainers)
+    finally:
+        torch.set_num_threads(threads)
+    _report(benchmark, "avdigits epoch on one thread, pool-then-ReLU / ReLU-then-pool", times["pool_relu"], times["relu_pool"])
+
+
+_CELL = """
+import json, sys
+from mmbalance.runner import run
+ep = run("concat", "avdigits", json.loads(sys.argv[1])).record["epochs"][1:]
+print(sum(e["train_time_s"] for e in ep) / len(ep))
+"""
+
+
+def test_huge_pages(benchmark, tmp_path: Path):
+    import json
+    import subprocess
+    import sys
+
+    cfg = {**dataset_overrides("avdigits"), "progress": "off", "device": "cpu", "log_epochs": False,
+           "diagnostics": False, "checkpoint": False, "amp": "bf16", "memory_format": "channels_last",
+           "eval_batch_size": 64, "epochs": int(os.environ.get("MMBALANCE_BENCH_EPOCHS", "4"))}
+    times: dict[str, list[float]] = {"1": [], "0": []}
+    rounds = iter(range(1000))
 
     def pair() -> None:
-        e = next(epochs)
-        for name, t in trainers.items():
-            t0 = time.perf_counter()
-            t.train_epoch(e)
-            times[name].append(time.perf_counter() - t0)
+        r = next(rounds)
+        procs = {}
+        for flag in (("1", "0") if r % 2 else ("0", "1")):
+            env = {**os.environ, "THP_MEM_ALLOC_ENABLE": flag, "OMP_NUM_THREADS": "1"}
+            run_cfg = {**cfg, "records": str(tmp_path / f"r{r}_{flag}")}
+            procs[flag] = subprocess.Popen([sys.executable, "-c", _CELL, json.dumps(run_cfg)], env=env,
+                                           stdout=subprocess.PIPE, text=True)
+        for flag, proc in procs.items():
+            out, _ = proc.communicate()
+            assert proc.returncode == 0
+            times[flag].append(float(out.strip().splitlines()[-1]))
 
-    benchmark.pedantic(pair, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    _report(benchmark, "avdigits epoch, bf16 + channels_last / fp32 contiguous", times["bf16_channels_last"], times["default"])
+    benchmark.pedantic(pair, rounds=ROUNDS + ROUNDS % 2, iterations=1, warmup_rounds=0)
+    _report(benchmark, "avdigits epoch beside a second cell, huge pages / 4 KiB pages", times["1"], times["0"])
