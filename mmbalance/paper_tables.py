@@ -195,8 +195,15 @@ def _recipes(recs: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _numerics(recs: Sequence[Mapping[str, Any]]) -> str:
     combos = sorted({(str(r["header"]["config"].get("amp")), str(r["header"]["config"].get("memory_format", "contiguous")),
-                      str(r["header"].get("device"))) for r in recs})
+                      _device_label(r["header"])) for r in recs})
     return "; ".join(f"amp={a}, memory_format={m} on {d}" for a, m, d in combos)
+
+
+def _device_label(header: Mapping[str, Any]) -> str:
+    """The device, and on a CPU the kernels that set the rounding (records since they are kept)."""
+    device = str(header.get("device"))
+    kernels = records.cpu_kernels_label(header.get("cpu_kernels")) if device == "cpu" else None
+    return f"{device} ({kernels} kernels)" if kernels else device
 
 
 def _per_dataset_values(recs: Sequence[Mapping[str, Any]]) -> str:

@@ -452,6 +452,42 @@ def _pkg_version(name: str) -> str | None:
         return None
 
 
+def cpu_kernels() -> dict[str, Any]:
+    """What chooses a CPU run's kernels, and with them the rounding of its float sums.
+
+    oneDNN runs bf16 convolutions and matmuls on AMX tiles where the CPU has them and on
+    AVX512-BF16 otherwise; the two round differently, so the same seed gives other numbers on
+    the two kinds of CPU (measured: every cell of the benchmark grid). The caps a user can set
+    (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``) change the kernels too, so they are
+    recorded with them. (Capping an AMX CPU at AVX512-BF16 reproduced an AVX512-BF16 CPU's
+    synthetic cell to the bit but not its AV-digits cell: the label is a warning, not a recipe.)
+    """
+    caps = torch._C._cpu._get_cpu_capability()
+    return {
+        "aten": torch.backends.cpu.get_cpu_capability(),
+        "avx512_bf16": bool(caps.get("avx512_bf16")),
+        "amx_bf16": bool(caps.get("amx_bf16")),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+        "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
+    }
+
+
+def cpu_kernels_label(info: Mapping[str, Any] | None) -> str | None:
+    """A short name of :func:`cpu_kernels` for captions: ``AMX-BF16``, ``AVX512-BF16`` or the
+    ATen level, with any cap."""
+    if not info:
+        return None
+    cap = info.get("onednn_max_cpu_isa")
+    allowed = str(cap or "AMX").upper()  # oneDNN's caps name the ISA they allow up to
+    if info.get("amx_bf16") and "AMX" in allowed:
+        name = "AMX-BF16"
+    elif info.get("avx512_bf16") and ("AMX" in allowed or "BF16" in allowed):
+        name = "AVX512-BF16"
+    else:
+        name = str(info.get("aten") or "unknown")
+    return name + (f" (ONEDNN_MAX_CPU_ISA={cap})" if cap else "")
+
+
 def library_versions() -> dict[str, Any]:
     libs = ["torch", "torchvision", "torchaudio", "timm", "transformers", "numpy", "scikit-learn", "pandas"]
     out: dict[str, Any] = {"python": platform.python_version()}

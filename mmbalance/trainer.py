@@ -788,6 +788,7 @@ class Trainer:
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
             "cpu_threads": torch.get_num_threads(),  # float sums depend on it: same seed, same threads
             "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),  # speed only (mmbalance/__init__.py)
+            "cpu_kernels": records.cpu_kernels(),  # AMX and AVX512-BF16 round bf16 sums differently
             "data_fingerprint": self.data_fingerprint,
             "weights": self.weights,  # per encoder: "random", or the path and its SHA-256
             "code_version": records.code_version(),
@@ -831,6 +832,7 @@ class Trainer:
             "from_epoch": start,
             "cpu_threads": torch.get_num_threads(),
             "device": str(self.device),
+            "cpu_kernels": records.cpu_kernels(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from mmbalance import records
 from mmbalance.cli import main
 from mmbalance.paper_tables import write_benchmark
 from mmbalance.runner import run
@@ -45,6 +46,8 @@ def test_report_has_the_paper_tables_and_pictures(records_dir, tmp_path):
     assert "1.00×" in table4 and " MB" in table4 and "resident set" in table4
     assert "Wall time of the records" in md and "Per-dataset method values: none" in md
     assert "![IPRM alpha sensitivity](bench_alpha.png)" in md
+    # the CPU kernels that set a bf16 run's rounding are named (AMX and AVX512-BF16 differ)
+    assert f"on cpu ({records.cpu_kernels_label(records.cpu_kernels())} kernels)" in md
 
 
 def test_table_values_are_the_recorded_means(records_dir, tmp_path):
@@ -67,3 +70,19 @@ def test_busy_time_is_the_union_of_the_run_intervals():
     # two workers overlapping (0-10, 5-12), a pause, a resumed cell (20-25), one inside another
     assert busy_seconds([(5.0, 12.0), (0.0, 10.0), (20.0, 25.0), (21.0, 22.0)]) == 17.0
     assert busy_seconds([]) == 0.0
+
+
+@pytest.mark.parametrize(("info", "label"), [
+    ({"aten": "AVX512", "avx512_bf16": True, "amx_bf16": True, "onednn_max_cpu_isa": None}, "AMX-BF16"),
+    ({"aten": "AVX512", "avx512_bf16": True, "amx_bf16": False, "onednn_max_cpu_isa": None}, "AVX512-BF16"),
+    ({"aten": "AVX512", "avx512_bf16": True, "amx_bf16": True, "onednn_max_cpu_isa": "AVX512_CORE_BF16"},
+     "AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)"),
+    ({"aten": "AVX2", "avx512_bf16": False, "amx_bf16": False, "onednn_max_cpu_isa": None}, "AVX2"),
+    ({"aten": "AVX512", "avx512_bf16": True, "amx_bf16": True, "onednn_max_cpu_isa": "AVX512_CORE"},
+     "AVX512 (ONEDNN_MAX_CPU_ISA=AVX512_CORE)"),
+    ({"aten": "AVX512", "avx512_bf16": True, "amx_bf16": True, "onednn_max_cpu_isa": "avx512_core_amx"},
+     "AMX-BF16 (ONEDNN_MAX_CPU_ISA=avx512_core_amx)"),
+    (None, None),
+])
+def test_cpu_kernels_label(info, label):
+    assert records.cpu_kernels_label(info) == label

@@ -191,6 +191,8 @@ def test_every_resumed_segment_keeps_its_thread_count(fast, monkeypatch):
     segs = rec["header"]["segments"]
     assert [s["from_epoch"] for s in segs] == [0, 1]
     assert segs[0]["cpu_threads"] == threads and segs[1]["cpu_threads"] == 1
+    # and the CPU kernels (AMX or not), which change a bf16 run's numbers as the threads do
+    assert rec["header"]["cpu_kernels"] == segs[1]["cpu_kernels"] == records.cpu_kernels()
 
 
 @pytest.mark.parametrize("kind", ["binary", "directory"])
