@@ -462,11 +462,13 @@ def cpu_kernels() -> dict[str, Any]:
     recorded with them. (Capping an AMX CPU at AVX512-BF16 reproduced an AVX512-BF16 CPU's
     synthetic cell to the bit but not its AV-digits cell: the label is a warning, not a recipe.)
     """
-    caps = torch._C._cpu._get_cpu_capability()
+    # a private torch API: a torch without it records "unknown" (None), never fails a run
+    probe = getattr(getattr(torch._C, "_cpu", None), "_get_cpu_capability", None)
+    caps = probe() if callable(probe) else None
     return {
         "aten": torch.backends.cpu.get_cpu_capability(),
-        "avx512_bf16": bool(caps.get("avx512_bf16")),
-        "amx_bf16": bool(caps.get("amx_bf16")),
+        "avx512_bf16": bool(caps.get("avx512_bf16")) if caps else None,
+        "amx_bf16": bool(caps.get("amx_bf16")) if caps else None,
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
         "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
     }

@@ -86,3 +86,11 @@ def test_busy_time_is_the_union_of_the_run_intervals():
 ])
 def test_cpu_kernels_label(info, label):
     assert records.cpu_kernels_label(info) == label
+
+
+def test_cpu_kernels_without_torch_private_probe(monkeypatch):
+    import torch
+    monkeypatch.delattr(torch._C._cpu, "_get_cpu_capability")
+    info = records.cpu_kernels()
+    assert info["amx_bf16"] is None and info["avx512_bf16"] is None
+    assert records.cpu_kernels_label(info) == torch.backends.cpu.get_cpu_capability()
