@@ -29,6 +29,9 @@ class Option:
 
     ``min`` / ``max`` bound numbers (inclusive unless ``min_open`` / ``max_open``), so a bad
     value is one clear line at config time instead of a traceback deep in torch or sklearn.
+    ``changes_results`` says whether the value can change a computed number: only such keys
+    enter a run's identity, and only they split a leaderboard row (logging, paths and file
+    reading options declare False).
     """
 
     default: Any
@@ -39,6 +42,7 @@ class Option:
     max: float | None = None
     min_open: bool = False
     max_open: bool = False
+    changes_results: bool = True
 
     def range_text(self) -> str:
         lo = "" if self.min is None else f"{'>' if self.min_open else '>='} {self.min:g}"
