@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmbalance.av_clips import AVClipPlugin, av_clip_splits, find_clip
 from mmbalance.config import Option
 from mmbalance.data import (
     Splits,
@@ -41,12 +42,9 @@ from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import (
     CACHE_OPTIONS,
     MANIFEST_MODES,
-    AVClipPlugin,
     AVSettings,
     Clip,
     MissingSamplesWarning,
-    av_clip_splits,
-    find_clip,
     read_text_lines,
     stored_fbank_input,
     warn_missing,

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmbalance.av_clips import AVClipPlugin, av_clip_splits, find_clip
 from mmbalance.config import Option
 from mmbalance.data import (
     Splits,
@@ -48,11 +49,8 @@ from mmbalance.errors import ConfigError, DataError
 from mmbalance.media import (
     CACHE_OPTIONS,
     MANIFEST_MODES,
-    AVClipPlugin,
     AVSettings,
     Clip,
-    av_clip_splits,
-    find_clip,
     read_text_lines,
     stored_fbank_input,
     warn_missing,

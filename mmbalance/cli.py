@@ -254,7 +254,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from mmbalance.diagnostics import probe_main
+    from mmbalance.diagnose import probe_main
 
     return probe_main(args.run_dir, args.device)
 

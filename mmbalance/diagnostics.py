@@ -24,10 +24,10 @@ modality contributes the same, large when one modality carries the fused accurac
 is an absolute gap, not a ratio (a ratio explodes when the weak modality's phi is near 0 or
 negative); ``shapley_share`` gives each ``phi_m / (v(all) - v(none))`` for a normalised view.
 
-Entry points: :func:`compute_diagnostics` on a set-up trainer (the end of a run),
-:func:`probe_run` on a finished run folder (rebuilds the trainer from the record, loads the
-checkpoint with ``weights_only=True``, writes ``diagnostics.json``), :func:`probe_main` for
-the command line.
+Entry point: :func:`compute_diagnostics` on an :class:`EvalView` (a model, its modalities,
+the method's ``predict`` and batches of a split); the trainer hands one out at the end of a run.
+Diagnosing a recorded run folder (rebuild it, restore its checkpoint) is one layer up, in
+:mod:`mmbalance.diagnose`, so this module never imports the trainer.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import itertools
 import json
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,6 @@ from mmbalance.metrics import classification_metrics
 
 if TYPE_CHECKING:
     from mmbalance.model import MultimodalModel
-    from mmbalance.trainer import Trainer
 
 DIAGNOSTICS_FILE = "diagnostics.json"
 #: Logistic-regression settings of the probe: inverse L2 strength, iteration cap, seed.
@@ -251,36 +251,41 @@ def _eval_no_grad(model: torch.nn.Module) -> Iterator[None]:
         model.train(was)
 
 
-def _limited(loader: Iterable[Any], limit: int | None) -> Iterator[Any]:
-    for i, batch in enumerate(loader):
-        if limit is not None and i >= limit:
-            return
-        yield batch
+@dataclass
+class EvalView:
+    """What the diagnostics need of a run, and nothing more: the model, its modalities, the
+    method's ``predict`` and ordered batches of a split already on the device.
+
+    The trainer hands one out (:meth:`mmbalance.engine.loop.Trainer.eval_view`); the
+    diagnostics never see the trainer, its optimizers or its loop. ``batches(split, limit)``
+    yields at most ``limit`` evaluation-size batches of ``split`` ("train" or "test") in a
+    fixed order; ``train_limit`` / ``eval_limit`` are the run's smoke-test batch limits.
+    """
+
+    model: MultimodalModel
+    modalities: list[str]
+    predict: Callable[[Mapping[str, Any]], Any]
+    batches: Callable[[str, int | None], Iterable[Mapping[str, Any]]]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    num_classes: int
+    method_name: str = "method"
+    train_limit: int | None = None
+    eval_limit: int | None = None
 
 
-def _ready(trainer: Trainer) -> None:
-    if trainer.model is None or trainer.splits is None:
-        raise DiagnosticsError("diagnostics need a set-up trainer with a model (call trainer.setup() first).")
-
-
-def coalition_accuracy(trainer: Trainer, present: Iterable[str], split: str = "test") -> float:
+def coalition_accuracy(view: EvalView, present: Iterable[str], split: str = "test") -> float:
     """Fused accuracy (%) of the method's ``predict`` on ``split`` with only ``present``
     modalities present (the others blanked); batches limited as in evaluation."""
-    from mmbalance.trainer import to_device
-
-    _ready(trainer)
-    model = trainer.model
-    drop = frozenset(trainer.modalities) - frozenset(present)
-    ds = getattr(trainer.splits, split)
+    model = view.model
+    drop = frozenset(view.modalities) - frozenset(present)
     fused, labels = [], []
     with _eval_no_grad(model):
-        for batch in _limited(trainer.loader(ds, train=False), trainer.cfg.get("limit_eval_batches")):
-            batch = to_device(batch, trainer.device)
-            with absent_modalities(model, drop) as counter, trainer.autocast():
-                pred = trainer.method.predict(batch)
+        for batch in view.batches(split, view.eval_limit):
+            with absent_modalities(model, drop) as counter, view.autocast():
+                pred = view.predict(batch)
             if drop and counter.calls == 0:
                 raise UnsupportedError(
-                    f"Method '{trainer.method.name}': its predict() does not go through "
+                    f"Method '{view.method_name}': its predict() does not go through "
                     f"model.encode(), so modalities cannot be made absent for the Shapley "
                     f"diagnostics. Encode through self.model.encode(batch) in predict()."
                 )
@@ -288,14 +293,14 @@ def coalition_accuracy(trainer: Trainer, present: Iterable[str], split: str = "t
             labels.append(batch["label"].cpu())
     if not labels:
         raise DiagnosticsError(f"the {split} split is empty; nothing to evaluate.")
-    return classification_metrics(torch.cat(fused), torch.cat(labels), trainer.splits.num_classes)["acc"]
+    return classification_metrics(torch.cat(fused), torch.cat(labels), view.num_classes)["acc"]
 
 
-def shapley_diagnostics(trainer: Trainer, split: str = "test") -> dict[str, Any]:
+def shapley_diagnostics(view: EvalView, split: str = "test") -> dict[str, Any]:
     """Every coalition's fused accuracy, the modalities' Shapley values and the imbalance
     degree (see the module docstring). 2^M passes over ``split``."""
-    mods = list(trainer.modalities)
-    values = {s: coalition_accuracy(trainer, s, split) for s in all_coalitions(mods)}
+    mods = list(view.modalities)
+    values = {s: coalition_accuracy(view, s, split) for s in all_coalitions(mods)}
     phi = shapley_values(values, mods)
     full, empty = values[frozenset(mods)], values[frozenset()]
     return {
@@ -310,20 +315,15 @@ def shapley_diagnostics(trainer: Trainer, split: str = "test") -> dict[str, Any]
 
 
 # ---- linear probes -----------------------------------------------------------------------------
-def encode_split(trainer: Trainer, split: str, limit: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def encode_split(view: EvalView, split: str, limit: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every modality's frozen features (float32, eval mode, no grad) of ``split`` in order,
     and the labels. ``limit``: at most that many (evaluation-size) batches."""
-    from mmbalance.trainer import to_device
-
-    _ready(trainer)
-    model = trainer.model
-    ds = getattr(trainer.splits, split)
-    feats: dict[str, list[np.ndarray]] = {m: [] for m in trainer.modalities}
+    model = view.model
+    feats: dict[str, list[np.ndarray]] = {m: [] for m in view.modalities}
     labels: list[np.ndarray] = []
     with _eval_no_grad(model):
-        for batch in _limited(trainer.loader(ds, train=False), limit):
-            batch = to_device(batch, trainer.device)
-            with trainer.autocast():
+        for batch in view.batches(split, limit):
+            with view.autocast():
                 out = model.encode(batch)
             for m in feats:
                 f = out[m].float()
@@ -335,15 +335,15 @@ def encode_split(trainer: Trainer, split: str, limit: int | None = None) -> tupl
 
 
 def linear_probe(
-    trainer: Trainer, C: float = PROBE_C, max_iter: int = PROBE_MAX_ITER, seed: int = PROBE_SEED
+    view: EvalView, C: float = PROBE_C, max_iter: int = PROBE_MAX_ITER, seed: int = PROBE_SEED
 ) -> dict[str, Any]:
     """Linear-probe accuracy of every frozen encoder: fitted on the train split (at most
     ``limit_train_batches`` evaluation-size batches when that smoke-test limit is set), scored
     on the test split (``limit_eval_batches`` likewise)."""
-    train_x, train_y = encode_split(trainer, "train", trainer.cfg.get("limit_train_batches"))
-    test_x, test_y = encode_split(trainer, "test", trainer.cfg.get("limit_eval_batches"))
+    train_x, train_y = encode_split(view, "train", view.train_limit)
+    test_x, test_y = encode_split(view, "test", view.eval_limit)
     probe = {m: probe_accuracy(train_x[m], train_y, test_x[m], test_y, C=C, max_iter=max_iter, seed=seed)
-             for m in trainer.modalities}
+             for m in view.modalities}
     return {
         "probe": probe,
         "probe_baseline_acc": majority_accuracy(train_y, test_y),
@@ -357,27 +357,26 @@ def linear_probe(
 
 
 # ---- entry points ------------------------------------------------------------------------------
-def compute_diagnostics(trainer: Trainer) -> dict[str, Any]:
-    """Linear probes and Shapley contributions of the trainer's current model.
+def compute_diagnostics(view: EvalView) -> dict[str, Any]:
+    """Linear probes and Shapley contributions of the view's current model.
 
     No gradient, eval mode for the passes; the model's train/eval mode is restored. A run
     whose modalities cannot be blanked (token inputs without a ``blank_input``, a predict that
     bypasses ``model.encode``) still gets its probes; ``shapley`` is then None and
     ``shapley_unavailable`` says why, so the end of a long run is never lost to a diagnostic.
     """
-    _ready(trainer)
-    was = trainer.model.training
+    was = view.model.training
     try:
-        out: dict[str, Any] = {"modalities": list(trainer.modalities), "split": "test"}
-        out.update(linear_probe(trainer))
+        out: dict[str, Any] = {"modalities": list(view.modalities), "split": "test"}
+        out.update(linear_probe(view))
         try:
-            out.update(shapley_diagnostics(trainer))
+            out.update(shapley_diagnostics(view))
         except UnsupportedError as exc:
             out.update(shapley=None, shapley_share=None, coalitions=None, fused_acc=None, absent_acc=None,
                        imbalance_degree=None, imbalance_rule=IMBALANCE_RULE, shapley_unavailable=str(exc))
         return out
     finally:
-        trainer.model.train(was)
+        view.model.train(was)
 
 
 def write_diagnostics(run_dir: Path, diagnostics: Mapping[str, Any]) -> Path:
@@ -385,96 +384,6 @@ def write_diagnostics(run_dir: Path, diagnostics: Mapping[str, Any]) -> Path:
     path = Path(run_dir) / DIAGNOSTICS_FILE
     records.atomic_write_text(path, json.dumps(diagnostics, indent=2, sort_keys=False) + "\n")
     return path
-
-
-def _check_run_folder(run_dir: Path) -> None:
-    if not run_dir.is_dir():
-        raise DiagnosticsError(f"'{run_dir}' is not a folder. Pass a run folder (runs/<dataset>_<method>_s<seed>_<hash>).")
-    if not (run_dir / records.RECORD).is_file():
-        raise DiagnosticsError(
-            f"'{run_dir}' holds no {records.RECORD}, so it is not a run folder. Pass a folder "
-            f"that `mmbalance run` wrote (runs/<dataset>_<method>_s<seed>_<hash>)."
-        )
-
-
-def rebuild_trainer(run_dir: Path, device: str = "cpu") -> Trainer:
-    """The trainer of a recorded run, from its record header's configuration (not set up).
-
-    The configuration is replayed as overrides on the current code (``records`` pointed at the
-    run's parent folder, the device replaced); the rebuilt run folder must be ``run_dir``
-    itself, else the run cannot be reproduced (renamed folder, other data, changed code) and
-    this is an error naming the difference.
-    """
-    from mmbalance.config import flatten_backbone
-    from mmbalance.runner import make_trainer
-
-    run_dir = Path(run_dir)
-    _check_run_folder(run_dir)
-    header = records.load_record(run_dir)["header"]
-    cfg = header.get("config")
-    if not isinstance(cfg, Mapping) or not cfg.get("method") or not cfg.get("dataset"):
-        raise DiagnosticsError(f"The record of '{run_dir}' holds no configuration with a method and a dataset; it is damaged.")
-    overrides = flatten_backbone({k: v for k, v in cfg.items() if k not in ("method", "dataset")})
-    overrides.update(records=str(run_dir.parent), device=device, progress="off")
-    try:
-        trainer = make_trainer(cfg["method"], cfg["dataset"], overrides)
-    except MMBalanceError as exc:
-        raise DiagnosticsError(
-            f"The run '{run_dir}' cannot be rebuilt from its recorded configuration with this "
-            f"version of the suite: {exc}"
-        ) from exc
-    if trainer.run_dir.resolve() != run_dir.resolve():
-        why = []
-        if header.get("config_hash") and header["config_hash"] != trainer.hash:
-            why.append(f"its settings now hash to {trainer.hash}, the record says {header['config_hash']}")
-        if "data_fingerprint" in header and header["data_fingerprint"] != trainer.data_fingerprint:
-            why.append("the data it reads has another fingerprint now (other files or another data root)")
-        if not why:
-            why.append(f"the folder is named '{run_dir.name}', not '{trainer.run_dir.name}' (renamed?)")
-        raise DiagnosticsError(
-            f"The recorded configuration of '{run_dir}' rebuilds the run folder "
-            f"'{trainer.run_dir}', not this one: {'; '.join(why)}. Diagnostics would not "
-            f"describe the recorded run; point --data-root (or $MMBALANCE_DATA_ROOT) at the "
-            f"run's data, or keep the folder's original name."
-        )
-    return trainer
-
-
-def probe_run(run_dir: Path, device: str = "cpu") -> dict[str, Any]:
-    """Diagnostics of a recorded run from its checkpoint, written to ``run_dir/diagnostics.json``.
-
-    The checkpoint (the last finished epoch) is loaded with ``weights_only=True`` through the
-    trainer's own restore, which refuses one of other settings or data. The run folder's lock
-    is held meanwhile, so a run still training is reported instead of read half-way.
-    """
-    run_dir = Path(run_dir)
-    _check_run_folder(run_dir)
-    if not (run_dir / records.CHECKPOINT).is_file():
-        raise DiagnosticsError(
-            f"The run '{run_dir}' has no {records.CHECKPOINT} (it was trained with "
-            f"checkpoint=false, or the file was removed), so its trained weights are gone. "
-            f"Retrain it with --set checkpoint=true --fresh to get diagnostics."
-        )
-    trainer = rebuild_trainer(run_dir, device)
-    with records.RunLock(run_dir):
-        trainer.setup()
-        next_epoch = trainer._load_checkpoint()
-        trainer.method.resumed = True
-        trainer.method.on_fit_start()  # the hook that finishes a restore (pending method state)
-        diag = compute_diagnostics(trainer)
-        h = records.load_record(run_dir)
-        diag["run"] = {
-            "run_dir": str(run_dir),
-            "method": trainer.cfg["method"],
-            "method_label": h["header"].get("method_label"),
-            "dataset": trainer.cfg["dataset"],
-            "seed": trainer.cfg["seed"],
-            "checkpoint_epoch": next_epoch - 1,
-            "done": bool(h["done"]),
-            "device": str(trainer.device),
-        }
-        write_diagnostics(run_dir, diag)
-    return diag
 
 
 def format_table(diag: Mapping[str, Any]) -> str:
@@ -497,15 +406,3 @@ def format_table(diag: Mapping[str, Any]) -> str:
                      f"imbalance degree {diag['imbalance_degree']:.2f} ({diag['imbalance_rule']})")
         lines.append("coalitions: " + ", ".join(f"{k} {v:.2f}" for k, v in diag["coalitions"].items()))
     return "\n".join(lines)
-
-
-def probe_main(run_dir: str, device: str = "cpu") -> int:
-    """``mmbalance probe RUN_DIR``: compute, write and print a run's diagnostics (test split, %)."""
-    diag = probe_run(Path(run_dir), device=device)
-    run = diag["run"]
-    state = "finished" if run["done"] else "NOT finished (last checkpoint)"
-    print(f"{run['method_label'] or run['method']} on {run['dataset']} (seed {run['seed']}, epoch "
-          f"{run['checkpoint_epoch']}, {state}) — imbalance diagnostics on the test split, in %:")
-    print(format_table(diag))
-    print(f"diagnostics: {Path(run_dir) / DIAGNOSTICS_FILE}")
-    return 0

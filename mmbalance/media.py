@@ -16,10 +16,11 @@ numbers for the same file (see reference/datasets.md, "Common conventions"):
   code does), choose k of them by a named rule (:data:`FRAME_RULES`: IPRM's random sorted
   indices, the first k, OGM-GE's fixed 1, 4, 7, BalanceMM's segments), load as RGB, ImageNet
   train/test transforms;
-* audio + frame-folder plugins (CREMA-D, Kinetics-Sounds): their base class, settings, audio
-  input, clip indexing and Splits assembly (validation carved by ``data.carve_validation``);
-  with their ``cache`` option the same Splits read the input cache of :mod:`mmbalance.cache`
-  (:data:`CACHE_OPTIONS`; :func:`train_candidates` says which frames it must hold).
+* audio + frame-folder plugins (CREMA-D, Kinetics-Sounds): their settings, audio input and the
+  options of the input cache (:data:`CACHE_OPTIONS`; :func:`train_candidates` says which frames
+  it must hold). Their base class, clip indexing and Splits assembly (from the files or from
+  :mod:`mmbalance.cache`) are one layer up, in :mod:`mmbalance.av_clips`, so this module never
+  imports the cache that reads through it.
 
 Every failure to read a file raises :class:`DataError` naming that file, so a corrupt sample in
 a 7,000-clip dataset points at itself instead of at a worker traceback.
@@ -41,7 +42,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mmbalance.config import Option
-from mmbalance.data import PAPER_SCHEDULE, DatasetPlugin, ModalitySpec, Splits, carve_validation
+from mmbalance.data import ModalitySpec
 from mmbalance.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -670,134 +671,3 @@ class AVSettings:
             cache_frame_size=int(cfg.get("cache_frame_size") or 360),
             **extra,
         )
-
-
-class AVClipPlugin(DatasetPlugin):
-    """Base of the audio + frame-folder datasets (CREMA-D, Kinetics-Sounds): their modalities
-    and the IPRM paper's recipe for both (ResNet-18 per modality, SGD 1e-2, alpha 0.8)."""
-
-    modality_names = ("audio", "visual")
-    defaults = {
-        "batch_size": 64,
-        "optimizer": "sgd",
-        "lr": 1e-2,
-        **PAPER_SCHEDULE,
-        "embed_dim": 512,
-        "backbone": {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}},
-    }
-    method_defaults = {"iprm": {"alpha": 0.8}}
-
-
-def find_clip(
-    clip_id: str, label: int, audio: Path, frame_dir: Path, min_frames: int, sort: bool
-) -> Clip | None:
-    """A Clip when its audio exists and its folder holds at least ``min_frames`` images, else
-    None (the official loaders skip such rows; the manifest check reports them). ``sort``: index
-    the sorted frame listing, else ``os.listdir`` order."""
-    if not audio.is_file() or not frame_dir.is_dir():
-        return None
-    names = list_frames(frame_dir, sort=sort)
-    if len(names) < min_frames:
-        return None
-    return Clip(clip_id, label, audio, frame_dir, tuple(names))
-
-
-def frame_naming(names: Sequence[str]) -> str:
-    """Which extractor a frame folder's names point to (recorded with the run, since the
-    extractor decides which moments of a clip the frames show)."""
-    import re
-
-    if names and all(re.fullmatch(r"\d{5}\.jpg", n) for n in names):
-        kind = "{source index:05d}.jpg: OGM-GE's current per-second extractor"
-    elif names and all(re.fullmatch(r"frame_\d{5}\.jpg", n) for n in names):
-        kind = "frame_NNNNN.jpg: OGM-GE's earlier 10-frame extractor (or another)"
-    else:
-        kind = "other names"
-    return f"{kind}; e.g. {', '.join(names[:3])}"
-
-
-def av_clip_splits(
-    parts: Mapping[str, Sequence[Clip]],
-    modalities: Sequence[str],
-    r: AVSettings,
-    class_names: Sequence[str],
-    info: Mapping[str, Any],
-    notes: list[str],
-    *,
-    val_fraction: float,
-    seed: int,
-    dataset: str,
-    valid_rule: str = "",
-    fix: str = "",
-    cache_root: Path | None = None,
-    fingerprint: Mapping[str, Any] | None = None,
-    cache_workers: int | None = None,
-) -> Splits:
-    """The Splits of an audio + frames dataset from its indexed clips.
-
-    ``parts`` holds "train" and "test", and "valid" when the layout ships one (then
-    ``valid_rule`` describes it); otherwise validation is carved from train with the dataset's
-    fixed ``seed`` (:func:`mmbalance.data.carve_validation`; val_fraction=0 validates on the
-    test split). Validation and test use eval-mode sampling. ``info`` (the dataset's own
-    entries) is recorded with the val, frame and audio rules, the sizes and ``notes`` added.
-
-    With ``r.cache`` set (the ``cache`` option) the datasets read the input cache of
-    :mod:`mmbalance.cache` instead of the files: opened (or built, in ``cache_workers``
-    processes) for every clip of ``parts`` under the dataset folder ``cache_root``, keyed to
-    ``fingerprint`` (the plugin's data fingerprint) and the settings; the Splits then carry
-    ``device_transform`` (train-time crops and flips on the device, per batch).
-    """
-
-    frames, size = r.frames, r.image_size
-    store = None
-    if r.cache:
-        from mmbalance.cache import CachedAVClipDataset, open_av_cache
-
-        store = open_av_cache(
-            r, parts, dataset=dataset, root=cache_root, fingerprint=fingerprint or {},
-            workers=cache_workers,
-        )
-
-    def make(clips: Sequence[Clip], train: bool) -> Dataset:
-        if store is not None:
-            return CachedAVClipDataset(store, clips, modalities, frames, size, train, fix, r.frame_rule)
-        return AVClipDataset(clips, modalities, r.audio.loader, frames, size, train, fix, r.frame_rule)
-
-    test = make(parts["test"], False)
-    if "valid" in parts:
-        train, val, rule = make(parts["train"], True), make(parts["valid"], False), valid_rule
-    else:
-        keep, hold, rule = carve_validation(parts["train"], val_fraction, seed, dataset)
-        train = make(keep, True)
-        val = make(hold, False) if hold is not None else test
-    val_is_test = val is test
-    specs = {"audio": r.audio.spec, "visual": ModalitySpec("video", (3, frames, size, size))}
-    info = {
-        **info,
-        "val_rule": rule,
-        "val_is_test": val_is_test,
-        "frame_choice": r.frame_rule,
-        "frame_rule": f"{FRAME_RULES[r.frame_rule]} (k = {frames}); train: RandomResizedCrop"
-        f"({size}) + flip; eval: Resize",
-        "audio": r.audio.rule,
-        **({"resampler": r.audio.resampler} if r.audio.resampler else {}),
-        "check_manifest": r.manifest,
-        **({"frame_files": frame_naming(parts["train"][0].frame_names)} if parts["train"] else {}),
-        "sizes": {"train": len(train), "val": len(val), "test": len(test)},
-        "notes": notes,
-        **({"input_cache": store.describe()} if store is not None else {}),
-    }
-    splits = Splits(
-        train=train,
-        val=val,
-        test=test,
-        modalities={m: specs[m] for m in modalities},
-        num_classes=len(class_names),
-        class_names=list(class_names),
-        info=info,
-    )
-    if store is not None and "visual" in modalities:
-        from mmbalance.cache import DeviceCrop
-
-        splits.device_transform = DeviceCrop(size)  # type: ignore[attr-defined]
-    return splits

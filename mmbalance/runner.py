@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from mmbalance import config as config_mod
+from mmbalance.engine.loop import Trainer
 from mmbalance.registry import DATASETS, METHODS
-from mmbalance.trainer import Trainer
 
 
 @dataclass

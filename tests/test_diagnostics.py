@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mmbalance import records
+from mmbalance.diagnose import probe_main, probe_run
 from mmbalance.diagnostics import (
     DIAGNOSTICS_FILE,
     DiagnosticsError,
@@ -24,8 +25,6 @@ from mmbalance.diagnostics import (
     imbalance_degree,
     majority_accuracy,
     probe_accuracy,
-    probe_main,
-    probe_run,
     shapley_share,
     shapley_values,
     shapley_weight,
@@ -165,7 +164,7 @@ def test_constant_encoder_probes_at_chance_and_contributes_nothing(concat_run):
     blank = trainer.model.blank_feature("m2", trainer.splits.test.tensors["m2"][:1]).detach()[0]
     trainer.model.encoders["m2"] = Constant(blank)
     try:
-        diag = compute_diagnostics(trainer)
+        diag = compute_diagnostics(trainer.eval_view())
     finally:
         trainer.model.encoders["m2"] = real
     base = diag["probe_baseline_acc"]
@@ -182,7 +181,7 @@ def test_constant_encoder_probes_at_chance_and_contributes_nothing(concat_run):
 def test_diagnostics_of_a_trained_concat_model(concat_run):
     trainer = concat_run
     trainer.model.train()
-    diag = compute_diagnostics(trainer)
+    diag = compute_diagnostics(trainer.eval_view())
     assert trainer.model.training  # mode restored
     assert "encode" not in trainer.model.__dict__
     assert all(p.grad is None for p in trainer.model.parameters())
@@ -202,7 +201,7 @@ def test_diagnostics_of_a_trained_concat_model(concat_run):
 
 def test_shapley_sums_with_three_modalities_and_the_methods_own_rule(tmp_path):
     trainer = trained(tmp_path, "iprm", n_modalities=3, epochs=1, n_train=300, n_test=200)
-    diag = compute_diagnostics(trainer)
+    diag = compute_diagnostics(trainer.eval_view())
     v, phi = diag["coalitions"], diag["shapley"]
     assert len(v) == 8 and set(phi) == {"m1", "m2", "m3"}
     assert sum(phi.values()) == pytest.approx(v["m1+m2+m3"] - v["none"], abs=1e-9)
@@ -220,8 +219,8 @@ def test_predict_that_bypasses_encode_is_refused(concat_run, monkeypatch):
 
     monkeypatch.setattr(trainer.method, "predict", bypass)
     with pytest.raises(UnsupportedError, match="model.encode"):
-        coalition_accuracy(trainer, {"m1"})
-    diag = compute_diagnostics(trainer)
+        coalition_accuracy(trainer.eval_view(), {"m1"})
+    diag = compute_diagnostics(trainer.eval_view())
     assert diag["shapley"] is None and "model.encode" in diag["shapley_unavailable"]
     assert diag["probe"]["m1"]["probe_acc"] > 50.0  # the probes still ran
 
@@ -230,7 +229,7 @@ def test_predict_that_bypasses_encode_is_refused(concat_run, monkeypatch):
 def test_probe_run_writes_diagnostics_of_the_checkpoint(concat_run, capsys):
     trainer = concat_run
     run_dir = trainer.run_dir
-    expected = compute_diagnostics(trainer)
+    expected = compute_diagnostics(trainer.eval_view())
     (run_dir / DIAGNOSTICS_FILE).unlink(missing_ok=True)
     assert probe_main(str(run_dir), "cpu") == 0  # probe_run, then the table
     on_disk = json.loads((run_dir / DIAGNOSTICS_FILE).read_text())

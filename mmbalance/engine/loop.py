@@ -1,0 +1,541 @@
+"""The training loop. It owns everything a method should not have to write again.
+
+Epochs, data loading, device placement, bf16 autocast on CUDA, optimizer and scheduler
+stepping, evaluation on val and test every epoch, seeds, timing, peak memory, checkpoints and
+resume, progress bar and optional wandb logging. Methods plug in through the hooks of
+:class:`mmbalance.method.Method`.
+
+Reproducibility: the global RNGs and the data-loader shuffle are re-seeded at the start of every
+epoch from (seed, epoch). A run resumed from the checkpoint of epoch k therefore draws exactly
+what an uninterrupted run draws in epoch k + 1, and its final record is identical.
+"""
+
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    default_collate,
+)
+
+from mmbalance import diagnostics, memo, memory, records
+from mmbalance.cache import to_device, wrap_loader
+from mmbalance.config import config_hash
+from mmbalance.data import BatchView, DatasetPlugin, Splits
+from mmbalance.diagnostics import EvalView
+from mmbalance.engine.checkpoint import Checkpoints
+from mmbalance.engine.record import RunRecord
+from mmbalance.engine.runtime import _worker_init, epoch_seed, resolve_device, seed_everything
+from mmbalance.engine.services import Services
+from mmbalance.errors import ConfigError, MMBalanceError, did_you_mean
+from mmbalance.method import PER_MODALITY_SOURCES, EstimationCost, Method, Phase, Prediction
+from mmbalance.metrics import classification_metrics, final_metrics
+from mmbalance.model import MultimodalModel, build_encoder, random_init_warning, weights_record
+
+
+class RandomInitWarning(UserWarning):
+    """An encoder the papers start from pretrained weights starts from random ones here."""
+
+
+class Trainer(Services, Checkpoints, RunRecord):
+    """Trains one cell (method x dataset x config) and writes its run record."""
+
+    def __init__(self, cfg: Mapping[str, Any], dataset: DatasetPlugin, method: Method) -> None:
+        self.cfg = dict(cfg)
+        self.dataset = dataset
+        self.method = method
+        self.device = resolve_device(self.cfg["device"])
+        self.data_fingerprint = dataset.data_fingerprint(self.cfg)
+        self.hash = config_hash(self.cfg, data=self.data_fingerprint)
+        self.run_dir = Path(self.cfg["records"]) / records.run_dir_name(self.cfg, self.hash)
+        amp = self.cfg["amp"]
+        self.amp_dtype = (
+            torch.bfloat16 if (amp == "bf16" or (amp == "auto" and self.device.type == "cuda")) else None
+        )
+        self._step_logs: dict[str, list[Any]] = {}
+        self.optimizer_steps = 0
+        self.estimation_cost = EstimationCost()  # the method's work outside the main loop
+        self.extra_batches = 0  # batches of the method's own passes (iterate), all epochs
+        self.val_is_test = False
+        self._heldout: Dataset | None = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        self._phase_keys: set[str] = set()  # optimizers created by phases (not configured)
+        self._pending_optimizer_states: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.splits: Splits | None = None
+        self.model: MultimodalModel | None = None
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def check(self) -> list[str]:
+        """Validate what needs the dataset but not its data: the requested modalities, the
+        method's support for them, and that every ``backbone.<m>`` key names a modality the
+        dataset has. Returns the modalities the run trains on. Cheap, so a grid checks every
+        cell before it trains any."""
+        cfg = self.cfg
+        available = self.dataset.available_modalities(cfg)
+        requested = cfg.get("modalities") or self.dataset.default_modalities(cfg)
+        unknown = [m for m in requested if m not in available]
+        if unknown:
+            raise ConfigError(
+                f"Dataset '{cfg['dataset']}' has no modality {', '.join(unknown)}; it has "
+                f"{', '.join(available)}. Fix --set modalities=..."
+            )
+        defaults = {**(type(self.dataset).defaults.get("backbone") or {}),
+                    **(type(self.method).defaults.get("backbone") or {})}
+        for mod, entry in (cfg.get("backbone") or {}).items():
+            default = defaults.get(mod)
+            as_default = default is not None and entry == (default if isinstance(default, Mapping) else {"name": default})
+            if mod not in available and not as_default:  # a user's key, not a plugin's table
+                raise ConfigError(
+                    f"Setting backbone.{mod}.* names modality '{mod}', which dataset "
+                    f"'{cfg['dataset']}' does not have (it has {', '.join(available)})."
+                    f"{did_you_mean(mod, available)} Fix the key, e.g. --set backbone.{available[0]}.weights=PATH."
+                )
+        return self.method.check_modalities(list(requested))
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        used = self.check()
+        seed_everything(cfg["seed"])
+        if self.dataset.pure_build:  # a grid worker builds in-memory data once
+            self.splits = memo.reuse_splits(self.dataset.build, type(self.dataset).__qualname__,
+                                            cfg, used, self.data_fingerprint)
+        else:
+            self.splits = self.dataset.build(cfg, used)
+        for m in used:
+            if m not in self.splits.modalities:
+                raise MMBalanceError(f"dataset {cfg['dataset']} did not build modality {m}")
+        seed_everything(cfg["seed"])  # model init independent of how much RNG the data used
+        encoders = {
+            m: build_encoder(m, self.splits.modalities[m], cfg["backbone"], cfg["embed_dim"])
+            for m in used
+        }
+        dims = {m: e.out_dim for m, e in encoders.items()}
+        fusion = self.method.build_fusion(dims, self.splits.num_classes)
+        model = MultimodalModel(encoders, self.splits.num_classes, fusion)
+        self.modalities = used
+        self.val_is_test = bool(self.splits.info.get("val_is_test", False))
+        if self.method.heldout_fraction:
+            self._carve_heldout(self.method.heldout_fraction)
+        self.method.trainer = self
+        self.method.model = model
+        self.method.configure_model(model)
+        self.model = model.to(self.device)
+        if cfg["memory_format"] == "channels_last":  # conv weights NHWC; activations follow
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.weights = weights_record(cfg["backbone"], used)
+        for m, enc in encoders.items():  # what a name-mapped checkpoint left unused or missing
+            report = getattr(enc, "weights_report", None)
+            if report is not None and hasattr(report, "as_dict"):
+                self.weights[m]["load"] = report.as_dict()
+        warning = random_init_warning(self.weights)
+        if warning:
+            warnings.warn(warning, RandomInitWarning, stacklevel=2)
+        self._set_optimizers(self.method.configure_optimizers())
+        self._check_per_modality_source()
+
+    def _set_optimizers(self, configured: Any) -> None:
+        """Accept (opt, sched) or {name: (opt, sched)}; "main" (or the only one) is the
+        optimizer of automatic optimisation."""
+        if isinstance(configured, Mapping):
+            pairs = {str(k): (v if isinstance(v, tuple) else (v, None)) for k, v in configured.items()}
+        else:
+            opt, sched = configured if isinstance(configured, tuple) else (configured, None)
+            pairs = {"main": (opt, sched)}
+        if "main" not in pairs:
+            if len(pairs) != 1:
+                raise MMBalanceError(
+                    f"method {self.method.name}: configure_optimizers returned {sorted(pairs)}; "
+                    f"name one of them 'main' (the optimizer of automatic optimisation)."
+                )
+            pairs = {"main": next(iter(pairs.values())), **pairs}
+        self.optimizers = {k: o for k, (o, _) in pairs.items()}
+        self.schedulers = {k: sch for k, (_, sch) in pairs.items() if sch is not None}
+        self.optimizer = self.optimizers["main"]
+        self.scheduler = self.schedulers.get("main")
+        self.method.optimizer = self.optimizer
+        self.method.optimizers = self.optimizers
+
+    def _check_per_modality_source(self) -> None:
+        """Per-modality numbers must come from something trained."""
+        m = self.method
+        source = m.per_modality_source()
+        if source not in PER_MODALITY_SOURCES:
+            raise MMBalanceError(f"method {m.name}: per_modality_source() returned {source!r}; "
+                                 f"expected one of {PER_MODALITY_SOURCES}.")
+        if source == "unimodal_heads" and not m.trains_unimodal_heads():
+            raise MMBalanceError(
+                f"method {m.name} reports per-modality accuracy from unimodal heads it does not "
+                f"train; declare trains_unimodal_heads() or another per_modality_source()."
+            )
+        if source == "fused_parts" and not hasattr(self.model.fusion, "parts"):
+            raise MMBalanceError(f"method {m.name}: its fused head has no per-modality parts.")
+        if source == "method" and type(m).predict is Method.predict:
+            raise MMBalanceError(f"method {m.name} declares its own per-modality rule but keeps the default predict().")
+
+
+    # ---- data -----------------------------------------------------------------------------
+    def loader(
+        self, ds: Dataset, train: bool, epoch: int = 0, seed: int | None = None, batch_size: int | None = None
+    ) -> DataLoader:
+        """Shuffled (train) or ordered loader; the shuffle is seeded from (seed, epoch)."""
+        cfg = self.cfg
+        gen = torch.Generator()
+        gen.manual_seed(epoch_seed(cfg["seed"], epoch) if seed is None else seed)
+        bs = batch_size or (cfg["batch_size"] if train else (cfg["eval_batch_size"] or 2 * cfg["batch_size"]))
+        workers = cfg["num_workers"]
+        if workers is None:  # auto: in-memory data needs none; files are decoded in parallel
+            workers = 0 if hasattr(ds, "get_batch") else min(8, os.cpu_count() or 1)
+        common = {
+            "num_workers": workers,
+            "worker_init_fn": _worker_init if workers else None,
+            "pin_memory": self.device.type == "cuda",
+            "generator": gen,
+        }
+        if hasattr(ds, "get_batch"):  # in-memory data: fetch whole batches at once
+            order = RandomSampler(ds, generator=gen) if train else SequentialSampler(ds)
+            sampler = BatchSampler(order, batch_size=bs, drop_last=False)
+            return DataLoader(BatchView(ds), batch_size=None, sampler=sampler, **common)
+        loader = DataLoader(ds, batch_size=bs, shuffle=train, drop_last=False, collate_fn=self._collate, **common)
+        # a cached paper dataset crops on the device (CUDA): batches then arrive there already
+        return wrap_loader(loader, self.splits, self.device)
+
+    def _collate(self, items: Any) -> Any:
+        assert self.splits is not None
+        return (self.splits.collate or default_collate)(items)
+
+
+    def _limited(self, loader: DataLoader, limit: int | None) -> Iterator[tuple[int, Any]]:
+        for i, batch in enumerate(loader):
+            if limit is not None and i >= limit:
+                break
+            yield i, batch
+
+    def _progress(self, it: Any, total: int, desc: str) -> Any:
+        mode = self.cfg["progress"]
+        if mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
+            return it
+        from tqdm.auto import tqdm
+
+        return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+    # ---- the loop -------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch: the method's phases (default: one joint pass over train)."""
+        assert self.model is not None and self.splits is not None
+        method, model = self.method, self.model
+        seed_everything(epoch_seed(self.cfg["seed"], epoch))
+        limit = self.cfg["limit_train_batches"]
+        n_loader = len(self.loader(self.splits.train, train=True, epoch=epoch))
+        total = min(n_loader, limit) if limit else n_loader
+        model.train()
+        method.epoch = epoch
+        method.num_training_batches = total
+        self._step_logs = {}  # before the epoch hook, so what it logs is kept
+        method.on_train_epoch_start(epoch)
+        plan = method.epoch_plan(epoch) or [Phase()]
+        self._retire_phase_optimizers(plan)
+        for phase in plan:
+            self._phase_optimizer(phase)  # create (or restore) them before recording the rates
+        lrs = self.learning_rates()  # the rates this epoch trains at
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        n_batches = 0
+        phases: list[dict[str, Any]] = []
+        for k, phase in enumerate(plan):
+            for p in range(phase.passes):
+                # the default single pass draws exactly what the plain loop always drew
+                order = None if (k, p) == (0, 0) else epoch_seed(self.cfg["seed"], epoch) ^ zlib.crc32(f"{phase.name}/{p}".encode())
+                t0, steps0 = time.perf_counter(), self.optimizer_steps
+                s, n = self._run_phase(phase, epoch, order, total)
+                loss_sum += s
+                n_batches += n
+                phases.append({"phase": phase.name, "pass": p, "batches": n,
+                               "optimizer_steps": self.optimizer_steps - steps0, "time_s": time.perf_counter() - t0})
+        method.on_train_epoch_end(epoch)
+        self._step_schedulers()
+        train_loss = (loss_sum / max(1, n_batches)).item()
+        if not math.isfinite(train_loss):
+            raise MMBalanceError(
+                f"Training diverged in epoch {epoch}: the mean training loss is {train_loss}. "
+                f"Lower the learning rate (--set lr=...) or enable gradient clipping "
+                f"(--set grad_clip=1.0)."
+            )
+        out: dict[str, Any] = {"train_loss": train_loss, "train_batches": n_batches,
+                               "data_passes": n_batches / max(1, total), "lrs": lrs}
+        if len(phases) > 1 or plan[0].name != "train":
+            out["phases"] = phases
+        return out
+
+    def _run_phase(self, phase: Phase, epoch: int, order: int | None, total: int) -> tuple[torch.Tensor, int]:
+        """One pass of a phase over train: its parameter subset, step function and optimizer."""
+        method, model = self.method, self.model
+        assert model is not None and self.splits is not None
+        manual = method.manual_optimization if phase.manual is None else phase.manual
+        step = phase.step or method.training_step
+        optimizer = self._phase_optimizer(phase)
+        frozen = self._freeze_outside(phase.params)
+        bar_every = 25  # batches between running-loss updates of a progress bar (one sync each)
+        loader = self.loader(self.splits.train, train=True, epoch=epoch, seed=order)
+        loss_sum = torch.zeros((), device=self.device)
+        n = 0
+        desc = f"epoch {epoch}" + (f" {phase.name}" if phase.name != "train" else "")
+        try:
+            method.phase = phase
+            method.phase_optimizer = optimizer
+            bar = self._progress(self._limited(loader, total), total, desc)
+            for i, batch in bar:
+                batch = to_device(batch, self.device)
+                if manual:
+                    loss = step(batch, i)  # it wraps its forward passes in autocast
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    with self.autocast():
+                        loss = step(batch, i)
+                    if loss is None:
+                        raise RuntimeError(
+                            f"method {method.name}: training_step returned no loss in automatic mode"
+                        )
+                    loss.backward()
+                    method.on_after_backward()
+                    self.optimizer_step(optimizer)
+                if loss is not None:
+                    loss_sum += loss.detach().float()
+                n += 1
+                method.global_step += 1
+                if hasattr(bar, "set_postfix") and n % bar_every == 0:  # terminals only
+                    bar.set_postfix(loss=f"{(loss_sum / n).item():.4f}", refresh=False)
+        finally:
+            for p, req in frozen:
+                p.requires_grad_(req)
+        return loss_sum, n
+
+    def _freeze_outside(self, params: Any) -> list[tuple[torch.nn.Parameter, bool]]:
+        """Freeze every model parameter outside ``params`` (None = train all); returns what to
+        restore."""
+        if params is None:
+            return []
+        keep = {id(p) for p in params}
+        frozen = [(p, p.requires_grad) for p in self.model.parameters() if id(p) not in keep]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        return frozen
+
+
+    def evaluate(self, ds: Dataset) -> dict[str, Any]:
+        assert self.model is not None and self.splits is not None
+        self.model.eval()
+        fused, labels = [], []
+        per: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
+        limit = self.cfg["limit_eval_batches"]
+        for _, batch in self._limited(self.loader(ds, train=False), limit):
+            batch = to_device(batch, self.device)
+            with self.autocast():
+                pred: Prediction = self.method.predict(batch)
+            fused.append(pred.fused.float())  # stays on the device: one copy per split, not per batch
+            for m, logits in pred.per_modality.items():
+                per.setdefault(m, []).append(logits.float())
+            labels.append(batch["label"])
+        y = torch.cat(labels).cpu()
+        k = self.splits.num_classes
+        logits = torch.cat(fused).cpu()
+        out: dict[str, Any] = {
+            "fused": classification_metrics(logits, y, k),
+            "loss": float(F.cross_entropy(logits, y)),
+            "n": len(y),
+        }
+        for m, chunks in per.items():
+            if chunks:
+                out[m] = classification_metrics(torch.cat(chunks).cpu(), y, k)
+        return out
+
+
+    def eval_view(self) -> EvalView:
+        """What the imbalance diagnostics need of this run: the model, its modalities, the
+        method's ``predict`` and ordered batches of a split on the device (no trainer)."""
+        assert self.model is not None and self.splits is not None
+        splits = self.splits
+
+        def batches(split: str, limit: int | None) -> Iterator[Any]:
+            for _, batch in self._limited(self.loader(getattr(splits, split), train=False), limit):
+                yield to_device(batch, self.device)
+
+        return EvalView(
+            model=self.model, modalities=list(self.modalities), predict=self.method.predict,
+            method_name=self.method.name, batches=batches, autocast=self.autocast,
+            num_classes=splits.num_classes, train_limit=self.cfg.get("limit_train_batches"),
+            eval_limit=self.cfg.get("limit_eval_batches"),
+        )
+
+    def epoch_line(self, entry: Mapping[str, Any]) -> str:
+        """One persistent line per epoch: how training goes, readable in a log file too."""
+        parts = [f"epoch {entry['epoch'] + 1}/{self.cfg['epochs']}", f"loss {entry['train_loss']:.4f}"]
+        if entry.get("val") is not None:
+            parts.append(f"val {entry['val']['fused']['acc']:.2f}")
+            parts.append(f"test {entry['test']['fused']['acc']:.2f}")
+            per = [f"{m} {entry['test'][m]['acc']:.1f}" for m in self.modalities if m in entry["test"]]
+            if per:
+                parts.append("[" + " ".join(per) + "]")
+        else:
+            parts.append("(not evaluated: mid-stage)")
+        key = key_diagnostic(self.method.key_diagnostic, entry.get("diagnostics") or {})
+        if key is not None:
+            parts.append(f"{key[0]} {key[1]:.3g}")
+        parts.append(f"{entry['train_time_s']:.1f} s")
+        return "  ".join(parts)
+
+
+    # ---- entry point ----------------------------------------------------------------------
+    def fit(self, fresh: bool = False) -> dict[str, Any]:
+        """Train (or resume, or skip if already done) and return the folded record.
+
+        The run folder is locked for the whole run: a second identical command reports the
+        running one instead of training into the same files. ``fresh`` discards an earlier
+        record and checkpoint of this run (under the lock, so never a running one's).
+        """
+        if not fresh and (self.run_dir / records.DONE).exists():
+            return records.load_record(self.run_dir)
+        records.ensure_dir(self.run_dir)
+        with records.RunLock(self.run_dir):
+            if fresh:
+                records.clear_run_dir(self.run_dir)
+            elif (self.run_dir / records.DONE).exists():  # finished by another process meanwhile
+                return records.load_record(self.run_dir)
+            records.clean_temp_files(self.run_dir)
+            return self._fit_locked()
+
+
+    def _fit_locked(self) -> dict[str, Any]:
+        self.setup()
+        records.write_config(self.run_dir / "config.yaml", self.cfg)
+        header = self._header()
+        start = self._load_checkpoint() if self.cfg["checkpoint"] else 0
+        if start:
+            header["resumed_from_epoch"] = start
+        header["segments"] = self._segments(start)
+        self.method.resumed = start > 0
+        if not start:
+            self.method.on_cell_start()
+        self.method.on_fit_start()
+        wandb_run = self._wandb_init() if self.cfg["wandb"] else None
+        for epoch in range(start, self.cfg["epochs"]):
+            mem_kind = memory.reset_peak(self.device)
+            steps_before = self.optimizer_steps
+            cost_before = self.estimation_cost.as_dict()
+            extra_before = self.extra_batches
+            t0 = time.perf_counter()
+            train = self.train_epoch(epoch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t1 = time.perf_counter()
+            evaluated = self.method.should_evaluate(epoch) or epoch == self.cfg["epochs"] - 1
+            val = self.evaluate(self.splits.val) if evaluated else None
+            test = self.evaluate(self.splits.test) if evaluated else None
+            t2 = time.perf_counter()
+            if evaluated:
+                self.method.on_validation_end({"val": val, "test": test, "epoch": epoch})
+            entry = {
+                "epoch": epoch,
+                **train,
+                "optimizer_steps": self.optimizer_steps - steps_before,
+                "extra_batches": self.extra_batches - extra_before,  # the method's own data passes
+                "lr": next(iter(train["lrs"].values())),
+                "estimation_cost": {k: v - cost_before[k] for k, v in self.estimation_cost.as_dict().items()},
+                # the method's sub-training (G-Blend) is its estimation cost, not epoch time
+                "train_time_s": t1 - t0 - (self.estimation_cost.time_s - cost_before["time_s"]),
+                "eval_time_s": t2 - t1,
+                "peak_mem_mb": memory.peak_mb(self.device, mem_kind),  # of train and evaluation
+                "peak_mem_kind": mem_kind,
+                "diagnostics": self._diagnostics(epoch),
+                "val": val,
+                "test": test,
+            }
+            self.history.append(entry)
+            if self.cfg["log_epochs"]:
+                print(self.epoch_line(entry), flush=True)
+            if self.cfg["checkpoint"]:
+                self._save_checkpoint(epoch)
+            self._write_record(header, None)
+            if wandb_run is not None:
+                wandb_run.log(_flatten({k: v for k, v in entry.items() if k != "epoch"}), step=epoch)
+        final = {
+            "selection": final_metrics(self.history),
+            "total_train_time_s": sum(e["train_time_s"] for e in self.history),
+            "estimation_cost": self.estimation_cost.as_dict(),
+        }
+        if self.cfg["diagnostics"]:
+            try:  # on the last epoch's model, before DONE
+                diag = diagnostics.compute_diagnostics(self.eval_view())
+            except diagnostics.DiagnosticsError as exc:  # never lose a finished run to a diagnostic
+                warnings.warn(f"{self.run_dir.name}: no imbalance diagnostics: {exc}", stacklevel=2)
+                final["diagnostics_error"] = str(exc)
+            else:
+                diagnostics.write_diagnostics(self.run_dir, diag)
+                final["diagnostics"] = {k: diag.get(k) for k in
+                                        ("probe", "probe_baseline_acc", "shapley", "coalitions", "imbalance_degree")}
+        self._write_record(header, final)
+        records.atomic_write_text(self.run_dir / records.DONE, json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        if wandb_run is not None:
+            wandb_run.summary.update(_flatten(final["selection"]))
+            wandb_run.finish()
+        return records.load_record(self.run_dir)
+
+    def _wandb_init(self) -> Any:
+        try:
+            import wandb
+        except ImportError as exc:  # pragma: no cover - wandb is a dependency
+            raise ConfigError("wandb logging was asked for but wandb is not installed: pip install wandb.") from exc
+        return wandb.init(
+            project=self.cfg["wandb_project"],
+            mode=self.cfg["wandb_mode"],
+            dir=str(self.run_dir),
+            name=self.run_dir.name,
+            id=self.hash,
+            resume="allow",
+            config=self.cfg,
+        )
+
+
+
+
+def key_diagnostic(name: str | None, means: Mapping[str, float]) -> tuple[str, float] | None:
+    """The method's key diagnostic among an epoch's means: the exact name, else the first
+    diagnostic starting with it (a prefix such as IPRM's "omega_")."""
+    if not name:
+        return None
+    if name in means:
+        return name, means[name]
+    for k, v in means.items():
+        if k.startswith(name):
+            return k, v
+    return None
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, int | float) and v is not None:
+            out[key] = v
+    return out
