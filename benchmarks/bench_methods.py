@@ -37,10 +37,15 @@ from mmbalance.runner import make_trainer
 ROUNDS = int(os.environ.get("MMBALANCE_BENCH_ROUNDS", "3"))
 DEVICE = os.environ.get("MMBALANCE_BENCH_DEVICE", "auto")
 BASELINE = ("concat", {"unimodal_loss": True})
-METHODS: list[tuple[str, dict[str, Any]]] = [
-    BASELINE, ("iprm", {}), ("ogm", {}), ("pmr", {}), ("agm", {}), ("mslr", {}), ("ogr_gb", {}),
-    ("mmpareto", {}), ("mla", {}), ("lfm", {}), ("lfm", {"alpha_schedule": "learnable"}), ("reconboost", {}),
-]
+#: The naive fusions and unimodal training are what the ratios are taken against, not timed.
+NOT_TIMED = ("concat", "sum", "weight", "unimodal")
+#: Variants timed besides every method's defaults (a cost that an option changes).
+VARIANTS: list[tuple[str, dict[str, Any]]] = [("lfm", {"alpha_schedule": "learnable"})]
+#: Every registered method at its defaults (a method added later is timed without an edit here),
+#: then the variants.
+METHODS: list[tuple[str, dict[str, Any]]] = [BASELINE] + [
+    (name, {}) for name in REGISTERED.names() if name not in NOT_TIMED
+] + VARIANTS
 
 
 def shared_data_root() -> Path | None:
