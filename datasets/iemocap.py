@@ -26,6 +26,7 @@ Sad 3. Decision: the face is the middle file of the SORTED listing (MLA indexes 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -188,8 +189,15 @@ class MLAUtterances(Dataset):
         self.modalities = tuple(modalities)
         self.paths = paths
         self.transform = image_transform(train, image_size, color_jitter)
+        self.eval_transform = image_transform(False, image_size, color_jitter)
         self.sorted_frames = sorted_frames
         self.fbank_shape = fbank_shape
+
+    def eval_view(self) -> MLAUtterances:
+        """The same utterances with the evaluation face transform (resize, centre crop)."""
+        view = copy.copy(self)
+        view.transform = self.eval_transform
+        return view
 
     def __len__(self) -> int:
         return len(self.utts)

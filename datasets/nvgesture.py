@@ -20,6 +20,7 @@ from train with a fixed seed (``VAL_SEED``) and its list lines are recorded with
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,12 @@ class NVGestureClips(Dataset):
 
     def __len__(self) -> int:
         return len(self.clips)
+
+    def eval_view(self) -> NVGestureClips:
+        """The same clips read as evaluation reads them (all frames, centre crop)."""
+        view = copy.copy(self)
+        view.train = False
+        return view
 
     def _draw(self) -> tuple[int, int, int, int]:
         """(t0, T, y, x): a random window and crop in training, the centre at test time."""

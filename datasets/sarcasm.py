@@ -373,11 +373,17 @@ class SarcasmPosts(Dataset):
         tokens: Sequence[dict[str, torch.Tensor]] | None,
         modalities: Sequence[str],
         transform: Any,
+        eval_transform: Any = None,
     ) -> None:
         self.posts = list(posts)
         self.tokens = list(tokens) if tokens is not None else None
         self.modalities = tuple(modalities)
         self.transform = transform
+        self.eval_transform = transform if eval_transform is None else eval_transform
+
+    def eval_view(self) -> SarcasmPosts:
+        """The same posts with the evaluation image transform (resize only)."""
+        return SarcasmPosts(self.posts, self.tokens, self.modalities, self.eval_transform)
 
     def __len__(self) -> int:
         return len(self.posts)
@@ -547,7 +553,8 @@ class Sarcasm(DatasetPlugin):
                 + (f", padded to {limit}" if fixed else ", each batch padded to its longest post")
             )
         datasets = {
-            split: SarcasmPosts(items, tokens[split], mods, image_transform(split == "train", size, norm, augment))
+            split: SarcasmPosts(items, tokens[split], mods, image_transform(split == "train", size, norm, augment),
+                                image_transform(False, size, norm, augment))
             for split, items in posts.items()
         }
         return Splits(

@@ -953,6 +953,11 @@ class CachedAVClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
+    def eval_view(self) -> CachedAVClipDataset:
+        """The same clips read as evaluation reads them (the cached resized frames)."""
+        return CachedAVClipDataset(self.store, self.clips, self.modalities, self.frames, self.image_size,
+                                   False, self.fix, self.frame_rule)
+
     @property
     def labels(self) -> np.ndarray:
         return np.array([c.label for c in self.clips], dtype=np.int64)

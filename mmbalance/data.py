@@ -248,6 +248,68 @@ class IndexSubset(Dataset):
         batch["index"] = torch.as_tensor(indices, dtype=torch.long)
         return batch
 
+    def eval_view(self) -> IndexSubset:
+        return IndexSubset(eval_view(self.base), self.indices)
+
+
+class RowPlan(Dataset):
+    """An epoch over a list of a split's rows, duplicates allowed (a resampled epoch).
+
+    Item ``r`` is row ``rows[r]`` of ``base``; it keeps its ``index`` (the position in
+    ``base``, so a method can look up what it knows of that sample) and gains ``row`` (the
+    position in ``rows``, so two copies of one sample stay apart). Whole-batch fetch is kept.
+    """
+
+    def __init__(self, base: Any, rows: Sequence[int] | np.ndarray) -> None:
+        self.base = base
+        self.rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n = len(base)
+        if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= n):
+            raise ValueError(f"row plan names rows outside 0..{n - 1} of its split")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, r: int) -> Any:
+        item = self.base[int(self.rows[r])]
+        if isinstance(item, dict):
+            item = {**item, "row": int(r)}
+        return item
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        labels = getattr(self.base, "labels", None)
+        return None if labels is None else np.asarray(labels)[self.rows]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "get_batch" and hasattr(self.base, "get_batch"):
+            return self._get_batch
+        raise AttributeError(name)
+
+    def _get_batch(self, positions: Sequence[int]) -> dict[str, Any]:
+        batch = self.base.get_batch(self.rows[np.asarray(positions, dtype=np.int64)].tolist())
+        batch["row"] = torch.as_tensor(positions, dtype=torch.long)
+        return batch
+
+
+def eval_view(ds: Any) -> Any:
+    """The same rows as ``ds`` read with the evaluation pipeline (no random crops, flips or
+    frame draws): what a method measures on train data without augmentation.
+
+    A dataset that augments in training says how to read it otherwise with an ``eval_view()``
+    method; in-memory data (:class:`DictDataset`, which never augments) is its own view.
+    Anything else is refused rather than silently measured on augmented items.
+    """
+    if hasattr(ds, "eval_view"):
+        return ds.eval_view()
+    if isinstance(ds, DictDataset):
+        return ds
+    raise DataError(
+        f"{type(ds).__name__} does not say how to read its rows without training augmentation "
+        f"(no eval_view() method), so an un-augmented pass over it is impossible. Give the "
+        f"dataset class an eval_view() that returns the same rows with the evaluation pipeline."
+    )
+
 
 def subset(ds: Any, indices: Sequence[int] | np.ndarray) -> Any:
     """Rows ``indices`` of a split: in-memory data is copied, anything else viewed."""

@@ -462,6 +462,11 @@ class AVClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
+    def eval_view(self) -> AVClipDataset:
+        """The same clips read as evaluation reads them (fixed frames, resize, no flip)."""
+        return AVClipDataset(self.clips, self.modalities, self.audio_loader, self.frames, self.image_size,
+                             False, self.fix, self.frame_rule)
+
     @property
     def labels(self) -> np.ndarray:
         return np.array([c.label for c in self.clips], dtype=np.int64)

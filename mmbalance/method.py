@@ -99,6 +99,11 @@ class Phase:
     that name is used; it lives (and is checkpointed) while some phase of each epoch names it,
     so a method gets fresh optimizer state by naming a new one (e.g. per ReconBoost stage).
     ``manual``: manual optimisation for this phase (default: the method's).
+    ``rows``: the phase's pass goes over these positions of the training split instead of all
+    of it, duplicates allowed (a resampled epoch: valuation's extra copies of weak samples),
+    shuffled as one set; each batch keeps ``index`` (the sample's position in train) and gains
+    ``row`` (its position in ``rows``). ``limit_train_batches`` still caps the pass, and
+    ``num_training_batches`` is the length of this pass while it runs.
     """
 
     name: str = "train"
@@ -108,6 +113,7 @@ class Phase:
     optimizer: str = "main"
     make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
     manual: bool | None = None
+    rows: Sequence[int] | None = None
 
 
 class LoopServices(Protocol):
@@ -137,8 +143,13 @@ class LoopServices(Protocol):
         train_mode: bool = False,
         shuffle: bool | None = None,
         tag: str = "pass",
+        rows: Sequence[int] | None = None,
+        augment: bool | None = None,
     ) -> Iterator[Mapping[str, Any]]:
         """Batches of a split outside the main loop (see :meth:`Trainer.iterate`)."""
+
+    def estimation(self) -> contextlib.AbstractContextManager:
+        """Charge the block's time and passes to the method's estimation cost."""
 
     def heldout(self) -> Any:
         """The held-out slice of train carved once per cell (see ``heldout_fraction``)."""

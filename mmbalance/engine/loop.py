@@ -38,7 +38,7 @@ from torch.utils.data import (
 from mmbalance import diagnostics, memo, memory, records
 from mmbalance.cache import to_device, wrap_loader
 from mmbalance.config import config_hash
-from mmbalance.data import BatchView, DatasetPlugin, Splits
+from mmbalance.data import BatchView, DatasetPlugin, RowPlan, Splits
 from mmbalance.diagnostics import EvalView
 from mmbalance.engine.checkpoint import Checkpoints
 from mmbalance.engine.record import RunRecord
@@ -73,6 +73,7 @@ class Trainer(Services, Checkpoints, RunRecord):
         self.optimizer_steps = 0
         self.estimation_cost = EstimationCost()  # the method's work outside the main loop
         self.extra_batches = 0  # batches of the method's own passes (iterate), all epochs
+        self._estimating = False  # inside Services.estimation(): passes charged as estimation
         self.val_is_test = False
         self._heldout: Dataset | None = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -295,7 +296,12 @@ class Trainer(Services, Checkpoints, RunRecord):
         optimizer = self._phase_optimizer(phase)
         frozen = self._freeze_outside(phase.params)
         bar_every = 25  # batches between running-loss updates of a progress bar (one sync each)
-        loader = self.loader(self.splits.train, train=True, epoch=epoch, seed=order)
+        data = self.splits.train if phase.rows is None else RowPlan(self.splits.train, phase.rows)
+        loader = self.loader(data, train=True, epoch=epoch, seed=order)
+        if phase.rows is not None:  # a resampled pass has its own length
+            limit = self.cfg["limit_train_batches"]
+            total = min(len(loader), limit) if limit else len(loader)
+            method.num_training_batches = total
         loss_sum = torch.zeros((), device=self.device)
         n = 0
         desc = f"epoch {epoch}" + (f" {phase.name}" if phase.name != "train" else "")

@@ -16,7 +16,7 @@ import re
 import time
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from mmbalance import records
 from mmbalance.cache import to_device
-from mmbalance.data import random_holdout, stratified_holdout, subset
+from mmbalance.data import RowPlan, eval_view, random_holdout, stratified_holdout, subset
 from mmbalance.engine.runtime import epoch_seed
 from mmbalance.errors import MMBalanceError
 from mmbalance.method import EstimationCost, Phase
@@ -59,12 +59,10 @@ class Services:
             return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg["epochs"]))
         return None
 
-
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
 
     # ---- services used by methods ---------------------------------------------------------
     def log_step(self, values: Mapping[str, Any]) -> None:
@@ -99,6 +97,8 @@ class Services:
         train_mode: bool = False,
         shuffle: bool | None = None,
         tag: str = "pass",
+        rows: Sequence[int] | None = None,
+        augment: bool | None = None,
     ) -> Iterator[Mapping[str, Any]]:
         """Batches of ``split`` (on the device) outside the main loop.
 
@@ -107,16 +107,29 @@ class Services:
         seeded from (seed, epoch, tag), so it never disturbs the main loop's draws and a
         resumed run repeats it. ``train_mode`` runs the model in train mode (dropout, batch
         statistics), ``grad`` keeps autograd on; the model's mode is restored afterwards.
-        Train-split passes use the training batch size and the training data pipeline.
+        Train-split passes use the training batch size.
+
+        ``rows``: only these positions of the split, in this order (duplicates allowed; each
+        batch then carries ``row``, the position in ``rows``, and keeps ``index``, the position
+        in the split). ``augment``: None = the split's own pipeline (train-time augmentation on
+        train and heldout); False = the evaluation pipeline on any split (the same rows,
+        deterministic crops and frames; :func:`mmbalance.data.eval_view`).
+        Batches drawn inside :meth:`estimation` count as the method's estimation cost,
+        the others as its extra batches.
         """
         assert self.model is not None
         ds = self.split(split)
         is_train = split in ("train", "heldout")
+        if augment is False:
+            ds = eval_view(ds)
+        if rows is not None:
+            ds = RowPlan(ds, rows)
         order_seed = epoch_seed(self.cfg["seed"], self.method.epoch) ^ (zlib.crc32(tag.encode()) & 0xFFFF_FFFF)
-        loader = self.loader(ds, train=is_train if shuffle is None else shuffle, epoch=0, seed=order_seed,
+        shuffled = (is_train and rows is None) if shuffle is None else shuffle
+        loader = self.loader(ds, train=shuffled, epoch=0, seed=order_seed,
                              batch_size=self.cfg["batch_size"] if is_train else None)
         n = len(loader)
-        if split == "train" and self.cfg["limit_train_batches"]:
+        if split == "train" and rows is None and self.cfg["limit_train_batches"]:
             n = min(n, self.cfg["limit_train_batches"])
         if fraction is not None:
             n = min(n, max(1, math.floor(fraction * n)))
@@ -129,10 +142,35 @@ class Services:
                 for i, batch in enumerate(loader):
                     if i >= n:
                         break
-                    self.extra_batches += 1
+                    if self._estimating:
+                        self.estimation_cost.batches += 1
+                    else:
+                        self.extra_batches += 1
                     yield to_device(batch, self.device)
         finally:
             self.model.train(was_training)
+
+    @contextlib.contextmanager
+    def estimation(self) -> Iterator[None]:
+        """Charge the work inside the block to the method's estimation cost: its wall time
+        (left out of the epoch's training time) and the batches it draws through
+        :meth:`iterate`. For a method's measurements outside training proper (valuation
+        passes, k-means diagnoses, teachers), so methods compare on their training cost with
+        the estimation reported apart. Nesting and :meth:`sub_train` inside are counted once.
+        """
+        outer = self._estimating
+        self._estimating = True
+        before = self.estimation_cost.time_s
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._estimating = outer
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if not outer:  # the outermost block measures the whole, nested charges included
+                nested = self.estimation_cost.time_s - before
+                self.estimation_cost.time_s += (time.perf_counter() - t0) - nested
 
     def heldout(self) -> Dataset:
         if self._heldout is None:
@@ -259,7 +297,6 @@ class Services:
             for name, opt in self.optimizers.items()
             for i, g in enumerate(opt.param_groups)
         }
-
 
     def _phase_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
         """The optimizer a phase steps: a configured one by name, or one the phase creates
