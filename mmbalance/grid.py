@@ -219,11 +219,14 @@ def _save_traceback(cell: Cell, base: Mapping[str, Any], run_dir: Path | None, t
     folder = run_dir if run_dir is not None else Path(base.get("records") or "runs") / "grid-errors"
     path = folder / (ERROR_FILE if run_dir is not None else
                      f"{cell.dataset}_{cell.method}_s{cell.seed}.txt")
+    from mmbalance import records
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{cell} ({time.strftime('%Y-%m-%dT%H:%M:%S')})\n{text}", encoding="utf-8")
+        if run_dir is not None:  # never through a link planted in (or as) the run folder
+            records.check_run_folder(run_dir)
+        records.atomic_write_text(path, f"{cell} ({time.strftime('%Y-%m-%dT%H:%M:%S')})\n{text}")
         return str(path)
-    except OSError:
+    except (OSError, MMBalanceError):
         return "stderr"
 
 
