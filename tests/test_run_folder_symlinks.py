@@ -90,6 +90,20 @@ def test_planted_lock_link_leaves_its_target_byte_identical(run_copy, victim, ca
     assert digest(victim) == before
 
 
+def test_runlock_itself_refuses_a_lock_link(tmp_path, victim):
+    """The lock alone, without the read-only check fit() makes first (wrong variant caught:
+    RunLock opening LOCK without O_NOFOLLOW, which truncated the target)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / records.LOCK).symlink_to(victim / "thesis.tex")
+    before = digest(victim)
+    with pytest.raises(RunFolderLinkError, match="LOCK' in a run folder is a symbolic link"):
+        RunLock(run_dir).acquire()
+    with pytest.raises(RunFolderLinkError):
+        records.lock_holder(run_dir)
+    assert digest(victim) == before
+
+
 def test_lock_that_is_a_hard_link_is_locked_but_never_written(tmp_path, victim):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -114,16 +128,27 @@ def test_lock_that_is_a_fifo_is_refused_and_never_blocks(tmp_path, capsys):
 
 # ---- diagnostics/ and other folders --------------------------------------------------------
 @pytest.mark.parametrize("fresh", [False, True])
-def test_planted_diagnostics_link_leaves_the_folder_it_points_to_untouched(run_copy, victim, capsys, fresh):
-    """Wrong variants caught here: writing diagnostics/epoch_*.jsonl through the link (the
-    target's epoch_0000.jsonl overwritten) and clean_temp_files descending into it (the
-    target's .thesis.tex.abcd1234 deleted)."""
+def test_planted_diagnostics_link_leaves_the_folder_it_points_to_untouched(tmp_path, victim, capsys, fresh):
+    """OGM-GE writes diagnostics/epoch_0000.jsonl in its first epoch. Wrong variants caught:
+    no check of the run folder before writing and no re-check at the write (the target's
+    epoch_0000.jsonl overwritten), clean_temp_files descending into the link (the target's
+    .thesis.tex.abcd1234 deleted)."""
+    args = ["--method", "ogm", "--dataset", "synthetic", "--set", "n_train=200", "--set", "n_test=100",
+            "--epochs", "1", "--device", "cpu", "--quiet", "--records", str(tmp_path / "records")]
+    trainer = make_trainer("ogm", "synthetic", {**SMALL, "records": str(tmp_path / "records")})
+    trainer.run_dir.mkdir(parents=True)
+    (trainer.run_dir / ".record.jsonl.k2j4h5g6").write_text("left by a killed writer")
     before = digest(victim)
-    (run_copy / records.DIAGNOSTICS).symlink_to(victim, target_is_directory=True)
-    assert rerun(run_copy, *(["--fresh"] if fresh else [])) == 2
-    assert f"'{run_copy / records.DIAGNOSTICS}' in a run folder is a symbolic link (to '{victim}')" in err_text(capsys)
+    (trainer.run_dir / records.DIAGNOSTICS).symlink_to(victim, target_is_directory=True)
+    assert main(["run", *args, *(["--fresh"] if fresh else [])]) == 2
+    link = trainer.run_dir / records.DIAGNOSTICS
+    assert f"'{link}' in a run folder is a symbolic link (to '{victim}')" in err_text(capsys)
     assert digest(victim) == before
-    assert not (run_copy / records.DONE).exists()
+    assert not (trainer.run_dir / records.DONE).exists()
+    link.unlink()  # the fix the message names: the same command now trains
+    assert main(["run", *args]) == 0
+    assert (trainer.run_dir / records.DIAGNOSTICS / "epoch_0000.jsonl").is_file()
+    assert digest(victim) == before
 
 
 def test_temp_cleanup_never_descends_into_a_linked_folder(tmp_path, victim):
@@ -247,19 +272,24 @@ def read_only_media(monkeypatch, root: Path) -> None:
 
 
 def test_show_leaderboard_and_probe_read_create_nothing_on_read_only_media(finished, tmp_path, monkeypatch, capsys):
-    """Wrong variant caught here: show / probe taking the RunLock to read (which creates LOCK,
-    and fails on read-only media)."""
+    """Wrong variants caught here: show taking the RunLock to tell a killed run from a running
+    one, and probe computing under it (either creates LOCK, and fails on read-only media)."""
     records_dir = tmp_path / "ro"
     run_dir = records_dir / finished.name
     shutil.copytree(finished, run_dir)
     (run_dir / records.LOCK).unlink()
     (run_dir / DIAGNOSTICS_FILE).unlink(missing_ok=True)
+    killed = records_dir / "killed" / finished.name  # no DONE: show must look at the lock state
+    shutil.copytree(run_dir, killed)
+    (killed / records.DONE).unlink()
     os.system(f"chmod -R a-w '{records_dir}'")  # real read-only for a non-root user
     listing = sorted(str(p.relative_to(records_dir)) for p in records_dir.rglob("*"))
     read_only_media(monkeypatch, records_dir)
     try:
         assert main(["show", str(run_dir)]) == 0
         assert "state    done" in capsys.readouterr().out
+        assert main(["show", str(killed)]) == 0
+        assert "state    stopped before the end" in capsys.readouterr().out
         assert main(["leaderboard", "--records", str(records_dir), "--out", str(tmp_path / "lb"),
                      "--no-pictures"]) == 0
         assert "Concat" in (tmp_path / "lb" / "leaderboard.md").read_text()
@@ -275,7 +305,7 @@ def test_show_leaderboard_and_probe_read_create_nothing_on_read_only_media(finis
         monkeypatch.undo()
         os.system(f"chmod -R u+w '{records_dir}'")
     assert sorted(str(p.relative_to(records_dir)) for p in records_dir.rglob("*")) == listing
-    assert not (run_dir / records.LOCK).exists()
+    assert not (run_dir / records.LOCK).exists() and not (killed / records.LOCK).exists()
 
 
 def test_grid_status_creates_no_lock(run_copy, tmp_path):
