@@ -242,14 +242,14 @@ def run_cell(cell: Cell, base: Mapping[str, Any]) -> tuple[str, str]:
     resolving or training is ``FAILED`` (an unexpected one with its type, and its traceback on
     stderr and in the run folder's error.txt).
     """
-    from mmbalance.records import CHECKPOINT, DONE
+    from mmbalance.records import CHECKPOINT, is_done
     from mmbalance.runner import make_trainer
 
     run_dir: Path | None = None
     try:
         trainer = make_trainer(cell.method, cell.dataset, cell_config(cell, base))
         run_dir = trainer.run_dir
-        if (run_dir / DONE).exists():
+        if is_done(run_dir):  # a DONE that is a planted link is refused, not trusted
             return SKIPPED, "done, skipped"
         state = "resume" if (run_dir / CHECKPOINT).exists() else "new"
         t0 = time.perf_counter()

@@ -241,6 +241,14 @@ def test_grid_never_writes_its_error_file_through_a_link(run_copy, victim):
     assert digest(victim) == before
 
 
+def test_grid_does_not_skip_a_cell_whose_done_marker_is_a_link(run_copy, victim):
+    (run_copy / records.DONE).symlink_to(victim / "thesis.tex")
+    cell = Cell("concat", "synthetic", 0, {"n_train": 200, "n_test": 100, "epochs": 1})
+    outcome, line = run_cell(cell, {"records": str(run_copy.parent), "progress": "off", "log_epochs": False,
+                                    "device": "cpu"})
+    assert outcome == "failed" and "DONE' in a run folder is a symbolic link" in line
+
+
 def test_plot_refuses_a_linked_plots_folder(run_copy, victim, capsys):
     before = digest(victim)
     (run_copy / "plots").symlink_to(victim, target_is_directory=True)
