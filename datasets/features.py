@@ -2,8 +2,19 @@
 
 A directory (``--data-root DIR``) holding ``train.npz`` and ``test.npz`` and optionally
 ``val.npz``. Each file has one 2-D float array per modality, named by the modality, and a 1-D
-integer array ``label`` (0..K-1). Modalities and the class count are read from the files
-(K = largest label + 1 over all files, so a class may be absent from one split).
+integer array ``label``. Modalities and the classes are read from the files: the classes are
+the distinct labels of train.npz (at least two), and val/test may hold any of them (a class
+may be absent from val or test) but no other.
+
+Labels other than 0..K-1 (1-based labels, or a subset such as 5..7 of a larger set) are
+renumbered 0..K-1 in sorted order, with a LabelRemapWarning, and the run records the mapping
+(``dataset_info.label_map``, original label -> class index) and the original labels as its
+class names. Renumbering, rather than refusing, because such labels are a normal way to store
+a subset of classes and the fix a user would make by hand is this same mapping. Used as they
+are, labels 5..7 would make an 8-way classifier: the record would claim 8 classes, and every
+rule that counts classes (class prototypes, entropies over K classes, chance levels) would
+include five that do not exist. A val/test label that train never has is refused instead: no
+renumbering makes a model predict a class it never saw, and its scores would mislead.
 
 Validation: ``val.npz`` when present (``val_fraction`` is then ignored); otherwise a stratified
 ``val_fraction`` of train is held out with the fixed ``split_seed`` (not the run seed), which
@@ -18,13 +29,15 @@ predicts the majority class. ``--set standardize=false`` uses the features as st
 
 Input is checked before training, each problem a DataError naming the file and the array:
 NaN/inf values, a modality whose width differs between files, fewer than 2 samples of a class
-when validation must be carved from train, and a label range far larger than the labels used
-(largest label + 1 > 2 x distinct labels and > distinct labels + 10, e.g. a stray label
-1000000, which would allocate a million-class head).
+when validation must be carved from train, a train split of a single class, val/test labels
+that train never has, and a label range far larger than the labels used (largest label + 1 >
+2 x distinct labels and > distinct labels + 10, e.g. a stray label 1000000: a corrupt row far
+more likely than a class).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,8 +125,15 @@ def _check_widths(files: Mapping[str, Path], arrays: Mapping[str, Mapping[str, n
                 )
 
 
-def _check_labels(files: Mapping[str, Path], arrays: Mapping[str, Mapping[str, np.ndarray]]) -> int:
-    """The class count K (largest label + 1), after refusing negative or stray labels."""
+class LabelRemapWarning(UserWarning):
+    """The labels of a ``features`` folder were renumbered to 0..K-1 (recorded with the run)."""
+
+
+def _check_labels(files: Mapping[str, Path], arrays: Mapping[str, Mapping[str, np.ndarray]]) -> np.ndarray:
+    """The classes, as the sorted distinct labels of train.npz, after refusing what cannot give
+    honest metrics: negative or stray labels, a train split of one class (every prediction is
+    right: accuracy, MAP and F1 of 100), and val/test labels that train never has (a class the
+    model never sees cannot be predicted; its scores mislead)."""
     for s, p in files.items():
         y = arrays[s]["label"]
         if len(y) and y.min() < 0:
@@ -130,10 +150,36 @@ def _check_labels(files: Mapping[str, Path], arrays: Mapping[str, Mapping[str, n
         raise DataError(
             f"'{files[where]}': array 'label' holds {top} (row {row}), but only {len(distinct)} "
             f"distinct labels occur in {', '.join(f'{s}.npz' for s in files)}; labels must be 0..K-1 "
-            f"(K classes), and {top} would make a {k}-class model. Remap them, e.g. "
-            f"np.unique(all_labels, return_inverse=True)."
+            f"(K classes), and {top} looks like a stray value, not a class. Fix that row, or remap "
+            f"the labels, e.g. np.unique(all_labels, return_inverse=True)."
         )
-    return k
+    classes = np.unique(arrays["train"]["label"])
+    if len(classes) < 2:
+        raise DataError(
+            f"'{files['train']}': array 'label' holds one class ({int(classes[0])}) in all "
+            f"{len(arrays['train']['label'])} samples; a classifier needs at least two classes (with "
+            f"one, every prediction is right and accuracy, MAP and F1 all read 100). Add the "
+            f"samples of the other classes."
+        )
+    for s, p in files.items():
+        y = arrays[s]["label"]
+        unseen = np.setdiff1d(np.unique(y), classes)
+        if len(unseen):
+            rows = np.flatnonzero(np.isin(y, unseen))
+            shown = ", ".join(map(str, unseen[:10].tolist())) + (" ..." if len(unseen) > 10 else "")
+            raise DataError(
+                f"'{p}': array 'label' holds class {shown} ({len(rows)} rows, first at row "
+                f"{int(rows[0])}), which train.npz never has; a model cannot learn a class it never "
+                f"sees, and its scores on it would mislead. Move some samples of it into train.npz, "
+                f"or drop those rows."
+            )
+    return classes
+
+
+def _shown_labels(classes: np.ndarray) -> str:
+    """'5, 6, 7' (or the first and last few of a long list)."""
+    vals = classes.tolist()
+    return ", ".join(map(str, vals)) if len(vals) <= 8 else f"{', '.join(map(str, vals[:4]))}, ..., {vals[-1]}"
 
 
 def _check_carvable(path: Path, y: np.ndarray, fraction: float) -> None:
@@ -214,7 +260,16 @@ class Features(DatasetPlugin):
         y_train = arrays["train"]["label"]
         if not len(y_train):
             raise DataError(f"'{files['train']}' holds no samples (array 'label' is empty).")
-        num_classes = _check_labels(files, arrays)
+        classes = _check_labels(files, arrays)
+        num_classes = len(classes)
+        remap = not np.array_equal(classes, np.arange(num_classes))
+        if remap:
+            warnings.warn(
+                f"features: the labels in '{root}' are {_shown_labels(classes)}, not 0..{num_classes - 1}; "
+                f"they are trained as classes 0..{num_classes - 1} in that order (class names keep the "
+                f"original labels; the mapping is recorded as dataset_info.label_map).",
+                LabelRemapWarning, stacklevel=2,
+            )
         fraction = float(cfg["val_fraction"])
 
         if "val" in files:
@@ -248,7 +303,10 @@ class Features(DatasetPlugin):
                 if m in stats:
                     x = (x - stats[m][0]) / stats[m][1]
                 tensors[m] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            return DictDataset(tensors, torch.from_numpy(a["label"][sel].astype(np.int64)))
+            labels = a["label"][sel].astype(np.int64)
+            if remap:  # original label -> its rank among train's classes
+                labels = np.searchsorted(classes, labels)
+            return DictDataset(tensors, torch.from_numpy(labels.astype(np.int64)))
 
         test = dataset("test")
         if "val" in files:
@@ -260,7 +318,6 @@ class Features(DatasetPlugin):
             m: ModalitySpec("vector", (arrays["train"][m].shape[1],), {"default_backbone": cfg["encoder"]})
             for m in modalities
         }
-        present_train = set(np.unique(train.labels.numpy()).tolist())
         info: dict[str, Any] = {
             "root": str(root),
             "files": sorted(p.name for p in files.values()),
@@ -271,7 +328,6 @@ class Features(DatasetPlugin):
         }
         if stats:
             info["constant_features"] = {m: stats[m][2] for m in modalities}
-        absent = [k for k in range(num_classes) if k not in present_train]
-        if absent:
-            info["classes_absent_from_train"] = absent
-        return Splits(train, val, test, specs, num_classes, [str(i) for i in range(num_classes)], info)
+        if remap:
+            info["label_map"] = {str(c): i for i, c in enumerate(classes.tolist())}
+        return Splits(train, val, test, specs, num_classes, [str(c) for c in classes.tolist()], info)

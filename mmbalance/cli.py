@@ -298,8 +298,15 @@ COMMANDS = {"list": cmd_list, "config": cmd_config, "run": cmd_run, "grid": cmd_
             "leaderboard": cmd_leaderboard, "prepare": cmd_prepare}
 
 
+def _fill(text: str, indent: str) -> str:
+    """One paragraph wrapped at 100 columns that never splits a word or a path at its hyphens,
+    so a file named in a message can be copied from the terminal as it is."""
+    return textwrap.fill(text, width=100, subsequent_indent=indent, break_on_hyphens=False,
+                         break_long_words=False)
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
-    return "warning: " + textwrap.fill(str(message), width=100, subsequent_indent="         ") + "\n"
+    return "warning: " + _fill(str(message), "         ") + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except MMBalanceError as exc:
-        print("error: " + textwrap.fill(str(exc), width=100, subsequent_indent="       "), file=sys.stderr)
+        print("error: " + _fill(str(exc), "       "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: the last finished epoch is checkpointed; rerun the same command to resume.",

@@ -45,8 +45,11 @@ class Option:
     changes_results: bool = True
 
     def range_text(self) -> str:
-        lo = "" if self.min is None else f"{'>' if self.min_open else '>='} {self.min:g}"
-        hi = "" if self.max is None else f"{'<' if self.max_open else '<='} {self.max:g}"
+        def num(v: float) -> str:  # an int bound in full (a seed's 4294967295, not 4.29497e+09)
+            return str(v) if isinstance(v, int) else f"{v:g}"
+
+        lo = "" if self.min is None else f"{'>' if self.min_open else '>='} {num(self.min)}"
+        hi = "" if self.max is None else f"{'<' if self.max_open else '<='} {num(self.max)}"
         return " and ".join(t for t in (lo, hi) if t)
 
 
@@ -54,11 +57,14 @@ def _opt(default: Any, help: str = "", choices: Iterable[Any] | None = None, typ
     return Option(default, help, tuple(choices) if choices is not None else None, type, **bounds)
 
 
+#: Largest seed: numpy's legacy seeding (and with it every plugin that seeds numpy) takes 32 bits.
+MAX_SEED = 2**32 - 1
+
 # Keys owned by the trainer. Datasets and methods override defaults, never add keys here.
 TRAINER_OPTIONS: dict[str, Option] = {
     "method": _opt(None, "method plugin name", type=str),
     "dataset": _opt(None, "dataset plugin name", type=str),
-    "seed": _opt(0, "random seed (same seed, same machine -> identical metrics)", min=0),
+    "seed": _opt(0, "random seed (same seed, same machine -> identical metrics)", min=0, max=MAX_SEED),
     "epochs": _opt(20, "training epochs", min=1),
     "batch_size": _opt(64, "training batch size", min=1),
     "eval_batch_size": _opt(None, "evaluation batch size (default: 2 x batch_size)", type=int, min=1),
@@ -305,8 +311,31 @@ def _apply(cfg, schema, key, value, source, dataset_cls, method_cls) -> None:
             f"{dataset_cls.name}'s ({', '.join(sorted(dataset_cls.options)) or 'none'}) and "
             f"method {method_cls.name}'s ({', '.join(sorted(method_cls.options)) or 'none'})."
         )
+    if key in CHOSEN_BY_NAME:
+        raise ConfigError(
+            f"'{key}' cannot be set from {source}: the {key} is chosen by its own argument "
+            f"(--{key} NAME on the command line; the '{key}s' list of a grid file). A '{key}' "
+            f"setting would be ignored, so the run would not be the one you asked for."
+        )
     option, owner = schema[key]
     cfg[key] = _check_type(key, value, option, owner)
+    if key == "modalities" and cfg[key]:
+        _check_distinct_modalities(cfg[key], source)
+
+
+#: Keys that name what a run is, given by their own arguments, never by a setting.
+CHOSEN_BY_NAME = ("method", "dataset")
+
+
+def _check_distinct_modalities(mods: list[Any], source: str) -> None:
+    """A modality listed twice would build two encoders of one input and count it as two
+    modalities (a 'balance' between a modality and itself)."""
+    twice = sorted({str(m) for m in mods if mods.count(m) > 1})
+    if twice:
+        raise ConfigError(
+            f"Bad value {mods!r} for 'modalities' (from {source}): {', '.join(twice)} is listed more "
+            f"than once; list each modality once, e.g. --set modalities={','.join(dict.fromkeys(map(str, mods)))}."
+        )
 
 
 def describe(cfg: Mapping[str, Any], dataset_cls: Any, method_cls: Any) -> str:

@@ -337,6 +337,40 @@ def stratified_holdout(
     return np.sort(keep), np.sort(hold)
 
 
+def every_class_on_both_sides(
+    labels: np.ndarray, keep: np.ndarray, hold: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Make a stratified (keep, hold) split leave at least one sample of every class on each side.
+
+    sklearn rounds each class's share, so a small class can end up entirely on one side (a
+    class of 4 at val_fraction 0.1 gets no validation sample; at 0.9 none is left to train on):
+    the run would never learn it, or select epochs without ever checking it. One sample of such
+    a class is moved across, chosen with ``seed``; a split that already has every class on both
+    sides is returned unchanged. Returns (keep, hold, the classes moved). A class with a single
+    sample cannot be on both sides: ValueError naming it (callers turn it into their DataError).
+    """
+    labels = np.asarray(labels)
+    keep_l, hold_l = list(keep), list(hold)
+    classes, counts = np.unique(labels, return_counts=True)
+    single = [str(c) for c, n in zip(classes, counts, strict=True) if n < 2]
+    if single:
+        raise ValueError(f"class {', '.join(single)} has a single sample, which cannot be both "
+                         f"trained on and validated")
+    rng = np.random.default_rng(seed)
+    in_keep, in_hold = set(labels[keep].tolist()), set(labels[hold].tolist())
+    moved: list[str] = []
+    for c in classes.tolist():
+        src, dst = (keep_l, hold_l) if c not in in_hold else (hold_l, keep_l) if c not in in_keep else (None, None)
+        if src is None:
+            continue
+        own = [i for i in src if labels[i] == c]
+        pick = own[int(rng.integers(len(own)))]
+        src.remove(pick)
+        dst.append(pick)
+        moved.append(str(c))
+    return np.sort(np.asarray(keep_l, dtype=np.int64)), np.sort(np.asarray(hold_l, dtype=np.int64)), moved
+
+
 def random_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(keep, holdout) indices of a plain seeded holdout of ``fraction`` of ``n`` samples
     (at least one held out, at least one kept): the fallback where stratifying is impossible."""
@@ -375,8 +409,10 @@ def carve_validation(
         )
     if labels is None:
         labels = [item.label for item in items]  # type: ignore[attr-defined]
+    moved: list[str] = []
     try:
         keep, hold = stratified_holdout(np.asarray(labels), fraction, seed)
+        keep, hold, moved = every_class_on_both_sides(np.asarray(labels), keep, hold, seed)
         kind, how = "stratified", "sklearn train_test_split"
     except ValueError as exc:
         if not fallback:
@@ -390,6 +426,7 @@ def carve_validation(
     rule = (
         f"val = {kind} {fraction:g} of the train split ({how}, fixed seed {seed}, not the run "
         f"seed); {len(keep)} train / {len(hold)} val"
+        + (f"; moved one sample of class {', '.join(moved)} so that every class is in both" if moved else "")
     )
     return [items[i] for i in keep], [items[i] for i in hold], rule
 

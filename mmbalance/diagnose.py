@@ -16,7 +16,6 @@ from typing import Any
 from mmbalance import records
 from mmbalance.config import flatten_backbone
 from mmbalance.diagnostics import (
-    DIAGNOSTICS_FILE,
     DiagnosticsError,
     compute_diagnostics,
     format_table,
@@ -77,50 +76,79 @@ def rebuild_trainer(run_dir: Path, device: str = "cpu") -> Trainer:
     return trainer
 
 
-def probe_run(run_dir: Path, device: str = "cpu") -> dict[str, Any]:
-    """Diagnostics of a recorded run from its checkpoint, written to ``run_dir/diagnostics.json``.
+def probe_run(run_dir: Path, device: str = "cpu", write: bool = True) -> dict[str, Any]:
+    """Diagnostics of a recorded run from its checkpoint, written to ``run_dir/diagnostics.json``
+    when ``write`` (see :func:`save_diagnostics`).
 
     The checkpoint (the last finished epoch) is loaded with ``weights_only=True`` through the
-    trainer's own restore, which refuses one of other settings or data. The run folder's lock
-    is held meanwhile, so a run still training is reported instead of read half-way.
+    trainer's own restore, which refuses one of other settings or data. Computing needs no
+    lock and creates nothing, so a run on read-only media can be probed; a run that is being
+    trained is refused (its checkpoint changes under the probe), and so is a run folder that
+    holds a symbolic link (nothing is read or written through one).
     """
     run_dir = Path(run_dir)
     _check_run_folder(run_dir)
+    records.check_run_folder(run_dir, itself=False)
     if not (run_dir / records.CHECKPOINT).is_file():
         raise DiagnosticsError(
             f"The run '{run_dir}' has no {records.CHECKPOINT} (it was trained with "
             f"checkpoint=false, or the file was removed), so its trained weights are gone. "
             f"Retrain it with --set checkpoint=true --fresh to get diagnostics."
         )
+    holder = records.lock_holder(run_dir)
+    if holder is not None:
+        raise records.RunLockedError(
+            f"Run folder '{run_dir}' is being trained by another process ({holder}); its checkpoint "
+            f"changes every epoch. Probe it when the run has finished (or after stopping it)."
+        )
     trainer = rebuild_trainer(run_dir, device)
-    with records.RunLock(run_dir):
-        trainer.setup()
-        next_epoch = trainer.restore_checkpoint()
-        trainer.method.resumed = True
-        trainer.method.on_fit_start()  # the hook that finishes a restore (pending method state)
-        diag = compute_diagnostics(trainer.eval_view())
-        h = records.load_record(run_dir)
-        diag["run"] = {
-            "run_dir": str(run_dir),
-            "method": trainer.cfg["method"],
-            "method_label": h["header"].get("method_label"),
-            "dataset": trainer.cfg["dataset"],
-            "seed": trainer.cfg["seed"],
-            "checkpoint_epoch": next_epoch - 1,
-            "done": bool(h["done"]),
-            "device": str(trainer.device),
-        }
-        write_diagnostics(run_dir, diag)
+    h = records.load_record(run_dir)
+    trainer.setup()
+    next_epoch = trainer.restore_checkpoint()
+    trainer.method.resumed = True
+    trainer.method.on_fit_start()  # the hook that finishes a restore (pending method state)
+    diag = compute_diagnostics(trainer.eval_view())
+    diag["run"] = {
+        "run_dir": str(run_dir),
+        "method": trainer.cfg["method"],
+        "method_label": h["header"].get("method_label"),
+        "dataset": trainer.cfg["dataset"],
+        "seed": trainer.cfg["seed"],
+        "checkpoint_epoch": next_epoch - 1,
+        "done": bool(h["done"]),
+        "device": str(trainer.device),
+    }
+    if write:
+        save_diagnostics(run_dir, diag)
     return diag
 
 
+def save_diagnostics(run_dir: Path, diag: Mapping[str, Any]) -> Path:
+    """Write ``diag`` as the run's diagnostics.json, holding the run folder's lock (the only
+    write a probe makes; never through a link). A folder that cannot be written (read-only
+    media) is a DiagnosticsError saying the diagnostics were computed but not saved."""
+    run_dir = Path(run_dir)
+    try:
+        with records.RunLock(run_dir):
+            records.check_run_folder(run_dir)
+            return write_diagnostics(run_dir, diag)
+    except records.RecordsIOError as exc:
+        raise DiagnosticsError(
+            f"The diagnostics were computed but not saved: {exc} (The run folder cannot be written, "
+            f"e.g. read-only media; copy it to a writable folder to keep them there.)"
+        ) from exc
+
+
 def probe_main(run_dir: str, device: str = "cpu") -> int:
-    """``mmbalance probe RUN_DIR``: compute, write and print a run's diagnostics (test split, %)."""
-    diag = probe_run(Path(run_dir), device=device)
+    """``mmbalance probe RUN_DIR``: compute, print and write a run's diagnostics (test split, %).
+
+    The table is printed before diagnostics.json is written, so a read-only run folder still
+    gets its diagnostics on screen (and a clear error that they were not saved)."""
+    diag = probe_run(Path(run_dir), device=device, write=False)
     run = diag["run"]
     state = "finished" if run["done"] else "NOT finished (last checkpoint)"
     print(f"{run['method_label'] or run['method']} on {run['dataset']} (seed {run['seed']}, epoch "
           f"{run['checkpoint_epoch']}, {state}) — imbalance diagnostics on the test split, in %:")
-    print(format_table(diag))
-    print(f"diagnostics: {Path(run_dir) / DIAGNOSTICS_FILE}")
+    print(format_table(diag), flush=True)
+    print(f"diagnostics: {save_diagnostics(Path(run_dir), diag)}")
     return 0

@@ -47,7 +47,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from mmbalance.config import read_yaml_mapping
+from mmbalance.config import MAX_SEED, read_yaml_mapping
 from mmbalance.errors import ConfigError, MMBalanceError, UnsupportedError
 
 # outcome of one cell
@@ -83,7 +83,9 @@ def _settings(value: Any, where: str, path: Path) -> dict[str, Any]:
         raise ConfigError(f"Grid file '{path}': 'set' {where} must be a mapping of settings, e.g. "
                           f"set: {{epochs: 20}}; got {value!r}.")
     for key, hint in (("seed", "list the seeds under the top-level 'seeds' key"),
-                      ("records", "give the folder with the top-level 'records' key or --records")):
+                      ("records", "give the folder with the top-level 'records' key or --records"),
+                      ("method", "list the methods under 'methods'"),
+                      ("dataset", "list the datasets under 'datasets'")):
         if key in value:
             raise ConfigError(f"Grid file '{path}': '{key}' cannot be set per cell ({where}); {hint}.")
     return dict(value)
@@ -104,18 +106,21 @@ def _entries(items: Any, what: str, path: Path) -> list[tuple[str, dict[str, Any
 
 
 def _seeds(value: Any, path: Path) -> list[int]:
-    """A non-empty list of distinct non-negative ints; one int stands for a list of one."""
-    def is_seed(s: Any) -> bool:
-        return isinstance(s, int) and not isinstance(s, bool) and s >= 0
+    """A non-empty list of distinct ints in [0, MAX_SEED]; one int stands for a list of one."""
+    def is_int(s: Any) -> bool:
+        return isinstance(s, int) and not isinstance(s, bool)
 
-    seeds = [value] if is_seed(value) else value
+    def is_seed(s: Any) -> bool:
+        return is_int(s) and 0 <= s <= MAX_SEED
+
+    seeds = [value] if is_int(value) else value
     if not isinstance(seeds, list) or not seeds:
-        raise ConfigError(f"Grid file '{path}': 'seeds' must be a non-empty list of non-negative "
-                          f"integers (or one such integer), e.g. seeds: [0, 1, 2]; got {value!r}.")
+        raise ConfigError(f"Grid file '{path}': 'seeds' must be a non-empty list of integers from 0 to "
+                          f"{MAX_SEED} (or one such integer), e.g. seeds: [0, 1, 2]; got {value!r}.")
     bad = [s for s in seeds if not is_seed(s)]
     if bad:
-        raise ConfigError(f"Grid file '{path}': every seed must be a non-negative integer; "
-                          f"{', '.join(map(repr, bad))} in seeds: {value!r} is not.")
+        raise ConfigError(f"Grid file '{path}': every seed must be an integer from 0 to {MAX_SEED} "
+                          f"(numpy seeds take 32 bits); {', '.join(map(repr, bad))} in seeds: {value!r} is not.")
     dups = sorted({s for s in seeds if seeds.count(s) > 1})
     if dups:
         raise ConfigError(f"Grid file '{path}': seeds: {value!r} lists {', '.join(map(str, dups))} "
@@ -219,11 +224,14 @@ def _save_traceback(cell: Cell, base: Mapping[str, Any], run_dir: Path | None, t
     folder = run_dir if run_dir is not None else Path(base.get("records") or "runs") / "grid-errors"
     path = folder / (ERROR_FILE if run_dir is not None else
                      f"{cell.dataset}_{cell.method}_s{cell.seed}.txt")
+    from mmbalance import records
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{cell} ({time.strftime('%Y-%m-%dT%H:%M:%S')})\n{text}", encoding="utf-8")
+        if run_dir is not None:  # never through a link planted in (or as) the run folder
+            records.check_run_folder(run_dir)
+        records.atomic_write_text(path, f"{cell} ({time.strftime('%Y-%m-%dT%H:%M:%S')})\n{text}")
         return str(path)
-    except OSError:
+    except (OSError, MMBalanceError):
         return "stderr"
 
 
@@ -234,14 +242,14 @@ def run_cell(cell: Cell, base: Mapping[str, Any]) -> tuple[str, str]:
     resolving or training is ``FAILED`` (an unexpected one with its type, and its traceback on
     stderr and in the run folder's error.txt).
     """
-    from mmbalance.records import CHECKPOINT, DONE
+    from mmbalance.records import CHECKPOINT, is_done
     from mmbalance.runner import make_trainer
 
     run_dir: Path | None = None
     try:
         trainer = make_trainer(cell.method, cell.dataset, cell_config(cell, base))
         run_dir = trainer.run_dir
-        if (run_dir / DONE).exists():
+        if is_done(run_dir):  # a DONE that is a planted link is refused, not trusted
             return SKIPPED, "done, skipped"
         state = "resume" if (run_dir / CHECKPOINT).exists() else "new"
         t0 = time.perf_counter()

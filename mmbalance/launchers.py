@@ -16,12 +16,12 @@ did not write itself.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mmbalance import records
 from mmbalance.errors import ConfigError, MMBalanceError
 from mmbalance.grid import ERROR_FILE, FAILED, NOT_APPLICABLE, Cell, Grid, check_grid, run_cell
 
@@ -152,18 +152,9 @@ def sbatch_preview(grid: Grid, base: Mapping[str, Any], params: Mapping[str, Any
 
 # ---- status -----------------------------------------------------------------------------------
 def lock_holder(run_dir: Path) -> str | None:
-    """Who holds the run folder's lock (its recorded pid/host), or None when nobody does."""
-    lock = run_dir / "LOCK"
-    if not lock.exists():
-        return None
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            return f.read().strip() or "another process"
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    return None
+    """Who holds the run folder's lock (its recorded pid/host), or None when nobody does; reads
+    only (records.lock_holder), so --status creates nothing and works on read-only media."""
+    return records.lock_holder(run_dir)
 
 
 def cell_status(state: str, detail: str) -> tuple[str, str]:
@@ -173,12 +164,18 @@ def cell_status(state: str, detail: str) -> tuple[str, str]:
     run_dir = Path(detail)
     if state == "done":
         return "done", str(run_dir)
-    holder = lock_holder(run_dir) if run_dir.exists() else None
+    try:
+        holder = lock_holder(run_dir) if run_dir.exists() else None
+        err = run_dir / ERROR_FILE
+        text = records.read_bytes_nofollow(err).decode("utf-8", "replace") if err.exists() else None
+    except records.RecordError as exc:  # a planted link or a damaged LOCK: say so, read nothing
+        return "failed", str(exc)
+    except OSError:
+        text = None
     if holder:
         return "running", holder
-    err = run_dir / ERROR_FILE
-    if err.exists():
-        lines = [ln for ln in err.read_text(encoding="utf-8", errors="replace").splitlines()[1:] if ln.strip()]
+    if text is not None:
+        lines = [ln for ln in text.splitlines()[1:] if ln.strip()]
         return "failed", (lines[-1] if lines else "see " + str(err))
     return "pending", "resumes from its checkpoint" if state == "resume" else "not started"
 

@@ -104,8 +104,8 @@ def _diagnostics_file(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(records.read_bytes_nofollow(path))  # never through a planted link
+    except (OSError, ValueError, records.RecordError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -447,6 +447,8 @@ def plot_main(target: str, out: str | None = None, rule: str = "best_val") -> in
         raise PlotError(f"'{target}' does not exist; pass a run folder (holding {records.RECORD}) or a records folder.")
     dest = Path(out) if out else path / "plots"
     if (path / records.RECORD).is_file():
+        if out is None:  # writing into the run folder: never through a link planted there
+            records.check_run_folder(path, itself=False)
         records.ensure_dir(dest)
         made = plot_run(path, dest)
     else:

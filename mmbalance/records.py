@@ -13,6 +13,15 @@ Every file is written to a temporary name and renamed, so a crash never leaves h
 (a killed writer can leave the temporary ``.<name>.XXXXXXXX``; see clean_temp_files). A record
 that is damaged anyway (copied half, edited by hand) raises RecordError naming the file; OS
 refusals (read-only folder, disk full) raise RecordsIOError naming the path and the cause.
+
+Nothing in a run folder is read or written through a symbolic link. A records folder is often
+shared, and a link planted there (``LOCK -> ~/thesis.tex``, ``diagnostics -> ~/src``) would
+otherwise make a run truncate, overwrite or delete whatever it points to. Files are opened
+with ``O_NOFOLLOW``; a writer refuses a run folder that is a link or holds one
+(:func:`check_run_folder`, and every write under a held :class:`RunLock` checks its path
+again); reading commands never create or lock anything (:func:`lock_holder`), so they work on
+read-only media. (The records folder itself may be a link: only what is inside a run folder
+is checked.)
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import platform
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -65,11 +75,114 @@ class RunLockedError(MMBalanceError):
     """Another live process is training the same run folder; two writers would corrupt it."""
 
 
+class RunFolderLinkError(RecordError):
+    """A run folder, or a file or folder the suite reads or writes in it, is a symbolic link:
+    following it would read, overwrite or delete something outside the run."""
+
+
+#: folders the suite writes below a run folder; a link inside them is refused like one beside them
+WRITTEN_FOLDERS = (DIAGNOSTICS, "plots")
+
+# run folders whose RunLock this process holds: every atomic write below one re-checks its path
+_HELD: dict[str, int] = {}
+
+
 def run_dir_name(cfg: Mapping[str, Any], cfg_hash: str) -> str:
     return f"{cfg['dataset']}_{cfg['method']}_s{cfg['seed']}_{cfg_hash}"
 
 
 # ---- low-level file writing ------------------------------------------------------------------
+def _link_error(path: Path, folder: bool = False) -> RunFolderLinkError:
+    """The error for a symbolic link met in (or as) a run folder: what it is, where it points,
+    and the fix (removing a link never touches its target)."""
+    try:
+        target = f" (to '{os.readlink(path)}')"
+    except OSError:
+        target = ""
+    if folder:
+        return RunFolderLinkError(
+            f"Run folder '{path}' is a symbolic link{target}. The suite never writes through a link: "
+            f"the run would write into, or with --fresh empty, the folder it points to. Remove the link "
+            f"(`rm '{path}'`; its target is left alone) and rerun, or point --records at the folder "
+            f"that really holds the run."
+        )
+    return RunFolderLinkError(
+        f"'{path}' in a run folder is a symbolic link{target}. The suite never reads or writes through "
+        f"a link there: it would overwrite or delete what the link points to. Remove the link "
+        f"(`rm '{path}'`; its target is left alone) and rerun."
+    )
+
+
+def _open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` that refuses a symbolic link as the last component (ELOOP becomes a
+    RunFolderLinkError naming it); other OS errors propagate."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _link_error(path) from None
+        raise
+
+
+def _fd_is_regular(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def read_bytes_nofollow(path: Path) -> bytes:
+    """The bytes of a regular file in a run folder, never through a link (RunFolderLinkError)
+    and never blocking on a planted FIFO (RecordError). Missing or unreadable: the OSError."""
+    path = Path(path)
+    fd = _open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not _fd_is_regular(fd):
+            raise RecordError(f"'{path}' is not a regular file; it is damaged. {FRESH_HINT} '{path.parent}'.")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def check_run_folder(run_dir: Path, *, itself: bool = True) -> None:
+    """Refuse a run folder that is a symbolic link (``itself``) or holds one, directly or in a
+    folder the suite writes below it (diagnostics/, plots/): RunFolderLinkError naming the link.
+
+    A folder this suite made never holds a link, so any link there was put by someone else;
+    writers call this before their first write. Reading commands need not (they open every
+    file with O_NOFOLLOW), and pass ``itself=False`` where a user's own link to a run folder
+    is only read through."""
+    run_dir = Path(run_dir)
+    if itself and run_dir.is_symlink():
+        raise _link_error(run_dir, folder=True)
+    if not run_dir.is_dir():
+        return
+    folders = [run_dir, *(run_dir / d for d in WRITTEN_FOLDERS)]
+    for folder in folders:
+        if folder is not run_dir and (folder.is_symlink() or not folder.is_dir()):
+            continue  # a linked sub-folder was already refused as an entry of run_dir
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as exc:
+            raise RecordsIOError(f"Cannot list '{folder}': {exc}. {_io_hint(exc)}") from exc
+        for p in entries:
+            if p.is_symlink():
+                raise _link_error(p)
+
+
+def _check_held_path(path: Path) -> None:
+    """Before writing ``path``: if it lies in a run folder whose lock this process holds, no
+    folder below the run folder on the way to it, nor the file itself, may be a link (one
+    planted while the run trains would otherwise redirect the write)."""
+    full = os.path.abspath(path)
+    for root in _HELD:
+        if full.startswith(root + os.sep):
+            cur = Path(root)
+            for part in Path(full).relative_to(root).parts:
+                cur = cur / part
+                if cur.is_symlink():
+                    raise _link_error(cur)
+            return
+
+
 def _io_hint(exc: OSError) -> str:
     """The fix for an OS error, by its errno, so the user is told what to do, not only what failed."""
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -121,6 +234,7 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     rename over ``path``, so a crash leaves either the old file or the new one, never half. A
     killed process can leave the temporary ``.<name>.XXXXXXXX`` behind: see clean_temp_files."""
     path = Path(path)
+    _check_held_path(path)
     ensure_dir(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -184,7 +298,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     RecordError naming the file and the line, instead of a bare JSONDecodeError."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_bytes_nofollow(path).decode("utf-8")
     except OSError as exc:
         raise RecordsIOError(f"Cannot read '{path}': {exc}. {FRESH_HINT} '{path.parent}'.") from exc
     except UnicodeDecodeError as exc:
@@ -243,7 +357,7 @@ def load_record(run_dir: Path) -> dict[str, Any]:
             rec["epochs"].append(row)
         elif kind == "final":
             rec["final"] = row
-    rec["done"] = (run_dir / DONE).exists()
+    rec["done"] = is_done(run_dir)
     rec["run_dir"] = str(run_dir)
     if not rec["header"]:
         raise RecordError(f"Record '{path}' has no header row; it is damaged. {FRESH_HINT} '{run_dir}'.")
@@ -253,6 +367,15 @@ def load_record(run_dir: Path) -> dict[str, Any]:
             f"{FRESH_HINT} '{run_dir}'."
         )
     return rec
+
+
+def is_done(run_dir: Path) -> bool:
+    """Whether the run folder holds its DONE marker (a link named DONE is refused, not trusted:
+    it would make an unfinished or foreign run count as finished)."""
+    path = Path(run_dir) / DONE
+    if path.is_symlink():
+        raise _link_error(path)
+    return path.exists()
 
 
 def _short_cause(exc: BaseException) -> str:
@@ -279,10 +402,17 @@ def load_checkpoint(path: Path, map_location: Any = None) -> dict[str, Any]:
         "start this run over"
     )
     try:
-        # weights_only=True: a planted or foreign pickle in a shared run folder cannot run code
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except torch.cuda.OutOfMemoryError:
-        raise  # not damage: the state does not fit on the device
+        fd = _open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)  # never read through a planted link
+    except OSError as exc:
+        raise RecordError(f"Cannot load checkpoint '{path}' ({exc}); {hint}.") from exc
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not _fd_is_regular(f.fileno()):
+                raise RecordError(f"Cannot load checkpoint '{path}' (not a regular file); {hint}.")
+            # weights_only=True: a planted or foreign pickle in a shared run folder cannot run code
+            state = torch.load(f, map_location=map_location, weights_only=True)
+    except (torch.cuda.OutOfMemoryError, RecordError):
+        raise  # OOM is not damage (the state does not fit on the device); RecordError says it all
     except Exception as exc:
         raise RecordError(f"Cannot load checkpoint '{path}' ({_short_cause(exc)}); {hint}.") from exc
     if not isinstance(state, dict):
@@ -307,21 +437,35 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK
         self._fd: int | None = None
+        self._key = ""
+        self._writes = False  # whether LOCK is ours to write (no other hard link)
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
     def acquire(self) -> RunLock:
-        """Take the lock or raise RunLockedError naming the live holder (never waits)."""
+        """Take the lock or raise RunLockedError naming the live holder (never waits).
+
+        Refuses a run folder or a LOCK that is a link (RunFolderLinkError), and a LOCK that is
+        not a regular file (RecordError). A LOCK with other hard links (a ``cp -al`` backup, or planted) is
+        locked but never written: the holder's pid would be written into every copy."""
         if self._fd is not None:
             raise RuntimeError(f"RunLock on '{self.run_dir}' is already held by this object")
         ensure_dir(self.run_dir)
+        if self.run_dir.is_symlink():
+            raise _link_error(self.run_dir, folder=True)
         try:  # no O_TRUNC: the holder's pid must survive our opening it
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = _open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise _write_error(self.path, exc) from exc
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RecordError(
+                    f"'{self.path}' is not a regular file; taking the lock could block or write into "
+                    f"it. Remove it (`rm '{self.path}'`) and rerun."
+                )
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
@@ -330,17 +474,24 @@ class RunLock:
                 f"Run folder '{self.run_dir}' is already being trained by another process "
                 f"({holder}). Wait for it to finish, or stop it; two writers would corrupt the record."
             ) from None
+        except RecordError:
+            os.close(fd)
+            raise
         except OSError as exc:
             os.close(fd)
             raise RecordsIOError(f"Cannot lock '{self.path}': {exc}. {_io_hint(exc)}") from exc
-        try:
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        except OSError as exc:
-            os.close(fd)  # closing releases the flock
-            raise _write_error(self.path, exc) from exc
+        self._writes = st.st_nlink == 1
+        if self._writes:
+            try:
+                info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            except OSError as exc:
+                os.close(fd)  # closing releases the flock
+                raise _write_error(self.path, exc) from exc
         self._fd = fd
+        self._key = os.path.abspath(self.run_dir)
+        _HELD[self._key] = _HELD.get(self._key, 0) + 1
         return self
 
     def release(self) -> None:
@@ -348,8 +499,12 @@ class RunLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        left = _HELD.pop(self._key, 1) - 1
+        if left > 0:
+            _HELD[self._key] = left
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+            if self._writes:
+                os.ftruncate(fd, 0)
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
@@ -362,6 +517,36 @@ class RunLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who trains the run folder now ('pid N on host H, since T'), or None when nobody does.
+
+    For reading commands (show, probe, grid --status): LOCK is opened read-only, never created
+    and never through a link, so this works on read-only media and leaves nothing behind. A
+    shared flock is tried and dropped at once; it fails only while a writer holds the lock."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = _open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None  # a writer creates LOCK before it locks it: nobody holds it
+    except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            return None
+        raise RecordsIOError(f"Cannot read '{path}': {exc}.") from exc
+    try:
+        if not _fd_is_regular(fd):
+            raise RecordError(f"'{path}' is not a regular file; remove it (`rm '{path}'`).")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        except OSError:
+            return None  # a file system without flock: no writer can hold one either
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> str:
@@ -387,11 +572,12 @@ def clean_temp_files(run_dir: Path) -> list[Path]:
     is killed mid-write, in ``run_dir`` and its diagnostics/ folder; returns what was removed.
 
     Only safe while holding the run's RunLock: without it, a temp file may belong to a live
-    writer that is about to rename it into place."""
+    writer that is about to rename it into place. Never descends into a linked folder: a
+    ``diagnostics`` link would otherwise make it delete temp-like names wherever it points."""
     run_dir = Path(run_dir)
     removed: list[Path] = []
     for folder in (run_dir, run_dir / DIAGNOSTICS):
-        if not folder.is_dir():
+        if folder.is_symlink() or not folder.is_dir():
             continue
         for p in sorted(folder.iterdir()):
             if _TEMP_NAME.match(p.name) and (p.is_file() or p.is_symlink()):
@@ -409,8 +595,12 @@ def clear_run_dir(run_dir: Path) -> None:
     """Remove everything in ``run_dir`` except its LOCK file (what ``--fresh`` needs).
 
     Call while holding the RunLock. ``shutil.rmtree(run_dir)`` would also unlink LOCK, and a
-    process that then locks a new LOCK file would train beside the one still holding the old."""
+    process that then locks a new LOCK file would train beside the one still holding the old.
+    A linked run folder is refused (it would empty the folder the link points to); links inside
+    are removed, never followed."""
     run_dir = Path(run_dir)
+    if run_dir.is_symlink():
+        raise _link_error(run_dir, folder=True)
     if not run_dir.is_dir():
         return
     for p in run_dir.iterdir():

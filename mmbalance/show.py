@@ -1,7 +1,8 @@
 """``mmbalance show RUN_DIR``: one run at a glance, finished, still running or killed.
 
-Reads only the run folder (record.jsonl, LOCK, DONE, pictures): the configuration summary,
-the per-epoch table, the final metrics under every selection rule and where the pictures are.
+Reads only the run folder (record.jsonl, LOCK, DONE, pictures), never through a symbolic link
+and without creating anything in it: the configuration summary, the per-epoch table, the final
+metrics under every selection rule and where the pictures are.
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ from mmbalance.errors import MMBalanceError
 
 
 def run_state(run_dir: Path) -> str:
-    """done | running (pid N) | stopped (killed or interrupted; rerun to resume)."""
-    if (run_dir / records.DONE).exists():
+    """done | running (pid N) | stopped (killed or interrupted; rerun to resume).
+
+    Reads only: no LOCK is created or locked for writing (records.lock_holder), so a run
+    folder on read-only media, or one being trained, is shown as it is."""
+    if records.is_done(run_dir):
         return "done"
-    lock = records.RunLock(run_dir)
-    try:
-        lock.acquire()
-    except records.RunLockedError as exc:
-        return f"running ({str(exc).split('(', 1)[1].split(',')[0]})" if "(" in str(exc) else "running"
-    else:
-        lock.release()
+    holder = records.lock_holder(run_dir)
+    if holder is not None:
+        return f"running ({holder.split(',')[0]})"
     return "stopped before the end (killed or interrupted): rerun the same command to resume"
 
 

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from mmbalance.datasets.features import LabelRemapWarning
 
 from mmbalance.errors import DataError
 from mmbalance.runner import resolve_config, run
@@ -111,24 +112,21 @@ def test_negative_label_is_refused(tmp_path):
         build("features", ov)
 
 
-def test_label_gaps_and_test_only_classes_within_range_are_fine(tmp_path):
-    # 1-based labels (class 0 empty) and a test label (3) that train never has: both within 0..K-1
-    def shift(a):
-        a["label"] += 1
+def test_label_range_rule_remaps_moderate_gaps_and_refuses_a_stray_label(tmp_path):
+    """Labels {0, 1, 2, 13}: 14 = 4 distinct + 10, the largest range the rule allows, so they are
+    renumbered (test_degenerate_data covers the remapping); one more and 14 is a stray label.
+    A test-only class is no longer fine: test_degenerate_data shows its error."""
+    def add(label):
+        def edit(a):
+            a["label"][:2] = label
+        return edit
 
-    def extra(a):
-        a["label"] += 1
-        a["label"][0] = 4
-
-    ov = write(tmp_path, train=shift, test=extra)
-    s = build("features", ov)
-    assert s.num_classes == 5
-    assert s.info["classes_absent_from_train"] == [0, 4]
-    # labels {0, 1, 2, 13}: K = 14 = 4 distinct + 10, the largest range the rule allows
-    write(tmp_path, test=lambda a: a["label"].__setitem__(0, 13))
-    assert build("features", ov).num_classes == 14
-    write(tmp_path, test=lambda a: a["label"].__setitem__(0, 14))
-    with pytest.raises(DataError, match="holds 14 .*only 4 distinct"):
+    ov = write(tmp_path, train=add(13), test=add(13))
+    with pytest.warns(LabelRemapWarning, match="0, 1, 2, 13, not 0..3"):
+        s = build("features", ov)
+    assert s.num_classes == 4 and s.class_names == ["0", "1", "2", "13"]
+    write(tmp_path, train=add(14), test=add(14))
+    with pytest.raises(DataError, match="holds 14 .*only 4 distinct.*stray"):
         build("features", ov)
 
 

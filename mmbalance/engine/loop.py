@@ -417,21 +417,31 @@ class Trainer(Services, Checkpoints, RunRecord):
         The run folder is locked for the whole run: a second identical command reports the
         running one instead of training into the same files. ``fresh`` discards an earlier
         record and checkpoint of this run (under the lock, so never a running one's).
+        The data is built and the model set up before the run folder is created, so a
+        configuration or data set that fails validation leaves no folder behind; a folder that
+        is, or holds, a symbolic link is refused before anything is written into it.
         """
-        if not fresh and (self.run_dir / records.DONE).exists():
+        if not fresh and records.is_done(self.run_dir):
             return records.load_record(self.run_dir)
+        holder = records.lock_holder(self.run_dir)  # fail fast, before building the data
+        if holder is not None:
+            raise records.RunLockedError(
+                f"Run folder '{self.run_dir}' is already being trained by another process ({holder}). "
+                f"Wait for it to finish, or stop it; two writers would corrupt the record."
+            )
+        self.setup()
         records.ensure_dir(self.run_dir)
         with records.RunLock(self.run_dir):
+            records.check_run_folder(self.run_dir)
             if fresh:
                 records.clear_run_dir(self.run_dir)
-            elif (self.run_dir / records.DONE).exists():  # finished by another process meanwhile
+            elif records.is_done(self.run_dir):  # finished by another process meanwhile
                 return records.load_record(self.run_dir)
             records.clean_temp_files(self.run_dir)
             return self._fit_locked()
 
 
     def _fit_locked(self) -> dict[str, Any]:
-        self.setup()
         records.write_config(self.run_dir / "config.yaml", self.cfg)
         header = self._header()
         start = self._load_checkpoint() if self.cfg["checkpoint"] else 0
