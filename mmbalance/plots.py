@@ -34,6 +34,7 @@ from mmbalance import records
 from mmbalance.config import config_hash
 from mmbalance.errors import MMBalanceError
 from mmbalance.metrics import SELECTION_RULES
+from mmbalance.report_runs import collect_runs, dataset_label, duplicate_message, runs_frame
 from mmbalance.stats import REFERENCE, RankComparison
 
 DPI = 110
@@ -137,8 +138,6 @@ def plot_step_diagnostics(run_dir: Path, out: Path) -> Path | None:
 
 
 def _run_title(run_dir: Path) -> str:
-    from mmbalance.leaderboard import dataset_label
-
     try:
         header = records.load_record(run_dir)["header"]
         cfg = header.get("config", {})
@@ -195,8 +194,6 @@ def plot_epoch_accuracy(run_dir: Path, out: Path, split: str = "test") -> Path |
 def _labelled(recs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The leaderboard long form of ``recs`` (labels disambiguated as in the tables), with the
     record itself in column ``_rec`` (runs_frame keeps the records' order)."""
-    from mmbalance.leaderboard import runs_frame
-
     df = runs_frame(recs)
     if not df.empty:
         df["_rec"] = list(recs)
@@ -223,14 +220,15 @@ def _strip_alpha(label: str) -> str:
 
 
 def alpha_sensitivity(recs: Sequence[dict[str, Any]], rule: str = "best_val") -> pd.DataFrame:
-    """IPRM runs that differ only in alpha (and seed): one row per run with ``setting``,
-    ``variant`` (the label without its alpha tag), ``alpha`` (the effective EMA momentum: 0 for
-    'w/o EMA'), ``seed`` and ``acc`` under ``rule``. Only variants with at least two distinct
-    alphas on a setting are kept; empty when there are none."""
-    from mmbalance.leaderboard import dataset_label
-
+    """IPRM runs that differ only in alpha (and seed): one row per run with ``setting`` (the
+    run's leaderboard column, so two data sets are never one panel), ``variant`` (the label
+    without its alpha tag), ``alpha`` (the effective EMA momentum: 0 for 'w/o EMA'), ``seed``
+    and ``acc`` under ``rule``. Only variants with at least two distinct alphas on a setting
+    are kept; empty when there are none."""
+    cols = ["setting", "variant", "alpha", "seed", "acc"]
+    frame = _labelled(recs)
     rows = []
-    for rec in recs:
+    for setting, rec in zip(frame.get("dataset", []), frame.get("_rec", []), strict=True):
         header = rec["header"]
         cfg = header.get("config", {})
         if cfg.get("method") != "iprm":
@@ -242,9 +240,8 @@ def alpha_sensitivity(recs: Sequence[dict[str, Any]], rule: str = "best_val") ->
             alpha = 0.0
         key = config_hash({k: v for k, v in cfg.items() if k not in ("seed", "alpha", "ema")},
                           data=header.get("data_fingerprint"))
-        rows.append({"setting": dataset_label(header), "variant": _strip_alpha(header.get("method_label", "IPRM")),
+        rows.append({"setting": setting, "variant": _strip_alpha(header.get("method_label", "IPRM")),
                      "key": key, "alpha": float(alpha), "seed": cfg.get("seed"), "acc": _score(rec, rule)})
-    cols = ["setting", "variant", "alpha", "seed", "acc"]
     if not rows:
         return pd.DataFrame(columns=cols)
     df = pd.DataFrame(rows).dropna(subset=["acc"])
@@ -450,11 +447,12 @@ def plot_main(target: str, out: str | None = None, rule: str = "best_val") -> in
         records.ensure_dir(dest)
         made = plot_run(path, dest)
     else:
-        from mmbalance.leaderboard import collect_runs
-
-        recs, skipped = collect_runs(path)
+        loaded = collect_runs(path)
+        recs, skipped = loaded
         for run_dir, reason in skipped:
             print(f"warning: skipped damaged record {run_dir}: {reason}", file=sys.stderr)
+        for kept, copy in loaded.duplicates:
+            print(f"warning: {duplicate_message(kept, copy)}", file=sys.stderr)
         if not recs:
             raise PlotError(
                 f"'{target}' is neither a run folder (no {records.RECORD} in it) nor a records folder with "
