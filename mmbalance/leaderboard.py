@@ -224,7 +224,7 @@ def settings_line(df: pd.DataFrame) -> str:
     notes = settings_notes(df)
     if not notes:
         return ""
-    parts = [f"{kind}: {md_escape(text)}" if label is None else f"{kind} {md_escape(label)}: {md_escape(text)}"
+    parts = [f"{kind}: {md_code(text)}" if label is None else f"{kind} {md_escape(label)}: {md_code(text)}"
              for kind, label, text in notes]
     return "Settings that differ from each method's defaults on its dataset: " + "; ".join(parts) + "."
 
