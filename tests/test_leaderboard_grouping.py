@@ -173,6 +173,29 @@ def test_non_result_settings_keep_the_identity_and_do_not_split_a_row(tmp_path, 
     assert config_hash({**cfg, "lr": cfg["lr"] * 2}) != config_hash(cfg)
 
 
+def test_a_setting_of_a_whole_column_describes_it_and_one_that_differs_in_it_splits_rows(tmp_path):
+    """A grid's per-dataset setting (epochs here) must not split a method into one row per
+    column; a setting that differs within a column must, labelled only where it differs from
+    the defaults. Wrong variants caught: rows keyed by every non-default setting ('Concat
+    (epochs=1)' and 'Concat (epochs=2)' as two half-empty rows); labels naming the default
+    value ('Concat (lr=...)' for the default run)."""
+    root = tmp_path / "runs"
+    for method in ("concat", "sum"):
+        run(method, "synthetic", {**SYNTH, "records": str(root), "epochs": 1})
+        run(method, "synthetic", {**SYNTH, "records": str(root), "epochs": 2, "modalities": ["m1", "m2"]})
+    run("concat", "synthetic", {**SYNTH, "records": str(root), "epochs": 2, "modalities": ["m1", "m2"], "lr": 0.0123})
+    df = runs_frame(collect_runs(root)[0])
+    assert sorted(set(df["method"])) == ["Concat", "Concat (lr=0.0123)", "Sum"]
+    assert sorted(df[df["method"] == "Concat"]["dataset"]) == ["synthetic", "synthetic [m1+m2]"]
+    files = write_leaderboard(root, tmp_path / "out", "lb", rules=("best_val",), pictures=False)
+    md = files[0].read_text()
+    settings = md.splitlines()[4]
+    assert settings.startswith("Settings that differ from each method's defaults")
+    assert "every run: `batch_size=32, n_test=80, n_train=160`" in settings
+    assert "column synthetic: `epochs=1`" in settings and "column synthetic [m1+m2]: `epochs=2`" in settings
+    assert "row Concat (lr=0.0123): `lr=0.0123`" in settings and "row Concat:" not in settings
+
+
 def test_declared_options_decide_the_identity():
     """Dataset options declared changes_results=False (how files are read) leave the hash; an
     undeclared key (a plugin not installed here) counts."""
