@@ -84,7 +84,8 @@ TRAINER_OPTIONS: dict[str, Option] = {
         "faster for the CNNs on a CPU (and suits GPU tensor cores) but sums in another order, so "
         "numbers differ from the default in the last bits", ["contiguous", "channels_last"]),
     "num_workers": _opt(None, "data-loader worker processes (default: 0 for in-memory data, else up to 8)", type=int, min=0, changes_results=False),
-    "data_root": _opt(None, "data root (also $MMBALANCE_DATA_ROOT)", type=str, changes_results=False),
+    "data_root": _opt(None, "data root (also $MMBALANCE_DATA_ROOT); the run's identity holds a fingerprint "
+                      "of the data read there, not the path", type=str, changes_results=False),
     "records": _opt("runs", "directory that holds run records", type=str, changes_results=False),
     "select": _opt("best_val", "selection rule shown in the summary", ["last", "best_val", "best_test"], changes_results=False),
     "protocol": _opt(
@@ -303,7 +304,8 @@ def _apply(cfg, schema, key, value, source, dataset_cls, method_cls) -> None:
 
 
 def describe(cfg: Mapping[str, Any], dataset_cls: Any, method_cls: Any) -> str:
-    """The resolved config as commented YAML lines: value, owner and help of every key."""
+    """The resolved config as commented YAML lines: value, owner and help of every key, and
+    which keys do not change results (``Option.changes_results``)."""
     owners = [("trainer", TRAINER_OPTIONS), (f"dataset {dataset_cls.name}", dataset_cls.options),
               (f"method {method_cls.name}", method_cls.options)]
     lines = []
@@ -313,7 +315,10 @@ def describe(cfg: Mapping[str, Any], dataset_cls: Any, method_cls: Any) -> str:
             if key == "backbone":
                 continue
             value = yaml.safe_dump({key: cfg.get(key)}, default_flow_style=True).strip()[1:-1]
-            lines.append(f"{value}  # {as_option(opt).help}")
+            option = as_option(opt)
+            # such keys stay out of the run's identity and never split a leaderboard row
+            note = "" if option.changes_results else " (not part of the run's identity)"
+            lines.append(f"{value}  # {option.help}{note}")
     lines.append("# --- backbones (backbone.<modality>.<field>) ---")
     for mod, entry in cfg["backbone"].items():
         lines.append(f"backbone.{mod}: {yaml.safe_dump(entry, default_flow_style=True).strip()}")
