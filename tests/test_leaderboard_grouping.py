@@ -254,7 +254,7 @@ class _EvilLabel(Method):
     name = "evil_label_test"
 
     def label(self) -> str:
-        return "Evil | <b>bold</b> & 50%_x"
+        return "Evil | <b>bold</b> & 50%_x $\\nope$"
 
 
 @pytest.fixture
@@ -308,24 +308,27 @@ def test_a_row_no_table_shows_and_a_picture_not_drawn_are_named(tmp_path):
 
 # ---- escaping ----------------------------------------------------------------------------------
 def test_labels_with_pipes_and_html_are_escaped_in_markdown_and_latex(plugins, tmp_path):
-    """Wrong variant caught: labels written into the tables as they are (a '|' adds a cell,
-    '<b>' is HTML in the rendered page, '&' and '%' break LaTeX)."""
+    """Wrong variants caught: labels written into the tables as they are (a '|' adds a cell,
+    '<b>' is HTML in the rendered page, '&' and '%' break LaTeX); '$...$' read as math by
+    matplotlib (an unknown command fails the cost chart, and with it the leaderboard)."""
     root, data = tmp_path / "runs", tmp_path / "data"
     write_features(data / "D", seed=5)
     for method in ("concat", _EvilLabel.name):
         run(method, "features", {**QUICK, "records": str(root), "data_root": str(data / "D"), "seed": 0,
                                  "name": "my|data <i>x</i>"})
-    files = write_leaderboard(root, tmp_path / "out", "lb", rules=("best_val",), pictures=False, latex=True)
+    files = write_leaderboard(root, tmp_path / "out", "lb", rules=("best_val",), latex=True)
+    assert [p.name for p in files.pictures] == ["lb_cost.png"]
     md = files[0].read_text()
     assert "<b>" not in md and "<i>" not in md
     table = first_table(md, "## accuracy, rule `best_val`")
     assert all(len(r) == 2 for r in table)  # method + one column, in every row
     assert table[0][1] == "features:my\\|data &lt;i&gt;x&lt;/i&gt;"
-    assert "Evil \\| &lt;b&gt;bold&lt;/b&gt; &amp; 50%\\_x" in [r[0] for r in table]
+    assert "Evil \\| &lt;b&gt;bold&lt;/b&gt; &amp; 50%\\_x \\$\\\\nope\\$" in [r[0] for r in table]
     stats = md.split("## Statistics")[1]
     assert "<b>" not in stats and "Evil \\|" in stats
     tex = files.latex[0].read_text()
-    assert "Evil \\textbar{} \\textless{}b\\textgreater{}bold\\textless{}/b\\textgreater{} \\& 50\\%\\_x" in tex
+    assert ("Evil \\textbar{} \\textless{}b\\textgreater{}bold\\textless{}/b\\textgreater{} \\& 50\\%\\_x "
+            "\\$\\textbackslash{}nope\\$") in tex
     assert "<b>" not in tex and "my\\textbar{}data" in tex
 
 
