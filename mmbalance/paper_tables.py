@@ -27,7 +27,7 @@ import datetime as dt
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,7 @@ class PaperTable:
     cells: dict[str, pd.DataFrame]
     label: str
     split_columns: bool = False  # columns are (setting, metric) pairs
+    plain_caption: str = ""  # the caption as plain text (labels unescaped), for LaTeX
 
     def shown_rows(self) -> set[str]:
         """The rows with at least one filled cell."""
@@ -171,7 +172,7 @@ class PaperTable:
         if self.split_columns:
             table = table.copy()
             table.columns = [f"{s} {METRIC_NAMES[m]}" for s, m in table.columns]
-        return latex_table(table, markdown_to_plain(self.caption), f"tab:{self.label}")
+        return latex_table(table, markdown_to_plain(self.plain_caption or self.caption), f"tab:{self.label}")
 
 
 def table_accuracy(df: pd.DataFrame, methods: Sequence[str], rule: str, caption: str, label: str) -> PaperTable | None:
@@ -181,9 +182,11 @@ def table_accuracy(df: pd.DataFrame, methods: Sequence[str], rule: str, caption:
     cells = {}
     for style in ("markdown", "latex"):
         cells[style], seeds = pivot(sub, f"{rule}.fused.acc", style=style)
-    caption = (f"{caption} Test accuracy (%), {RULE_CAPTIONS[rule]} (rule `{rule}`); mean ± std over seeds, "
-               f"{_seed_note(seeds)}; best in bold, second underlined.")
-    return PaperTable("", caption, cells, label)
+    def caption_for(esc: Callable[[Any], str]) -> str:
+        return (f"{caption} Test accuracy (%), {RULE_CAPTIONS[rule]} (rule `{rule}`); mean ± std over seeds, "
+                f"{_seed_note(seeds, esc)}; best in bold, second underlined.")
+
+    return PaperTable("", caption_for(md_escape), cells, label, plain_caption=caption_for(str))
 
 
 def table_metrics(df: pd.DataFrame, methods: Sequence[str], rule: str, caption: str, label: str) -> PaperTable | None:
@@ -203,9 +206,11 @@ def table_metrics(df: pd.DataFrame, methods: Sequence[str], rule: str, caption: 
             for metric in metrics:
                 table[(setting, metric)] = parts[metric][setting]
         cells[style] = table
-    caption = (f"{caption} Test accuracy, MAP and macro-F1 (%), {RULE_CAPTIONS[rule]} (rule `{rule}`); mean ± std "
-               f"over seeds, {_seed_note(seeds)}; best in bold, second underlined per column.")
-    return PaperTable("", caption, cells, label, split_columns=True)
+    def caption_for(esc: Callable[[Any], str]) -> str:
+        return (f"{caption} Test accuracy, MAP and macro-F1 (%), {RULE_CAPTIONS[rule]} (rule `{rule}`); mean ± "
+                f"std over seeds, {_seed_note(seeds, esc)}; best in bold, second underlined per column.")
+
+    return PaperTable("", caption_for(md_escape), cells, label, split_columns=True, plain_caption=caption_for(str))
 
 
 def _mean(values: pd.Series) -> float:
@@ -236,16 +241,19 @@ def table_cost(df: pd.DataFrame, methods: Sequence[str]) -> PaperTable | None:
               "rss_peak_epoch": "the process's peak resident set in the epoch (Linux VmHWM, reset at each "
                                 "epoch start; it includes the Python and PyTorch runtime, about 0.8 GB here)",
               "rss_peak_process": "the process's lifetime peak resident set"}
-    devices = ", ".join(md_escape(d) for d in sorted(set(map(str, sub["device"]))))
-    caption = (
-        f"**Table 4. Cost.** Per setting: training seconds per epoch (mean over epochs and seeds; the "
-        f"method's own estimation passes included, evaluation excluded) · the ratio to joint training "
-        f"({JOINT}) on the same setting · peak memory, the largest over epochs, mean over seeds: "
-        + "; ".join(memory.get(k, md_escape(k)) for k in kinds or ["–"])
-        + f". Device: {devices}; the cells of a grid ran two at a time, one thread each, so compare "
-        f"ratios rather than absolute seconds."
-    )
-    return PaperTable("", caption, cells, "cost")
+
+    def caption_for(esc: Callable[[Any], str]) -> str:
+        devices = ", ".join(esc(d) for d in sorted(set(map(str, sub["device"]))))
+        return (
+            f"**Table 4. Cost.** Per setting: training seconds per epoch (mean over epochs and seeds; the "
+            f"method's own estimation passes included, evaluation excluded) · the ratio to joint training "
+            f"({JOINT}) on the same setting · peak memory, the largest over epochs, mean over seeds: "
+            + "; ".join(memory.get(k, esc(k)) for k in kinds or ["–"])
+            + f". Device: {devices}; the cells of a grid ran two at a time, one thread each, so compare "
+            f"ratios rather than absolute seconds."
+        )
+
+    return PaperTable("", caption_for(md_escape), cells, "cost", plain_caption=caption_for(str))
 
 
 def _parse_time(text: Any) -> dt.datetime | None:
@@ -350,7 +358,8 @@ def header_section(
     if left_out:  # first: a reader must know what the tables do not show
         lines.append("Left out of Tables 1-3: " + "; ".join(f"{md_escape(m)} ({md_escape(why)})" for m, why in left_out) + ".")
     if not_drawn:
-        lines.append("Pictures not drawn: " + "; ".join(f"{what} ({md_escape(why)})" for what, why in not_drawn) + ".")
+        lines.append("Pictures not drawn: " + "; ".join(f"{what} ({md_escape(why.rstrip('.'))})"
+                                                        for what, why in not_drawn) + ".")
     times = wall_time(recs, root)
     if times:
         busy, span, n = times
@@ -519,7 +528,7 @@ def write_benchmark(
     for method, why in left_out_rows(df, tables, rule):
         warnings.warn(f"row '{method}' is in no table of the paper layout: {why}", LeftOutWarning, stacklevel=2)
     for what, why in not_drawn:
-        warnings.warn(f"{what} was not drawn: {why}", LeftOutWarning, stacklevel=2)
+        warnings.warn(f"{what} was not drawn: {why.rstrip('.')}", LeftOutWarning, stacklevel=2)
     relative = [(p.relative_to(root) if p.is_relative_to(root) else p, why) for p, why in skipped]
     copies = [tuple(p.relative_to(root) if p.is_relative_to(root) else p for p in pair) for pair in loaded.duplicates]
     report = build_benchmark_report(recs, df, root, title or name, rule, {k: p.name for k, p in drawn.items()}, grid,

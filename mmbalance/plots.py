@@ -16,14 +16,16 @@ function returns None and ``plot_main`` says why.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -46,6 +48,18 @@ class PlotError(MMBalanceError):
 
 
 # ---- figure plumbing --------------------------------------------------------------------------
+def _literal_text(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """Draw with every text literal: labels come from records (a plugin's label, a data
+    name), and matplotlib would read '$...$' in them as math, failing on an unknown command."""
+
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -109,6 +123,7 @@ def diagnostic_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in ("epoch", "step", "global_step")]
 
 
+@_literal_text
 def plot_step_diagnostics(run_dir: Path, out: Path) -> Path | None:
     """One subplot per logged diagnostic against the global step; dotted lines mark epoch
     starts. None when the run logged no diagnostics (e.g. the naive fusions)."""
@@ -165,6 +180,7 @@ def epoch_accuracy(rec: Mapping[str, Any], split: str = "test") -> pd.DataFrame:
     return frame
 
 
+@_literal_text
 def plot_epoch_accuracy(run_dir: Path, out: Path, split: str = "test") -> Path | None:
     """Per-epoch test accuracy of the fused and of each modality's prediction of one run; the
     epoch ``best_val`` selects is marked. None when no epoch was evaluated."""
@@ -253,6 +269,7 @@ def alpha_sensitivity(recs: Sequence[dict[str, Any]], rule: str = "best_val") ->
     return df[cols].sort_values(["setting", "variant", "alpha", "seed"]).reset_index(drop=True)
 
 
+@_literal_text
 def plot_alpha_sensitivity(
     recs: Sequence[dict[str, Any]], out: Path, rule: str = "best_val", reference: str = REFERENCE
 ) -> Path | None:
@@ -289,6 +306,7 @@ def plot_alpha_sensitivity(
     return save_png(fig, out)
 
 
+@_literal_text
 def plot_critical_difference(comparison: RankComparison, out: Path, rule: str | None = None) -> Path | None:
     """Critical-difference diagram (Demšar 2006) of ``comparison``: average ranks on an axis (1 =
     best, left), methods whose Nemenyi p-value is >= alpha joined by a bar (scikit-posthocs'
@@ -328,6 +346,7 @@ def plot_critical_difference(comparison: RankComparison, out: Path, rule: str | 
     return save_png(fig, out)
 
 
+@_literal_text
 def plot_cost(df: pd.DataFrame, out: Path) -> Path | None:
     """Training seconds per epoch (mean ± std over seeds), one panel per dataset, a bar per
     method. None when no run records its training time. Compare within one device only."""
@@ -357,6 +376,7 @@ def plot_cost(df: pd.DataFrame, out: Path) -> Path | None:
     return save_png(fig, out)
 
 
+@_literal_text
 def plot_methods_epoch_accuracy(
     recs: Sequence[dict[str, Any]], setting: str, out: Path, split: str = "test"
 ) -> Path | None:

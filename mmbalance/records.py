@@ -289,6 +289,9 @@ def record_problem(rec: Mapping[str, Any]) -> str | None:
     for key, kind in (("method", str), ("dataset", str), ("seed", int)):
         if not isinstance(cfg.get(key), kind) or isinstance(cfg.get(key), bool):
             return f"the configuration's '{key}' is {cfg.get(key)!r}"
+    mods = cfg.get("modalities")
+    if mods is not None and not (isinstance(mods, list) and all(isinstance(m, str) for m in mods)):
+        return f"the configuration's 'modalities' is {mods!r}, not a list of names"
     for key in ("method_label", "config_hash", "device"):
         if not isinstance(header.get(key), str):
             return f"the header's '{key}' is {header.get(key)!r}"

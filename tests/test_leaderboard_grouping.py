@@ -330,6 +330,15 @@ def test_labels_with_pipes_and_html_are_escaped_in_markdown_and_latex(plugins, t
     assert ("Evil \\textbar{} \\textless{}b\\textgreater{}bold\\textless{}/b\\textgreater{} \\& 50\\%\\_x "
             "\\$\\textbackslash{}nope\\$") in tex
     assert "<b>" not in tex and "my\\textbar{}data" in tex
+    # the paper layout: the plugin's row in Table 2, escaped in both formats
+    written = write_benchmark(root, tmp_path / "paper", "bench", pictures=False, latex=True)
+    paper_md = written[0].read_text()
+    table2 = first_table(paper_md, "## Table 2.")
+    assert all(len(r) == 4 for r in table2) and "<b>" not in paper_md
+    assert [r[0][:17] for r in table2[1:]] == ["Concat", "Evil \\| &lt;b&gt;"]
+    paper_tex = next(p for p in written if p.suffix == ".tex").read_text()
+    assert "Evil \\textbar{} \\textless{}b" in paper_tex and "<b>" not in paper_tex
+    assert "features:my\\textbar{}data \\textless{}i\\textgreater{}" in paper_tex
 
 
 # ---- damaged metrics ---------------------------------------------------------------------------
