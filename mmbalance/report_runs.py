@@ -112,7 +112,6 @@ def _flat(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@functools.lru_cache(maxsize=256)
 def _defaults(method: str, dataset: str, protocol: str) -> dict[str, Any] | None:
     """The config a run of ``method`` on ``dataset`` has when nothing is set (its paper values
     on that dataset and the chosen protocol included), flat; None when either plugin is not
@@ -120,6 +119,11 @@ def _defaults(method: str, dataset: str, protocol: str) -> dict[str, Any] | None
     dataset_cls, method_cls = registered_plugins({"method": method, "dataset": dataset})
     if dataset_cls is None or method_cls is None:
         return None
+    return _assembled(dataset_cls, method_cls, protocol)
+
+
+@functools.lru_cache(maxsize=256)
+def _assembled(dataset_cls: Any, method_cls: Any, protocol: str) -> dict[str, Any] | None:
     try:
         return _flat(assemble(dataset_cls, method_cls, overrides={"protocol": protocol}))
     except MMBalanceError:
@@ -128,14 +132,13 @@ def _defaults(method: str, dataset: str, protocol: str) -> dict[str, Any] | None
 
 def _owner(key: str, declared: Mapping[str, tuple[Any, str]], dataset_known: bool, method_known: bool) -> str:
     """trainer | dataset | method: who declares ``key`` (a backbone key is the trainer's). A key
-    nobody here declares belongs to the plugin that is not installed; with neither installed,
-    to the dataset (a column setting: it never merges two cells either way)."""
+    nobody here declares is the dataset's only when the dataset plugin is the one missing;
+    otherwise (an option a method no longer has, or both plugins missing) it stays with the
+    row, so it can split a method's row but never its data set's column."""
     base = key.split(".", 1)[0]
     if base in declared:
         return declared[base][1]
-    if dataset_known and not method_known:
-        return "method"
-    return "dataset"
+    return "dataset" if not dataset_known and method_known else "method"
 
 
 def data_name(header: Mapping[str, Any]) -> str | None:

@@ -282,6 +282,11 @@ def test_a_plugin_method_is_in_table_2_of_the_paper_layout_and_its_tex(plugins, 
     tex = (tmp_path / "out" / "b.tex").read_text()
     assert "thirdparty\\_test" in tex and "Table 2" in tex and "\\toprule" in tex and "\\begin{table}" in tex
     assert tex.count("\\begin{table}") >= 3  # Tables 1, 2 and 4
+    # read where the plugin is not installed: its options are unknown, its runs still one row
+    METHODS._entries.pop(_PluginMethod.name)
+    df = runs_frame(collect_runs(root)[0])
+    assert sorted(set(df["method"])) == ["Concat", "Sum", "thirdparty_test"] and set(df["dataset"]) == {"synthetic"}
+    assert (df["method"] == "thirdparty_test").sum() == 2
 
 
 def test_a_row_no_table_shows_and_a_picture_not_drawn_are_named(tmp_path):
@@ -398,6 +403,22 @@ def test_show_and_plot_report_the_damage_without_a_traceback(one_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmbalance.cli", "show", str(bad)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a number" in proc.stderr
+
+
+def test_a_setting_no_plugin_declares_splits_the_row_not_the_column(one_run, tmp_path):
+    """A record holding an option its method no longer declares (an older version) is another
+    configuration of that method: another row, on the same data set's column. Wrong variant
+    caught: undeclared keys taken as dataset settings (a column of its own)."""
+    root = tmp_path / "runs"
+    for run_dir in one_run:
+        shutil.copytree(run_dir, root / run_dir.name)
+    path = root / one_run[1].name / records.RECORD
+    rows = [json.loads(ln) for ln in path.read_text().splitlines()]
+    rows[0]["config"]["retired_option"] = 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df = runs_frame(collect_runs(root)[0])
+    assert set(df["dataset"]) == {"synthetic"}
+    assert sorted(df["method"]) == ["Concat", "Concat (retired_option=3)"]
 
 
 # ---- NaN ---------------------------------------------------------------------------------------
