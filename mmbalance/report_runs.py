@@ -384,7 +384,7 @@ def group_rows(rows: list[dict[str, Any]]) -> None:
     row_settings = {r["_row_key"]: r["_row_settings"] for r in rows}
     row_labels = _distinct_labels(row_base, row_settings, lambda key: f"[{_short_hash(key)}]")
     # columns: the dataset's label, told apart by settings, then by the data they read
-    col_base = {r["_col_key"]: r["_col_base"] for r in rows}
+    col_base = {r["_col_key"]: r["_col_base"] for r in reversed(rows)}  # a name given to the data: the first
     col_settings = {r["_col_key"]: r["_column_settings"] for r in rows}
     fingerprints = {r["_col_key"]: r["_fingerprint"] for r in rows}
     labels = _distinct_labels(col_base, col_settings,
