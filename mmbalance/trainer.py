@@ -113,7 +113,7 @@ class Trainer:
         self.method = method
         self.device = resolve_device(self.cfg["device"])
         self.data_fingerprint = dataset.data_fingerprint(self.cfg)
-        self.hash = config_hash(self.cfg, data=self.data_fingerprint, dataset_cls=type(dataset), method_cls=type(method))
+        self.hash = config_hash(self.cfg, data=self.data_fingerprint)
         self.run_dir = Path(self.cfg["records"]) / records.run_dir_name(self.cfg, self.hash)
         amp = self.cfg["amp"]
         self.amp_dtype = (
