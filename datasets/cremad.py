@@ -132,6 +132,7 @@ class CremaD(AVClipPlugin):
             "listed clips whose files are missing and warn with their count (the official "
             "loader skips them silently); false = skip them with a note (subsets)",
             choices=MANIFEST_MODES,
+            changes_results=False,  # only checks: a run that completes reads the same clips
         ),
         "class_order": Option(
             "official",

@@ -223,6 +223,8 @@ class Features(DatasetPlugin):
         "standardize": Option(True, "standardise every feature with the train mean/std (false: use as stored)"),
         "split_seed": Option(0, "seed of the stratified validation carve-out when there is no val.npz"),
         "encoder": Option("mlp", "backbone for every modality unless backbone.<m> is set", type=str),
+        "name": Option(None, "what leaderboards call these data (their column); default: the data folder's name",
+                       type=str, changes_results=False),
     }
 
     def _root(self, cfg: Mapping[str, Any]) -> Path:

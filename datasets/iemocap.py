@@ -306,10 +306,10 @@ class IEMOCAP(DatasetPlugin):
     }
     method_defaults = {"iprm": {"alpha": 0.7}}
     options = {
-        "check_manifest": Option(True, "fail unless the splits hold the manifest's sample counts (MLA 3318 / 1107; MulT 2717 / 798 / 938)"),
+        "check_manifest": Option(True, "fail unless the splits hold the manifest's sample counts (MLA 3318 / 1107; MulT 2717 / 798 / 938)", changes_results=False),
         "layout": Option("auto", "mla = MLA lists + npy + faces; mult = MulT features (.npz from 'mmbalance prepare iemocap_mult'); auto = whichever is present", ["auto", "mla", "mult"]),
         "aligned": Option(True, "MulT layout: iemocap_data.npz (word-aligned) or, when false, iemocap_data_noalign.npz"),
-        "unsafe_unpickle": Option(False, "MulT layout: unpickle MulT's .pkl directly when its .npz is absent; a pickle can run arbitrary code, use only on files you trust (allow-list unpickler still applied; safe path: 'mmbalance prepare iemocap_mult')"),
+        "unsafe_unpickle": Option(False, "MulT layout: unpickle MulT's .pkl directly when its .npz is absent; a pickle can run arbitrary code, use only on files you trust (allow-list unpickler still applied; safe path: 'mmbalance prepare iemocap_mult')", changes_results=False),
         "image_size": Option(256, "MLA layout: face image size (train random-resized crop, test resize + centre crop)"),
         "frame_pick": Option("sorted", "MLA layout: the face is the middle file of the sorted listing, or of os.listdir order (official)", ["sorted", "listdir"]),
         "color_jitter": Option(MLA_COLOR_JITTER, "MLA layout: train colour jitter (brightness = contrast = saturation); 1.0 = MLA's timm color_jitter=True, 0.4 = timm's default, 0 = none", min=0.0),

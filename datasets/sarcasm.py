@@ -417,7 +417,7 @@ class Sarcasm(DatasetPlugin):
     }
     method_defaults = {"iprm": {"alpha": 0.7}}
     options = {
-        "check_manifest": Option(True, "fail unless the splits hold 19,816 / 2,410 / 2,409 usable posts"),
+        "check_manifest": Option(True, "fail unless the splits hold 19,816 / 2,410 / 2,409 usable posts", changes_results=False),
         "layout": Option("auto", "json = BSS/IGM annotations; original = text/*.txt list literals; tsv = AMSS", ["auto", "json", "original", "tsv"]),
         "tokenizer": Option(None, "local tokenizer: a vocab.txt or tokenizer folder (BERT), or a folder with vocab.json + merges.txt (CLIP); default: backbone.text.weights", type=str),
         "max_tokens": Option(None, "truncate each post to this many tokens, special tokens included; default: no truncation, as IGM tokenises (only the encoder's own limit, 512 for BERT, 77 for CLIP, ever cuts)", type=int, min=1),

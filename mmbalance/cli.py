@@ -227,25 +227,33 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from mmbalance.records import ensure_dir
 
     ensure_dir(Path(args.out))
-    if args.layout == "paper":
-        from mmbalance.paper_tables import write_benchmark
+    with warnings.catch_warnings(record=True) as caught:
+        # every report warning (a damaged record, a copy of a run, a row or picture left out)
+        # is printed below, once, as one line
+        warnings.simplefilter("always")
+        if args.layout == "paper":
+            from mmbalance.paper_tables import write_benchmark
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
             written = write_benchmark(Path(args.records), Path(args.out), args.name, args.title,
-                                      (args.rules or ["best_val"])[0], pictures=not args.no_pictures)
+                                      (args.rules or ["best_val"])[0], pictures=not args.no_pictures,
+                                      latex=args.format in ("latex", "all"))
+        else:
+            extra = {"reference": args.reference} if args.reference else {}
+            files = write_leaderboard(Path(args.records), Path(args.out), args.name,
+                                      tuple(args.rules or ("best_val", "best_test", "last")), args.title,
+                                      pictures=not args.no_pictures, latex=args.format in ("latex", "all"), **extra)
+    from mmbalance.paper_tables import LeftOutWarning
+    from mmbalance.report_runs import DamagedRecordWarning, DuplicateRunWarning
+
+    report_warnings = (DamagedRecordWarning, DuplicateRunWarning, LeftOutWarning)
+    for w in caught:
+        if issubclass(w.category, report_warnings):
+            print(f"warning: {w.message}", file=sys.stderr)
+    if args.layout == "paper":
         for path in written:
             print(f"wrote {path}")
         return 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # each damaged record is listed below instead
-        extra = {"reference": args.reference} if args.reference else {}
-        files = write_leaderboard(Path(args.records), Path(args.out), args.name,
-                                  tuple(args.rules or ("best_val", "best_test", "last")), args.title,
-                                  pictures=not args.no_pictures, latex=args.format in ("latex", "all"), **extra)
     md, csv = files
-    for path, reason in getattr(files, "skipped", []):
-        print(f"warning: skipped damaged record {path}: {reason}", file=sys.stderr)
     skipped = len(getattr(files, "skipped", []))
     print(f"wrote {md} and {csv}" + (f" ({skipped} damaged record(s) skipped)" if skipped else ""))
     for extra_file in [*getattr(files, "pictures", []), *getattr(files, "latex", [])]:

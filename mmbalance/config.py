@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from mmbalance.errors import ConfigError, did_you_mean
+from mmbalance.errors import ConfigError, MMBalanceError, did_you_mean
+from mmbalance.registry import DATASETS, METHODS
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ TRAINER_OPTIONS: dict[str, Option] = {
     "seed": _opt(0, "random seed (same seed, same machine -> identical metrics)", min=0, max=MAX_SEED),
     "epochs": _opt(20, "training epochs", min=1),
     "batch_size": _opt(64, "training batch size", min=1),
-    "eval_batch_size": _opt(None, "evaluation batch size (default: 2 x batch_size)", type=int, min=1),
+    "eval_batch_size": _opt(None, "evaluation batch size (default: 2 x batch_size)", type=int, min=1, changes_results=False),
     "optimizer": _opt("sgd", "optimizer", ["sgd", "adam", "adamw"]),
     "lr": _opt(0.01, "learning rate", min=0, min_open=True),
     "momentum": _opt(0.9, "SGD momentum", min=0, max=1),
@@ -82,40 +83,33 @@ TRAINER_OPTIONS: dict[str, Option] = {
         0.1, "fraction of train carved out as validation where the source has none; 0 = validate on "
         "the test split (recorded as such)", min=0, max=1, max_open=True),
     "backbone": _opt({}, "per-modality backbone table: backbone.<modality>.name/weights/<kwarg>", type=dict),
-    "device": _opt("auto", "auto | cpu | cuda | cuda:N", type=str),
+    "device": _opt("auto", "auto | cpu | cuda | cuda:N", type=str, changes_results=False),
     "amp": _opt("auto", "mixed precision: auto = bf16 autocast on CUDA, none on CPU", ["auto", "bf16", "none"]),
     "memory_format": _opt(
         "contiguous", "layout of 4-D conv weights and activations: channels_last is about 1.8x "
         "faster for the CNNs on a CPU (and suits GPU tensor cores) but sums in another order, so "
         "numbers differ from the default in the last bits", ["contiguous", "channels_last"]),
-    "num_workers": _opt(None, "data-loader worker processes (default: 0 for in-memory data, else up to 8)", type=int, min=0),
-    "data_root": _opt(None, "data root (also $MMBALANCE_DATA_ROOT)", type=str),
-    "records": _opt("runs", "directory that holds run records", type=str),
-    "select": _opt("best_val", "selection rule shown in the summary", ["last", "best_val", "best_test"]),
+    "num_workers": _opt(None, "data-loader worker processes (default: 0 for in-memory data, else up to 8)", type=int, min=0, changes_results=False),
+    "data_root": _opt(None, "data root (also $MMBALANCE_DATA_ROOT); the run's identity holds a fingerprint "
+                      "of the data read there, not the path", type=str, changes_results=False),
+    "records": _opt("runs", "directory that holds run records", type=str, changes_results=False),
+    "select": _opt("best_val", "selection rule shown in the summary", ["last", "best_val", "best_test"], changes_results=False),
     "protocol": _opt(
         "honest", "honest = validate on a split carved from train, select on it (default); paper = "
         "what the official scripts do: train on all of train (val_fraction=0), select the epoch on "
         "the test set (best_test), fp32 (amp=none), the paper's per-dataset recipe",
         ["honest", "paper"]),
-    "progress": _opt("auto", "progress bar: auto (on a terminal), on, off", ["auto", "on", "off"]),
+    "progress": _opt("auto", "progress bar: auto (on a terminal), on, off", ["auto", "on", "off"], changes_results=False),
     "diagnostics": _opt(True, "after training: linear probes of the frozen encoders and each modality's "
-                        "Shapley contribution to the fused accuracy (diagnostics.json, the final row)"),
-    "log_epochs": _opt(True, "print one line per epoch (loss, val/test accuracy, per modality, seconds)"),
+                        "Shapley contribution to the fused accuracy (diagnostics.json, the final row)", changes_results=False),
+    "log_epochs": _opt(True, "print one line per epoch (loss, val/test accuracy, per modality, seconds)", changes_results=False),
     "limit_train_batches": _opt(None, "stop each training epoch after this many batches (smoke tests)", type=int, min=1),
     "limit_eval_batches": _opt(None, "evaluate on at most this many batches (smoke tests)", type=int, min=1),
-    "checkpoint": _opt(True, "save a checkpoint each epoch so a killed run resumes"),
-    "wandb": _opt(False, "log to Weights & Biases (offline unless wandb_mode=online)"),
-    "wandb_project": _opt("mmbalance", "wandb project", type=str),
-    "wandb_mode": _opt("offline", "wandb mode", ["offline", "online", "disabled"]),
+    "checkpoint": _opt(True, "save a checkpoint each epoch so a killed run resumes", changes_results=False),
+    "wandb": _opt(False, "log to Weights & Biases (offline unless wandb_mode=online)", changes_results=False),
+    "wandb_project": _opt("mmbalance", "wandb project", type=str, changes_results=False),
+    "wandb_mode": _opt("offline", "wandb mode", ["offline", "online", "disabled"], changes_results=False),
 }
-
-# Keys that do not change what is computed: left out of the run's identity hash.
-NON_SEMANTIC_KEYS = frozenset(
-    {"device", "num_workers", "data_root", "records", "progress", "wandb", "wandb_project",
-     "wandb_mode", "select", "checkpoint", "eval_batch_size", "log_epochs", "diagnostics",
-     "unsafe_unpickle", "cache"}  # how a file is read, not what is computed
-)
-
 
 # What every official script does; a dataset adds its paper recipe (``paper_protocol``).
 PAPER_PROTOCOL: dict[str, Any] = {"val_fraction": 0.0, "select": "best_test", "amp": "none"}
@@ -339,7 +333,8 @@ def _check_distinct_modalities(mods: list[Any], source: str) -> None:
 
 
 def describe(cfg: Mapping[str, Any], dataset_cls: Any, method_cls: Any) -> str:
-    """The resolved config as commented YAML lines: value, owner and help of every key."""
+    """The resolved config as commented YAML lines: value, owner and help of every key, and
+    which keys do not change results (``Option.changes_results``)."""
     owners = [("trainer", TRAINER_OPTIONS), (f"dataset {dataset_cls.name}", dataset_cls.options),
               (f"method {method_cls.name}", method_cls.options)]
     lines = []
@@ -349,24 +344,63 @@ def describe(cfg: Mapping[str, Any], dataset_cls: Any, method_cls: Any) -> str:
             if key == "backbone":
                 continue
             value = yaml.safe_dump({key: cfg.get(key)}, default_flow_style=True).strip()[1:-1]
-            lines.append(f"{value}  # {as_option(opt).help}")
+            option = as_option(opt)
+            # such keys stay out of the run's identity and never split a leaderboard row
+            note = "" if option.changes_results else " (not part of the run's identity)"
+            lines.append(f"{value}  # {option.help}{note}")
     lines.append("# --- backbones (backbone.<modality>.<field>) ---")
     for mod, entry in cfg["backbone"].items():
         lines.append(f"backbone.{mod}: {yaml.safe_dump(entry, default_flow_style=True).strip()}")
     return "\n".join(lines)
 
 
-def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
+def declared_options(dataset_cls: Any = None, method_cls: Any = None) -> dict[str, tuple[Option, str]]:
+    """Every key a run of (dataset, method) can hold: its Option and its owner, one of
+    'trainer', 'dataset', 'method' (a method's declaration wins over a dataset's, as in
+    ``assemble``). A class that is None (a plugin not installed here) declares nothing."""
+    table: dict[str, tuple[Option, str]] = {k: (o, "trainer") for k, o in TRAINER_OPTIONS.items()}
+    for cls, owner in ((dataset_cls, "dataset"), (method_cls, "method")):
+        for k, v in (getattr(cls, "options", None) or {}).items():
+            if k not in TRAINER_OPTIONS:
+                table[k] = (as_option(v), owner)
+    return table
 
 
-def config_hash(cfg: Mapping[str, Any], length: int = 12, data: Mapping[str, Any] | None = None) -> str:
-    """Stable hash of what the run computes (device, paths and logging left out).
+def registered_plugins(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The dataset and method classes the registry holds under the names in ``cfg`` (None for a
+    name that is missing or not registered here, e.g. a record of an uninstalled plugin)."""
+    found = []
+    for registry, key in ((DATASETS, "dataset"), (METHODS, "method")):
+        name = cfg.get(key)
+        try:
+            found.append(registry.get(name) if isinstance(name, str) else None)
+        except MMBalanceError:
+            found.append(None)
+    return found[0], found[1]
+
+
+def identity(cfg: Mapping[str, Any], dataset_cls: Any = None, method_cls: Any = None) -> dict[str, Any]:
+    """The settings that can change a computed number: every key of ``cfg`` except those whose
+    Option declares ``changes_results=False`` (logging, paths, file-reading switches). A key no
+    declaration is found for (a plugin not installed) counts as result-relevant. Without the
+    classes, they are looked up in the registry by the names in ``cfg``."""
+    if dataset_cls is None and method_cls is None:
+        dataset_cls, method_cls = registered_plugins(cfg)
+    declared = declared_options(dataset_cls, method_cls)
+    return {k: v for k, v in cfg.items() if k not in declared or declared[k][0].changes_results}
+
+
+def config_hash(
+    cfg: Mapping[str, Any], length: int = 12, data: Mapping[str, Any] | None = None,
+    dataset_cls: Any = None, method_cls: Any = None,
+) -> str:
+    """Stable hash of what the run computes (see ``identity``): it names the run folder, so a
+    setting declared ``changes_results=False`` never makes a second folder for the same run.
 
     ``data`` is the dataset's fingerprint of the files it reads: the same settings on other
     data are another run. An empty fingerprint (generated data) leaves the hash as it was.
     """
-    ident = identity(cfg)
+    ident = identity(cfg, dataset_cls, method_cls)
     if data:
         ident = {**ident, "__data__": dict(data)}
     blob = json.dumps(ident, sort_keys=True, default=str)

@@ -3,193 +3,79 @@
 One long-form table (a row per finished run: method label, dataset label, seed, metrics under
 every selection rule, cost) is written as CSV; markdown tables are pivoted from it: method rows
 x dataset columns, mean +- std over seeds, best in bold and second underlined per column, and a
-caption naming the selection rule and the seed count. A damaged record (cut, or DONE without
-its final row) is left out with a DamagedRecordWarning naming it and counted in the report.
+caption naming the selection rule and the seed count. Runs are read and grouped by
+``mmbalance.report_runs`` (a row is one method with one result-relevant configuration, a
+column one data set); this module only lays them out. A damaged record (cut, DONE without its
+final row, a metric that is not a number) is left out with a DamagedRecordWarning naming it
+and counted in the report; a run found in two folders is counted once with a
+DuplicateRunWarning naming both. Labels are escaped for each format (``mmbalance.markup``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pandas as pd
 
 from mmbalance import records
-from mmbalance.config import config_hash
 from mmbalance.errors import MMBalanceError
+from mmbalance.markup import latex_escape, md_code, md_escape
 from mmbalance.metrics import RULE_CAPTIONS, SELECTION_RULES
+from mmbalance.report_runs import (  # noqa: F401 - re-exported: callers import them from here
+    DamagedRecordWarning,
+    DuplicateRunWarning,
+    LoadedRuns,
+    collect_runs,
+    dataset_label,
+    duplicate_message,
+    load_runs,
+    public_columns,
+    runs_frame,
+    runs_table,
+    settings_notes,
+    warn_duplicates,
+    warn_skipped,
+)
 from mmbalance.stats import REFERENCE, compare_methods, score_table, statistics_section
 
 METRIC_NAMES = {"acc": "accuracy", "map": "MAP", "f1": "macro-F1"}
 
 
-def dataset_label(header: dict[str, Any]) -> str:
-    cfg = header["config"]
-    label = cfg["dataset"]
-    if cfg.get("modalities"):
-        label += f" [{'+'.join(cfg['modalities'])}]"
-    return label
-
-
-class DamagedRecordWarning(UserWarning):
-    """A run folder whose record cannot be trusted was left out of a leaderboard."""
-
-
 class LeaderboardFiles(tuple):
     """``(md_path, csv_path)`` as before, plus ``.skipped``: the damaged records left out, as
-    (run folder, reason) pairs, and ``.pictures``: the PNG files written beside the markdown,
-    so callers that unpack two paths keep working."""
+    (run folder, reason) pairs, ``.duplicates``: (kept folder, copy) pairs of a run found
+    twice, and ``.pictures``: the PNG files written beside the markdown, so callers that
+    unpack two paths keep working."""
 
     skipped: list[tuple[Path, str]]
+    duplicates: list[tuple[Path, Path]]
     pictures: list[Path]
 
     def __new__(
-        cls, md: Path, csv: Path, skipped: Sequence[tuple[Path, str]] = (), pictures: Sequence[Path] = ()
+        cls, md: Path, csv: Path, skipped: Sequence[tuple[Path, str]] = (), pictures: Sequence[Path] = (),
+        duplicates: Sequence[tuple[Path, Path]] = (),
     ) -> LeaderboardFiles:
         self = super().__new__(cls, (md, csv))
         self.skipped = list(skipped)
+        self.duplicates = list(duplicates)
         self.pictures = list(pictures)
         return self
 
 
-def _run_row(rec: dict[str, Any], run_dir: Path, root: Path | None) -> dict[str, Any]:
-    """One long-form row of a finished record (KeyError/TypeError/... when a field is missing)."""
-    header = rec["header"]
-    epochs = rec["epochs"]
-    row: dict[str, Any] = {
-        "method": header["method_label"],
-        "method_name": header["config"]["method"],
-        "dataset": dataset_label(header),
-        "seed": header["config"]["seed"],
-        "epochs": len(epochs),
-        "device": header["device"],
-        "config_hash": header["config_hash"],
-        "cell": config_hash({k: v for k, v in header["config"].items() if k != "seed"},
-                            data=header.get("data_fingerprint")),
-        "_config": header["config"],
-        "run_dir": str(run_dir.relative_to(root)) if root else str(run_dir),
-        "epoch_time_s": sum(e["train_time_s"] for e in epochs) / max(1, len(epochs)),
-        # the largest per-epoch peak: accelerator allocation on CUDA, resident set on a CPU
-        "peak_mem_mb": max((e["peak_mem_mb"] for e in epochs if e.get("peak_mem_mb") is not None), default=None),
-        "peak_mem_kind": next((e["peak_mem_kind"] for e in epochs if e.get("peak_mem_kind")), None),
-        "protocol": header["config"].get("protocol", "honest"),
-        "random_init": ", ".join(sorted(
-            f"{m} ({w.get('backbone')})" for m, w in (header.get("weights") or {}).items()
-            if w.get("weights") == "random" and w.get("pretrained_in_papers"))),
-    }
-    diag = rec["final"].get("diagnostics") or _diagnostics_file(run_dir)
-    for m, probe in (diag.get("probe") or {}).items():
-        row[f"probe.{m}"] = probe.get("probe_acc") if isinstance(probe, Mapping) else None
-    for m, phi in (diag.get("shapley") or {}).items():
-        row[f"shapley.{m}"] = phi
-    if diag.get("imbalance_degree") is not None:
-        row["imbalance_degree"] = diag["imbalance_degree"]
-    for rule, chosen in rec["final"]["selection"].items():
-        row[f"{rule}.epoch"] = chosen["epoch"]
-        for part, metrics in chosen["test"].items():
-            if isinstance(metrics, dict):
-                for metric, value in metrics.items():
-                    row[f"{rule}.{part}.{metric}"] = value
-    return row
-
-
-def _diagnostics_file(run_dir: Path) -> dict[str, Any]:
-    """Diagnostics computed after the run by `mmbalance probe` (plain JSON), if any."""
-    path = Path(run_dir) / "diagnostics.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(records.read_bytes_nofollow(path))  # never through a planted link
-    except (OSError, ValueError, records.RecordError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def load_runs(
-    record_dirs: Iterable[Path], root: Path | None = None
-) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
-    """Finished records, and the damaged ones with the reason.
-
-    A folder without DONE is a run in progress (or killed, to be resumed): not counted, not
-    reported. A DONE folder whose record is unreadable, cut, lacks its final row, or lacks a
-    field the leaderboard needs is damaged: it is returned in the second list, never silently
-    dropped, because a leaderboard quietly missing a seed looks exactly like a complete one."""
-    good: list[dict[str, Any]] = []
-    skipped: list[tuple[Path, str]] = []
-    for run_dir in record_dirs:
-        run_dir = Path(run_dir)
-        if not (run_dir / records.DONE).exists():
-            continue
-        try:
-            rec = records.load_record(run_dir)
-            rec["_row"] = _run_row(rec, run_dir, root)
-        except records.RecordError as exc:
-            skipped.append((run_dir, str(exc)))
-            continue
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            skipped.append((run_dir, f"record '{run_dir / records.RECORD}' lacks a field the leaderboard "
-                                     f"needs ({type(exc).__name__}: {exc}); it is damaged or from an "
-                                     f"incompatible version. {records.FRESH_HINT} '{run_dir}'."))
-            continue
-        good.append(rec)
-    return good, skipped
-
-
-def collect_runs(records_dir: Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
-    """Every finished record under ``records_dir`` and every damaged one (folder, reason)."""
-    return load_runs(records.find_runs(records_dir), Path(records_dir))
-
-
-def warn_skipped(skipped: Iterable[tuple[Path, str]]) -> None:
-    """One DamagedRecordWarning per damaged record, naming it."""
-    for path, reason in skipped:
-        warnings.warn(f"skipped damaged record {path}: {reason}", DamagedRecordWarning, stacklevel=3)
-
-
-def runs_frame(recs: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Long form from records that went through load_runs/collect_runs."""
-    rows = [rec["_row"] for rec in recs]
-    df = pd.DataFrame(rows)
-    if not df.empty:
-        df = disambiguate(df)
-    return df.drop(columns=["_config"]) if "_config" in df else df
-
-
-def runs_table(record_dirs: Iterable[Path], root: Path | None = None) -> pd.DataFrame:
-    """Long form: one row per finished run, one column per (rule, metric) and per modality.
-    Damaged records are left out with one DamagedRecordWarning each."""
-    recs, skipped = load_runs(record_dirs, root)
-    warn_skipped(skipped)
-    return runs_frame(recs)
-
-
-def disambiguate(df: pd.DataFrame) -> pd.DataFrame:
-    """Runs that share a method label and dataset but differ in configuration (other than the
-    seed) must not be averaged together: their labels get the differing settings appended."""
-    df = df.copy()
-    for (_, _), sub in df.groupby(["method", "dataset"]):
-        cells = sub.drop_duplicates("cell")
-        if len(cells) < 2:
-            continue
-        configs = [c for c in cells["_config"]]
-        keys = sorted(k for k in set().union(*configs)
-                      if k != "seed" and len({repr(c.get(k)) for c in configs}) > 1)
-        for idx, row in sub.iterrows():
-            extra = ", ".join(f"{k}={row['_config'].get(k)}" for k in keys)
-            df.at[idx, "method"] = f"{row['method']} ({extra})"
-    return df
-
-
-def _fmt(mean: float, std: float, n: int, n_max: int, pm: str = "±") -> str:
-    if math.isnan(mean):
-        return "–"
-    text = f"{mean:.2f} {pm} {std:.2f}" if n > 1 else f"{mean:.2f}"
-    return text + (f" (n={n})" if n != n_max else "")
+def _fmt(mean: float, std: float, finite: int, runs: int, n_max: int, pm: str = "±") -> str:
+    """'mean ± std' over the finite values of a cell's ``runs`` runs; the count shows when it is
+    not the column's usual one, and every NaN is counted in the cell (a NaN never removes a
+    seed silently)."""
+    if finite == 0:
+        return f"NaN (n={runs})"
+    text = f"{mean:.2f} {pm} {std:.2f}" if finite > 1 else f"{mean:.2f}"
+    if finite < runs:
+        return text + f" (n={finite} of {runs}, {runs - finite} NaN)"
+    return text + (f" (n={runs})" if runs != n_max else "")
 
 
 # How the best and second-best cells are marked, and how ± is written, per output format.
@@ -198,91 +84,120 @@ STYLES: dict[str, tuple[str, str, str]] = {
     "latex": ("\\textbf{{{}}}", "\\underline{{{}}}", "$\\pm$"),
 }
 
+_FUSED_METRIC = re.compile(r"^(?P<rule>[a-z_]+)\.fused\.[A-Za-z0-9_]+$")
+
+
+def _has_result(df: pd.DataFrame, column: str) -> pd.Series:
+    """Which runs have a result in ``column``: for a fused metric, every run whose record has
+    that selection rule (its value may be NaN, and is then shown as such); otherwise the runs
+    with a value (a method without per-modality heads has no per-modality accuracy)."""
+    match = _FUSED_METRIC.match(column)
+    if match and f"{match['rule']}.epoch" in df:
+        return df[f"{match['rule']}.epoch"].notna()
+    return df[column].notna()
+
 
 def pivot(
     df: pd.DataFrame, column: str, higher_is_better: bool = True, style: str = "markdown"
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Method x dataset table of 'mean ± std' strings, best bold and second underlined."""
+    """Method x dataset table of 'mean ± std' strings, best bold and second underlined.
+
+    Labels stay as they are (the renderers escape them); a cell counts every run that has a
+    result, NaN included (shown as ``n=2 of 3, 1 NaN``, or ``NaN (n=3)``), and ranks on the
+    mean of the finite values."""
     best, second, pm = STYLES[style]
-    grouped = df.groupby(["method", "dataset"])[column].agg(["mean", "std", "count"]).reset_index()
-    grouped["std"] = grouped["std"].fillna(0.0)
     methods = list(dict.fromkeys(df["method"]))
     datasets = sorted(dict.fromkeys(df["dataset"]))
     table = pd.DataFrame("", index=methods, columns=datasets)
+    values = df[_has_result(df, column)]
     seeds: dict[str, int] = {}
+    if values.empty:
+        return table, seeds
+    grouped = (values.groupby(["method", "dataset"])[column]
+               .agg(mean="mean", std="std", finite="count", runs="size").reset_index())
+    grouped["std"] = grouped["std"].fillna(0.0)
     for ds in datasets:
-        sub = grouped[grouped["dataset"] == ds].dropna(subset=["mean"])
+        sub = grouped[grouped["dataset"] == ds]
         if sub.empty:
             continue
-        n_max = int(sub["count"].max())
+        n_max = int(sub["runs"].max())
         seeds[ds] = n_max
-        order = sub.sort_values("mean", ascending=not higher_is_better)["mean"].round(2).tolist()
-        ranks = sorted(set(order), reverse=higher_is_better)
+        ranks = sorted(set(sub["mean"].dropna().round(2)), reverse=higher_is_better)
         for _, r in sub.iterrows():
-            text = _fmt(r["mean"], r["std"], int(r["count"]), n_max, pm)
-            val = round(r["mean"], 2)
-            if ranks and val == ranks[0]:
-                text = best.format(text)
-            elif len(ranks) > 1 and val == ranks[1]:
-                text = second.format(text)
+            text = _fmt(r["mean"], r["std"], int(r["finite"]), int(r["runs"]), n_max, pm)
+            if not math.isnan(r["mean"]):
+                val = round(r["mean"], 2)
+                if ranks and val == ranks[0]:
+                    text = best.format(text)
+                elif len(ranks) > 1 and val == ranks[1]:
+                    text = second.format(text)
             table.loc[r["method"], ds] = text
     return table, seeds
 
 
-def _seed_note(seeds: dict[str, int]) -> str:
+def _seed_note(seeds: dict[str, int], esc=md_escape) -> str:
     counts = sorted(set(seeds.values()))
     if len(counts) == 1:
         return f"{counts[0]} seed{'s' if counts[0] != 1 else ''} per cell"
-    return "seeds per dataset: " + ", ".join(f"{d} {n}" for d, n in seeds.items())
+    return "seeds per dataset: " + ", ".join(f"{esc(d)} {n}" for d, n in seeds.items())
 
 
-def context_note(df: pd.DataFrame) -> str:
+def context_note(df: pd.DataFrame, esc=md_escape) -> str:
     """What a reader must know to compare with the papers: the protocol and random inits."""
     notes = []
     if "protocol" in df:
         protocols = sorted(set(df["protocol"].fillna("honest")))
-        notes.append("Protocol " + " and ".join(protocols) + (
+        notes.append("Protocol " + " and ".join(esc(p) for p in protocols) + (
             " (paper: all of train, epoch selected on test, fp32)" if "paper" in protocols else
             " (validation carved from train)"))
     if "random_init" in df:
         rand = sorted({r for r in df["random_init"].fillna("") if r})
         if rand:
-            notes.append("Random init of encoders the papers start pretrained: " + "; ".join(rand))
+            notes.append("Random init of encoders the papers start pretrained: " + "; ".join(esc(r) for r in rand))
     return (" " + ". ".join(notes) + ".") if notes else ""
 
 
-def latex_escape(text: str) -> str:
-    for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
-                 ("$", "\\$"), ("{", "\\{"), ("}", "\\}"), ("~", "\\textasciitilde{}"), ("^", "\\^{}")):
-        text = text.replace(a, b)
-    return text
+def _plain(text: object) -> str:
+    return str(text)
+
+
+def latex_table(table: pd.DataFrame, caption: str, label: str, *, first: str = "method") -> str:
+    """One booktabs table: row and column labels escaped, cells as given (already in LaTeX,
+    from ``pivot(..., style="latex")``), ``caption`` plain text (escaped here)."""
+    t = table.copy()
+    t.index = [latex_escape(i) for i in t.index]
+    t.columns = [latex_escape(c) for c in t.columns]
+    t = t.reset_index(names=first)
+    return t.to_latex(index=False, escape=False, caption=latex_escape(caption), label=label,
+                      column_format="l" + "c" * (len(t.columns) - 1), position="t")
 
 
 def latex_tables(df: pd.DataFrame, rules: Sequence[str], title: str) -> str:
     """Every fused-metric table as LaTeX through pandas' writer: booktabs rules, best in bold,
     second underlined, mean $\\pm$ std, the caption naming the rule and the seed count."""
-    parts = [f"% {title}: generated by `mmbalance leaderboard --format latex` from recorded runs.",
+    parts = [f"% {latex_escape(title)}: generated by `mmbalance leaderboard --format latex` from recorded runs.",
              "% Needs \\usepackage{booktabs}."]
     for rule in rules:
         for metric, name in METRIC_NAMES.items():
             col = f"{rule}.fused.{metric}"
-            if col not in df or df[col].isna().all():
+            if col not in df or not _has_result(df, col).any():
                 continue
             table, seeds = pivot(df, col, style="latex")
-            table.index = [latex_escape(str(i)) for i in table.index]
-            table.columns = [latex_escape(str(c)) for c in table.columns]
-            table = table.reset_index(names="method")
-            caption = latex_escape(
-                f"Test {name} (%) of the fused prediction, {RULE_CAPTIONS[rule]} (rule {rule}); mean ± std "
-                f"over seeds, {_seed_note(seeds)}; best in bold, second underlined." + context_note(df)
-            ).replace("±", "$\\pm$")
-            parts.append(table.to_latex(index=False, escape=False, caption=caption, label=f"tab:{metric}-{rule.replace('_', '-')}",
-                                        column_format="l" + "c" * (len(table.columns) - 1), position="t"))
+            caption = (f"Test {name} (%) of the fused prediction, {RULE_CAPTIONS[rule]} (rule {rule}); mean ± std "
+                       f"over seeds, {_seed_note(seeds, _plain)}; best in bold, second underlined."
+                       + context_note(df, _plain))
+            parts.append(latex_table(table, caption, f"tab:{metric}-{rule.replace('_', '-')}"))
     return "\n".join(parts) + "\n"
 
 
-def markdown_table(table: pd.DataFrame, caption: str) -> str:
-    body = table.reset_index(names="method").to_markdown(index=False)
+def markdown_table(table: pd.DataFrame, caption: str, *, escape_columns: bool = True, first: str = "method") -> str:
+    """A caption and a markdown table; row labels (and column labels unless the caller built
+    them in markdown) are escaped, cells are written as given (numbers and our own markup)."""
+    t = table.copy()
+    t.index = [md_escape(i) for i in t.index]
+    if escape_columns:
+        t.columns = [md_escape(c) for c in t.columns]
+    body = t.reset_index(names=first).to_markdown(index=False, disable_numparse=True)
     return f"{caption}\n\n{body}\n"
 
 
@@ -291,9 +206,33 @@ def _picture(alt: str, file: str) -> str:
     return f"![{alt}]({quote(file)})\n"
 
 
+def header_notes(
+    skipped: Sequence[tuple[Path, str]] = (), duplicates: Sequence[tuple[Path, Path]] = (),
+) -> str:
+    """What the header line says about runs not counted: damaged records, copies of a run."""
+    note = ""
+    if skipped:  # in the header line, so a reader of the table knows runs are missing from it
+        note += f" {len(skipped)} damaged record(s) skipped: " + ", ".join(md_code(p) for p, _ in skipped) + "."
+    if duplicates:
+        note += (f" {len(duplicates)} run folder(s) held a run already read from another folder, counted "
+                 "once: " + "; ".join(f"{md_code(c)} (a copy of {md_code(k)})" for k, c in duplicates) + ".")
+    return note
+
+
+def settings_line(df: pd.DataFrame) -> str:
+    """One markdown line naming every setting the runs changed from their defaults."""
+    notes = settings_notes(df)
+    if not notes:
+        return ""
+    parts = [f"{kind}: {md_code(text)}" if label is None else f"{kind} {md_escape(label)}: {md_code(text)}"
+             for kind, label, text in notes]
+    return "Settings that differ from each method's defaults on its dataset: " + "; ".join(parts) + "."
+
+
 def build_report(
     df: pd.DataFrame, rules: Sequence[str], title: str, skipped: Sequence[tuple[Path, str]] = (), *,
     statistics: bool = True, reference: str = REFERENCE, pictures: Mapping[str, str] | None = None,
+    duplicates: Sequence[tuple[Path, Path]] = (),
 ) -> str:
     """The markdown report: per rule the fused accuracy/MAP/F1 tables and the per-modality table;
     then (``statistics``) the Statistics section for the first rule (average ranks, Friedman,
@@ -301,13 +240,15 @@ def build_report(
     'cd' and 'cost' to PNG file names beside the markdown, embedded where they belong."""
     pictures = dict(pictures or {})
     note = "Generated by `mmbalance leaderboard` from recorded runs; do not edit by hand."
-    if skipped:  # in the header line, so a reader of the table knows runs are missing from it
-        note += f" {len(skipped)} damaged record(s) skipped: " + ", ".join(f"`{p}`" for p, _ in skipped) + "."
-    parts = [f"# {title}\n", note + "\n"]
+    note += header_notes(skipped, duplicates)
+    parts = [f"# {md_escape(title)}\n", note + "\n"]
+    settings = settings_line(df)
+    if settings:
+        parts.append(settings + "\n")
     for rule in rules:
         for metric, name in METRIC_NAMES.items():
             col = f"{rule}.fused.{metric}"
-            if col not in df or df[col].isna().all():
+            if col not in df or not _has_result(df, col).any():
                 continue
             table, seeds = pivot(df, col)
             caption = (
@@ -391,11 +332,17 @@ def _cost_table(df: pd.DataFrame) -> str:
         base_t = float(base.iloc[0]) if len(base) else float("nan")
         for _, r in sub.iterrows():
             ratio = r["epoch_time_s"] / base_t if base_t == base_t and base_t > 0 else float("nan")
-            lines.append({"method": r["method"], "dataset": ds, "s / epoch": round(r["epoch_time_s"], 2),
+            lines.append({"method": md_escape(r["method"]), "dataset": md_escape(ds),
+                          "s / epoch": f"{r['epoch_time_s']:.2f}",
                           "ratio to Concat": "–" if math.isnan(ratio) else f"{ratio:.2f}"})
-    devices = ", ".join(sorted(set(df["device"])))
+    devices = ", ".join(md_escape(d) for d in sorted(set(map(str, df["device"]))))
     caption = f"**Training time per epoch** (mean over seeds; device: {devices}). Compare within one device only."
-    return "## Cost\n\n" + caption + "\n\n" + pd.DataFrame(lines).to_markdown(index=False) + "\n"
+    return ("## Cost\n\n" + caption + "\n\n" + pd.DataFrame(lines).to_markdown(index=False, disable_numparse=True)
+            + "\n")
+
+
+def _relative(path: Path, root: Path) -> Path:
+    return path.relative_to(root) if path.is_relative_to(root) else path
 
 
 def write_pictures(df: pd.DataFrame, out_dir: Path, name: str, rule: str, statistics: bool = True) -> dict[str, Path]:
@@ -431,15 +378,19 @@ def write_leaderboard(
     Friedman p, Nemenyi CD, paired tests over seeds against ``reference``); with ``pictures``
     the CD diagram and the cost chart are drawn beside the markdown as ``<name>_cd.png`` and
     ``<name>_cost.png`` and embedded in it (relative links). Damaged records are skipped with
-    one DamagedRecordWarning each and counted in the report's header line; the returned
-    ``(md_path, csv_path)`` carries them as ``.skipped`` and the pictures as ``.pictures``."""
+    one DamagedRecordWarning each and counted in the report's header line, copies of a run
+    counted once with one DuplicateRunWarning each and named there too; the returned
+    ``(md_path, csv_path)`` carries them as ``.skipped`` and ``.duplicates`` and the pictures
+    as ``.pictures``."""
     unknown = [r for r in rules if r not in SELECTION_RULES]
     if unknown:
         raise MMBalanceError(f"Unknown selection rule(s) {unknown}; choose from {', '.join(SELECTION_RULES)}.")
     root = Path(records_dir)
     dirs = records.find_runs(root)
-    recs, skipped = load_runs(dirs, root)
+    loaded = load_runs(dirs, root)
+    recs, skipped = loaded
     warn_skipped(skipped)
+    warn_duplicates(loaded.duplicates)
     df = runs_frame(recs)
     if df.empty:
         damaged = f", {len(skipped)} damaged (see the warnings)" if skipped else ""
@@ -451,13 +402,14 @@ def write_leaderboard(
     df = df.sort_values(["dataset", "method", "seed"]).reset_index(drop=True)
     records.ensure_dir(out_dir)
     md_path, csv_path = out_dir / f"{name}.md", out_dir / f"{name}.csv"
-    records.atomic_write_text(csv_path, df.to_csv(index=False))
-    shown = [(p.relative_to(root) if p.is_relative_to(root) else p, why) for p, why in skipped]
+    records.atomic_write_text(csv_path, public_columns(df).to_csv(index=False))
+    shown = [(_relative(p, root), why) for p, why in skipped]
+    copies = [(_relative(k, root), _relative(c, root)) for k, c in loaded.duplicates]
     drawn = write_pictures(df, out_dir, name, rules[0], statistics) if pictures and rules else {}
     report = build_report(df, rules, title or name, shown, statistics=statistics, reference=reference,
-                          pictures={k: p.name for k, p in drawn.items()})
+                          pictures={k: p.name for k, p in drawn.items()}, duplicates=copies)
     records.atomic_write_text(md_path, report)
-    files = LeaderboardFiles(md_path, csv_path, skipped, list(drawn.values()))
+    files = LeaderboardFiles(md_path, csv_path, skipped, list(drawn.values()), loaded.duplicates)
     files.latex = []
     if latex:
         tex_path = out_dir / f"{name}.tex"

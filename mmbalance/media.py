@@ -564,6 +564,7 @@ CACHE_OPTIONS: dict[str, Option] = {
         "mmbalance.cache): built there on first use (or by `mmbalance prepare DATASET ... --set "
         "cache=DIR`), refused when built for other data or settings; default: read the files",
         type=str,
+        changes_results=False,  # where the decoded inputs are kept, not what they hold
     ),
     "cache_frame_size": Option(
         360,

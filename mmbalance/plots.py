@@ -16,14 +16,16 @@ function returns None and ``plot_main`` says why.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -34,6 +36,7 @@ from mmbalance import records
 from mmbalance.config import config_hash
 from mmbalance.errors import MMBalanceError
 from mmbalance.metrics import SELECTION_RULES
+from mmbalance.report_runs import collect_runs, dataset_label, duplicate_message, runs_frame
 from mmbalance.stats import REFERENCE, RankComparison
 
 DPI = 110
@@ -45,6 +48,18 @@ class PlotError(MMBalanceError):
 
 
 # ---- figure plumbing --------------------------------------------------------------------------
+def _literal_text(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """Draw with every text literal: labels come from records (a plugin's label, a data
+    name), and matplotlib would read '$...$' in them as math, failing on an unknown command."""
+
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -108,6 +123,7 @@ def diagnostic_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in ("epoch", "step", "global_step")]
 
 
+@_literal_text
 def plot_step_diagnostics(run_dir: Path, out: Path) -> Path | None:
     """One subplot per logged diagnostic against the global step; dotted lines mark epoch
     starts. None when the run logged no diagnostics (e.g. the naive fusions)."""
@@ -137,8 +153,6 @@ def plot_step_diagnostics(run_dir: Path, out: Path) -> Path | None:
 
 
 def _run_title(run_dir: Path) -> str:
-    from mmbalance.leaderboard import dataset_label
-
     try:
         header = records.load_record(run_dir)["header"]
         cfg = header.get("config", {})
@@ -166,6 +180,7 @@ def epoch_accuracy(rec: Mapping[str, Any], split: str = "test") -> pd.DataFrame:
     return frame
 
 
+@_literal_text
 def plot_epoch_accuracy(run_dir: Path, out: Path, split: str = "test") -> Path | None:
     """Per-epoch test accuracy of the fused and of each modality's prediction of one run; the
     epoch ``best_val`` selects is marked. None when no epoch was evaluated."""
@@ -195,8 +210,6 @@ def plot_epoch_accuracy(run_dir: Path, out: Path, split: str = "test") -> Path |
 def _labelled(recs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The leaderboard long form of ``recs`` (labels disambiguated as in the tables), with the
     record itself in column ``_rec`` (runs_frame keeps the records' order)."""
-    from mmbalance.leaderboard import runs_frame
-
     df = runs_frame(recs)
     if not df.empty:
         df["_rec"] = list(recs)
@@ -223,14 +236,15 @@ def _strip_alpha(label: str) -> str:
 
 
 def alpha_sensitivity(recs: Sequence[dict[str, Any]], rule: str = "best_val") -> pd.DataFrame:
-    """IPRM runs that differ only in alpha (and seed): one row per run with ``setting``,
-    ``variant`` (the label without its alpha tag), ``alpha`` (the effective EMA momentum: 0 for
-    'w/o EMA'), ``seed`` and ``acc`` under ``rule``. Only variants with at least two distinct
-    alphas on a setting are kept; empty when there are none."""
-    from mmbalance.leaderboard import dataset_label
-
+    """IPRM runs that differ only in alpha (and seed): one row per run with ``setting`` (the
+    run's leaderboard column, so two data sets are never one panel), ``variant`` (the label
+    without its alpha tag), ``alpha`` (the effective EMA momentum: 0 for 'w/o EMA'), ``seed``
+    and ``acc`` under ``rule``. Only variants with at least two distinct alphas on a setting
+    are kept; empty when there are none."""
+    cols = ["setting", "variant", "alpha", "seed", "acc"]
+    frame = _labelled(recs)
     rows = []
-    for rec in recs:
+    for setting, rec in zip(frame.get("dataset", []), frame.get("_rec", []), strict=True):
         header = rec["header"]
         cfg = header.get("config", {})
         if cfg.get("method") != "iprm":
@@ -242,9 +256,8 @@ def alpha_sensitivity(recs: Sequence[dict[str, Any]], rule: str = "best_val") ->
             alpha = 0.0
         key = config_hash({k: v for k, v in cfg.items() if k not in ("seed", "alpha", "ema")},
                           data=header.get("data_fingerprint"))
-        rows.append({"setting": dataset_label(header), "variant": _strip_alpha(header.get("method_label", "IPRM")),
+        rows.append({"setting": setting, "variant": _strip_alpha(header.get("method_label", "IPRM")),
                      "key": key, "alpha": float(alpha), "seed": cfg.get("seed"), "acc": _score(rec, rule)})
-    cols = ["setting", "variant", "alpha", "seed", "acc"]
     if not rows:
         return pd.DataFrame(columns=cols)
     df = pd.DataFrame(rows).dropna(subset=["acc"])
@@ -256,6 +269,7 @@ def alpha_sensitivity(recs: Sequence[dict[str, Any]], rule: str = "best_val") ->
     return df[cols].sort_values(["setting", "variant", "alpha", "seed"]).reset_index(drop=True)
 
 
+@_literal_text
 def plot_alpha_sensitivity(
     recs: Sequence[dict[str, Any]], out: Path, rule: str = "best_val", reference: str = REFERENCE
 ) -> Path | None:
@@ -292,6 +306,7 @@ def plot_alpha_sensitivity(
     return save_png(fig, out)
 
 
+@_literal_text
 def plot_critical_difference(comparison: RankComparison, out: Path, rule: str | None = None) -> Path | None:
     """Critical-difference diagram (Demšar 2006) of ``comparison``: average ranks on an axis (1 =
     best, left), methods whose Nemenyi p-value is >= alpha joined by a bar (scikit-posthocs'
@@ -331,6 +346,7 @@ def plot_critical_difference(comparison: RankComparison, out: Path, rule: str | 
     return save_png(fig, out)
 
 
+@_literal_text
 def plot_cost(df: pd.DataFrame, out: Path) -> Path | None:
     """Training seconds per epoch (mean ± std over seeds), one panel per dataset, a bar per
     method. None when no run records its training time. Compare within one device only."""
@@ -360,6 +376,7 @@ def plot_cost(df: pd.DataFrame, out: Path) -> Path | None:
     return save_png(fig, out)
 
 
+@_literal_text
 def plot_methods_epoch_accuracy(
     recs: Sequence[dict[str, Any]], setting: str, out: Path, split: str = "test"
 ) -> Path | None:
@@ -452,11 +469,12 @@ def plot_main(target: str, out: str | None = None, rule: str = "best_val") -> in
         records.ensure_dir(dest)
         made = plot_run(path, dest)
     else:
-        from mmbalance.leaderboard import collect_runs
-
-        recs, skipped = collect_runs(path)
+        loaded = collect_runs(path)
+        recs, skipped = loaded
         for run_dir, reason in skipped:
             print(f"warning: skipped damaged record {run_dir}: {reason}", file=sys.stderr)
+        for kept, copy in loaded.duplicates:
+            print(f"warning: {duplicate_message(kept, copy)}", file=sys.stderr)
         if not recs:
             raise PlotError(
                 f"'{target}' is neither a run folder (no {records.RECORD} in it) nor a records folder with "

@@ -377,6 +377,94 @@ def is_done(run_dir: Path) -> bool:
         raise _link_error(path)
     return path.exists()
 
+def is_number(value: Any) -> bool:
+    """An int or float (NaN included: a metric that is undefined, e.g. MAP without positives);
+    not a bool, a string or null, which no evaluation writes."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_metrics(where: str, metrics: Any) -> str | None:
+    """What is wrong with one evaluation (``{"fused": {"acc": ...}, "loss": ..., "n": ..., <m>: {...}}``)."""
+    if not isinstance(metrics, Mapping):
+        return f"{where} is {type(metrics).__name__}, not a table of metrics"
+    if not isinstance(metrics.get("fused"), Mapping) or "acc" not in metrics["fused"]:
+        return f"{where} has no fused accuracy"
+    for part, values in metrics.items():
+        table = values if isinstance(values, Mapping) else {None: values}
+        for metric, value in table.items():
+            if not is_number(value):
+                name = f"{part}.{metric}" if metric is not None else str(part)
+                return f"{where}.{name} is {value!r}, not a number"
+    return None
+
+
+def record_problem(rec: Mapping[str, Any]) -> str | None:
+    """Why a loaded record cannot be reported (the first problem found), or None when every
+    field a report reads is present and has its type: the header's method, dataset, seed and
+    labels; each epoch's number, loss, time and metrics; each selection rule's epoch and test
+    metrics (a finished record needs at least one rule). A metric must be a number (NaN is
+    one); a string, a bool or null means the file was edited or written by something else."""
+    header = rec.get("header") or {}
+    cfg = header.get("config")
+    if not isinstance(cfg, Mapping):
+        return "the header holds no configuration"
+    for key, kind in (("method", str), ("dataset", str), ("seed", int)):
+        if not isinstance(cfg.get(key), kind) or isinstance(cfg.get(key), bool):
+            return f"the configuration's '{key}' is {cfg.get(key)!r}"
+    mods = cfg.get("modalities")
+    if mods is not None and not (isinstance(mods, list) and all(isinstance(m, str) for m in mods)):
+        return f"the configuration's 'modalities' is {mods!r}, not a list of names"
+    for key in ("method_label", "config_hash", "device"):
+        if not isinstance(header.get(key), str):
+            return f"the header's '{key}' is {header.get(key)!r}"
+    for key in ("data_fingerprint", "dataset_info", "weights"):
+        if header.get(key) is not None and not isinstance(header[key], Mapping):
+            return f"the header's '{key}' is {header[key]!r}, not a table"
+    if header.get("weights") and not all(isinstance(w, Mapping) for w in header["weights"].values()):
+        return f"the header's 'weights' is {header['weights']!r}, not a table per modality"
+    for i, entry in enumerate(rec.get("epochs") or []):
+        where = f"epoch row {i + 1}"
+        if not isinstance(entry.get("epoch"), int) or isinstance(entry.get("epoch"), bool):
+            return f"{where} has no epoch number ('epoch' is {entry.get('epoch')!r})"
+        for key in ("train_loss", "train_time_s"):
+            if not is_number(entry.get(key)):
+                return f"{where}'s '{key}' is {entry.get(key)!r}, not a number"
+        if entry.get("peak_mem_mb") is not None and not is_number(entry["peak_mem_mb"]):
+            return f"{where}'s 'peak_mem_mb' is {entry['peak_mem_mb']!r}, not a number"
+        for split in ("val", "test"):
+            if entry.get(split) is not None:
+                problem = _check_metrics(f"{where}'s {split}", entry[split])
+                if problem:
+                    return problem
+    final = rec.get("final")
+    if final is None:
+        return None  # a run in progress
+    if final.get("diagnostics") is not None and not isinstance(final["diagnostics"], Mapping):
+        return f"the final row's diagnostics is {final['diagnostics']!r}, not a table"
+    selection = final.get("selection")
+    if not isinstance(selection, Mapping) or not selection:
+        return f"the final row's selection is {selection!r}: no selection rule has results"
+    for rule, chosen in selection.items():
+        if not isinstance(chosen, Mapping):
+            return f"selection rule '{rule}' is {chosen!r}"
+        if not isinstance(chosen.get("epoch"), int) or isinstance(chosen.get("epoch"), bool):
+            return f"selection rule '{rule}' has no epoch number ('epoch' is {chosen.get('epoch')!r})"
+        problem = _check_metrics(f"selection rule '{rule}' test", chosen.get("test"))
+        if problem:
+            return problem
+    return None
+
+
+def check_record(rec: Mapping[str, Any]) -> None:
+    """Raise RecordError naming the record file and its first problem (see record_problem): the
+    one reason ``mmbalance show`` prints and ``mmbalance leaderboard`` skips the run for."""
+    problem = record_problem(rec)
+    if problem:
+        run_dir = Path(str(rec.get("run_dir", ".")))
+        raise RecordError(
+            f"Record '{run_dir / RECORD}' is damaged: {problem}. {FRESH_HINT} '{run_dir}'."
+        )
+
 
 def _short_cause(exc: BaseException) -> str:
     """The informative part of a torch.load error (torch's own text suggests weights_only=False,

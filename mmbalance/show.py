@@ -27,14 +27,20 @@ def run_state(run_dir: Path) -> str:
     return "stopped before the end (killed or interrupted): rerun the same command to resume"
 
 
+def _number(value: Any) -> str:
+    """A metric as the tables print it; '–' where the record has none (e.g. no MAP)."""
+    return "–" if value is None else f"{value:.2f}"
+
+
 def epoch_rows(rec: dict[str, Any]) -> list[list[Any]]:
-    mods = rec["header"].get("modalities", [])
+    """One printed row per recorded epoch (records.check_record has vouched for the fields)."""
+    mods = rec["header"].get("modalities") or []
     rows = []
     for e in rec["epochs"]:
         val, test = e.get("val"), e.get("test")
         row = [e["epoch"], f"{e['train_loss']:.4f}",
-               f"{val['fused']['acc']:.2f}" if val else "–", f"{test['fused']['acc']:.2f}" if test else "–"]
-        row += [f"{test[m]['acc']:.2f}" if test and m in test else "–" for m in mods]
+               _number(val["fused"]["acc"]) if val else "–", _number(test["fused"]["acc"]) if test else "–"]
+        row += [_number(test[m].get("acc")) if test and isinstance(test.get(m), dict) else "–" for m in mods]
         row.append(f"{e['train_time_s']:.1f}")
         rows.append(row)
     return rows
@@ -51,9 +57,11 @@ def render(run_dir: Path) -> str:
             f"<dataset>_<method>_s<seed>_<hash>."
         )
     rec = records.load_record(run_dir)  # a running or killed run has no final row yet
+    records.check_record(rec)  # one line naming the damage, the reason a leaderboard skips the run
     h = rec["header"]
     cfg = h.get("config", {})
-    mods = h.get("modalities", [])
+    mods = h.get("modalities") or []
+    info = h.get("dataset_info") or {}
     out = [
         f"run      {run_dir}",
         f"state    {run_state(run_dir)}",
@@ -61,8 +69,8 @@ def render(run_dir: Path) -> str:
         f"   protocol {cfg.get('protocol', 'honest')}",
         f"recipe   {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, {cfg.get('optimizer')} lr "
         f"{cfg.get('lr')}, {cfg.get('scheduler')} schedule, amp {h.get('amp')}, device {h.get('device')}",
-        f"data     {', '.join(mods)}; sizes {h.get('dataset_info', {}).get('sizes')}"
-        + ("; validation is the test split" if h.get("dataset_info", {}).get("val_is_test") else ""),
+        f"data     {', '.join(map(str, mods))}; sizes {info.get('sizes')}"
+        + ("; validation is the test split" if info.get("val_is_test") else ""),
         "",
         tabulate(epoch_rows(rec), headers=["epoch", "loss", "val", "test", *[f"test[{m}]" for m in mods], "s"],
                  disable_numparse=True),
@@ -71,8 +79,9 @@ def render(run_dir: Path) -> str:
         sel = []
         for rule, chosen in rec["final"]["selection"].items():
             t = chosen["test"]
-            sel.append([rule, chosen["epoch"], f"{t['fused']['acc']:.2f}", f"{t['fused']['map']:.2f}",
-                        f"{t['fused']['f1']:.2f}", *[f"{t[m]['acc']:.2f}" if m in t else "–" for m in mods]])
+            fused = [_number(t["fused"].get(k)) for k in ("acc", "map", "f1")]
+            sel.append([rule, chosen["epoch"], *fused,
+                        *[_number(t[m].get("acc")) if isinstance(t.get(m), dict) else "–" for m in mods]])
         out += ["", "final (test, %):", tabulate(sel, headers=["rule", "epoch", "acc", "MAP", "macro-F1",
                                                                 *[f"acc[{m}]" for m in mods]], disable_numparse=True)]
     pictures = sorted(run_dir.glob("*.png")) + sorted((run_dir / "plots").glob("*.png"))

@@ -30,6 +30,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from mmbalance.errors import MMBalanceError
+from mmbalance.markup import md_escape
 
 REFERENCE = "Concat + uni CE"
 ALPHA = 0.05
@@ -299,7 +300,7 @@ def ranks_markdown(comp: RankComparison, rule: str) -> str:
     """Average-ranks table (one rank column per setting, then the average), caption first."""
     k, n = comp.n_methods, comp.n_settings
     if k == 0 or n == 0:
-        return f"No method is scored on every setting; no ranks. {comp.note or ''}\n"
+        return f"No method is scored on every setting; no ranks. {md_escape(comp.note or '')}\n"
     table = comp.ranks.loc[comp.average_ranks.index].copy()
     table = table.map(lambda r: f"{r:g}")
     table["average rank"] = [f"{comp.average_ranks[m]:.2f}" for m in table.index]
@@ -315,15 +316,14 @@ def ranks_markdown(comp: RankComparison, rule: str) -> str:
             f"two methods whose average ranks differ by more than CD differ significantly."
         )
     if comp.note:
-        caption += f" {comp.note}"
-    body = table.reset_index(names="method").to_markdown(index=False)
-    return f"{caption}\n\n{body}\n"
+        caption += f" {md_escape(comp.note)}"
+    return f"{caption}\n\n{_markdown(table)}\n"
 
 
 def paired_markdown(paired: pd.DataFrame, reference: str, rule: str, alpha: float = ALPHA) -> str:
     """Method x setting table of mean differences from the reference, with † / ‡ markers."""
     if paired.empty:
-        return (f"No paired tests: the reference method '{reference}' has no runs here (or shares no "
+        return (f"No paired tests: the reference method '{md_escape(reference)}' has no runs here (or shares no "
                 f"setting with another method).\n")
     settings = sorted(dict.fromkeys(paired["setting"]))
     methods = list(dict.fromkeys(paired["method"]))
@@ -340,6 +340,7 @@ def paired_markdown(paired: pd.DataFrame, reference: str, rule: str, alpha: floa
                 text += f" (n={r['n']})"
         table.loc[r["method"], r["setting"]] = text
     test = TEST_NAMES[str(paired["test"].iloc[0])]
+    reference = md_escape(reference)
     caption = (
         f"**Difference from {reference} per setting** (mean over seeds of method − reference test "
         f"accuracy, percentage points; runs matched by seed; rule `{rule}`; {n_max} matched seeds "
@@ -348,4 +349,12 @@ def paired_markdown(paired: pd.DataFrame, reference: str, rule: str, alpha: floa
         f"multiple comparisons); unmarked: within seed noise; identical: the same accuracy on every seed. "
         f"Fewer than 2 matched seeds: no test."
     )
-    return f"{caption}\n\n{table.reset_index(names='method').to_markdown(index=False)}\n"
+    return f"{caption}\n\n{_markdown(table)}\n"
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    """A method x setting table as markdown, its labels escaped (they come from records)."""
+    t = table.copy()
+    t.index = [md_escape(i) for i in t.index]
+    t.columns = [md_escape(c) for c in t.columns]
+    return t.reset_index(names="method").to_markdown(index=False, disable_numparse=True)
