@@ -300,11 +300,11 @@ def control_markdown(comp: ControlComparison) -> str:
         "mean diff": [f"{d:+.2f}" if not math.isnan(d) else "–" for d in merged["mean_diff"]],
         "Wilcoxon p": [_p(p) for p in merged["p"]],
         "Holm p": [_p(p) for p in merged["p_holm"]],
-        "Wilcoxon-Holm": [v or "–" for v in merged["verdict"]],
+        "Wilcoxon-Holm": [v if isinstance(v, str) else "–" for v in merged["verdict"]],
         "P(better)": [f"{p:.3f}" if not math.isnan(p) else "–" for p in merged["p_better"]],
         "P(equiv.)": [f"{p:.3f}" if not math.isnan(p) else "–" for p in merged["p_equivalent"]],
         "P(worse)": [f"{p:.3f}" if not math.isnan(p) else "–" for p in merged["p_worse"]],
-        "Bayesian": [v or "–" for v in merged["decision"]],
+        "Bayesian": [v if isinstance(v, str) else "–" for v in merged["decision"]],
     })
     caption = (
         f"**Against the control {comp.control}** (score: `{comp.column}`, mean over seeds per setting; "

@@ -139,6 +139,8 @@ def test_methods_missing_settings_compare_on_the_common_ones(scores):
     assert w.loc["Down", "n"] == 1 and pd.isna(w.loc["Down", "verdict"]) and math.isnan(w.loc["Down", "p"])
     b = bayesian_vs_control(s, nsamples=5_000).set_index("method")
     assert pd.isna(b.loc["Down", "decision"]) and b.loc["Up", "n"] == 5
+    text = control_markdown(compare_with_control(long_form(s).dropna(), nsamples=2_000))
+    assert "nan" not in text.lower() and "| Down " in text and "| 1 " in text
 
 
 def test_lower_is_better_flips_the_direction(scores):
