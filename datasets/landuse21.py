@@ -17,10 +17,10 @@ class LandUse21(NamedFeatureSet):
     name = "landuse21"
     description = DESCRIPTION
     data_subdir = "landuse21"
-    views = {'gist': 20, 'phog': 59, 'lbp': 40}
-    rows = {'train': 1575, 'test': 525}
+    views = {"gist": 20, "phog": 59, "lbp": 40}
+    rows = {"train": 1575, "test": 525}
     class_names = tuple(str(k) for k in range(21))
-    modality_names = ('phog', 'gist')
+    modality_names = ("phog", "gist")
     defaults = {
         "epochs": 30,
         "batch_size": 64,

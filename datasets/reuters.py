@@ -17,10 +17,10 @@ class Reuters(NamedFeatureSet):
     name = "reuters"
     description = DESCRIPTION
     data_subdir = "reuters_multilingual"
-    views = {'en': 2000, 'fr': 2000, 'de': 2000, 'it': 2000, 'es': 2000}
-    rows = {'train': 900, 'test': 300}
+    views = {"en": 2000, "fr": 2000, "de": 2000, "it": 2000, "es": 2000}
+    rows = {"train": 900, "test": 300}
     class_names = tuple(str(k) for k in range(6))
-    modality_names = ('es', 'en')
+    modality_names = ("es", "en")
     defaults = {
         "epochs": 30,
         "batch_size": 64,
