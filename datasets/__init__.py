@@ -27,4 +27,4 @@ if __name__ == "datasets":  # imported as a top-level package by accident
     sys.modules["datasets"] = _real
     _spec.loader.exec_module(_real)
 else:
-    BUILTIN = ("synthetic", "avdigits", "mfeat", "features", "cremad", "ksounds", "nvgesture", "iemocap", "sarcasm")
+    BUILTIN = ("synthetic", "avdigits", "mfeat", "features", "cremad_joint", "cremad_unimodal", "landsat", "image_seg", "landuse21", "reuters", "cremad", "ksounds", "nvgesture", "iemocap", "sarcasm")

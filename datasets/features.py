@@ -40,7 +40,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -333,3 +333,74 @@ class Features(DatasetPlugin):
         if remap:
             info["label_map"] = {str(c): i for i, c in enumerate(classes.tolist())}
         return Splits(train, val, test, specs, num_classes, [str(c) for c in classes.tolist()], info)
+
+
+class NamedFeatureSet(Features):
+    """A published feature set under its own name: the ``features`` machinery (same checks,
+    standardisation, validation carve-out) plus what makes it *that* data set.
+
+    A subclass states the folder under the data root (``data_subdir``), the views and their
+    widths, the file sizes and classes it was published with, its default modalities
+    (``modality_names``) and its recipe (``defaults``). Before any training the files are
+    checked against that description, so a folder of other features (or a cut copy) under a
+    known name is refused with the expected layout instead of training on the wrong data; one's
+    own features go through ``--dataset features`` instead. Not registered itself.
+    """
+
+    data_subdir: ClassVar[str] = ""
+    views: ClassVar[dict[str, int]] = {}  # view -> feature width, in file order
+    rows: ClassVar[dict[str, int]] = {}  # split -> number of samples ("train", "test")
+    class_names: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def layout(cls) -> str:
+        views = ", ".join(f"'{v}' (N x {w})" for v, w in cls.views.items())
+        sizes = " and ".join(f"{n} rows in {s}.npz" for s, n in cls.rows.items())
+        return (
+            f"<root>/{cls.data_subdir}/train.npz and test.npz (or <root>/train.npz and test.npz): "
+            f"float32 arrays {views} and an int64 'label' in 0..{len(cls.class_names) - 1}, "
+            f"{sizes}."
+        )
+
+    def _root(self, cfg: Mapping[str, Any]) -> Path:
+        root = resolve_data_root(cfg, self.name, subdir=self.data_subdir)
+        require_paths(self.name, root, ["train.npz", "test.npz"], self.layout())
+        return root
+
+    def available_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
+        return list(self.views)
+
+    def default_modalities(self, cfg: Mapping[str, Any]) -> list[str]:
+        return list(self.modality_names)
+
+    def _check_published(self, files: Mapping[str, Path]) -> None:
+        """The files hold this set's views at their widths, its row counts and its classes."""
+        for split, path in files.items():
+            arrays = _load(path)
+            problems = [f"no array '{v}'" for v in self.views if v not in arrays]
+            problems += [
+                f"'{v}' is {arrays[v].shape[1] if arrays[v].ndim == 2 else arrays[v].shape} wide, not {w}"
+                for v, w in self.views.items() if v in arrays and (arrays[v].ndim != 2 or arrays[v].shape[1] != w)
+            ]
+            y = arrays.get("label")
+            if y is None:
+                problems.append("no array 'label'")
+            else:
+                if split in self.rows and len(y) != self.rows[split]:
+                    problems.append(f"{len(y)} rows, not {self.rows[split]}")
+                if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.class_names)):
+                    problems.append(f"labels outside 0..{len(self.class_names) - 1}")
+            if problems:
+                raise DataError(
+                    f"Dataset '{self.name}': '{path}' is not the {self.name} feature set: "
+                    f"{'; '.join(problems)}. Expected layout: {self.layout()} For features of your "
+                    f"own, use --dataset features --data-root DIR."
+                )
+
+    def build(self, cfg: Mapping[str, Any], modalities: Sequence[str]) -> Splits:
+        root = self._root(cfg)
+        self._check_published(self._files(root))
+        splits = super().build(cfg, modalities)
+        splits.class_names = list(self.class_names)
+        splits.info["views"] = list(modalities)
+        return splits
