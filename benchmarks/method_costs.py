@@ -10,6 +10,10 @@ versions, since a ratio measured on one kind of CPU need not hold on another. Ru
     python benchmarks/method_costs.py                 # all methods, synthetic and avdigits
     python benchmarks/method_costs.py --rounds 5      # more epochs per method (steadier)
     python benchmarks/method_costs.py --keep bench.json   # also keep pytest-benchmark's JSON
+    python benchmarks/method_costs.py -k avdigits --update # re-measure a subset, keep the other rows
+
+``--update`` keeps the rows of the existing file that this run did not measure, provided they
+were measured on the same kind of CPU (model and bf16 kernels); every row carries its own date.
 """
 
 from __future__ import annotations
@@ -59,7 +63,28 @@ def machine() -> dict[str, Any]:
     }
 
 
-def rows_from_benchmark(report: dict[str, Any]) -> list[dict[str, Any]]:
+def row_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return (str(row["method"]), json.dumps(row["options"], sort_keys=True), str(row["dataset"]))
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (r["method"] or "", json.dumps(r["options"], sort_keys=True), r["dataset"]))
+
+
+def merge_rows(old: dict[str, Any] | None, new_rows: list[dict[str, Any]], machine_now: dict[str, Any]) -> list[dict[str, Any]]:
+    """The new rows, plus the old file's rows this run did not measure when they came from the
+    same kind of CPU; rows from another CPU are dropped (their ratios are not comparable)."""
+    if not old:
+        return sort_rows(new_rows)
+    same = all(old.get("machine", {}).get(k) == machine_now.get(k) for k in ("cpu", "cpu_kernels"))
+    if not same:
+        return sort_rows(new_rows)
+    measured = {row_key(r) for r in new_rows}
+    kept = [r for r in old.get("rows", []) if row_key(r) not in measured]
+    return sort_rows(new_rows + kept)
+
+
+def rows_from_benchmark(report: dict[str, Any], date: str = "", rounds: int | None = None) -> list[dict[str, Any]]:
     """One row per (method variant, dataset) from pytest-benchmark's JSON ``extra_info``."""
     rows = []
     for bench in report.get("benchmarks", []):
@@ -78,9 +103,10 @@ def rows_from_benchmark(report: dict[str, Any]) -> list[dict[str, Any]]:
             "median_epoch_s": round(float(info["median_epoch_s"]), 4),
             "baseline_median_epoch_s": round(float(info["baseline_median_epoch_s"]), 4),
             "estimation_s": round(float(info["estimation_s"]), 4),
+            "date": date,
+            "rounds": rounds,
         })
-    rows.sort(key=lambda r: (r["method"] or "", json.dumps(r["options"], sort_keys=True), r["dataset"]))
-    return rows
+    return sort_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per method and dataset")
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON the docs read")
     parser.add_argument("--keep", type=Path, default=None, help="also keep pytest-benchmark's JSON here")
-    parser.add_argument("-k", default=None, help="pytest -k expression (a subset; the file then holds only it)")
+    parser.add_argument("-k", default=None, help="pytest -k expression: time a subset only")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the existing file's rows that this run does not re-measure (same CPU kind)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,16 +132,18 @@ def main(argv: list[str] | None = None) -> int:
             return done.returncode
         report = json.loads(raw.read_text())
 
+    now = machine()
+    old = json.loads(args.out.read_text()) if args.update and args.out.is_file() else None
+    rows = merge_rows(old, rows_from_benchmark(report, started.date().isoformat(), args.rounds), now)
     data = {
         "generated_by": "python benchmarks/method_costs.py",
-        "date": started.date().isoformat(),
+        "date": max(r["date"] for r in rows) if rows else started.date().isoformat(),
         "baseline": "concat with unimodal_loss=true (joint training: fused + unimodal CEs)",
-        "rounds": args.rounds,
         "ratio": "median epoch time of the method / median epoch time of the baseline, epochs "
                  "alternating in one process; ratio_min: the same for the fastest epochs; "
                  "estimation_s: work outside the training loop (G-Blend), reported apart",
-        "machine": machine(),
-        "rows": rows_from_benchmark(report),
+        "machine": now,
+        "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")

@@ -256,11 +256,16 @@ def cost_block(name: str) -> str:
     data = _costs()
     rows = [r for r in data["rows"] if r["method"] == name]
     m = data["machine"]
+    dates = sorted({r["date"] for r in rows}) or [data["date"]]
+    rounds = sorted({r["rounds"] for r in rows if r.get("rounds")})
     where = (f"Measured on {escape(m['cpu'])} ({m['cpu_count']} cores, bf16 kernels "
              f"{escape(m['cpu_kernels'] or 'unknown')}, {m['torch_threads']} torch threads, torch "
-             f"{m['libraries'].get('torch')}, device {rows[0]['device'] if rows else 'cpu'}) on {data['date']} "
-             f"by `{data['generated_by']}` ({data['rounds']} timed epochs per row, each alternating with an "
-             f"epoch of the baseline in the same process). Baseline: {escape(data['baseline'])}.")
+             f"{m['libraries'].get('torch')}, device {rows[0]['device'] if rows else 'cpu'}) on "
+             f"{' and '.join(dates)} by `{data['generated_by']}` ("
+             + (f"{' or '.join(map(str, rounds))} timed epochs per row, " if rounds else "")
+             + "each epoch alternating with an epoch of the baseline in the same process, so a change of "
+             f"load affects both sides of a ratio). Baseline: {escape(data['baseline'])}. The raw file: "
+             "`docs/data/method_costs.json`.")
     if not rows:
         if name == "concat":
             return ("Concat with `unimodal_loss=true` **is** the baseline of the cost measurements "
