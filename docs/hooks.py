@@ -266,12 +266,11 @@ def cost_block(name: str) -> str:
              + "each epoch alternating with an epoch of the baseline in the same process, so a change of "
              f"load affects both sides of a ratio). Baseline: {escape(data['baseline'])}. The raw file: "
              "`docs/data/method_costs.json`.")
+    lead = ("Concat with `unimodal_loss=true` **is** the baseline of these measurements (ratio 1 by "
+            "definition); the rows time plain Concat, one joint loss.\n\n") if name == "concat" else ""
     if not rows:
-        if name == "concat":
-            return ("Concat with `unimodal_loss=true` **is** the baseline of the cost measurements "
-                    "(ratio 1 by definition); plain Concat is listed below.\n\n" + where)
-        return f"*Not measured yet: `benchmarks/bench_methods.py` does not time `{name}`.*\n\n" + where
-    body = table(
+        return lead + f"*Not measured yet: `benchmarks/bench_methods.py` does not time `{name}`.*\n\n" + where
+    body = lead + table(
         ["variant", "options", "dataset", "batches / epoch", "epoch time ratio (median)", "ratio of fastest epochs",
          "estimation outside the loop (s)"],
         [[escape(r["label"]), _settings_text(r["options"]) if r["options"] else "defaults", f"`{r['dataset']}`",
