@@ -84,7 +84,8 @@ def merge_rows(old: dict[str, Any] | None, new_rows: list[dict[str, Any]], machi
     return sort_rows(new_rows + kept)
 
 
-def rows_from_benchmark(report: dict[str, Any], date: str = "", rounds: int | None = None) -> list[dict[str, Any]]:
+def rows_from_benchmark(report: dict[str, Any], date: str = "", rounds: int | None = None,
+                        load: list[float] | None = None) -> list[dict[str, Any]]:
     """One row per (method variant, dataset) from pytest-benchmark's JSON ``extra_info``."""
     rows = []
     for bench in report.get("benchmarks", []):
@@ -105,6 +106,7 @@ def rows_from_benchmark(report: dict[str, Any], date: str = "", rounds: int | No
             "estimation_s": round(float(info["estimation_s"]), 4),
             "date": date,
             "rounds": rounds,
+            "load_average": load,
         })
     return sort_rows(rows)
 
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                f"--benchmark-json={raw}"] + (["-k", args.k] if args.k else [])
         env = {**os.environ, "MMBALANCE_BENCH_ROUNDS": str(args.rounds)}
         started = dt.datetime.now(dt.UTC)
+        load_start = os.getloadavg()[0]
         done = subprocess.run(cmd, cwd=ROOT, env=env)
         if done.returncode != 0:
             print(f"method_costs: the benchmark failed (exit {done.returncode}); {args.out} is unchanged",
@@ -133,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(raw.read_text())
 
     now = machine()
+    load = [round(load_start, 2), round(os.getloadavg()[0], 2)]  # a busy machine shows here
     old = json.loads(args.out.read_text()) if args.update and args.out.is_file() else None
-    rows = merge_rows(old, rows_from_benchmark(report, started.date().isoformat(), args.rounds), now)
+    rows = merge_rows(old, rows_from_benchmark(report, started.date().isoformat(), args.rounds, load), now)
     data = {
         "generated_by": "python benchmarks/method_costs.py",
         "date": max(r["date"] for r in rows) if rows else started.date().isoformat(),

@@ -258,14 +258,18 @@ def cost_block(name: str) -> str:
     m = data["machine"]
     dates = sorted({r["date"] for r in rows}) or [data["date"]]
     rounds = sorted({r["rounds"] for r in rows if r.get("rounds")})
+    threads = f"{m['torch_threads']} torch thread" + ("s" if m["torch_threads"] != 1 else "")
+    loads = sorted({tuple(r["load_average"]) for r in rows if r.get("load_average")})
+    busy = (" The machine's 1-minute load average (start, end of the run): "
+            + "; ".join(f"{a:g}, {b:g}" for a, b in loads) + ". Compare the ratios, not the seconds.") if loads else ""
     where = (f"Measured on {escape(m['cpu'])} ({m['cpu_count']} cores, bf16 kernels "
-             f"{escape(m['cpu_kernels'] or 'unknown')}, {m['torch_threads']} torch threads, torch "
+             f"{escape(m['cpu_kernels'] or 'unknown')}, {threads}, torch "
              f"{m['libraries'].get('torch')}, device {rows[0]['device'] if rows else 'cpu'}) on "
              f"{' and '.join(dates)} by `{data['generated_by']}` ("
              + (f"{' or '.join(map(str, rounds))} timed epochs per row, " if rounds else "")
              + "each epoch alternating with an epoch of the baseline in the same process, so a change of "
              f"load affects both sides of a ratio). Baseline: {escape(data['baseline'])}. The raw file: "
-             "`docs/data/method_costs.json`.")
+             "`docs/data/method_costs.json`." + busy)
     lead = ("Concat with `unimodal_loss=true` **is** the baseline of these measurements (ratio 1 by "
             "definition); the rows time plain Concat, one joint loss.\n\n") if name == "concat" else ""
     if not rows:

@@ -258,10 +258,11 @@ def test_cost_rows_come_from_the_benchmark_json() -> None:
         "extra_info": {"method": "OGM-GE", "dataset": "synthetic", "device": "cpu", "batches": 43,
                        "ratio_to_joint": 1.23456, "ratio_to_joint_min": 1.1, "median_epoch_s": 0.5,
                        "baseline_median_epoch_s": 0.4, "estimation_s": 0.0}}]}
-    rows = mc.rows_from_benchmark(report, "2026-12-07", 5)
+    rows = mc.rows_from_benchmark(report, "2026-12-07", 5, [1.0, 2.0])
     assert rows == [{"method": "ogm", "options": {}, "label": "OGM-GE", "dataset": "synthetic", "device": "cpu",
                      "batches_per_epoch": 43, "ratio_median": 1.235, "ratio_min": 1.1, "median_epoch_s": 0.5,
-                     "baseline_median_epoch_s": 0.4, "estimation_s": 0.0, "date": "2026-12-07", "rounds": 5}]
+                     "baseline_median_epoch_s": 0.4, "estimation_s": 0.0, "date": "2026-12-07", "rounds": 5,
+                     "load_average": [1.0, 2.0]}]
     # --update keeps the rows not re-measured, from the same kind of CPU only
     machine = {"cpu": "AMD EPYC", "cpu_kernels": "AVX512-BF16"}
     other = {**rows[0], "dataset": "avdigits", "ratio_median": 2.0}
