@@ -281,7 +281,9 @@ def cost_block(name: str) -> str:
           str(r["batches_per_epoch"]), f"{r['ratio_median']:.2f}", f"{r['ratio_min']:.2f}",
           f"{r['estimation_s']:.2f}" if r["estimation_s"] else "—"] for r in rows],
     )
-    return body + "\n\n" + where
+    full = ("\n\nOver whole runs, the benchmark's Table 4 ([results](../results/index.md)) gives every "
+            "method's seconds per epoch and its ratio to Concat on each of its settings.")
+    return body + "\n\n" + where + full
 
 
 # ---- datasets ------------------------------------------------------------------------------------
