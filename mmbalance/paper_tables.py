@@ -257,7 +257,7 @@ def build_benchmark_report(
         df, [JOINT, *REBALANCING, IPRM], rule, f"**Table 2.** Joint training ({JOINT}), the nine rebalancing "
         "methods at their paper defaults, and IPRM."))
     ablation = table_accuracy(df, [JOINT, IPRM, *ABLATIONS], rule, "**Table 3.** IPRM and its ablations "
-                              "(iprm.md section 8): linear instead of geodesic mixup, no EMA (α = 0), one fused "
+                              "(docs/methods/iprm.md): linear instead of geodesic mixup, no EMA (α = 0), one fused "
                               "pass at the EMA weight, unpaired sampling.")
     if ablation:
         parts.append("## Table 3. IPRM's ablations\n\n" + ablation)
