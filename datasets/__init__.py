@@ -26,5 +26,3 @@ if __name__ == "datasets":  # imported as a top-level package by accident
     _real = importlib.util.module_from_spec(_spec)
     sys.modules["datasets"] = _real
     _spec.loader.exec_module(_real)
-else:
-    BUILTIN = ("synthetic", "avdigits", "mfeat", "features", "cremad_joint", "cremad_unimodal", "landsat", "image_seg", "landuse21", "reuters", "cremad", "ksounds", "nvgesture", "iemocap", "sarcasm")

@@ -1,6 +1,6 @@
 """AV-digits: spoken digits (FSDD audio) paired by class with scikit-learn's 8x8 digit images.
 
-Split and pairing follow shared/data/README.md exactly: audio index 0-4 -> test, 5-49 -> train;
+Split and pairing (docs/datasets/avdigits.md): audio index 0-4 -> test, 5-49 -> train;
 per class, images ``I_c[:30]`` -> test and ``I_c[30:]`` -> train; within a class and split the
 clips, sorted by (speaker, index), take image ``I_c[k mod len(I_c)]``. Audio becomes a 64-mel
 log spectrogram of the first second (zero-padded), standardised with train statistics; images
@@ -188,7 +188,7 @@ class AVDigits(DatasetPlugin):
             specs["image"] = ModalitySpec("vector", (64,), {"image_shape": (8, 8)})
         info = {
             "root": str(root),
-            "split": "FSDD index 0-4 test / 5-49 train; images I_c[:30] test; pairing per shared/data/README.md",
+            "split": "FSDD index 0-4 test / 5-49 train; images I_c[:30] test; pairing per docs/datasets/avdigits.md",
             "val_rule": rule,
             "val_is_test": hold is None,
             "image_noise": cfg["image_noise"],

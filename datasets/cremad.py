@@ -1,6 +1,6 @@
 """CREMA-D (audio + face frames, 6 emotions) in the layouts the field uses.
 
-Default = the IPRM paper's recipe on the njustkmg layout (Layout B of reference/datasets.md):
+Default = the IPRM paper's recipe on the njustkmg layout (Layout B, docs/datasets/cremad.md):
 the OGM-GE 6698 / 744 split, 2 frames per clip, 20 s of audio at 22,050 Hz turned into a
 (1, 257, 1250) log spectrogram. Layout A (OGM-GE: csvs in a separate folder, 1 frame, 3 s ->
 (1, 257, 188)) and Layout D (MLA: its own 90/10 split, stored kaldi fbanks (1, 1024, 128), 3
@@ -60,7 +60,7 @@ OFFICIAL_ORDER = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 # the same order as the codes (Anger < Disgust < ... and ANG < DIS < ...).
 MLA_NAMES = {"Anger": "ANG", "Disgust": "DIS", "Fear": "FEA", "Happy": "HAP", "Neutral": "NEU", "Sad": "SAD"}
 
-# Manifest of the two splits the field uses (reference/datasets.md section 1).
+# Manifest of the two splits the field uses (GeWu-Lab/OGM-GE_CVPR2022 data/CREMAD/*.csv; MLA's lists).
 MANIFEST = {"ogm": {"train": 6698, "test": 744}, "mla": {"train": 6698, "test": 744}}
 CLASS_COUNTS = {
     "ogm": {

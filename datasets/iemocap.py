@@ -1,6 +1,6 @@
 """IEMOCAP: audio + face + transcript, 4 emotions (Angry, Happy, Neutral, Sad).
 
-Two processed layouts (datasets.md section 4, iprm.md 10.4):
+Two processed layouts (docs/datasets/iemocap.md):
 
 * Layout A, MLA's (the IPRM paper follows MLA): ``my_{train,test}_iemo.txt`` lists with the
   literal `` [split|sign] `` separator, kaldi fbank ``.npy`` (1024, 128), BERT ids without
@@ -18,7 +18,7 @@ Two processed layouts (datasets.md section 4, iprm.md 10.4):
   holding only the ``.pkl`` is a DataError saying so; ``unsafe_unpickle=true`` reads the pickle
   directly instead (still through the allow-list unpickler), for files the user trusts.
 
-Modality order (m1, m2, m3) = (audio, visual, text), as iprm.md 7.1 guesses for IEMOCAP.
+Modality order (m1, m2, m3) = (audio, visual, text), our guess for IEMOCAP (docs/datasets/iemocap.md).
 Labels are the position in the sorted names in both layouts: Angry 0, Happy 1, Neutral 2,
 Sad 3. Decision: the face is the middle file of the SORTED listing (MLA indexes the unsorted
 ``os.listdir`` order, which differs between filesystems; ``frame_pick=listdir`` reproduces it).

@@ -1,6 +1,6 @@
 """Kinetics-Sounds (audio + RGB frames; 31 classes in this line of work).
 
-Default = the njustkmg layout the IPRM lab's loaders read (Layout C of reference/datasets.md):
+Default = the njustkmg layout the IPRM lab's loaders read (Layout C, docs/datasets/ksounds.md):
 ``annotations/{train,valid,test}.csv`` with a ``youtube_id,label`` header, WAVs per split,
 1-fps frame folders per split. Audio: 35,400 Hz mono (resampled by soxr HQ, as librosa.load),
 tiled/cut to 10 s, log STFT 512/353 -> (1, 257, 1003). Layouts A (OGM-GE lists
@@ -19,7 +19,7 @@ default; :data:`mmbalance.media.FRAME_RULES`), in train and in eval alike:
 
 The indices go into the sorted listing (``sort_frames``), which is what the official code's
 file names ``frame_0000{t}.jpg`` address. ``frame_choice=random`` uses IPRM's CREMA-D rule
-instead (3 distinct random sorted indices in train, the first 3 in eval), which iprm.md 10.2
+instead (3 distinct random sorted indices in train, the first 3 in eval), which we
 guessed for IPRM's KS runs; the rule in effect is recorded in ``Splits.info``.
 
 Class index = sorted class names (a **decision**: the lab numbers classes by first appearance

@@ -1,18 +1,18 @@
 """NVGesture: RGB + optical flow + depth clips of 25 dynamic hand gestures (Molchanov et al. 2016).
 
-Follows the loader of the IPRM / AMSS / IGM code (iprm.md 10.3, datasets.md section 3):
+Follows the loader of the IPRM / AMSS / IGM code (njustkmg/IJCAI25-IPRM ``dataset/nvGesture_dataset.py``):
 the official NVIDIA split lists, ``sk_color.avi`` / ``sk_depth.avi`` read over the annotated
 80-frame window and resized to 256 x 256, precomputed flow in ``Video_data/flow_data``, a
 random 64-frame window and one random 224 crop shared by all modalities in training, all 80
 frames and a centre crop at test time. Modality order is the paper's m1, m2, m3 = RGB, OF,
-Depth (iprm.md 2.2), which decides the IPRM pair order (rgb, flow), (rgb, depth), (flow, depth).
+Depth (docs/datasets/nvgesture.md), which decides the IPRM pair order (rgb, flow), (rgb, depth), (flow, depth).
 
 The flow's origin is recorded with the run (``Splits.info["flow"]``): ``mmbalance prepare
 nvgesture`` writes which method made each file (OpenCV's TV-L1 by default, or Horn-Schunck)
 into ``flow_data/<split>/mmbalance_flow.json``; flow from elsewhere is reported as
 "unrecorded", and a mix of methods as "mixed" with a note.
 
-Decisions (iprm.md 12.4): colour frames are converted to RGB by default, since they receive
+Decisions (docs/datasets/nvgesture.md): colour frames are converted to RGB by default, since they receive
 RGB ImageNet statistics and feed RGB-pretrained I3D; ``color_order=bgr`` reproduces the
 official code, which keeps OpenCV's BGR. The source has no validation split: one is carved
 from train with a fixed seed (``VAL_SEED``) and its list lines are recorded with the run.
@@ -232,7 +232,7 @@ class NVGesture(DatasetPlugin):
         "crop_size": Option(224, "spatial crop shared by all modalities (random in train, centre in test)"),
         "clip_frames": Option(80, "frames read per clip from its annotated start (official 80-slot buffer)"),
         "train_frames": Option(64, "random temporal window used in training (test uses clip_frames)"),
-        "color_order": Option("rgb", "colour channel order; bgr = the official code (iprm.md 12.4)", ["rgb", "bgr"]),
+        "color_order": Option("rgb", "colour channel order; bgr = the official code (docs/datasets/nvgesture.md)", ["rgb", "bgr"]),
     }
     layout_help = (
         "NVGesture root (or <root>/nvGesture): nvgesture_train_correct_cvpr2016_v2.lst and "

@@ -1,6 +1,6 @@
 """Sarcasm: Twitter image + text, binary (Cai, Cai & Wan, ACL 2019).
 
-Three on-disk layouts of the same release (datasets.md section 5), detected in this order:
+Three on-disk layouts of the same release (docs/datasets/sarcasm.md), detected in this order:
 
 * ``json`` (default; BSS / IGM): ``annotations/{train,valid,test}_data.json``, JSON lists of
   ``{"image", "text", "label"}``; the image is ``images/<basename of image>``.
@@ -11,7 +11,7 @@ Three on-disk layouts of the same release (datasets.md section 5), detected in t
 * ``tsv`` (AMSS): ``annotations/{train,test}.tsv`` with header ``Label  String  ImageID``.
 
 Where a layout has no validation file, validation is carved from train with a fixed seed.
-Text (iprm.md 10.5): lower-cased, punctuation ``,.'!?"()*#:;~`` removed, ``-`` and ``/`` to
+Text (njustkmg/IJCAI25-IGM ``datasets/sarcasm_dataset.py``): lower-cased, punctuation ``,.'!?"()*#:;~`` removed, ``-`` and ``/`` to
 spaces, at most 50 words; tokenised once at build time with a LOCAL tokenizer (BERT's
 WordPiece, or CLIP's BPE when the text backbone is ``clip_text``), with special tokens, and --
 as IGM's ``train_sarcasm.py`` does it (``padding='longest', max_length=50`` without

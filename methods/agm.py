@@ -1,6 +1,6 @@
 """AGM: Adaptive Gradient Modulation (Li et al., ICCV 2023).
 
-Spec: reference/methods-a.md section 5 and Errata 2, 6, 7, 8; official code lihong2303/AGM
+Documented in docs/methods/agm.md; official code lihong2303/AGM
 (``model/CREMAD_net.py``, ``run/CREMAD_main.py``, ``model/URFunny_net.py``,
 ``run/URFunny_main.py``). One training step, modalities ``1..M``:
 
@@ -17,7 +17,7 @@ Spec: reference/methods-a.md section 5 and Errata 2, 6, 7, 8; official code liho
        rbar_m = exp(M/(M-1) * (mean_j Sbar_j - Sbar_m))       "mono-modal concept"
        k_m    = exp(alpha * min(rbar_m - r_m, cap))
 
-   This is the OFFICIAL sign (Errata 7, CREMA-D ``exp(S_v - S_a)``): a modality whose loss is
+   This is the OFFICIAL sign (``run/CREMAD_main.py``: ``exp(S_v - S_a)``): a modality whose loss is
    lower than usual relative to the others is damped (k < 1), one that lags is boosted.
    BalanceBenchmark's ``AGM_trainer.py`` flips both exponents (it boosts the leader); that is
    available as ``sign=balancebenchmark`` and is off by default. Then ``Sbar`` is updated with
@@ -44,12 +44,12 @@ Departures from the official code (each switchable):
   whole network in ``eval()`` mode (BN running stats, no dropout) and autograd on;
   ``coalitions=reencode`` does exactly that. With encoders that
   have neither BatchNorm nor dropout the two give the same numbers.
-* ``after_window=reset`` (default, the reference's recommendation): outside the window the
+* ``after_window=reset`` (default, our choice): outside the window the
   gradient scales are 1. The official code only stops *updating* them, so after the window's
   end backward keeps multiplying by the last values (``after_window=keep``).
 * Scores use ``log_softmax`` clamped at ``log(prob_floor)`` instead of ``log(softmax)`` with a
   per-sample branch: the same value where softmax does not underflow. ``prob_floor=0``
-  removes the floor (``URFunny_main.py`` has none, Errata 8).
+  removes the floor (``URFunny_main.py`` has none).
 * The clip guard watches every weight matrix of the fused head (ConcatHead: its one Linear,
   as the official ``fusion_module.fc_out``; SumHead: each modality's Linear). ``clip_rule=
   max_only`` reproduces ``MOSEI_main.py``'s mistyped condition ``max > thr and min < thr``.
@@ -60,9 +60,9 @@ Departures from the official code (each switchable):
   step count is kept in the method state, which is the same number (also with
   ``limit_train_batches``) and survives a resume.
 
-Not reproduced: the official repo's test-set model selection (Errata 6) and its CREMA-D
-per-modality accuracy bug (Errata 2); ``drop_rate`` and ``grad_norm_clip`` are never read by
-the official code (Errata 8). The official runs use SGD (momentum 0.9, wd 1e-4); under Adam or
+Not reproduced: the official repo's test-set model selection and its CREMA-D
+per-modality accuracy bug (its ``test()`` counts an audio hit under the visual condition); ``drop_rate`` and ``grad_norm_clip`` are never read by
+the official code. The official runs use SGD (momentum 0.9, wd 1e-4); under Adam or
 AdamW a per-step gradient scale is largely normalised away, so a warning is issued.
 """
 
@@ -256,7 +256,7 @@ class AGM(Method):
     description = "AGM: Shapley-output gradient modulation against the mono-modal concept (ICCV 2023)"
     options = OPTIONS
     fusion = "concat"
-    # The paper's values per dataset (methods-a.md 5.6): CREMA-D alpha 1.5, cap 10, clip 1.
+    # The authors' values per dataset (lihong2303/AGM issue #10, docs/methods/agm.md): CREMA-D alpha 1.5, cap 10, clip 1.
     dataset_defaults = {"cremad": {"alpha": 1.5, "cap": 10.0, "clip_threshold": 1.0}}
     key_diagnostic = None  # set per run: "coef_<first modality>"
 
@@ -282,7 +282,7 @@ class AGM(Method):
         if cfg.get("optimizer") in ("adam", "adamw"):
             warnings.warn(
                 f"Method 'agm' scales gradients; under {cfg['optimizer']} a per-step scale is largely "
-                f"normalised away (methods-a.md 0.3-2). The official runs use SGD: --set optimizer=sgd.",
+                f"normalised away (docs/methods/agm.md). The official runs use SGD: --set optimizer=sgd.",
                 stacklevel=2,
             )
 

@@ -1,4 +1,4 @@
-"""Concat: late fusion by concatenation, o = W [z_1; ...; z_M] + b (methods-b.md 1.2)."""
+"""Concat: late fusion by concatenation, o = W [z_1; ...; z_M] + b (docs/methods/concat.md)."""
 
 from mmbalance.config import Option
 from mmbalance.method import Method
@@ -6,7 +6,7 @@ from mmbalance.registry import register_method
 
 UNIMODAL_LOSS = Option(
     False,
-    "add a CE per modality on separate unimodal heads (the 'uniform baseline', methods-b.md 1.3); "
+    "add a CE per modality on separate unimodal heads (the 'uniform baseline', MMPareto's code); "
     "off = one joint loss, and per-modality accuracy is the fused head's part",
 )
 

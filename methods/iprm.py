@@ -1,6 +1,7 @@
 """IPRM: instantaneous probe-and-rebalance with geodesic multimodal mixup (IJCAI 2025).
 
-Spec: reference/iprm.md (sections 1-9, 11, 12). One iteration, two modalities (a, b):
+Documented in docs/methods/iprm.md; official code njustkmg/IJCAI25-IPRM ``main_av.py``,
+``main_trimodal.py``. One iteration, two modalities (a, b):
 
 1. encoders run once; unimodal heads see the raw features; ``L_uni = CE(u_a) + CE(u_b)``;
 2. probe (no autograd): fuse with GMM at the EMA weight ``lambda_t`` (Eq. 4), compare each
@@ -23,9 +24,9 @@ pins both a plain reference step and values recorded before this sharing).
 Inference sums the unimodal and fused logits, the fused branch at the last EMA weight (the
 official rule; ``inference=fused_only`` drops the unimodal logits).
 
-Three or more modalities (section 7): ``pair_mode=tri_cls`` gives every unordered pair its own
+Three or more modalities (official ``main_trimodal.py``): ``pair_mode=tri_cls`` gives every unordered pair its own
 fused head, probe and EMA; ``pair_mode=single_cls`` shares one fused head and trains one
-randomly drawn ordered pair per step. The ablations of section 8 are options of this one
+randomly drawn ordered pair per step. The paper's ablations are options of this one
 plugin and show in :meth:`IPRM.label`.
 """
 
@@ -70,7 +71,7 @@ OPTIONS: dict[str, Option] = {
                         "head on a random pair per step (single_cls)", choices=("tri_cls", "single_cls")),
     "replicate_official_head_bug": Option(
         False, "3 modalities only: the third modality's logits come from the second's head, as in "
-        "the official NVGesture code (iprm.md 12.1)",
+        "the official NVGesture code (njustkmg/IJCAI25-IPRM main_trimodal.py)",
     ),
 }
 
@@ -215,7 +216,7 @@ class IPRM(Method):
         return uni
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        """Encoders once; per trained pair: probe at lambda_t, rebalance at omega_t (iprm.md 4).
+        """Encoders once; per trained pair: probe at lambda_t, rebalance at omega_t (docs/methods/iprm.md).
 
         The work each pair shares between its two fused passes is done once: the unimodal
         log-softmaxes (in their CEs and in the probe KLs), the pair's normalised features,

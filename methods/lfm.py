@@ -1,7 +1,7 @@
 """LFM: dynamically learning the modality gap (Yang, Wan, Jiang, Xu, NeurIPS 2024).
 
-Spec: reference/methods-b.md section 5 (with Errata 6-8 and sections 6, 7); written from the
-spec and checked against ``Crema_epoch.py`` / ``Crema_epoch_learnable.py`` of
+Documented in docs/methods/lfm.md; written from the paper and
+checked against ``Crema_epoch.py`` / ``Crema_epoch_learnable.py`` of
 njustkmg/NeurIPS24-LFM (the official code; nothing copied).
 
 Model: the encoders and their **separate** linear unimodal heads, no fused head
@@ -16,8 +16,8 @@ Loss per batch, with weights fixed within epoch e (``alpha_ce + alpha_al = 1``):
 m = (p + q) / 2, ``A = (KL(m || p) + KL(m || q)) / 2`` averaged over the batch (PyTorch's
 ``kl_div(log p, m)`` is KL(m || p): the "reverse" mixture divergence, not the textbook JS);
 gradients flow through m. Three or more modalities: the mean over unordered pairs, each pair
-with its own m (section 5.6 decision). ``align=infonce`` is the paper's contrastive loss as
-far as it can be reconstructed (a **guess**, section 5.3): symmetric InfoNCE on L2-normalised
+with its own m (a decision). ``align=infonce`` is the paper's contrastive loss as
+far as it can be reconstructed (a **guess**): symmetric InfoNCE on L2-normalised
 pooled features with temperature ``infonce_temperature`` (0.1), mean over pairs.
 
 The weights (``alpha_schedule``; all pure functions of the epoch below):
@@ -25,7 +25,7 @@ The weights (``alpha_schedule``; all pure functions of the epoch below):
 * ``fitted`` (the released default): alpha_ce is the degree-5 polynomial fitted to a learnable
   trajectory of the 200-epoch CREMA-D run, alpha_al = 1 - alpha_ce; loss_scale 2.
 * ``exp`` (repository history; a guess for the paper's heuristic): alpha_al =
-  clip(exp(-0.3 e), 0.05, 0.95); loss_scale 1 (that script has no factor 2). Errata 7: its only
+  clip(exp(-0.3 e), 0.05, 0.95); loss_scale 1 (that script has no factor 2). Note: its only
   use fine-tuned a CE-pretrained checkpoint; from scratch it is plain CE after ~epoch 10.
 * ``learnable`` (``Crema_epoch_learnable.py``): before every epoch (epoch 0 included, before
   any training), on the first ``hvp_samples`` (8) rows of the held-out slice of *train*:
@@ -52,7 +52,7 @@ Departures from the official code (each one that changes numbers is an option):
   with the run seed; the HVP uses its first ``hvp_samples`` rows in a fixed order every epoch,
   as officially (the same 8 each epoch). Never test or validation data (BalanceBenchmark's port
   used a test batch).
-* HVP forward mode (Errata 6): ``hvp_mode=official`` replicates the released script (train
+* HVP forward mode: ``hvp_mode=official`` replicates the released script (train
   mode at epoch 0, so BatchNorm statistics move once on those rows; eval mode from epoch 1, as
   left by its ``val()``); ``eval`` / ``train`` fix one mode.
 * The HVP runs in fp32 without autocast (the official code is fp32 throughout; second-order
@@ -65,7 +65,7 @@ Departures from the official code (each one that changes numbers is an option):
   decay acts from epoch 69 (step 70). ``lr_decay_timing=epoch_start`` replicates it (through
   ``set_lr_scale``; StepLR only) and is the CREMA-D paper default; ``trainer`` (the default
   elsewhere) keeps the benchmark's common end-of-epoch timing.
-* Initialisation (Errata 8): ``weight_init=official`` applies LFM's init (Kaiming-normal
+* Initialisation: ``weight_init=official`` applies LFM's init (Kaiming-normal
   fan_out for convolutions, Xavier-normal with zero bias for linear layers, BatchNorm (1, 0)) to
   the heads and to every encoder built without loaded weights; the default ``framework`` keeps
   the backbones' own init, shared by every method of the benchmark under the same seed.
@@ -73,7 +73,7 @@ Departures from the official code (each one that changes numbers is an option):
   detection is off (officially on, globally); selection follows the trainer's rules (the
   official scripts pick on test).
 
-Open questions (section 7) decided here: the paper's contrastive loss is the ``infonce`` guess
+Open questions decided here: the paper's contrastive loss is the ``infonce`` guess
 (representation = pooled encoder features, temperature 0.1); its heuristic schedule is the
 ``exp`` guess; the bi-level algorithm is the released crude HVP rule, not the paper's
 (unrecoverable) one; no per-dataset settings exist for KS, NVGesture, Sarcasm, so the common
@@ -309,7 +309,7 @@ def hessian_vector_mean(
 
 def hvp_train_mode(mode: str, epoch: int) -> bool:
     """Model mode of the HVP forward: the official script is in train mode at epoch 0 and in
-    eval mode afterwards (left so by its validation), Errata 6."""
+    eval mode afterwards (left so by its validation)."""
     if mode == "official":
         return epoch == 0
     return mode == "train"
@@ -361,7 +361,7 @@ def double_backward_failures(model: Any, batch: Mapping[str, Any]) -> dict[str, 
 
 
 def official_init(module: nn.Module) -> None:
-    """LFM's initialisation (Errata 8): Kaiming-normal (fan_out, relu) conv weights, Xavier-normal
+    """LFM's initialisation (the official code's): Kaiming-normal (fan_out, relu) conv weights, Xavier-normal
     linear weights with zero bias, BatchNorm weight 1 and bias 0."""
     for mod in module.modules():
         if isinstance(mod, nn.Linear):

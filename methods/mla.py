@@ -1,7 +1,7 @@
 """MLA: multimodal learning with alternating unimodal adaptation (Zhang et al., CVPR 2024).
 
-Spec: reference/methods-b.md section 4 with Errata 2, 3 and 9, sections 6 and 7; written from
-the spec and checked against ``main.py`` / ``utils/utils.py`` of
+Documented in docs/methods/mla.md; written from
+the paper and checked against ``main.py`` / ``utils/utils.py`` of
 Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation (the official code) and
 BalanceBenchmark's ``MLA_trainer.py``.
 
@@ -10,7 +10,7 @@ Model: the dataset's encoders and ONE linear head ``h(z) = W z + b`` shared by e
 model's unimodal heads are never trained, and the per-modality logits that evaluation reports
 are the shared head on each modality's features (``per_modality_source() == "method"``).
 
-Training (manual optimisation, methods-b.md 4.3): the encoders run once per batch; then, for
+Training (manual optimisation, official ``main.py`` ``train_epoch``): the encoders run once per batch; then, for
 each modality m in turn (the run's modality order, or ``mla_order``):
 ``L_m = CE(h(z_m), y)``; backward (it reaches only theta_m and the head: every gradient is
 None at the start of the batch and after each step); the shared head's weight gradient is
@@ -25,17 +25,17 @@ sub-steps of the run; ``lambda = 0.1 ** (1 + i / N)`` with i the batch index in 
 the batches this epoch trains; r = the detached fp32 batch mean of the current modality's
 features):
 
-* ``owm`` (default; our reading of the paper, a **guess** of methods-b.md 4.4, with the scalar
-  denominator of Errata 2 as a deliberate fix): before every sub-step except the first of the
+* ``owm`` (default; our reading of the paper, a **guess**, with the scalar
+  denominator as a deliberate fix): before every sub-step except the first of the
   run, ``grad W <- grad W @ P``; after modality m's sub-step, ``k = P r``,
   ``P <- P - k k^T / (lambda + r^T k)``, ``P <- P / ||P||_F``. P starts as the d x d identity
   (d of the run, not the official hard-coded 512) and is never reset.
-* ``none``: **as released** (methods-b.md 4.3: the official hook looks for a parameter named
+* ``none``: **as released** (official ``utils/utils.py``: the hook looks for a parameter named
   ``module.weight`` that a Linear layer does not have, so the modification never runs): plain
   alternating unimodal steps through the shared head. Label "MLA (as released)".
 * ``bb_additive``: BalanceBenchmark's port, which does run: in every sub-step but the run's
   first, P is first updated with the CURRENT modality's r by the released element-wise rule
-  (Errata 2: ``P - (k k^T) / (lambda + k r)``, where ``k r`` is the d x d outer product, then the
+  (``P - (k k^T) / (lambda + k r)``, where ``k r`` is the d x d outer product, then the
   Frobenius normalisation), and the projected gradient is ADDED: ``grad W <- grad W + grad W @ P^T``.
 * ``elementwise``: the release's rule as it would run if its name check matched: the same
   element-wise update of P with the current r, then ``grad W <- grad W @ P^T`` (replace).
@@ -48,7 +48,7 @@ PSD by cancellation when ``r^T P r >> lambda``). NaN guard: an update of P that 
 (the element-wise rule can divide by ~0) is dropped (P keeps its value) and counted
 (``gm_nonfinite`` per step, the run total in the method state).
 
-Inference (methods-b.md 4.5): ``o_m = h(z_m)``; ``mla_fusion=dynamic`` (default, the paper's
+Inference (official ``main.py`` ``valid``): ``o_m = h(z_m)``; ``mla_fusion=dynamic`` (default, the paper's
 rule): ``o = sum_m lambda_m o_m`` with ``lambda_m = softmax_m(-H_m)`` and ``H_m`` the entropy of
 softmax(o_m) -- logits are weighted, not probabilities. ``mla_entropy_scope=sample`` (default,
 as BalanceBenchmark) gives one weight per sample; ``batch`` replicates the official quirk
@@ -59,9 +59,9 @@ IEMOCAP audio 0.35 / visual 0.25 / text 0.4; 1/M elsewhere).
 
 Departures from the official code:
 
-* ``mla_gm=owm`` is the default although the release never modifies the gradient (the spec's
+* ``mla_gm=owm`` is the default although the release never modifies the gradient (our
   decision: "MLA" includes its gradient modification; ``none`` must also be run and reported).
-* zero_grad semantics (Errata 3): each sub-step updates only theta_m and the head (torch >= 2,
+* zero_grad semantics: each sub-step updates only theta_m and the head (torch >= 2,
   gradients set to None); ``mla_legacy_zero_grad=true`` emulates the pinned torch 1.8: encoders
   already stepped earlier in the same batch get a zero-gradient step (momentum and weight decay
   still move them); all gradients are None at the end of every batch either way.
@@ -69,14 +69,14 @@ Departures from the official code:
   underflows to 0; identical numbers otherwise).
 * P is d x d of the run (official: hard-coded 512, which would fail on the 768-d runs).
 * The shared head keeps PyTorch's default Linear initialisation (the official CREMA-D run
-  re-initialises linear layers Xavier-normal, Errata 8; the encoders are the dataset's).
+  re-initialises linear layers Xavier-normal; the encoders are the dataset's).
 * The train loss recorded is the mean of the M sub-step CEs (official: ``0.55 L_a + 0.45 L_v``
   for logging only; nothing trains on it).
 * ``N`` of the lambda schedule is the number of batches the epoch trains (the official
   ``len(dataloader)``; they differ only under ``limit_train_batches``).
 
-Open question (section 7), decided: the paper's exact GM formula and ordering are unknown; we
-take the spec's ``owm`` reconstruction (update P after the sub-step with that modality's mean
+Open question, decided: the paper's exact GM formula and ordering are unknown; we
+take our ``owm`` reconstruction (update P after the sub-step with that modality's mean
 feature, so a modality's gradient is projected away from the feature directions seen BEFORE
 it, the standard OWM order) and keep the released/BalanceBenchmark orderings as variants.
 
@@ -149,7 +149,7 @@ def owm_update(P: torch.Tensor, r: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def elementwise_update(P: torch.Tensor, r: torch.Tensor, lam: float) -> torch.Tensor:
-    """The released ``GSPlugin`` rule (Errata 2): ``k = P r^T``; ``P - (k k^T) / (lam + k r)``
+    """The released ``GSPlugin`` rule (official ``utils/utils.py``): ``k = P r^T``; ``P - (k k^T) / (lam + k r)``
     ELEMENT-WISE, ``k r`` being the d x d outer product ``k_i r_j``; then ``/ ||.||_F``; fp32."""
     P = P.float()
     r = r.float().reshape(-1)
@@ -358,7 +358,7 @@ class MLA(Method):
     def _legacy_zero_grads(self, stepped: Sequence[str]) -> None:
         """torch 1.8 ``zero_grad``: the encoders stepped earlier in this batch hold zero
         gradients (not None), so this sub-step's SGD step still applies momentum and weight
-        decay to them (Errata 3)."""
+        decay to them."""
         assert self.model is not None
         for m in stepped:
             for p in self.model.encoder_params(m):

@@ -1,7 +1,7 @@
 """MMPareto: Pareto integration of the multimodal and unimodal gradients (Wei and Hu, ICML 2024).
 
-Spec: reference/methods-b.md section 2 (with its Errata item 1 and sections 6-7). The model is the
-"uniform baseline" (section 1.3): a fused head (Concat by default) plus a separate linear head per
+Documented in docs/methods/mmpareto.md. The model is the
+"uniform baseline" (docs/methods/concat.md): a fused head (Concat by default) plus a separate linear head per
 modality, losses ``L_mm = CE(o, y)`` and ``L_m = CE(o_m, y)``. Only the encoders' gradients change.
 Per batch (manual optimisation, one optimizer step):
 
@@ -13,7 +13,7 @@ Per batch (manual optimisation, one optimizer step):
    ``cos = <G^mm, G^u> / (|G^mm| |G^u|)``; if ``cos > 0`` (strictly) ``a = 1/2``, else ``a`` is the
    official two-vector min-norm solver (:func:`pareto_weight`): 0.999 when
    ``<G^mm,G^u> >= |G^mm|^2`` (tested first), 0.001 when ``<G^mm,G^u> >= |G^u|^2``, otherwise the
-   exact closed form ``(|G^u|^2 - <G^mm,G^u>) / |G^mm - G^u|^2`` (no clamp, Errata 1);
+   exact closed form ``(|G^u|^2 - <G^mm,G^u>) / |G^mm - G^u|^2`` (no clamp, as the official solver);
    ``D = 2 (a G^mm + (1 - a) G^u)``; per parameter tensor t, ``S_t = G^mm_t + G^u_t`` and the
    gradient becomes ``gamma * max(1, |S_t| / |D_t|) * D_t`` (:func:`magnitude_factors`; scaled up
    to at least the uniform-sum norm, never down), ``gamma = boost = 1.5``;
@@ -44,14 +44,14 @@ Departures from the official code (GeWu-Lab/MMPareto_ICML2024 ``code/MMPareto.py
   official model; names are never matched.
 * **No fourth backward.** Official: ``S_t`` is the gradient of a fourth backward of
   ``L_mm + sum_m L_m``; since ``L_k`` (k != m) does not reach encoder m, ``S_t = G^mm_t + G^u_t``
-  (methods-b.md 2.2 decision; a test checks the two agree), and the heads' gradients are the
+  (a decision; a test checks the two agree), and the heads' gradients are the
   per-objective ones. Equal up to float rounding.
 * **Unimodal gradients** come from ``grad(L_m, encoder m + head m)`` (encoder-local) instead of a
   full ``L_m.backward()``: same values, less work.
 * **Solver on the device.** Same closed form and boundary order; the dot products are fp32 on the
   device (official: fp32 sums moved to the CPU, each counted twice through its ``concat`` entry,
   which the scale-invariant solver ignores). No Python branch reads a tensor.
-* **Guards** (methods-b.md 2.9 decision; ``guards=false`` restores the official arithmetic,
+* **Guards** (a decision; ``guards=false`` restores the official arithmetic,
   NaNs included). (a) ``a = 1/2`` when the closed form's denominator ``|G^mm - G^u|^2`` is below
   ``guard_eps`` (reachable only when both gradients vanish). (b) A tensor whose ``|D_t|`` is
   below ``guard_eps + 1e-5 (|G^mm_t| + |G^u_t|)`` (exactly opposite gradients: the min-norm point
@@ -63,13 +63,13 @@ Departures from the official code (GeWu-Lab/MMPareto_ICML2024 ``code/MMPareto.py
   divides by ``max(|G^mm| |G^u|, 1e-8)`` as ``F.cosine_similarity`` does in both modes.
 * **Fusion.** Concat (official) by default; ``fusion_mode=sum`` is offered, the maintainers say
   the method does not depend on the fusion type (MMP#3).
-* **Schedule and selection** follow the suite (common per-dataset table, section 2.4 decision;
+* **Schedule and selection** follow the suite (common per-dataset table, a decision;
   the official CREMA-D script creates a StepLR it never steps) and its selection rules.
-* **Three or more modalities** (section 2.5 decision): each encoder still faces two objectives,
+* **Three or more modalities** (a decision): each encoder still faces two objectives,
   its own ``L_m`` and ``L_mm``, and the rule is applied per encoder, as the third-party
   three-modality fork and BalanceBenchmark do.
 
-Open questions (section 7), decided: the magnitude rescale is **per tensor** by default (what
+Open questions, decided: the magnitude rescale is **per tensor** by default (what
 the official code does; ``rescale=global`` uses one factor per encoder, the paper's "common
 direction plus enhanced magnitude" reading), and ``boost`` (gamma) is 1.5 on every dataset (the
 only value any source gives).
@@ -101,7 +101,7 @@ DESCRIPTION = "MMPareto: Pareto integration of multimodal and unimodal gradients
 BOOST = 1.5  # the official gamma
 SOLVER_HIGH, SOLVER_LOW = 0.999, 0.001  # the official solver's boundary answers
 COS_EPS = 1e-8  # F.cosine_similarity's epsilon
-GUARD_EPS = 1e-12  # methods-b.md 2.9
+GUARD_EPS = 1e-12  # docs/methods/mmpareto.md, departures
 DEGENERATE_REL = 1e-5  # |D_t| this small relative to its inputs is an exact cancellation
 
 OPTIONS: dict[str, Option] = {
@@ -113,7 +113,7 @@ OPTIONS: dict[str, Option] = {
                           choices=("concat", "sum")),
     "guards": Option(True, "NaN guards (tiny denominator, degenerate D_t, non-finite gradients), each "
                      "counted; false = the official arithmetic, NaNs included"),
-    "guard_eps": Option(GUARD_EPS, "absolute threshold of the guards (methods-b.md 2.9)", type=float, min=0),
+    "guard_eps": Option(GUARD_EPS, "absolute threshold of the guards (docs/methods/mmpareto.md)", type=float, min=0),
 }
 
 

@@ -1,5 +1,5 @@
 """MSLR: modality-specific learning rates for additive late fusion (Yao & Mihalcea, Findings
-ACL 2022). Spec: reference/methods-a.md section 2 and its Errata 1-2.
+ACL 2022). Documented in docs/methods/mslr.md.
 
 Additive late fusion ``z = sum_m z_m`` (the sum head; ``z_m = W_m e_m + b_m`` is modality m's
 branch). Every modality gets its own optimizer param group ``"modality.<m>"`` = its encoder and
@@ -16,14 +16,14 @@ and ``adapt_m`` the automatic factor:
   validation, with ``hist_m`` the FIFO of modality m's last H validation accuracies (of its
   branch logits, the sum head's part m), ``r = acc_m / mean(hist_m)`` is computed *before*
   ``acc_m`` is appended, only once ``len(hist_m) == H``; ``adapt_m = clip(r)`` replaces the
-  previous factor (non-compounding: the new rate is ``lr_m_init * r``, Errata 1). The first H
+  previous factor (non-compounding: the new rate is ``lr_m_init * r``, as the AGM repository). The first H
   epochs only fill the history.
 
 The multiplier is applied through ``trainer.set_lr_scale`` in ``on_validation_end``, so it takes
 effect from the next epoch, on top of the already-stepped schedule, and never compounds with
 it. The accuracy history and the factors are method state (checkpointed).
 
-No official code exists; the spec reads two reimplementations (lihong2303/AGM ``run/*_main.py``
+No official code exists; mmbalance follows two reimplementations (lihong2303/AGM ``run/*_main.py``
 method MSLR, and CXianRen/AMST ``code/baseline/mslr3_new.py``). Departures from them, each
 switchable where it changes numbers:
 
@@ -35,9 +35,9 @@ switchable where it changes numbers:
 * Validation accuracy, never test: the AGM repo adapts on test accuracy; here ``rule=auto``
   refuses a run whose validation split is the test split (``val_fraction=0``).
 * Each modality's own branch accuracy: the AGM repo's CREMA-D ``test()`` counts the audio hit
-  under the visual condition (Errata 2), so its MSLR adapts the audio rate on visual accuracy.
+  under the visual condition, so its MSLR adapts the audio rate on visual accuracy.
   That bug is not reproduced.
-* The ratio is clipped to ``[ratio_min, ratio_max]`` = [0.5, 2] (the spec's default against a
+* The ratio is clipped to ``[ratio_min, ratio_max]`` = [0.5, 2] (our default against a
   near-chance early history); neither reimplementation clips: ``ratio_min=null ratio_max=null``.
 * ``auto_variant=amst`` is AMST's reading instead: the accuracy is appended first (mean over the
   last H *including* the current one), and the factor compounds (``adapt *= r``) only when
@@ -88,7 +88,7 @@ OPTIONS: dict[str, Option] = {
                         type=float, min=0, min_open=True),
     "auto_variant": Option(
         "previous", "previous: ratio against the previous H accuracies, recomputed every epoch, "
-        "non-compounding (AGM repo, Errata 1); amst: mean including the current one, compounding, "
+        "non-compounding (AGM repo); amst: mean including the current one, compounding, "
         "every H epochs (CXianRen/AMST)", choices=("previous", "amst")),
     "apply_as": Option("lr", "lr: per-group learning rates (paper, AMST); grad: multiply each group's "
                        "gradients after backward (AGM repo)", choices=("lr", "grad")),

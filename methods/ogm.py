@@ -1,7 +1,8 @@
 """OGM-GE: on-the-fly gradient modulation with generalisation enhancement (Peng et al., CVPR 2022).
 
-Spec: reference/methods-a.md section 3 (with its Errata item 9 and the "Confirmed as written"
-paragraph). Two modalities a, b (the run's order; audio, visual on CREMA-D/KS). Each step:
+Documented in docs/methods/ogm.md; official code GeWu-Lab/OGM-GE_CVPR2022 ``main.py``
+(CVPR) and GeWu-Lab/BML_TPAMI2024 ``code/main.py`` (journal). Two modalities a, b (the run's
+order; audio, visual on CREMA-D/KS). Each step:
 
 1. one forward pass; the loss is the fused CE only (the unimodal CEs are *not* added, as in the
    official code); the per-modality logits ``z_m`` are the fused head's parts (concat: the
@@ -35,7 +36,7 @@ Departures from the official code (GeWu-Lab/OGM-GE_CVPR2022 ``main.py``):
   ``encoder_params(m)`` (conv kernels, BN affine, biases, linear layers and any projection the
   encoder holds; never the fused or unimodal heads). This changes numbers on conv encoders;
   ``conv4d_only=true`` restores the official filter. That filter modulates NOTHING for MLP,
-  transformer or 3-D-conv (5-D kernel) encoders (methods-a.md 0.3-3 and 3.10), e.g. both
+  transformer or 3-D-conv (5-D kernel) encoders (docs/methods/ogm.md), e.g. both
   encoders of ``synthetic`` and the image MLP of ``avdigits``; a warning says so at fit start.
 * **Degenerate scores.** Scores are floored at the smallest positive float32 before the
   ratio, so a zero score gives a huge ratio (k = 0) instead of the official inf/NaN, and two
@@ -62,7 +63,7 @@ Not supported (clear refusals): three or more modalities (the official rule is a
 scores; the IPRM paper reports OGM-GE as N/A on trimodal sets) and ``weight`` fusion, whose
 logits come from one shared head on a weighted feature sum and do not split by modality.
 Under Adam/AdamW a constant per-tensor gradient factor is largely normalised away
-(methods-a.md 0.3-2); the method warns when an adaptive optimizer is configured.
+(docs/methods/ogm.md); the method warns when an adaptive optimizer is configured.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ class OGM(Method):
         # CVPR README and main.py defaults: alpha 0.8 on CREMA-D, window 0-50 (of 100 epochs).
         "cremad": {"alpha": 0.8, "modulation_starts": 0, "modulation_ends": 50},
         # Journal repo (BML_TPAMI2024) train_ogm.sh: alpha 0.8, window 0-60 with no modulation
-        # while epoch <= 5 (Errata 9), i.e. 6-60; its tie rule damps the second modality.
+        # while epoch <= 5, i.e. 6-60; its tie rule damps the second modality.
         "ksounds": {"alpha": 0.8, "modulation_starts": 6, "modulation_ends": 60, "tie": "second"},
     }
 
@@ -287,7 +288,7 @@ class OGM(Method):
         if str(self.cfg.get("optimizer", "sgd")).lower() in ("adam", "adamw"):
             warnings.warn(
                 f"Method 'ogm' scales gradients; under {self.cfg['optimizer']} a constant per-tensor "
-                f"factor is largely normalised away (methods-a.md 0.3-2). The official runs use SGD.",
+                f"factor is largely normalised away (docs/methods/ogm.md). The official runs use SGD.",
                 stacklevel=2,
             )
 

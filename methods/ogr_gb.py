@@ -1,8 +1,8 @@
 """OGR-GB: Gradient-Blending (Wang, Tran, Feiszli, CVPR 2020), "What makes training multi-modal
 classification networks hard?".
 
-Spec: reference/methods-a.md section 1 (with Errata item 10 and the "Confirmed as written"
-paragraph: ΔG/ΔO² with sum normalisation). Heads k ∈ {m_1..m_M, fused}: the model's unimodal
+Documented in docs/methods/ogr_gb.md
+(ΔG/ΔO² with sum normalisation). Heads k ∈ {m_1..m_M, fused}: the model's unimodal
 linear head on each pooled embedding e_m, and the fused head (concat by default). Training loss
 
     L_blend = sum_k w_k * CE(z_k, y)                        (one encoder pass per step)
@@ -25,16 +25,16 @@ validation). One estimation, from the current state of the run's model:
 
 ``mode=offline``: one estimation from the initial weights in ``on_cell_start``; the run then
 trains from those same initial weights with the fixed w. ``mode=online`` (default, the
-reference's mmbalance default): an estimation at the start of every super-epoch
+suite's choice): an estimation at the start of every super-epoch
 (``epoch % super_epoch == 0``, in ``on_train_epoch_start``), from the current model. The run's
 model, its optimizer and the global RNG streams are untouched by an estimation (copies, and
 the RNG state is restored afterwards), so the main loop draws what it would draw without one.
 
-Edge cases (reference 1.5 pseudo-code, documented choices):
+Edge cases (documented choices):
 
 * ``ΔG ≤ 0`` (the held-out loss did not fall): the head gets raw weight 0 (``abs_dg=true`` is
   BalanceBenchmark's ``|ΔG|``, which gives a head whose held-out loss rose a positive weight).
-* ``ΔO ≤ 0`` (overfitting did not grow): ΔO enters squared, as in the reference; ``ΔO²`` is
+* ``ΔO ≤ 0`` (overfitting did not grow): ΔO enters squared, as in the paper's formula; ``ΔO²`` is
   floored at ``min_delta_o_sq`` so ``ΔO = 0`` gives ``ΔG / min_delta_o_sq`` (a very large weight)
   instead of a division by zero. ``delta_o_rule=clamp`` instead clamps ΔO itself from below at
   ``sqrt(min_delta_o_sq)`` before squaring, so any ΔO ≤ 0 (a head that generalises at least as
@@ -42,8 +42,8 @@ Edge cases (reference 1.5 pseudo-code, documented choices):
 * non-finite losses (a diverged sub-training): raw weight 0.
 * every raw weight 0: the previous weights are kept (uniform 1/(M+1) before the first
   estimation), and the diagnostic ``fallback`` is 1.
-* ``max_weight < 1`` caps any single weight (reference 1.11 "cap any single weight, e.g.
-  ≤ 0.9"), the excess going to the other heads in proportion to their weights (equally, if they
+* ``max_weight < 1`` caps any single weight (a safeguard, e.g.
+  ≤ 0.9), the excess going to the other heads in proportion to their weights (equally, if they
   all have 0). Off by default (1.0): the formula as written.
 
 A head with weight 0 is not trained during that super-epoch; its per-modality accuracy is then
@@ -57,7 +57,7 @@ and copies are charged to the same counter (batches and time, no optimizer steps
 
 Departures from the official code (facebookresearch/VMZ consumes precomputed weights only and
 never computes them; BalanceBenchmark, MultiBench and PMR's ``OGR_model`` are the
-reimplementations the reference read):
+reimplementations read for it):
 
 * **Fused head**: the suite's linear concat head (``fusion_mode=sum``: one linear head per
   modality, summed), as for every method here; VMZ's is concat -> FC-ReLU-FC-ReLU-FC.
@@ -65,8 +65,8 @@ reimplementations the reference read):
   validation or test split (BalanceBenchmark measures L^V on its validation loader).
 * **Losses**: per-sample means in eval mode on fixed samples, measured before and after the
   estimation window (BalanceBenchmark sums batch losses, takes L^T from the training-mode losses
-  of the estimation epochs and its "before" after the first estimation epoch: reference 1.11 c,
-  d and Errata 10). MultiBench's default ``delta=False`` (final losses instead of deltas) is not
+  of the estimation epochs and its "before" after the first estimation epoch).
+  MultiBench's default ``delta=False`` (final losses instead of deltas) is not
   offered.
 * **Unimodal estimates** train encoder_m + unimodal head m (the paper), not the fused head with
   the other modalities zeroed (BalanceBenchmark). With ``unimodal_estimation=auto`` (default) the
@@ -79,13 +79,13 @@ reimplementations the reference read):
   learning rate, no momentum history, as BalanceBenchmark (reloads its temporary optimizer's
   initial state) and MultiBench (new optimizer per estimate); ``copy`` = a copy of the run's
   optimizer state (momentum, current scheduled rate). The rate is constant during sub-training.
-* **Inference**: the fused head (``inference=fused``, the reference's default). PMR's
-  ``OGR_model.forward`` always returns ``(out_f + out_a + out_v) / 3`` (Errata 10):
+* **Inference**: the fused head (``inference=fused``, the paper's). PMR's
+  ``OGR_model.forward`` always returns ``(out_f + out_a + out_v) / 3``:
   ``inference=mean`` averages the M + 1 heads' logits at evaluation (training always uses the
   blended loss over the separate heads). Per-modality accuracy: the trained unimodal heads.
 * MultiBench's extra fused-head fine-tuning (``finetune_epoch``) is not implemented.
 
-No published per-dataset values exist for the suite's datasets (reference 1.6: the weights are
+No published per-dataset values exist for the suite's datasets (the weights are
 computed); ``super_epoch=10`` (BalanceBenchmark) is the default everywhere.
 """
 
@@ -136,7 +136,7 @@ OPTIONS: dict[str, Option] = {
                            choices=("square", "clamp")),
     "abs_dg": Option(False, "BalanceBenchmark's |ΔG| (a head whose held-out loss rose still gets weight); "
                      "default max(ΔG, 0)"),
-    "max_weight": Option(1.0, "cap on any single blend weight (1 = no cap; reference 1.11 suggests 0.9)",
+    "max_weight": Option(1.0, "cap on any single blend weight (1 = no cap; e.g. 0.9)",
                          type=float, min=0, max=1, min_open=True),
     "fusion_mode": Option("concat", "fused head: concat (W [e_1; ...; e_M] + b) or sum (sum_m W_m e_m + b_m)",
                           choices=("concat", "sum")),
@@ -149,7 +149,7 @@ OPTIONS: dict[str, Option] = {
 def generalisation_and_overfitting(
     lt0: float, lv0: float, lt1: float, lv1: float
 ) -> tuple[float, float]:
-    """``(ΔG, ΔO)`` of one head over an estimation window (reference 1.2).
+    """``(ΔG, ΔO)`` of one head over an estimation window (the paper's definitions).
 
     ``ΔG = L^V_0 - L^V_1`` (positive when the held-out loss falls), ``ΔO = O_1 - O_0`` with
     ``O = L^V - L^T`` (positive when the train/held-out gap grows).

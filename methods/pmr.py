@@ -1,16 +1,16 @@
 """PMR: Prototypical Modal Rebalance (Fan et al., CVPR 2023), two modalities.
 
-Spec: reference/methods-a.md section 4 and Errata 3-6; written from the spec, checked against
+Documented in docs/methods/pmr.md; written from the paper, checked against
 ``main_Prototype_grad.py`` of fanyunfeng-bit/Modal-Imbalance-PMR (the official code).
 
 * **Prototypes** (``on_train_epoch_start``): class means of each modality's embedding over the
   first ``floor(n_batches * proto_fraction)`` (at least 1) batches of a shuffled pass over the
   *training* data (train-time pipeline), model in eval mode, no autograd, through the trainer's
   ``iterate("train", fraction=...)`` service (its count rule is exactly the official
-  ``sample_count >= len(loader) // 10`` break, Errata 4). Officially they are computed before
+  ``sample_count >= len(loader) // 10`` break). Officially they are computed before
   epoch 0 and after every epoch; computing them at the start of epoch e from the model that
   finished epoch e - 1 is the same thing.
-* **Momentum** (Errata 3): ``protos = new`` in epochs 0 and 1, ``(1 - mu) * new + mu * old``
+* **Momentum** (as the official code): ``protos = new`` in epochs 0 and 1, ``(1 - mu) * new + mu * old``
   from epoch 2 on (the official code smooths after epoch e only when e > 0).
 * **Per step**: ``q_m = -cdist(e_m, protos_m) / temperature``; score ``s_m`` = sum over the batch of
   ``softmax(q_m)[y]``; the modality with the lower score gets ``alpha * CE(q_m, y)`` (the PCE)
@@ -40,7 +40,7 @@ Departures from the official code (none changes a number the official code produ
 
 Defaults: alpha = 1.0 (the official argparse default), mu = 0 (the scripts' value almost
 everywhere), window 0-70 (the most used one). CREMA-D: alpha = 2.0, mu = 0, window 0-70, which come
-from the unreleased ``main_Proto_PER.py`` runs (Errata 5).
+from the unreleased ``main_Proto_PER.py`` runs.
 
 Diagnostics per step: ``ratio`` = s_first / s_second (modalities in the run's order; the key
 diagnostic), ``proto_acc_<m>``, ``pce_<m>``, ``coef_<m>`` (the PCE weight applied, 0 outside the
@@ -94,7 +94,7 @@ def update_prototypes(
     epoch: int,
     momentum: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prototypes of ``epoch`` from the subset's class sums/counts (Errata 3 and 4).
+    """The prototypes of ``epoch`` from the subset's class sums/counts (as the official code).
 
     Class means of the classes present; ``new`` unsmoothed in epochs 0 and 1, else
     ``(1 - momentum) * new + momentum * old`` for classes that already had a prototype (a class
@@ -152,7 +152,7 @@ def in_window(epoch: int, start: int, end: int) -> bool:
 
 
 def prototype_pass_batches(n_batches: int, fraction: float = 0.1) -> int:
-    """Batches the official prototype pass reads: ``floor(n * fraction)``, at least 1 (Errata 4).
+    """Batches the official prototype pass reads: ``floor(n * fraction)``, at least 1 (as the official code).
     The trainer's ``iterate(fraction=...)`` applies the same rule; the plugin checks it does."""
     return min(n_batches, max(1, int(n_batches * fraction)))
 
@@ -382,5 +382,5 @@ class PMR(Method):
             ),
         }
         if self.cfg.get("dataset") == "cremad":
-            info["defaults_source"] = "alpha 2.0, mu 0, window 0-70: from the unreleased PER runs (Errata 5)"
+            info["defaults_source"] = "alpha 2.0, mu 0, window 0-70: from the unreleased PER runs (docs/methods/pmr.md)"
         return info

@@ -1,6 +1,6 @@
 """ReconBoost: boosting stages that alternate modalities (Hua et al., ICML 2024).
 
-Spec: reference/methods-b.md section 3 with Errata 4-5, sections 6 and 7; written from the spec
+Documented in docs/methods/reconboost.md; written from the paper
 and checked against huacong/ReconBoost ``train.py``, ``train_MSA.py``, ``models/dynamic_net.py``
 and ``schedule.py`` (the official code; nothing copied).
 
@@ -13,7 +13,7 @@ the dataset's unimodal heads are never trained: :meth:`ReconBoost.predict` is th
 rule (fused = ``beta * sum f_m`` over the learners in the ensemble, per modality = ``f_m``).
 
 Training. Stage t trains modality ``m = cycle[t mod M]``, the cycle being the run's modality
-order (methods-b.md 3.7 decision; audio -> visual on CREMA-D). A stage has two phases:
+order (a decision; audio -> visual on CREMA-D). A stage has two phases:
 
 * **A, boosting fit** (``recon_epochs_a`` = E_A passes): a fresh SGD over ``phi_m`` and ``h``
   (optimizer key ``recon_A<t>``). Per sample ``l_i = -(1/C) (w1 - w2 q_i) log p_{i,y_i}`` with
@@ -25,7 +25,7 @@ order (methods-b.md 3.7 decision; audio -> visual on CREMA-D). A stage has two p
 * **B, global rectification** (``recon_epochs_b`` = E_B passes): a fresh SGD over the encoders of
   the learners in the ensemble (m included, after A), ``h`` and ``beta`` (key ``recon_B<t>``), on
   ``CE(beta * sum_m f_m, y)``. Stage 0's phase B (cold start) therefore trains audio alone and
-  its evaluation uses audio alone (Errata 4); encoders not yet in the ensemble stay frozen and
+  its evaluation uses audio alone, as in the official code; encoders not yet in the ensemble stay frozen and
   are not even run.
 
 Both phases' optimizers are SGD(lr, momentum ``recon_momentum`` 0.9, weight decay
@@ -34,9 +34,9 @@ trainer checkpoints them while the stage lasts and retires them after it). Their
 ``recon_lr_a`` / ``recon_lr_b`` (default: the run's ``lr``; 0.01 on CREMA-D = official) times the
 run's schedule applied to the **stage index** (``scheduler=step``: ``gamma ** (t // step_size)``,
 so the official CREMA-D x0.1 every 30 stages is ``step_size=30``; ``cosine``: the closed form over
-the number of stages; methods-b.md 3.6 "the common lr schedule is applied to the stage index").
+the number of stages: the common lr schedule is applied to the stage index).
 
-Budget and epochs (methods-b.md 3.6 decision). ``recon_preset=budget`` (default): E_A = E_B = 1;
+Budget and epochs (a decision). ``recon_preset=budget`` (default): E_A = E_B = 1;
 ``official``: E_A = E_B = 4 (``recon_epochs_a`` / ``recon_epochs_b`` override either).
 ``recon_epoch=stage`` (default): one mmbalance epoch is one whole stage (phase A's passes then
 phase B's), so with the budget preset a 100-epoch recipe is 100 stages, 2 data passes each.
@@ -45,12 +45,12 @@ runs only after a stage's last epoch (``should_evaluate``), so best-val selectio
 model from the middle of a stage, and ``epochs`` must be a multiple of E_A + E_B. A resumed run
 restores the current stage's optimizer (trainer) and every counter (``state_dict``).
 
-State (methods-b.md 3.5). The stage index, the schedule position and which learners exist are
+State. The stage index, the schedule position and which learners exist are
 functions of the epoch (``epoch_role``, ``ensemble_order``), so a resume recomputes them; beta is a
 model parameter; the current stage's phase optimizers are checkpointed by the trainer while the
 stage lasts; ``state_dict`` holds the optimizer-step count, the non-finite-step count and the
 cycle (a resume with other modalities is refused). Gradient accumulation does not exist in the
-trainer, so there is nothing to refuse (section 6 item 3); the losses are computed in fp32 from
+trainer, so there is nothing to refuse; the losses are computed in fp32 from
 the (possibly bf16) logits.
 
 Diagnostics (0-d tensors, no host sync per step). Phase A: ``recon_boost_loss``,
@@ -68,12 +68,12 @@ Departures from the official code (each one that changes numbers is an option):
 
 * **Memory-consolidation term** (``ga_loss``): as released both inputs are detached, so it has no
   gradient; it still costs an extra train-mode forward of the previous learner (which updates
-  its BatchNorm statistics a second time per batch, Errata 5) and adds ``alpha * MSE`` to the
-  reported loss. Default ``recon_mc=off`` skips both (section 3.9 decision: changes BatchNorm
+  its BatchNorm statistics a second time per batch) and adds ``alpha * MSE`` to the
+  reported loss. Default ``recon_mc=off`` skips both (a decision: it changes BatchNorm
   running statistics and the logged loss, never a gradient); ``replicate_forward`` reproduces
   the release exactly (extra train-mode forward, zero-gradient term in the loss, from stage 1
   on); ``grad`` lets the gradient flow through the current learner's probabilities (our reading
-  of the paper, a guess, section 7).
+  of the paper, a guess).
 * **Other learners' mode in phase A**: replicated (train mode: BatchNorm statistics drift,
   dropout on); ``recon_frozen_eval_mode=true`` runs the frozen learners in eval mode.
 * **Warm start** (``--use_pretrain``): not available; ``recon_warm_start=unimodal`` is refused (the
@@ -89,13 +89,13 @@ Departures from the official code (each one that changes numbers is an option):
 * **Summation order** of the ensemble follows the official list order (a learner is moved to
   the end when its stage ends), so float sums match it.
 
-Open questions (section 7), decided here: the memory term's gradient path -> off by default,
+Open questions, decided here: the memory term's gradient path -> off by default,
 both readings available (above). w1/w2 for our datasets: official CREMA-D 5/1; KS and Sarcasm
 4/1 and NVGesture / IEMOCAP 1/0.25 by analogy (guesses, ``dataset_defaults``); IEMOCAP also
 takes the sentiment script's linear shared head (guess), Sarcasm the dataset's own optimizer
 recipe (Adam for its BERT encoder; guess). Other datasets: 5/1 with the MLP head.
 
-Cost (section 3.9): a phase-A step runs the M - 1 other encoders without autograd and one
+Cost: a phase-A step runs the M - 1 other encoders without autograd and one
 forward/backward; a phase-B step is a plain step, so a budget stage is about 1.7 plain epochs
 for M = 2. No Python loop over samples; one loop over the learners. Measured here (CPU, min over
 epochs, concat = 1): avdigits 1.6x for an image stage and 2.1x for an audio stage (the audio CNN

@@ -1,4 +1,4 @@
-"""Sum: late fusion by adding per-modality linear heads' logits (methods-b.md 1.2)."""
+"""Sum: late fusion by adding per-modality linear heads' logits (docs/methods/sum.md)."""
 
 from mmbalance.methods.concat import UNIMODAL_LOSS
 

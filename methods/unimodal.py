@@ -1,4 +1,4 @@
-"""Unimodal training of one modality: its encoder and a linear head, CE only (methods-b.md 1.1).
+"""Unimodal training of one modality: its encoder and a linear head, CE only (docs/methods/unimodal.md).
 
 Run once per modality with the multimodal runs' recipe, to know how good each encoder can get
 alone; the other modalities are not even loaded.

@@ -1,4 +1,4 @@
-"""Weight: the IPRM code's parameter-free per-coordinate feature weighting (methods-b.md 1.2).
+"""Weight: the IPRM code's parameter-free per-coordinate feature weighting (docs/methods/weight.md).
 
 Each modality's features are softmaxed over their coordinates, the softmaxes are normalised
 across modalities, and the weighted sum of features feeds one shared linear head. CMML's learned

@@ -29,7 +29,7 @@ DATA_ROOT_ENV = "MMBALANCE_DATA_ROOT"
 # Used when neither --data-root nor $MMBALANCE_DATA_ROOT is given: ./data, then the shared data
 # folder that sits beside a checkout of this project.
 DEFAULT_ROOTS = (Path("data"), Path("../shared/data"))
-# The schedule the IPRM paper trains all five of its datasets with (iprm.md): momentum 0.9,
+# The schedule the IPRM paper trains all five of its datasets with (njustkmg/IJCAI25-IPRM main_av.py): momentum 0.9,
 # weight decay 1e-4, StepLR every 70 epochs by 0.1, 100 epochs. Plugins spread it between
 # their batch size / optimiser / lr and their embed_dim / backbones.
 PAPER_SCHEDULE: dict[str, Any] = {

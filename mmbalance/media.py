@@ -2,7 +2,7 @@
 
 The field's loaders compute their inputs with librosa, PIL and torchvision; these functions
 reproduce those recipes with soundfile, torchaudio and torch so every plugin gets the same
-numbers for the same file (see reference/datasets.md, "Common conventions"):
+numbers for the same file (see docs/datasets/cremad.md and docs/datasets/ksounds.md):
 
 * audio: read a WAV (soundfile), mix to mono (channel mean, as ``librosa.load``), resample
   with soxr at HQ quality and fix the length to ``ceil(n * new / old)`` (what

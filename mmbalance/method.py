@@ -90,7 +90,7 @@ class EstimationCost:
 
 @dataclass
 class Phase:
-    """One part of an epoch (methods-b.md 0.1 H-plan): what it trains, how often, how.
+    """One part of an epoch (docs/guides/method-plugin.md, ``epoch_plan``): what it trains, how often, how.
 
     ``params``: the parameters it trains (the rest of the model is frozen for the phase; None =
     all). ``passes``: passes over the training data. ``step``: ``(batch, batch_idx) -> loss``

@@ -1,7 +1,7 @@
 """Classification metrics (scikit-learn's, ported to the bit where its per-call validation was
 the cost), and the named model-selection rules.
 
-MAP is the lab protocol of LFM/IPRM (iprm.md section 9): one-vs-rest average precision per
+MAP is the lab protocol of LFM/IPRM (njustkmg/NeurIPS24-LFM ``Crema_epoch.py``): one-vs-rest average precision per
 class on softmax scores, averaged without weights over the classes present in the labels.
 Macro-F1 averages over the same classes, so a class absent from a split (a small val split,
 test-only classes) counts in neither rather than as an F1 of 0 in one of them.

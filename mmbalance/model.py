@@ -2,7 +2,7 @@
 
 Parameters are addressed by group (``encoder_params(m)``, ``uni_head_params(m)``,
 ``fusion_params()``), never by substring-matching names, so gradient methods modulate exactly
-the encoder whatever its architecture (methods-a.md 0.3-3).
+the encoder whatever its architecture (docs/methods/ogm.md, departures).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class MultimodalModel(nn.Module):
         return groups
 
 
-# Backbones the official code of the papers starts from pretrained weights (iprm.md 2.2):
+# Backbones the official code of the papers starts from pretrained weights (docs/datasets/*.md):
 # without backbone.<m>.weights they start from random weights here, which the run must say.
 PRETRAINED_IN_PAPERS: dict[str, str] = {
     "i3d": "Kinetics-400 I3D (NVGesture)",

@@ -85,7 +85,7 @@ def check_av_concat_step(dataset: str, root: Path, tmp_path: Path) -> None:
     result = runner().run("concat", dataset, overrides=av_run_overrides(root, tmp_path, "cpu"))
     final = result.record["final"]
     assert final and result.run_dir.exists()
-    assert "best_test" in json.dumps(final)  # the selection rules of DESIGN.md were recorded
+    assert "best_test" in json.dumps(final)  # the selection rules (docs/guides/protocols.md) were recorded
 
 
 def check_av_bf16_steps_on_cuda(dataset: str, root: Path, tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_shapley_two_modalities_by_hand():
     torch.testing.assert_close(phi["a"], t(4.0, 2.0))
     torch.testing.assert_close(phi["v"], t(6.0, 0.0))
     torch.testing.assert_close(phi["a"] + phi["v"], values[fs("a", "v")])  # sums to f(all)
-    # the reference's literal CREMA-D form: 0.5 * (total - pad_audio + pad_visual)
+    # the official code's literal CREMA-D form: 0.5 * (total - pad_audio + pad_visual)
     torch.testing.assert_close(phi["a"], 0.5 * (values[fs("a", "v")] - values[fs("v")] + values[fs("a")]))
     ex = shapley_outputs(values, ["a", "v"], exact=True)
     torch.testing.assert_close(ex["a"], t(3.5, 0.0))

@@ -1,4 +1,4 @@
-"""The services the method contract offers plugins (methods-a.md 7, methods-b.md 0.1)."""
+"""The services the method contract offers plugins (docs/guides/method-plugin.md)."""
 
 from __future__ import annotations
 

@@ -161,7 +161,7 @@ def test_linear_mix_hand_values():
 
 
 def gmm_in_one_expression(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
-    """The official formula as one expression (iprm.md 3), the way it was computed before the
+    """The official formula as one expression (docs/methods/iprm.md), the way it was computed before the
     geometry was split out: normalise, clamp, arccos, the 1e-8 denominator, the two sines."""
     xb = x / x.norm(dim=-1, keepdim=True)
     yb = y / y.norm(dim=-1, keepdim=True)

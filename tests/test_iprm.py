@@ -1,7 +1,7 @@
 """IPRM method plugin: probe pass, equivalence with plain GMM fusion, state, variants, runs.
 
 Several tests pin a variant against a hand-written step (``reference_step``, the algorithm of
-iprm.md sections 4, 7 and 8 written out plainly, with the suite's pure GMM/KL/weight
+docs/methods/iprm.md written out plainly, with the suite's pure GMM/KL/weight
 functions): each wrong variant named in issue 11 item 9 changes a loss, a stored weight or the
 number of fused passes that one of them checks. ``test_short_runs_reproduce_recorded_values``
 holds losses and digests recorded from the code before the step was optimised (issue 11
@@ -80,7 +80,7 @@ def reference_step(
     mixer=gmm,
     shared: bool = False,
 ):
-    """One IPRM step written out plainly (iprm.md 4, 7, 8), for comparison with the plugin.
+    """One IPRM step written out plainly (docs/methods/iprm.md), for comparison with the plugin.
 
     ``drawn``: the (pair index, first, second) trained, as the plugin's ``_pairs_this_step``.
     Returns ``(loss, lam, omega, per_pair)`` with the new state (lower-index convention) and,

@@ -140,7 +140,7 @@ def test_fitted_schedule_values_rescaling_and_clamp():
     # e = 100 by hand: sum of c_i * 100^i
     e100 = 0.204623704 + 0.335472727 + 1.22989557 - 2.92947416 + 2.23835486 - 0.539717505
     assert fitted_alpha_ce(100) == pytest.approx(e100, abs=1e-9)
-    for epoch, value in ((50, 0.437), (150, 0.821), (175, 0.993), (199, 0.916)):  # section 5.4 S1
+    for epoch, value in ((50, 0.437), (150, 0.821), (175, 0.993), (199, 0.916)):  # the released fitted schedule
         assert fitted_alpha_ce(epoch) == pytest.approx(value, abs=5e-4)
     assert fitted_alpha_ce(183, clamp=False) == pytest.approx(1.011, abs=5e-4)
     assert fitted_alpha_ce(183) == 1.0

@@ -70,7 +70,7 @@ def test_weight_boundaries_of_the_official_solver():
 
 
 def test_weight_is_not_clamped_inside_the_solver():
-    # Errata 1: |G^u| << |G^mm|, cos = -0.1: a = (1e-6 + 1e-4) / (1 + 1e-6 + 2e-4) < 0.001
+    # no clamp: |G^u| << |G^mm|, cos = -0.1: a = (1e-6 + 1e-4) / (1 + 1e-6 + 2e-4) < 0.001
     w = pareto_weight(1.0, 1e-6, -1e-4)
     torch.testing.assert_close(w.a, T(1.01e-4 / 1.000201), rtol=1e-5, atol=0)
     assert w.a.item() < 0.001

@@ -93,7 +93,7 @@ def build(root: Path, mods=("rgb", "flow", "depth"), **kw) -> Splits:
 def test_registered_with_paper_recipe() -> None:
     plugin = DATASETS.get("nvgesture")
     assert plugin is NVGesture
-    assert plugin.modality_names == ("rgb", "flow", "depth")  # iprm.md 2.2: m1 RGB, m2 OF, m3 Depth
+    assert plugin.modality_names == ("rgb", "flow", "depth")  # the paper: m1 RGB, m2 OF, m3 Depth
     d = plugin.defaults
     assert (d["batch_size"], d["optimizer"], d["lr"], d["epochs"], d["embed_dim"]) == (2, "sgd", 1e-2, 100, 1024)
     assert {b["name"] for b in d["backbone"].values()} == {"i3d"}

@@ -82,7 +82,7 @@ def test_prototypes_by_hand_with_an_absent_and_a_never_seen_class():
 
 
 def test_ema_rule_at_epochs_0_1_2():
-    """Errata 3: unsmoothed in epochs 0 and 1, (1 - mu) new + mu old from epoch 2 on; a class
+    """As the official code: unsmoothed in epochs 0 and 1, (1 - mu) new + mu old from epoch 2 on; a class
     appearing for the first time at epoch 2 takes its mean (there is nothing to smooth with)."""
     old = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     seen = torch.tensor([True, False])

@@ -1,6 +1,6 @@
 """ResNet-50 image encoder (Sarcasm), timm implementation.
 
-iprm.md 2.2 decision: an ImageNet ResNet-50 whose 1000-way fc is replaced by
+docs/datasets/sarcasm.md: an ImageNet ResNet-50 whose 1000-way fc is replaced by
 ``Linear(2048, 768)``; the 768 matches the BERT [CLS] width so the two modalities share d
 without another projection. ``out_dim`` changes the width of that linear layer (it is always
 present: it *is* the replaced fc). The trunk ends with timm's global average pool (2048-d).

@@ -1,6 +1,6 @@
 """Transformer encoders for IEMOCAP (and any other fbank / image / token / feature-sequence input).
 
-iprm.md 2.2 takes IEMOCAP's encoders from MLA (``models/basic_model.py`` ``Modal3Classifier``):
+docs/datasets/iemocap.md takes IEMOCAP's encoders from MLA (``models/basic_model.py`` ``Modal3Classifier``):
 a CAV-MAE audio branch, an M3AE-base image branch and an M3AE-base text branch, each a
 ViT-B-sized transformer whose output tokens are averaged (768-d). They are built here from
 timm's maintained ViT blocks, train from scratch, and load local checkpoints in their own

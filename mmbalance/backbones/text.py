@@ -2,7 +2,7 @@
 
 Input: the text-modality dict ``{"input_ids": (B, L) long, "attention_mask": (B, L) long}``.
 Output: the last-layer hidden state of the first token, the [CLS] vector (768 for bert-base),
-as iprm.md 2.2 decides for Sarcasm. The dataset must therefore put [CLS] first (the
+as docs/datasets/sarcasm.md says. The dataset must therefore put [CLS] first (the
 tokenizer's default with special tokens). ``pool="mean"`` instead averages the unmasked tokens,
 the "token mean" of MLA's M3AE text branch, for id sequences stored without [CLS].
 

@@ -1,6 +1,6 @@
 """``mmbalance prepare``: one-time conversion of a raw paper release into a loader layout.
 
-The dataset plugins read the layouts the field's code reads (reference/datasets.md). Some of
+The dataset plugins read the layouts the field's code reads (docs/datasets/). Some of
 those layouts are derived from the raw releases by scripts that run once (frame extraction,
 audio extraction, optical flow, fbank features); this package is those scripts, written with
 PyAV (FFmpeg) instead of OpenCV / moviepy / ffmpeg subprocesses:
@@ -14,7 +14,7 @@ PyAV (FFmpeg) instead of OpenCV / moviepy / ffmpeg subprocesses:
 * ``nvgesture``: the NVIDIA release -> renamed ``*_correct_v2.lst`` lists, the AVIs verified,
   and dense optical flow ``Video_data/flow_data/{split}/<line>.npy`` (256, 256, 2, T) computed
   with OpenCV's TV-L1 where its contrib build installs, or our own pyramidal Horn-Schunck
-  (``method=horn_schunck``; the official flow algorithm is unknown, iprm.md 10.3); the method
+  (``method=horn_schunck``; the official flow algorithm is unknown, docs/datasets/nvgesture.md); the method
   of every file is recorded in ``flow_data/<split>/mmbalance_flow.json``.
 * ``iemocap``: IEMOCAP sentence WAVs + MLA's split lists -> MLA Layout A (kaldi fbank
   ``.npy``, BERT token ``.npy`` when a local vocab is given, 256x256 faces when face crops

@@ -142,7 +142,7 @@ def prepare_cremad(
     workers: int = 1,
     progress: bool = True,
 ) -> Report:
-    """Raw CREMA-D -> Layout B (IPRM / njustkmg; datasets.md section 1, iprm.md 10.1).
+    """Raw CREMA-D -> Layout B (IPRM / njustkmg; docs/datasets/cremad.md).
 
     Raw layout: ``RAW/VideoFlash/<clip>.flv`` and ``RAW/AudioWAV/<clip>.wav``.
     Writes ``OUT/Image-{fps:02d}-FPS/<clip>/`` frames at full resolution, by ``extractor``

@@ -1,6 +1,6 @@
 """Dense optical flow for ``prepare nvgesture``: OpenCV's TV-L1, or our own Horn-Schunck.
 
-The official NVGesture flow algorithm is unknown (iprm.md 10.3). The default is TV-L1 (Zach,
+The official NVGesture flow algorithm is unknown (docs/datasets/nvgesture.md). The default is TV-L1 (Zach,
 Pock & Bischof 2007, the flow I3D's authors computed for their flow stream), taken from
 OpenCV's contrib build (``cv2.optflow.DualTVL1OpticalFlow``, parameters at OpenCV's defaults)
 wherever that installs; mmbalance's own coarse-to-fine Horn & Schunck (1981) in torch is the

@@ -121,7 +121,7 @@ def prepare_iemocap(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Report:
-    """IEMOCAP -> MLA Layout A (datasets.md 4, iprm.md 10.4); only the mechanical parts.
+    """IEMOCAP -> MLA Layout A (docs/datasets/iemocap.md); only the mechanical parts.
 
     Raw layout: the IEMOCAP release, whose sentence WAVs ``<utt>.wav`` are found anywhere
     under RAW (``Session*/sentences/wav/<dialog>/<utt>.wav``), and MLA's split lists

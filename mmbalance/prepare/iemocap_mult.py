@@ -2,7 +2,7 @@
 
 MulT (yaohungt/Multimodal-Transformer) ships IEMOCAP as ``iemocap_data.pkl`` (word-aligned)
 and ``iemocap_data_noalign.pkl``: ``{'train' | 'valid' | 'test': {'text', 'audio', 'vision',
-'labels', ...}}`` with numpy arrays (datasets.md 4, Layout B). Loading a pickle can run
+'labels', ...}}`` with numpy arrays (docs/datasets/iemocap_mult.md). Loading a pickle can run
 arbitrary code, and a data root is often a shared, user-writable folder, so the ``iemocap`` /
 ``iemocap_mult`` loaders do not unpickle by default: they read the ``.npz`` this preparer
 writes, with ``np.load(..., allow_pickle=False)``.

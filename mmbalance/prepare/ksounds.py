@@ -152,7 +152,7 @@ def prepare_ksounds(
     workers: int = 1,
     progress: bool = True,
 ) -> Report:
-    """Kinetics clips -> Layout C (njustkmg / IGM; datasets.md section 2, iprm.md 10.2).
+    """Kinetics clips -> Layout C (njustkmg / IGM; docs/datasets/ksounds.md).
 
     Raw layout: videos ``<youtube_id>.<ext>`` anywhere under RAW (or Kinetics-style
     ``<youtube_id>_<start>_<end>.<ext>``, matched when unique) and split csvs of

@@ -148,7 +148,7 @@ def prepare_nvgesture(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Report:
-    """The NVIDIA release -> what the NVGesture loader reads (datasets.md 3, iprm.md 10.3).
+    """The NVIDIA release -> what the NVGesture loader reads (docs/datasets/nvgesture.md).
 
     Raw layout: ``RAW/nvgesture_{train,test}_correct_cvpr2016_v2.lst`` (or the already
     renamed ``*_correct_v2.lst``) and ``RAW/Video_data/class_XX/subjectY_rZ/{sk_color,
