@@ -404,3 +404,41 @@ def test_avdigits_two_epochs(fast, shared_data):
 def test_resume_identical(tmp_path, monkeypatch):
     overrides = {"progress": "off", "device": "cpu", "epochs": 3, "n_train": 240, "n_test": 60, "batch_size": 32}
     assert_resume_identical("agm", "synthetic", overrides, tmp_path, monkeypatch)
+
+
+# ---- wrong variants that earlier tests let pass (issue 21) ---------------------------------
+@pytest.mark.parametrize(("epoch", "inside"), [(0, False), (1, True), (2, True), (3, False)])
+def test_window_includes_both_ends(tmp_path, epoch, inside):
+    """Wrong variant caught: the window's last epoch excluded (``epoch < end``) or its first
+    (``start < epoch``): modulation_start=1, modulation_end=2 sets the scales in epochs 1 and 2."""
+    trainer = setup_trainer(tmp_path, modulation_start=1, modulation_end=2)
+    method = trainer.method
+    method.on_train_epoch_start(epoch)
+    method.running = torch.tensor([1.0, 3.0])  # a history unlike this batch: k far from 1
+    method.steps = 10
+    _, logs = _step(method, first_batch(trainer))
+    coef = torch.stack([logs["coef_m1"], logs["coef_m2"]])
+    if inside:
+        scores = torch.stack([logs["score_m1"], logs["score_m2"]])
+        want = agm_coefficients(scores, torch.tensor([1.0, 3.0]), method.alpha, method.cap)
+        torch.testing.assert_close(coef, want)
+        assert (coef - 1.0).abs().max() > 0.1
+    else:
+        assert torch.equal(coef, torch.ones(2))
+
+
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_running_mean_moves_outside_the_window(tmp_path, epoch):
+    """Wrong variant caught: the running means (and the step count) frozen outside the window;
+    the official code updates them at every step, so the concept the window starts from holds
+    the whole history."""
+    trainer = setup_trainer(tmp_path, modulation_start=1, modulation_end=2)
+    method = trainer.method
+    method.on_train_epoch_start(epoch)
+    method.running = torch.tensor([1.0, 3.0])
+    method.steps = 10
+    _, logs = _step(method, first_batch(trainer))
+    scores = torch.stack([logs["score_m1"], logs["score_m2"]])
+    assert method.steps == 11
+    torch.testing.assert_close(method.running, (torch.tensor([1.0, 3.0]) * 10 + scores) / 11)
+    torch.testing.assert_close(torch.stack([logs["concept_m1"], logs["concept_m2"]]), method.running)
