@@ -20,8 +20,10 @@ validation). One estimation, from the current state of the run's model:
    fused head, fused CE only);
 3. L^T_1, L^V_1 per head on the trained copies, the same samples as in 1;
 4. ``ΔG = L^V_0 - L^V_1``, ``ΔO = (L^V_1 - L^T_1) - (L^V_0 - L^T_0)``,
-   ``w~_k = max(ΔG_k, 0) / max(ΔO_k², min_delta_o_sq)``, ``w = w~ / sum(w~)``
-   (:func:`blend_weights`, pure).
+   ``w~_k = ΔG_k / max(ΔO_k², floor_k)``, ``w = w~ / sum(w~)`` (:func:`blend_weights`, pure),
+   with ``floor_k`` the larger of ``min_delta_o_sq`` and the sampling variance of head k's
+   measured ΔO (:func:`delta_o_noise_sq`, from the per-sample losses of 1 and 3); a head with
+   ``ΔG ≤ 0`` keeps its current weight (``dg_rule``, below).
 
 ``mode=offline``: one estimation from the initial weights in ``on_cell_start``; the run then
 trains from those same initial weights with the fixed w. ``mode=online`` (default, the
@@ -30,24 +32,59 @@ suite's choice): an estimation at the start of every super-epoch
 model, its optimizer and the global RNG streams are untouched by an estimation (copies, and
 the RNG state is restored afterwards), so the main loop draws what it would draw without one.
 
-Edge cases (documented choices):
+Edge cases and the defaults that keep a modality from being locked out (issue 21, item 8). Run
+at its earlier defaults (``max(ΔG, 0)``, ``ΔO²`` floored at 1e-4 only), ``mmbalance run --method
+ogr_gb --dataset mfeat --set modalities=zer,mor --epochs 10`` gave the weights zer 0.009, mor
+0.953, fused 0.038 at seed 0: mor's measured ΔO was -0.0004, so its ΔO² sat on the 1e-4 floor
+and its weight was 100 times the others'; the zer head then hardly trained (15-17 % test
+accuracy, 10 classes) and the fused head learnt at 4 % of its rate (fused test accuracy 43.75,
+33.75 and 74.5 % at seeds 0-2). Each choice checked against G-Blend and its reimplementations:
 
-* ``ΔG ≤ 0`` (the held-out loss did not fall): the head gets raw weight 0 (``abs_dg=true`` is
-  BalanceBenchmark's ``|ΔG|``, which gives a head whose held-out loss rose a positive weight).
-* ``ΔO ≤ 0`` (overfitting did not grow): ΔO enters squared, as in the paper's formula; ``ΔO²`` is
-  floored at ``min_delta_o_sq`` so ``ΔO = 0`` gives ``ΔG / min_delta_o_sq`` (a very large weight)
-  instead of a division by zero. ``delta_o_rule=clamp`` instead clamps ΔO itself from below at
-  ``sqrt(min_delta_o_sq)`` before squaring, so any ΔO ≤ 0 (a head that generalises at least as
-  fast as it fits) gets the largest weight the floor allows.
-* non-finite losses (a diverged sub-training): raw weight 0.
+* **One estimation at epoch 0, from the untrained model** (with ``super_epoch`` = 10 and 10
+  epochs): what the paper's offline G-Blend and every online reimplementation do (MultiBench
+  ``gb_estimate`` before each block of ``gb_epoch`` epochs, BalanceBenchmark at ``epoch %
+  super_epoch == 0``, both from epoch 0). Kept.
+* **ΔG ≤ 0** (the held-out loss did not fall over the window): ``max(ΔG, 0)``, the earlier
+  default (``dg_rule=zero``), gave such a head weight 0. A head with weight 0 does not train,
+  so the next estimation starts it from the same parameters and can switch it off again, for
+  the whole run. Neither reimplementation does that: both take ``|ΔG|`` (MultiBench
+  ``abs(g / (oi * oi))`` with ``g = L^V_1 - L^V_0``, BalanceBenchmark ``abs(g / o**2)``), which
+  rewards the rise: on ``synthetic`` with a pure-noise m2 (``strength=[1.5, 0]``,
+  ``n_train=120``, ``super_epoch=5``) m2's held-out loss rose (ΔG = -0.088) and ``|ΔG|`` gave it
+  0.81 of the weight. The paper's weight is proportional to the gain, so a non-positive
+  measured gain is no evidence for any weight; default ``dg_rule=keep``: such a head keeps its
+  current weight (uniform 1/(M+1) at the first estimation) and the heads that did generalise
+  share the rest in proportion to ``ΔG / ΔO²``. The same applies to a non-finite estimate (a
+  diverged sub-training). ``dg_rule=abs`` is the reimplementations' ``|ΔG|``.
+* **The ΔO² floor**: ``w ∝ ΔG / ΔO²`` stands for the paper's ``<∇L*, v_k> / σ_k²``, ΔO² being
+  the estimate of the head's gradient noise. The formula itself gives a head whose ΔO is near 0
+  nearly all the weight (MultiBench's delta form has no floor; its default non-delta form floors
+  a negative gap at 1e-4, i.e. a squared gap of 1e-8; BalanceBenchmark avoids it only by summing
+  batch losses over a train loader many times longer than the validation one, so its ΔO is
+  dominated by the fall of the training loss). But ΔO is measured on a finite held-out slice
+  (116 samples for mfeat) and cannot be resolved below its own standard error: mor's -0.0004
+  had a standard error of 0.106. ``delta_o_floor=noise`` (default) floors each head's ΔO² at
+  the larger of ``min_delta_o_sq`` and the sampling variance of its measured ΔO
+  (:func:`delta_o_noise_sq`: the variances of the paired per-sample loss changes over the
+  held-out and the train samples, each divided by its count); ``delta_o_floor=fixed`` is the
+  earlier ``min_delta_o_sq`` alone. With both defaults the same run estimates zer 0.223, mor
+  0.211, fused 0.566 at seed 0 (mor's floor 0.011), and the last epoch's fused test accuracy
+  is 76.75, 76.5 and 79.25 % at seeds 0-2 (zer head 42.5, 48.25, 38.5 %; mor head 46.5, 52,
+  56 %) where the earlier defaults gave 43.75, 33.75 and 74.5 % and concat gives 79.5, 80 and
+  82.5 % (10 epochs, CPU).
+* ``delta_o_rule=clamp`` clamps ΔO itself from below at the floor's square root before
+  squaring, so any ΔO ≤ 0 (a head that generalises at least as fast as it fits) gets the largest
+  weight the floor allows; ``square`` (default) squares it, as the paper.
+* non-finite losses (a diverged sub-training): raw weight 0 (kept weight under ``dg_rule=keep``).
 * every raw weight 0: the previous weights are kept (uniform 1/(M+1) before the first
   estimation), and the diagnostic ``fallback`` is 1.
 * ``max_weight < 1`` caps any single weight (a safeguard, e.g.
   ≤ 0.9), the excess going to the other heads in proportion to their weights (equally, if they
   all have 0). Off by default (1.0): the formula as written.
 
-A head with weight 0 is not trained during that super-epoch; its per-modality accuracy is then
-that of a head frozen since the previous estimation.
+A head with weight 0 (``dg_rule=zero``) is not trained during that
+super-epoch; its per-modality accuracy is then that of a head frozen since the previous
+estimation.
 
 Cost: a training step is one forward of every encoder, M + 1 linear heads and M + 1 CEs
 (the plain joint step plus M small heads). The estimation's sub-training is counted by the
@@ -131,11 +168,16 @@ OPTIONS: dict[str, Option] = {
                                   "which L^T is measured", type=float, min=0, max=1, min_open=True),
     "min_delta_o_sq": Option(1e-4, "floor on ΔO² in w = ΔG / ΔO² (guards ΔO -> 0)", type=float,
                              min=0, min_open=True),
+    "delta_o_floor": Option("noise", "floor of ΔO²: noise = the larger of min_delta_o_sq and the sampling "
+                            "variance of the measured ΔO (its squared standard error), fixed = "
+                            "min_delta_o_sq only (the earlier default)", choices=("noise", "fixed")),
     "delta_o_rule": Option("square", "ΔO <= 0: square = ΔO enters squared (reference), clamp = ΔO "
-                           "clamped below at sqrt(min_delta_o_sq) (largest weight)",
+                           "clamped below at the floor's square root (largest weight)",
                            choices=("square", "clamp")),
-    "abs_dg": Option(False, "BalanceBenchmark's |ΔG| (a head whose held-out loss rose still gets weight); "
-                     "default max(ΔG, 0)"),
+    "dg_rule": Option("keep", "a head whose held-out loss did not fall (ΔG <= 0): keep its current weight "
+                      "(uniform at the first estimate), abs = |ΔG| as MultiBench and BalanceBenchmark, zero = "
+                      "weight 0 (the earlier default; can switch a head off for the whole run)",
+                      choices=("keep", "abs", "zero")),
     "max_weight": Option(1.0, "cap on any single blend weight (1 = no cap; e.g. 0.9)",
                          type=float, min=0, max=1, min_open=True),
     "fusion_mode": Option("concat", "fused head: concat (W [e_1; ...; e_M] + b) or sum (sum_m W_m e_m + b_m)",
@@ -157,18 +199,41 @@ def generalisation_and_overfitting(
     return lv0 - lv1, (lv1 - lt1) - (lv0 - lt0)
 
 
+def delta_o_noise_sq(
+    t0: torch.Tensor, t1: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor
+) -> torch.Tensor:
+    """The sampling variance of each head's measured ΔO from its per-sample losses.
+
+    ``t0``/``t1`` (heads, N_T) are the train losses of the same samples before and after the
+    window, ``v0``/``v1`` (heads, N_V) the held-out ones. ``ΔO = mean(v1 - v0) - mean(t1 - t0)``
+    is a difference of two means of paired per-sample changes over independent samples, so its
+    variance is ``var(v1 - v0) / N_V + var(t1 - t0) / N_T`` (unbiased variances; 0 for a single
+    sample). Returns (heads,) in fp32.
+    """
+
+    def mean_variance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d = (b.float() - a.float())
+        n = d.shape[1]
+        return d.var(dim=1) / n if n > 1 else torch.zeros(d.shape[0], device=d.device)
+
+    return mean_variance(v0, v1) + mean_variance(t0, t1)
+
+
 def raw_blend_weight(
-    dg: float, do: float, *, min_delta_o_sq: float = 1e-4, delta_o_rule: str = "square", abs_dg: bool = False
+    dg: float, do: float, *, min_delta_o_sq: float = 1e-4, delta_o_rule: str = "square", dg_rule: str = "zero"
 ) -> float:
     """The unnormalised weight ``ΔG / ΔO²`` with the documented edge-case rules.
 
-    ``ΔG ≤ 0`` -> 0 (unless ``abs_dg``: ``|ΔG|``); ``ΔO²`` floored at ``min_delta_o_sq``
+    ``ΔG ≤ 0`` -> 0 (``dg_rule=abs``: ``|ΔG|``; ``keep`` is applied by :func:`blend_weights`,
+    which gives such a head its previous weight); ``ΔO²`` floored at ``min_delta_o_sq``
     (``square``), or ΔO clamped below at ``sqrt(min_delta_o_sq)`` first (``clamp``); a
     non-finite ΔG or ΔO -> 0.
     """
     if not (math.isfinite(dg) and math.isfinite(do)):
         return 0.0
-    gain = abs(dg) if abs_dg else max(dg, 0.0)
+    if dg_rule not in ("keep", "abs", "zero"):
+        raise ValueError(f"dg_rule must be 'keep', 'abs' or 'zero', got {dg_rule!r}")
+    gain = abs(dg) if dg_rule == "abs" else max(dg, 0.0)
     if gain == 0.0:
         return 0.0
     if delta_o_rule == "square":
@@ -216,6 +281,7 @@ class BlendResult:
     do: list[float]
     fallback: bool
     losses: dict[str, list[float]] = field(default_factory=dict)  # LT0, LV0, LT1, LV1
+    floors: list[float] = field(default_factory=list)  # the ΔO² floor each head had
 
 
 def blend_weights(
@@ -227,32 +293,46 @@ def blend_weights(
     previous: Sequence[float] | None = None,
     min_delta_o_sq: float = 1e-4,
     delta_o_rule: str = "square",
-    abs_dg: bool = False,
+    dg_rule: str = "zero",
     max_weight: float = 1.0,
+    noise_sq: Sequence[float] | None = None,
 ) -> BlendResult:
     """G-Blend weights from each head's train (L^T) and held-out (L^V) losses at the start (0)
     and the end (1) of the estimation window: ``w_k ∝ ΔG_k / ΔO_k²``, normalised to sum 1,
     then capped at ``max_weight``. When every raw weight is 0 the ``previous`` weights are kept
-    (uniform when there are none) and ``fallback`` is True."""
+    (uniform when there are none) and ``fallback`` is True. ``dg_rule=keep``: a head whose raw
+    weight is 0 (ΔG ≤ 0, or a non-finite estimate) keeps its previous weight and the others
+    share the rest in proportion to their raw weights.
+
+    ``noise_sq`` (one per head, optional): the sampling variance of each measured ΔO; head k's
+    ΔO² is then floored at ``max(min_delta_o_sq, noise_sq[k])`` (:func:`delta_o_noise_sq`)."""
     n = len(lt0)
     if not (len(lv0) == len(lt1) == len(lv1) == n) or n == 0:
         raise ValueError("lt0, lv0, lt1, lv1 need one loss per head, the same heads")
+    if noise_sq is not None and len(noise_sq) != n:
+        raise ValueError("noise_sq needs one variance per head")
+    floors = [max(min_delta_o_sq, float(v)) if noise_sq is not None and math.isfinite(float(v))
+              else min_delta_o_sq for v in (noise_sq if noise_sq is not None else [0.0] * n)]
     dgs, dos, raw = [], [], []
-    for a, b, c, d in zip(lt0, lv0, lt1, lv1, strict=True):
+    for a, b, c, d, floor in zip(lt0, lv0, lt1, lv1, floors, strict=True):
         dg, do = generalisation_and_overfitting(float(a), float(b), float(c), float(d))
         dgs.append(dg)
         dos.append(do)
-        raw.append(raw_blend_weight(dg, do, min_delta_o_sq=min_delta_o_sq, delta_o_rule=delta_o_rule, abs_dg=abs_dg))
+        raw.append(raw_blend_weight(dg, do, min_delta_o_sq=floor, delta_o_rule=delta_o_rule, dg_rule=dg_rule))
     total = sum(raw)
+    base = [float(x) for x in previous] if previous is not None else [1.0 / n] * n
     if total > 0 and math.isfinite(total):
-        weights = cap_weights([r / total for r in raw], max_weight)
+        kept = [r == 0.0 for r in raw] if dg_rule == "keep" else [False] * n
+        rest = 1.0 - sum(b for b, k in zip(base, kept, strict=True) if k)
+        weights = cap_weights([b if k else rest * r / total for b, k, r in zip(base, kept, raw, strict=True)],
+                              max_weight)
         fallback = False
     else:
-        weights = [float(x) for x in previous] if previous is not None else [1.0 / n] * n
+        weights = base
         fallback = True
     losses = {"LT0": [float(x) for x in lt0], "LV0": [float(x) for x in lv0],
               "LT1": [float(x) for x in lt1], "LV1": [float(x) for x in lv1]}
-    return BlendResult(weights, raw, dgs, dos, fallback, losses)
+    return BlendResult(weights, raw, dgs, dos, fallback, losses, floors)
 
 
 def blended_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -337,11 +417,20 @@ class OGRGB(Method):
     def _measure(self, net: nn.Module, heads: Sequence[str], split: str) -> tuple[list[float], int]:
         """Mean per-sample CE of each head of ``net`` on ``split`` in eval mode (one pass, one
         host sync). Train: its first ``train_loss_fraction`` of batches, in file order."""
+        means, _, batches = self._measure_samples(net, heads, split)
+        return means, batches
+
+    @torch.no_grad()
+    def _measure_samples(self, net: nn.Module, heads: Sequence[str], split: str
+                         ) -> tuple[list[float], torch.Tensor, int]:
+        """:meth:`_measure` plus the per-sample losses (heads, N) on the device, for the
+        sampling noise of ΔO (the same samples, in the same order, at every measurement)."""
         assert self.trainer is not None
         fraction = float(self._opt("train_loss_fraction")) if split == "train" else None
         was = net.training
         net.eval()
         sums: torch.Tensor | None = None
+        samples: list[torch.Tensor] = []
         count, batches = 0, 0
         try:
             for batch in self.trainer.iterate(split, fraction=fraction, shuffle=False, tag=f"{TAG}-measure"):
@@ -349,6 +438,7 @@ class OGRGB(Method):
                 with self.trainer.autocast():
                     logits = self._head_logits(net, batch, heads)
                 ce = torch.stack([F.cross_entropy(logits[h].float(), y, reduction="sum") for h in heads])
+                samples.append(torch.stack([F.cross_entropy(logits[h].float(), y, reduction="none") for h in heads]))
                 sums = ce if sums is None else sums + ce
                 count += int(y.shape[0])
                 batches += 1
@@ -356,7 +446,7 @@ class OGRGB(Method):
             net.train(was)
         if sums is None or count == 0:
             raise ConfigError(f"Method '{NAME}': the {split} split gave no batch to measure the losses on.")
-        return (sums / count).tolist(), batches
+        return (sums / count).tolist(), torch.cat(samples, dim=1), batches
 
     def _sub_optimizer(self, net: nn.Module) -> torch.optim.Optimizer | None:
         """None (sub_train's fresh recipe optimizer) or a copy of the run's optimizer on ``net``."""
@@ -404,30 +494,35 @@ class OGRGB(Method):
         t0 = time.perf_counter()
         sub_time, batches = 0.0, 0
         with preserved_rng(self.trainer.device):
-            lt0, n1 = self._measure(self.model, self.heads, "train")
-            lv0, n2 = self._measure(self.model, self.heads, "heldout")
+            lt0, per_t0, n1 = self._measure_samples(self.model, self.heads, "train")
+            lv0, per_v0, n2 = self._measure_samples(self.model, self.heads, "heldout")
             batches += n1 + n2
             lt1 = dict.fromkeys(self.heads, 0.0)
             lv1 = dict.fromkeys(self.heads, 0.0)
+            per_t1, per_v1 = torch.empty_like(per_t0), torch.empty_like(per_v0)
             for group in self._sub_networks():
                 net, cost = self._train_copy(group)
                 sub_time += cost.time_s
-                for split, out in (("train", lt1), ("heldout", lv1)):
-                    values, n = self._measure(net, group, split)
+                rows = [self.heads.index(h) for h in group]
+                for split, out, per in (("train", lt1, per_t1), ("heldout", lv1, per_v1)):
+                    values, samples, n = self._measure_samples(net, group, split)
                     batches += n
                     out.update(zip(group, values, strict=True))
+                    per[rows] = samples
                 del net
+        noise = delta_o_noise_sq(per_t0, per_t1, per_v0, per_v1).tolist() if self._opt("delta_o_floor") == "noise" else None
         result = blend_weights(
             lt0, lv0, [lt1[h] for h in self.heads], [lv1[h] for h in self.heads],
             previous=self.weights,
             min_delta_o_sq=float(self._opt("min_delta_o_sq")),
             delta_o_rule=self._opt("delta_o_rule"),
-            abs_dg=bool(self._opt("abs_dg")),
+            dg_rule=self._opt("dg_rule"),
             max_weight=float(self._opt("max_weight")),
+            noise_sq=noise,
         )
         self._set_weights(result.weights)
         self.estimations.append({"epoch": self.epoch, "heads": list(self.heads), "weights": list(result.weights),
-                                 "raw": result.raw, "dG": result.dg, "dO": result.do,
+                                 "raw": result.raw, "dG": result.dg, "dO": result.do, "dO2_floor": result.floors,
                                  "fallback": result.fallback, **result.losses})
         if self.trainer.device.type == "cuda":
             torch.cuda.synchronize(self.trainer.device)
@@ -471,9 +566,9 @@ class OGRGB(Method):
         values: dict[str, float] = {f"w_{h}": w for h, w in zip(self.heads, self.weights, strict=True)}
         values["estimated"] = 1.0 if estimated is not None else 0.0
         if estimated is not None:
-            for key, name in (("raw", "raw"), ("dG", "dG"), ("dO", "dO"), ("LT0", "LT0"),
-                              ("LV0", "LV0"), ("LT1", "LT1"), ("LV1", "LV1")):
-                values.update({f"{name}_{h}": float(v) for h, v in zip(self.heads, estimated[key], strict=True)})
+            for key in ("raw", "dG", "dO", "dO2_floor", "LT0", "LV0", "LT1", "LV1"):
+                if key in estimated:  # dO2_floor: absent from checkpoints written before it
+                    values.update({f"{key}_{h}": float(v) for h, v in zip(self.heads, estimated[key], strict=True)})
             values["fallback"] = 1.0 if estimated["fallback"] else 0.0
         self.log(**values)
 
@@ -533,8 +628,10 @@ class OGRGB(Method):
             tags.append("ΔO clamped")
         if float(self._opt("min_delta_o_sq")) != OPTIONS["min_delta_o_sq"].default:
             tags.append(f"ΔO² >= {float(self._opt('min_delta_o_sq')):g}")
-        if self._opt("abs_dg"):
-            tags.append("|ΔG|")
+        if self._opt("dg_rule") != "keep":
+            tags.append({"abs": "|ΔG|", "zero": "max(ΔG, 0)"}[self._opt("dg_rule")])
+        if self._opt("delta_o_floor") == "fixed":
+            tags.append("fixed ΔO² floor")
         if float(self._opt("max_weight")) < 1.0:
             tags.append(f"cap {float(self._opt('max_weight')):g}")
         if self._opt("fusion_mode") != "concat":
@@ -552,8 +649,11 @@ class OGRGB(Method):
             "estimation_optimizer": self._opt("estimation_optimizer"),
             "unimodal_estimation": "joint" if self._joint_unimodal() else "separate",
             "edge_rules": (
-                f"ΔG<=0 -> {'|ΔG|' if self._opt('abs_dg') else '0'}; ΔO² floored at "
-                f"{float(self._opt('min_delta_o_sq')):g} ({self._opt('delta_o_rule')}); all 0 -> previous weights"
+                f"ΔG<=0 -> {dict(keep='previous weight', abs='|ΔG|', zero='0')[self._opt('dg_rule')]}; "
+                f"ΔO² floored at "
+                f"{float(self._opt('min_delta_o_sq')):g}"
+                f"{' or the sampling variance of ΔO' if self._opt('delta_o_floor') == 'noise' else ''} "
+                f"({self._opt('delta_o_rule')}); all 0 -> previous weights"
             ),
             "inference_rule": ("fused head" if self._opt("inference") == "fused"
                                else "mean of the fused and unimodal heads' logits"),

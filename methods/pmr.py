@@ -3,13 +3,17 @@
 Documented in docs/methods/pmr.md; written from the paper, checked against
 ``main_Prototype_grad.py`` of fanyunfeng-bit/Modal-Imbalance-PMR (the official code).
 
-* **Prototypes** (``on_train_epoch_start``): class means of each modality's embedding over the
-  first ``floor(n_batches * proto_fraction)`` (at least 1) batches of a shuffled pass over the
+* **Prototypes**: class means of each modality's embedding over the first
+  ``floor(n_batches * proto_fraction)`` (at least 1) batches of a shuffled pass over the
   *training* data (train-time pipeline), model in eval mode, no autograd, through the trainer's
   ``iterate("train", fraction=...)`` service (its count rule is exactly the official
-  ``sample_count >= len(loader) // 10`` break). Officially they are computed before
-  epoch 0 and after every epoch; computing them at the start of epoch e from the model that
-  finished epoch e - 1 is the same thing.
+  ``sample_count >= len(loader) // 10`` break). As in the official
+  ``main_Prototype_grad.py``, they are computed before epoch 0 (``on_train_epoch_start``) and
+  after every epoch (``on_train_epoch_end``, before the evaluation): the prototypes that
+  epoch e + 1 trains with are the ones the evaluation after epoch e uses (the official
+  ``valid()``), so ``per_modality=prototypes`` reports the nearest-prototype accuracy of the
+  model just evaluated. The pass after epoch e draws the subset of epoch e + 1 (the order
+  ``iterate`` seeds from the epoch it serves), the same subset an epoch-start pass would draw.
 * **Momentum** (as the official code): ``protos = new`` in epochs 0 and 1, ``(1 - mu) * new + mu * old``
   from epoch 2 on (the official code smooths after epoch e only when e > 0).
 * **Per step**: ``q_m = -cdist(e_m, protos_m) / temperature``; score ``s_m`` = sum over the batch of
@@ -186,7 +190,8 @@ class PMR(Method):
         self.num_classes = 0
         self.protos: dict[str, torch.Tensor] = {}
         self.seen: torch.Tensor | None = None
-        self.updated_epoch: int | None = None
+        self.updated_epoch: int | None = None  # the epoch the current prototypes serve
+        self.proto_batches = 0  # batches of the pass that made them
         self._all_seen = False
 
     def _opt(self, key: str) -> Any:
@@ -223,23 +228,41 @@ class PMR(Method):
 
     # ---- prototypes -----------------------------------------------------------------------
     def on_train_epoch_start(self, epoch: int) -> None:
+        """Prototypes before epoch 0 (or from a checkpoint written before the pass moved to the
+        epoch's end); then log what this epoch trains with."""
+        if self.updated_epoch != epoch:
+            self._prototype_pass(epoch)
+        assert self.seen is not None
+        self.log(proto_batches=float(self.proto_batches), proto_classes_seen=self.seen.float().mean())
+
+    def on_train_epoch_end(self, epoch: int) -> None:
+        """The official order: after epoch e, before its evaluation, the prototypes of the model
+        that finished it; epoch e + 1 trains with them."""
+        self._prototype_pass(epoch + 1)
+
+    def _prototype_pass(self, epoch: int) -> None:
+        """Class sums over the prototype subset of ``epoch`` (the epoch that trains with them)."""
         assert self.trainer is not None and self.model is not None
         dims = self.model.dims
         dev = self.trainer.device
         sums = {m: torch.zeros(self.num_classes, dims[m], device=dev) for m in self.modalities}
         counts = torch.zeros(self.num_classes, device=dev)
         n = 0
-        with torch.no_grad():
-            batches = self.trainer.iterate("train", fraction=self.fraction, grad=False, train_mode=False,
-                                           tag="pmr-prototypes")
-            for batch in batches:
-                with self.trainer.autocast():
-                    feats = self.model.encode(batch)
-                for m in self.modalities:
-                    s, c = class_sums(feats[m], batch["label"], self.num_classes)
-                    sums[m] += s
-                counts += c
-                n += 1
+        current, self.epoch = self.epoch, epoch  # iterate() seeds its order from self.epoch
+        try:
+            with torch.no_grad():
+                batches = self.trainer.iterate("train", fraction=self.fraction, grad=False, train_mode=False,
+                                               tag="pmr-prototypes")
+                for batch in batches:
+                    with self.trainer.autocast():
+                        feats = self.model.encode(batch)
+                    for m in self.modalities:
+                        s, c = class_sums(feats[m], batch["label"], self.num_classes)
+                        sums[m] += s
+                    counts += c
+                    n += 1
+        finally:
+            self.epoch = current
         expected = prototype_pass_batches(self.num_training_batches, self.fraction)
         if self.num_training_batches and n != expected:
             raise MMBalanceError(
@@ -248,8 +271,7 @@ class PMR(Method):
                 f"{expected}; the trainer's iterate(fraction=...) no longer follows it."
             )
         self._update(sums, counts, epoch)
-        assert self.seen is not None
-        self.log(proto_batches=float(n), proto_classes_seen=self.seen.float().mean())
+        self.proto_batches = n
 
     def _update(self, sums: Mapping[str, torch.Tensor], counts: torch.Tensor, epoch: int) -> None:
         if self.seen is None:
@@ -324,6 +346,7 @@ class PMR(Method):
             "protos": {m: p.detach().cpu().clone() for m, p in self.protos.items()},
             "seen": self.seen.detach().cpu().clone(),
             "updated_epoch": self.updated_epoch,
+            "proto_batches": self.proto_batches,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -338,6 +361,7 @@ class PMR(Method):
         self.protos = {m: torch.as_tensor(p).to(dev) for m, p in state["protos"].items()}
         self.seen = torch.as_tensor(state["seen"]).to(dev, dtype=torch.bool)
         self.updated_epoch = state.get("updated_epoch")
+        self.proto_batches = int(state.get("proto_batches", 0))
         self._all_seen = bool(self.seen.all())
 
     # ---- reporting ------------------------------------------------------------------------
@@ -374,7 +398,8 @@ class PMR(Method):
         info = {
             "ratio": f"s_{self.modalities[0]} / s_{self.modalities[1]}" if len(self.modalities) == 2 else None,
             "prototype_pass": (f"floor({self.fraction:g} x training batches), at least 1, of the training "
-                               f"data, eval mode, no grad"),
+                               f"data, eval mode, no grad; before epoch 0 and after every epoch, before "
+                               f"its evaluation (official order)"),
             "unseen_classes": "keep the old prototype; never seen: masked out (no prototype)",
             "per_modality_rule": (
                 "nearest-prototype classifier" if self._opt("per_modality") == "prototypes"

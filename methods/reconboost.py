@@ -82,7 +82,9 @@ Departures from the official code (each one that changes numbers is an option):
   selection follows the trainer's rules (official: best test accuracy from stage 3 on).
 * **NaN guard** (``recon_nan_guard``, default on): a step whose loss is not finite has its
   gradients zeroed on the device (momentum and weight decay still act) and is counted; the
-  official code would write NaN into the weights. No effect on finite runs.
+  official code would write NaN into the weights. No effect on finite runs, and none on a
+  recorded number at all (declared ``changes_results=False``): such a step makes the epoch's
+  mean loss non-finite, and the trainer stops the run ("Training diverged") either way.
 * **Shuffles**: each phase pass draws its own seeded order (trainer), the official code one
   loader; the official ``drop_last=True`` training loader is not replicated (no effect on the
   method's maths).
@@ -156,7 +158,10 @@ OPTIONS: dict[str, Option] = {
     "recon_weight_decay": Option(5e-4, "weight decay of the SGD phase optimizers (beta included)", min=0.0),
     "recon_warm_start": Option("none", "none, or unimodal (the official --use_pretrain; not available)",
                                choices=("none", "unimodal")),
-    "recon_nan_guard": Option(True, "zero the gradients of a step whose loss is not finite (and count it)"),
+    # No recorded number depends on it: a non-finite step loss makes the epoch's mean loss
+    # non-finite, and the trainer stops such a run ("Training diverged") with or without it.
+    "recon_nan_guard": Option(True, "zero the gradients of a step whose loss is not finite (and count it)",
+                              changes_results=False),
 }
 
 A_KEYS = ("recon_boost_loss", "recon_q_true", "recon_weight", "recon_ce_learner")

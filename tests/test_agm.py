@@ -192,7 +192,9 @@ def test_modulation_scales_each_modality_through_its_own_shapley_output():
 
 @pytest.mark.parametrize("n_modalities,head", [(2, "concat"), (3, "concat"), (2, "sum")])
 def test_model_coalitions_route_the_scaled_gradient(tmp_path, n_modalities, head):
-    trainer = setup_trainer(tmp_path, n_modalities=n_modalities, head=head)
+    """On shared features (``coalitions=reuse``, so the coalitions' paths meet at the step's
+    feature tensors); ``reencode`` routes the same gradient to the parameters (next test)."""
+    trainer = setup_trainer(tmp_path, n_modalities=n_modalities, head=head, coalitions="reuse")
     method, model = trainer.method, trainer.model
     mods = method.modalities
     batch = first_batch(trainer)
@@ -211,17 +213,53 @@ def test_model_coalitions_route_the_scaled_gradient(tmp_path, n_modalities, head
 
 
 def test_reuse_equals_reencode_without_batchnorm_or_dropout(tmp_path):
-    trainer = setup_trainer(tmp_path, n_modalities=3)
+    """Logits and the modulated loss's parameter gradients agree up to rounding on encoders
+    with neither BatchNorm nor dropout (reencode, the default, is the official computation)."""
+    trainer = setup_trainer(tmp_path, n_modalities=3, coalitions="reuse")
     method, model = trainer.method, trainer.model
     batch = first_batch(trainer)
     model.train()
-    reuse = method.coalition_logits(batch, model.encode(batch))
-    method.cfg["coalitions"] = "reencode"
-    again = method.coalition_logits(batch, model.encode(batch))
-    assert model.training  # restored after the eval-mode passes
-    assert set(reuse) == set(again)
-    for s in reuse:
-        torch.testing.assert_close(reuse[s], again[s], rtol=1e-5, atol=1e-6)
+    grads, logits = {}, {}
+    k = torch.tensor([0.5, 2.0, 1.5])
+    for mode in ("reuse", "reencode"):
+        method.cfg["coalitions"] = mode
+        model.zero_grad(set_to_none=True)
+        values = method.coalition_logits(batch, model.encode(batch))
+        assert model.training  # restored after the eval-mode passes
+        z = modulated_output(shapley_outputs(values, method.modalities), k, method.modalities)
+        F.cross_entropy(z, batch["label"]).backward()
+        logits[mode] = values
+        grads[mode] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert set(logits["reuse"]) == set(logits["reencode"])
+    for s in logits["reuse"]:
+        torch.testing.assert_close(logits["reuse"][s], logits["reencode"][s], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["reuse"], grads["reencode"], rtol=1e-4, atol=1e-6)
+
+
+def test_reencode_is_the_default_and_differs_from_reuse_with_dropout(tmp_path):
+    """Item 7 of issue 21: a plain "AGM" row is the official computation. With dropout, reusing
+    the step's train-mode features is another method (dropout masks in every coalition)."""
+    trainer = setup_trainer(tmp_path, **{"backbone.m1.dropout": 0.5})
+    method, model = trainer.method, trainer.model
+    assert trainer.cfg["coalitions"] == "reencode" and method.label() == "AGM"
+    batch = first_batch(trainer)
+    model.train()
+    torch.manual_seed(0)
+    feats = model.encode(batch)
+    official = method.coalition_logits(batch, feats)
+    with torch.no_grad():  # f({m2}) by hand: m1 blank, m2 re-encoded, whole model in eval mode
+        model.eval()
+        blank = model.blank_feature("m1", batch["m1"]).expand(feats["m1"].shape[0], -1)
+        only2 = model.fuse({"m1": blank, "m2": model.encoders["m2"](batch["m2"])})
+        only1 = model.fuse({"m1": model.encoders["m1"](batch["m1"]), "m2": model.blank_feature(
+            "m2", batch["m2"]).expand(feats["m2"].shape[0], -1)})
+        model.train()
+    torch.testing.assert_close(official[fs("m2")], only2)
+    torch.testing.assert_close(official[fs("m1")], only1)  # eval mode: no dropout mask
+    method.cfg["coalitions"] = "reuse"
+    reused = method.coalition_logits(batch, feats)
+    assert not torch.allclose(reused[fs("m1")], only1, atol=1e-3)
+    assert AGM({"coalitions": "reuse"}).label() == "AGM (reused train-mode coalitions)"
 
 
 # ---- the training step: order, window, clip guard --------------------------------------------
@@ -404,3 +442,41 @@ def test_avdigits_two_epochs(fast, shared_data):
 def test_resume_identical(tmp_path, monkeypatch):
     overrides = {"progress": "off", "device": "cpu", "epochs": 3, "n_train": 240, "n_test": 60, "batch_size": 32}
     assert_resume_identical("agm", "synthetic", overrides, tmp_path, monkeypatch)
+
+
+# ---- wrong variants that earlier tests let pass (issue 21) ---------------------------------
+@pytest.mark.parametrize(("epoch", "inside"), [(0, False), (1, True), (2, True), (3, False)])
+def test_window_includes_both_ends(tmp_path, epoch, inside):
+    """Wrong variant caught: the window's last epoch excluded (``epoch < end``) or its first
+    (``start < epoch``): modulation_start=1, modulation_end=2 sets the scales in epochs 1 and 2."""
+    trainer = setup_trainer(tmp_path, modulation_start=1, modulation_end=2)
+    method = trainer.method
+    method.on_train_epoch_start(epoch)
+    method.running = torch.tensor([1.0, 3.0])  # a history unlike this batch: k far from 1
+    method.steps = 10
+    _, logs = _step(method, first_batch(trainer))
+    coef = torch.stack([logs["coef_m1"], logs["coef_m2"]])
+    if inside:
+        scores = torch.stack([logs["score_m1"], logs["score_m2"]])
+        want = agm_coefficients(scores, torch.tensor([1.0, 3.0]), method.alpha, method.cap)
+        torch.testing.assert_close(coef, want)
+        assert (coef - 1.0).abs().max() > 0.1
+    else:
+        assert torch.equal(coef, torch.ones(2))
+
+
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_running_mean_moves_outside_the_window(tmp_path, epoch):
+    """Wrong variant caught: the running means (and the step count) frozen outside the window;
+    the official code updates them at every step, so the concept the window starts from holds
+    the whole history."""
+    trainer = setup_trainer(tmp_path, modulation_start=1, modulation_end=2)
+    method = trainer.method
+    method.on_train_epoch_start(epoch)
+    method.running = torch.tensor([1.0, 3.0])
+    method.steps = 10
+    _, logs = _step(method, first_batch(trainer))
+    scores = torch.stack([logs["score_m1"], logs["score_m2"]])
+    assert method.steps == 11
+    torch.testing.assert_close(method.running, (torch.tensor([1.0, 3.0]) * 10 + scores) / 11)
+    torch.testing.assert_close(torch.stack([logs["concept_m1"], logs["concept_m2"]]), method.running)

@@ -467,3 +467,66 @@ def test_resume_is_identical_scheduled(tmp_path, fast, monkeypatch):
 def test_resume_is_identical_learnable(tmp_path, fast, monkeypatch):
     overrides = {**fast, **SMALL, **LEARN, "epochs": 3, "checkpoint": True}
     assert_resume_identical("lfm", "synthetic", overrides, tmp_path, monkeypatch, kill_epoch=2, kill_batch=1)
+
+
+# ---- wrong variants that earlier tests let pass (issue 21) -----------------------------------
+def step_loss_by_hand(trainer, batch, alpha_ce, alpha_al):
+    model = trainer.model
+    with torch.no_grad():
+        uni = model.unimodal_logits(model.encode(batch))
+        ce = F.cross_entropy((uni["m1"] + uni["m2"]) / 2, batch["label"])
+        return (2 * (alpha_ce * ce + alpha_al * mixkl_pair(uni["m1"], uni["m2"]))).item()
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_fitted_rescale_reaches_the_step(tmp_path, rescale):
+    """Wrong variant caught: ``fitted_rescale`` not reaching the step (the polynomial always
+    evaluated at e * 200 / epochs, or always at e). Epoch 50 of a 100-epoch run is e' = 100
+    rescaled, e = 50 not."""
+    trainer = setup_trainer(tmp_path, epochs=100, fitted_rescale=rescale)
+    start_epoch(trainer, 50)
+    want = fitted_alpha_ce(100 if rescale else 50)
+    assert trainer.method.alpha_ce == pytest.approx(want, abs=1e-12)
+    assert abs(fitted_alpha_ce(100) - fitted_alpha_ce(50)) > 0.1
+    batch = first_batch(trainer)
+    loss = trainer.method.training_step(batch, 0).item()
+    assert loss == pytest.approx(step_loss_by_hand(trainer, batch, want, 1 - want), rel=1e-5)
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_fitted_clamp_reaches_the_step(tmp_path, clamp):
+    """Wrong variant caught: ``fitted_clamp`` not reaching the step. At epoch 183 of 200 the
+    released polynomial gives alpha_ce = 1.011 > 1 (alpha_al < 0): clamped to 1, or kept."""
+    trainer = setup_trainer(tmp_path, epochs=200, fitted_clamp=clamp)
+    start_epoch(trainer, 183)
+    raw = fitted_alpha_ce(183, clamp=False)
+    want = 1.0 if clamp else raw
+    assert raw > 1.01 and trainer.method.alpha_ce == pytest.approx(want, abs=1e-12)
+    batch = first_batch(trainer)
+    loss = trainer.method.training_step(batch, 0).item()
+    assert loss == pytest.approx(step_loss_by_hand(trainer, batch, want, 1 - want), rel=1e-5)
+
+
+def test_hvp_read_all_reaches_the_update(tmp_path):
+    """Wrong variant caught: ``hvp_read`` not reaching the learnable update (s always the mean
+    over the first parameter tensor): with ``all``, s is the mean of H_tot g_cls over every
+    trainable parameter."""
+    trainer = setup_trainer(tmp_path, **LEARN, hvp_read="all")
+    method, model = trainer.method, trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = next(iter(trainer.loader(trainer.heldout(), train=False, batch_size=64)))
+    rows = to_device({k: v[:8] for k, v in rows.items()}, trainer.device)
+    model.train(False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    s = {}
+    for name, read in (("all", range(len(params))), ("first", (0,))):
+        feats = model.encode(rows)
+        uni = model.unimodal_logits(feats)
+        ce = F.cross_entropy((uni["m1"] + uni["m2"]) / 2, rows["label"])
+        total = 0.05 * ce + 0.95 * mixkl_pair(uni["m1"], uni["m2"])
+        s[name] = hessian_vector_mean(total, ce, params, read).item()
+    model.load_state_dict(state)
+    model.train()
+    start_epoch(trainer, 1)  # eval-mode HVP (official mode from epoch 1)
+    assert method.last_s == pytest.approx(s["all"], rel=1e-4, abs=1e-9)
+    assert s["all"] != pytest.approx(s["first"], rel=1e-2)

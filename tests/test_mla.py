@@ -402,3 +402,26 @@ def test_refusals(fast, tmp_path):
         make_trainer("mla", "synthetic", {**base, "mla_gm": "owm2"})
     # the dynamic default never trips over the paper's 3-modality weights on 2 modalities
     make_trainer("mla", "synthetic", {**base, "mla_fixed_weights": {"m1": 1.0}}).check()
+
+
+# ---- wrong variants that earlier tests let pass (issue 21) -----------------------------------
+def test_default_fusion_weights_are_per_sample_written_out(tmp_path):
+    """Wrong variant caught: batch-scope entropy weights as the default (the official quirk: one
+    weight per modality per evaluation batch). The default prediction is written out here from
+    the entropies of each sample's class distribution, without ``entropy_weights``, and its
+    weights vary across the samples of one batch."""
+    trainer = setup_trainer(tmp_path)
+    assert trainer.cfg["mla_entropy_scope"] == "sample"
+    model = trainer.model
+    with torch.no_grad():  # a trained-looking head: confident on some samples, not others
+        model.extra["shared_head"].weight.mul_(30.0)
+    model.eval()
+    batch = batches(trainer, 1)[0]
+    pred = trainer.method.predict(batch)
+    with torch.no_grad():
+        feats = model.encode(batch)
+        o = [model.extra["shared_head"](feats[m]) for m in ("m1", "m2")]
+        neg_h = [(F.softmax(x, 1) * F.log_softmax(x, 1)).sum(1) for x in o]  # -H_m per sample
+        w1 = neg_h[0].exp() / (neg_h[0].exp() + neg_h[1].exp())
+    torch.testing.assert_close(pred.fused, w1[:, None] * o[0] + (1 - w1)[:, None] * o[1])
+    assert w1.max() - w1.min() > 0.1  # one weight per sample, not one per batch

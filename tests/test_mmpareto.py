@@ -436,3 +436,69 @@ def test_distributed_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     with pytest.raises(UnsupportedError, match=r"Method 'mmpareto'.*all-reduced"):
         t.method.on_fit_start()
+
+
+# ---- wrong variants that earlier tests let pass (issue 21) -------------------------------------
+def force_conflict(model):
+    """Turn each unimodal head against the fused head's block of its modality (plus a fixed
+    perturbation, so the conflict is partial), so L_m and L_mm pull the encoder apart (cos < 0,
+    a far from 1/2): only then do the solver and the rescale act."""
+    fc = model.fusion.fc
+    gen = torch.Generator().manual_seed(0)
+    start = 0
+    with torch.no_grad():
+        for m in model.modalities:
+            d = model.dims[m]
+            w = model.uni_heads[m].weight
+            w.copy_(-3.0 * fc.weight[:, start:start + d] + 0.5 * torch.randn(w.shape, generator=gen))
+            start += d
+
+
+def test_rescale_option_reaches_the_step(tmp_path, monkeypatch):
+    """Wrong variant caught: ``rescale`` not reaching the step (the per-tensor rule used
+    whatever the option says). Under a conflict, the step's encoder gradients are
+    pareto_combine with the run's rescale, and the two rescales give other gradients."""
+    seen = {}
+    for rescale in ("tensor", "global"):
+        t = step_trainer(tmp_path / rescale, rescale=rescale)
+        force_conflict(t.model)
+        grads, batch, _ = captured_step(t, monkeypatch)
+        out = t.model(batch)
+        y = batch["label"]
+        l_mm = F.cross_entropy(out.fused, y)
+        for m in t.model.modalities:
+            params = t.model.encoder_params(m)
+            g_mm = torch.autograd.grad(l_mm, params, retain_graph=True)
+            g_u = torch.autograd.grad(F.cross_entropy(out.uni[m], y), params, retain_graph=True)
+            want, stats = pareto_combine(g_mm, g_u, rescale=rescale)
+            assert stats["conflict"].item() == 1.0
+            torch.testing.assert_close([grads[id(p)] for p in params], want, rtol=1e-5, atol=1e-7)
+            seen[rescale, m] = torch.cat([g.flatten() for g in want])
+    for m in ("m1", "m2"):
+        assert not torch.allclose(seen["tensor", m], seen["global", m], rtol=1e-2, atol=1e-4)
+
+
+def test_fusion_mode_option_reaches_the_step(tmp_path, monkeypatch):
+    """Wrong variant caught: ``fusion_mode`` not reaching the model (a concat head built
+    whatever the option says): with sum the fused loss is CE(sum_m (W_m e_m + b_m))."""
+    from mmbalance.heads import SumHead
+
+    t = step_trainer(tmp_path, fusion_mode="sum")
+    assert isinstance(t.model.fusion, SumHead)
+    _, batch, _ = captured_step(t, monkeypatch)
+    feats = t.model.encode(batch)
+    fcs = t.model.fusion.fcs
+    by_hand = F.cross_entropy(sum(fcs[m](feats[m]) for m in ("m1", "m2")), batch["label"])
+    torch.testing.assert_close(t._step_logs["loss_mm"][-1], by_hand.detach())
+
+
+@pytest.mark.parametrize(("delta", "degenerate"), [(1.5e-5, True), (3e-5, False)])
+def test_degenerate_threshold_at_its_boundary(delta, degenerate):
+    """Wrong variants caught: another degenerate-D threshold (a relative factor other than
+    1e-5, a purely absolute threshold, or a scale taken from |S| instead of |G^mm| + |G^u|).
+    G^mm = (1, 0), G^u = (-1, delta): a = 1/2 in fp32, D = (0, delta), |D| = delta, S = (0, delta),
+    |G^mm| + |G^u| = 2: degenerate iff delta <= 1e-12 + 1e-5 * 2 = 2e-5."""
+    grads, stats = combine([[1.0, 0.0]], [[-1.0, delta]])
+    assert stats["weight_mm"].item() == 0.5 and stats["conflict"].item() == 1.0
+    assert stats["guard_degenerate"].item() == (1.0 if degenerate else 0.0)
+    close(grads, [[0.0, 1.5 * delta]])  # gamma S or gamma D: the same vector here

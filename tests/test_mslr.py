@@ -264,3 +264,43 @@ def test_resume_is_identical(tmp_path, monkeypatch):
     overrides = {**SMALL, "epochs": 3, "history": 1, "ratio_min": 0.1, "ratio_max": 10.0,
                  "device": "cpu", "progress": "off"}
     assert_resume_identical("mslr", "synthetic", overrides, tmp_path, monkeypatch)
+
+
+# ---- wrong variants that earlier tests let pass (issue 21) -----------------------------------
+def test_history_keeps_filling_outside_the_window(tmp_path):
+    """Wrong variant caught: the accuracy history frozen outside the modulation window (only
+    updated while the multipliers act). The history is kept throughout (AGM repo), so the
+    first epoch of a late window already adapts from the H accuracies before it."""
+    trainer = setup_trainer(tmp_path, history=2, modulation_start=2, modulation_end=3)
+    method = trainer.method
+    accs = [(40.0, 20.0), (50.0, 25.0), (90.0, 20.0), (45.0, 30.0), (45.0, 60.0)]
+    for epoch, (a1, a2) in enumerate(accs):
+        method.on_validation_end({"epoch": epoch, "val": {"m1": {"acc": a1}, "m2": {"acc": a2}}})
+        if epoch == 1:  # before the window: the history filled, the rates untouched
+            assert method.history == {"m1": [40.0, 50.0], "m2": [20.0, 25.0]}
+            assert all(g["lr"] == LR for g in trainer.optimizer.param_groups)
+        if epoch == 2:  # 90 / mean(40, 50) = 2 and 20 / 22.5, in force from epoch 3 (in the window)
+            assert method.adapt["m1"] == pytest.approx(2.0)
+            assert method.adapt["m2"] == pytest.approx(20.0 / 22.5)
+            groups = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+            assert groups["modality.m1"] == pytest.approx(2.0 * LR)
+    # after the window (epoch 4 trains at the base rate), the history still moves
+    assert method.history == {"m1": [45.0, 45.0], "m2": [30.0, 60.0]}
+    assert all(g["lr"] == LR for g in trainer.optimizer.param_groups)
+
+
+def test_grad_mode_scales_the_branch_heads_with_their_encoders(tmp_path):
+    """Wrong variant caught: ``apply_as=grad`` multiplying only the encoders' gradients, not the
+    branch heads that share the modality's group (head_in_group=true, the default and the AGM
+    repo's ``audio_net`` + ``audio_cls``)."""
+    trainer = setup_trainer(tmp_path, apply_as="grad", lr_mult={"m1": 0.25, "m2": 3.0}, rule="fixed")
+    method, model = trainer.method, trainer.model
+    batch = to_device(next(iter(trainer.loader(trainer.splits.train, train=False))), trainer.device)
+    method.training_step(batch, 0).backward()
+    plain = {id(p): p.grad.clone() for p in model.parameters() if p.grad is not None}
+    method.on_after_backward()
+    for m, factor in (("m1", 0.25), ("m2", 3.0)):
+        head = list(model.fusion.fcs[m].parameters())
+        assert head and all(p.grad is not None for p in head)
+        for p in model.encoder_params(m) + head:
+            torch.testing.assert_close(p.grad, plain[id(p)] * factor)

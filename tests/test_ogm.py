@@ -326,3 +326,50 @@ def test_bad_option_values_refused(fast):
         make_trainer("ogm", "synthetic", {**fast, **SYN, "alpha": -0.1})
     with pytest.raises(ConfigError):
         make_trainer("ogm", "synthetic", {**fast, **SYN, "tie": "both"})
+
+
+# ---- wrong variants that earlier tests let pass (issue 21) -------------------------------------
+@pytest.mark.parametrize(("epoch", "inside"), [(0, False), (1, True), (2, True), (3, False)])
+def test_logged_coefficients_are_the_applied_ones(tmp_path, epoch, inside):
+    """Wrong variant caught: the computed coefficient logged outside the window, where the
+    gradients are not modulated (the diagnostics must say what was applied: 1 there)."""
+    t = step_trainer(tmp_path, ge=False, modulation_starts=1, modulation_ends=2)
+    t._step_logs = {}
+    coeffs, before, after, _ = one_step(t, epoch)
+    logged = {m: t._step_logs[f"coeff_{m}"][-1] for m in ("m1", "m2")}
+    assert min(c.item() for c in coeffs.values()) < 1.0  # a modality is dominant in this batch
+    if inside:
+        torch.testing.assert_close(logged, coeffs)
+    else:
+        assert all(v.item() == 1.0 for v in logged.values())
+        assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_concat_scores_use_half_the_bias_per_modality_by_hand(tmp_path):
+    """Wrong variant caught: the concat head's per-modality parts with the whole bias b instead
+    of b/2 each (the official ``weight_size`` split: ``W_a a + b/2``, ``W_v v + b/2``). The parts
+    are written out here from the head's weight and bias, not taken from ``fusion.parts``."""
+    t = step_trainer(tmp_path, ge=False)
+    fc = t.model.fusion.fc
+    with torch.no_grad():  # a bias large enough that b and b/2 give clearly other scores
+        fc.bias.copy_(torch.linspace(-3.0, 3.0, fc.bias.numel()))
+    method, model = t.method, t.model
+    batch = to_device(next(iter(t.loader(t.splits.train, train=False))), t.device)
+    model.train()
+    method.on_train_epoch_start(0)
+    method.training_step(batch, 0)
+    with torch.no_grad():
+        feats = model.encode(batch)
+        d1 = feats["m1"].shape[1]
+        w1, w2 = fc.weight[:, :d1], fc.weight[:, d1:]
+        half = {"m1": feats["m1"] @ w1.t() + fc.bias / 2, "m2": feats["m2"] @ w2.t() + fc.bias / 2}
+        whole = {"m1": feats["m1"] @ w1.t() + fc.bias, "m2": feats["m2"] @ w2.t() + fc.bias}
+    y = batch["label"]
+    for parts, right in ((half, True), (whole, False)):
+        s = true_class_scores(parts, y)
+        k1, k2, _ = ogm_coefficients(s["m1"], s["m2"], 0.8)
+        got = (method._coeffs["m1"], method._coeffs["m2"])
+        if right:
+            torch.testing.assert_close(got, (k1, k2), rtol=1e-5, atol=1e-6)
+        else:
+            assert not torch.allclose(torch.stack(got), torch.stack((k1, k2)), rtol=1e-3, atol=1e-4)

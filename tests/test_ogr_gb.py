@@ -17,6 +17,7 @@ from mmbalance.methods.ogr_gb import (
     blend_weights,
     blended_loss,
     cap_weights,
+    delta_o_noise_sq,
     generalisation_and_overfitting,
     raw_blend_weight,
 )
@@ -107,7 +108,7 @@ def test_edge_cases_variants():
     assert clamp.raw == pytest.approx([0.0, 2500.0, 8000.0])
     assert clamp.weights == pytest.approx([0.0, 2500 / 10500, 8000 / 10500])
     # BalanceBenchmark's |ΔG|: the head whose held-out loss rose gets 0.5 / 1.5² = 2/9
-    absdg = blend_weights(**EDGE, min_delta_o_sq=FLOOR, abs_dg=True)
+    absdg = blend_weights(**EDGE, min_delta_o_sq=FLOOR, dg_rule="abs")
     assert absdg.raw[0] == pytest.approx(2 / 9)
     # a larger floor: ΔO² >= 0.01 -> b 25
     assert blend_weights(**EDGE, min_delta_o_sq=0.01).raw[1] == pytest.approx(25.0)
@@ -184,7 +185,8 @@ def test_estimation_measures_the_right_losses_and_leaves_the_run_untouched(tmp_p
                F.cross_entropy(out.fused, y).item()]
     assert res.losses["LV0"] == pytest.approx(by_hand, rel=1e-5)
     # the weights are the pure function of the recorded losses; training moved L^T
-    again = blend_weights(res.losses["LT0"], res.losses["LV0"], res.losses["LT1"], res.losses["LV1"])
+    again = blend_weights(res.losses["LT0"], res.losses["LV0"], res.losses["LT1"], res.losses["LV1"],
+                          noise_sq=res.floors, dg_rule="keep")
     assert res.weights == pytest.approx(again.weights) and sum(res.weights) == pytest.approx(1.0)
     assert all(a > b for a, b in zip(res.losses["LT0"], res.losses["LT1"], strict=True))
     assert method.weights == res.weights and method.estimations[-1]["weights"] == res.weights
@@ -401,3 +403,142 @@ def test_bf16_autocast_keeps_the_losses_in_fp32(tmp_path):
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
     res = t.method.estimate()
     assert all(math.isfinite(x) for x in res.losses["LV1"]) and sum(res.weights) == pytest.approx(1.0)
+
+
+# ---- issue 21: wrong variants, and the defaults that kept a modality locked out (items 6, 8) ----
+def test_delta_o_noise_by_hand():
+    """ΔO = mean(v1 - v0) - mean(t1 - t0) over paired samples: its variance is
+    var(v1 - v0) / N_V + var(t1 - t0) / N_T (unbiased variances)."""
+    t0 = torch.tensor([[2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    t1 = torch.tensor([[1.0, 1.5, 0.5, 1.0], [1.0, 1.0, 1.0, 1.0]])  # changes -1, -0.5, -1.5, -1
+    v0 = torch.tensor([[2.0, 2.0], [3.0, 1.0]])
+    v1 = torch.tensor([[1.0, 2.0], [3.0, 1.0]])  # changes -1, 0 | 0, 0
+    noise = delta_o_noise_sq(t0, t1, v0, v1)
+    # head 0: var(-1, 0) = 0.5, / 2 = 0.25; var(-1, -0.5, -1.5, -1) = 1/6, / 4 = 1/24
+    assert noise.tolist() == pytest.approx([0.25 + 1 / 24, 0.0])
+
+
+def test_noise_floor_by_hand():
+    """Head b has ΔO = 0: the fixed floor gives it ΔG / 1e-4 = 2500; a noise variance of 0.01
+    floors its ΔO² there instead (0.25 / 0.01 = 25); head a's ΔO² = 2.25 is above its noise."""
+    fixed = blend_weights(**EDGE, min_delta_o_sq=FLOOR)
+    noisy = blend_weights(**EDGE, min_delta_o_sq=FLOOR, noise_sq=[0.5, 0.01, 1e-6])
+    assert fixed.raw[1] == pytest.approx(2500.0) and noisy.raw[1] == pytest.approx(25.0)
+    assert noisy.floors == pytest.approx([0.5, 0.01, FLOOR])
+    assert noisy.raw[2] == pytest.approx(0.8 / 0.09)  # ΔO² = 0.09 above its floor
+    with pytest.raises(ValueError):
+        blend_weights(**EDGE, noise_sq=[0.1])
+
+
+def test_keep_rule_by_hand():
+    """dg_rule=keep: head a (ΔG = -0.5) keeps its previous weight, b and fused share the rest
+    in proportion to ΔG / ΔO²; zero switches a off; abs gives it |ΔG| / ΔO² = 0.5 / 2.25."""
+    keep = blend_weights(**EDGE, min_delta_o_sq=FLOOR, dg_rule="keep", previous=[0.2, 0.3, 0.5])
+    rest = 0.8 / (2500 + 80 / 9)
+    assert keep.weights == pytest.approx([0.2, 2500 * rest, 80 / 9 * rest]) and not keep.fallback
+    first = blend_weights(**EDGE, min_delta_o_sq=FLOOR, dg_rule="keep")  # uniform before any estimate
+    assert first.weights[0] == pytest.approx(1 / 3)
+    zero = blend_weights(**EDGE, min_delta_o_sq=FLOOR, dg_rule="zero", previous=[0.2, 0.3, 0.5])
+    assert zero.weights[0] == 0.0
+    assert blend_weights(**EDGE, min_delta_o_sq=FLOOR, dg_rule="abs").raw[0] == pytest.approx(0.5 / 2.25)
+    with pytest.raises(ValueError):
+        raw_blend_weight(0.1, 0.1, dg_rule="max")
+
+
+def test_estimation_losses_and_noise_by_hand_on_the_trained_copies(tmp_path, monkeypatch):
+    """Wrong variant caught: the post-training train and held-out losses swapped (L^T_1 <->
+    L^V_1). L^T_1 is measured here by hand on the trained copies over the whole training split
+    (train_loss_fraction = 1), L^V_1 over the held-out slice; the ΔO² floors are the noise of
+    the per-sample changes, by hand (above the fixed 1e-4 after three epochs of sub-training)."""
+    t = setup_trainer(tmp_path, super_epoch=3)
+    method, model = t.method, t.model
+    copies = []
+    original = type(method)._train_copy
+
+    def keep_copy(self, heads):
+        net, cost = original(self, heads)
+        copies.append((list(heads), net))
+        return net, cost
+
+    monkeypatch.setattr(type(method), "_train_copy", keep_copy)
+    res = method.estimate()
+    train, held = full_batch(t, "train"), full_batch(t, "heldout")
+
+    def per_sample(net, batch):
+        net.eval()
+        with torch.no_grad():
+            out = net(batch)
+        net.train()
+        y = batch["label"]
+        return {"m1": F.cross_entropy(out.uni["m1"], y, reduction="none"),
+                "m2": F.cross_entropy(out.uni["m2"], y, reduction="none"),
+                FUSED: F.cross_entropy(out.fused, y, reduction="none")}
+
+    before = {"T": per_sample(model, train), "V": per_sample(model, held)}
+    after = {}
+    for heads, net in copies:
+        for split, batch in (("T", train), ("V", held)):
+            losses = per_sample(net, batch)
+            after.setdefault(split, {}).update({h: losses[h] for h in heads})
+    heads = ["m1", "m2", FUSED]
+    assert res.losses["LT1"] == pytest.approx([after["T"][h].mean().item() for h in heads], rel=1e-5)
+    assert res.losses["LV1"] == pytest.approx([after["V"][h].mean().item() for h in heads], rel=1e-5)
+    assert res.losses["LV1"] != pytest.approx(res.losses["LT1"], rel=1e-2)
+    noises = []
+    for k, h in enumerate(heads):
+        d_t, d_v = after["T"][h] - before["T"][h], after["V"][h] - before["V"][h]
+        noises.append((d_v.var() / len(d_v) + d_t.var() / len(d_t)).item())
+        assert res.floors[k] == pytest.approx(max(FLOOR, noises[k]), rel=1e-4)
+    assert min(noises) > 5 * FLOOR  # every floor is the noise, not the fixed 1e-4
+
+
+def test_estimated_weights_reach_the_loss(tmp_path):
+    """Wrong variant caught: the estimated weights not reaching the loss (recorded and logged,
+    while the step keeps the weights of before the estimation). The step after an estimation is
+    sum_k w_k CE_k with the new, non-uniform w."""
+    t = setup_trainer(tmp_path)
+    method, model = t.method, t.model
+    method.on_fit_start()
+    method.epoch = 0
+    t._step_logs = {}
+    method.on_train_epoch_start(0)  # super_epoch = 1: an estimation epoch
+    w = method.estimations[-1]["weights"]
+    assert w != pytest.approx([1 / 3] * 3, abs=1e-2)
+    assert [t._step_logs[f"w_{h}"][-1] for h in ("m1", "m2", FUSED)] == pytest.approx(w)
+    batch = next(t.iterate("train", batches=1))
+    loss = method.training_step(batch, 0)
+    with torch.no_grad():
+        out = model(batch)
+    y = batch["label"]
+    parts = [F.cross_entropy(out.uni["m1"], y), F.cross_entropy(out.uni["m2"], y), F.cross_entropy(out.fused, y)]
+    assert loss.item() == pytest.approx(sum(a * b.item() for a, b in zip(w, parts, strict=True)), rel=1e-6)
+
+
+NOISY_M2 = {"n_train": 120, "n_test": 100, "strength": [1.5, 0.0], "super_epoch": 5, "mode": "offline"}
+
+
+@pytest.mark.parametrize("rule", ["keep", "zero"])
+def test_a_head_without_generalisation_at_the_first_estimate_still_trains(tmp_path, rule):
+    """Item 8 of issue 21: m2 carries no signal; trained alone from the initial weights for
+    super_epoch = 5 epochs its held-out loss rises (ΔG < 0 at the first estimate). With the
+    default dg_rule=keep it keeps its uniform weight and its head and encoder train; the earlier
+    rule (zero) gave it weight 0: no gradient reaches its head for the whole (offline) run, which
+    only shrinks under weight decay."""
+    t = make_trainer("ogr_gb", "synthetic", {"device": "cpu", "progress": "off", "epochs": 2,
+                                              "records": str(tmp_path / "runs"), "dg_rule": rule, **NOISY_M2})
+    t.setup()
+    method, model = t.method, t.model
+    method.on_cell_start()
+    method.on_fit_start()
+    est = method.estimations[-1]
+    assert est["dG"][1] < 0 and est["raw"][1] == 0.0
+    before = model.uni_heads["m2"].weight.detach().clone()
+    encoder = [p.detach().clone() for p in model.encoder_params("m2")]
+    t.train_epoch(0)
+    after = model.uni_heads["m2"].weight.detach()
+    shrunk = torch.allclose(after, before * (after.norm() / before.norm()), rtol=0, atol=1e-7)
+    if rule == "keep":
+        assert method.weights[1] == pytest.approx(1 / 3) and not shrunk
+    else:
+        assert method.weights[1] == 0.0 and shrunk
+    assert any(not torch.equal(a, b) for a, b in zip(encoder, model.encoder_params("m2"), strict=True))

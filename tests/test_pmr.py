@@ -348,3 +348,75 @@ def test_cuda_bf16_step_never_syncs_with_the_host(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
     assert trainer.method.protos["m1"].dtype == torch.float32
+
+
+# ---- wrong variants that earlier tests let pass, and the official evaluation order (issue 21) -
+def eval_mode_class_means(trainer, epoch):
+    """The prototypes of ``epoch`` by hand: eval-mode class means over that epoch's subset."""
+    method, model = trainer.method, trainer.model
+    current, method.epoch = method.epoch, epoch
+    batches = list(trainer.iterate("train", fraction=method.fraction, tag="pmr-prototypes"))
+    method.epoch = current
+    was = model.training
+    with torch.no_grad():
+        model.eval()
+        feats = {m: torch.cat([model.encode(b)[m] for b in batches]) for m in method.modalities}
+        model.train(was)
+    y = torch.cat([b["label"] for b in batches])
+    return {m: torch.stack([feats[m][y == c].mean(0) for c in range(10)]) for m in method.modalities}
+
+
+def test_prototype_pass_runs_in_eval_mode_on_a_dropout_encoder(tmp_path):
+    """Wrong variant caught: the prototype pass in train mode. With dropout in both encoders a
+    train-mode pass gives other class means (random masks, and the kept units scaled by 2);
+    earlier tests only used encoders without BatchNorm or dropout, where the mode is invisible."""
+    trainer = setup_trainer(tmp_path, n_train=1600, batch_size=16,
+                            **{"backbone.m1.dropout": 0.5, "backbone.m2.dropout": 0.5})
+    method, model = trainer.method, trainer.model
+    model.train()
+    start_epoch(trainer, 0)
+    assert model.training
+    want = eval_mode_class_means(trainer, 0)
+    for m in method.modalities:
+        torch.testing.assert_close(method.protos[m], want[m])
+
+
+def test_evaluation_uses_the_prototypes_of_the_model_it_evaluates(tmp_path, fast):
+    """Item 7 of issue 21: the official loop computes the prototypes after each epoch and
+    valid() uses them, so ``per_modality=prototypes`` after epoch e reports the prototypes of the
+    model that finished epoch e (earlier: the ones computed before epoch e, one epoch older);
+    epoch e + 1 trains with the same prototypes."""
+    trainer = make_trainer("pmr", "synthetic", {**fast, **SMALL, "per_modality": "prototypes"})
+    record = trainer.fit()
+    method, model = trainer.method, trainer.model
+    assert method.updated_epoch == 2  # the pass after the last epoch
+    want = eval_mode_class_means(trainer, 2)
+    for m in method.modalities:
+        torch.testing.assert_close(method.protos[m], want[m])
+    # the recorded per-modality test accuracy of the last epoch is nearest-prototype with them
+    test = next(iter(trainer.loader(trainer.splits.test, train=False, batch_size=1000)))
+    model.eval()
+    with torch.no_grad():
+        feats = model.encode(test)
+    for m in method.modalities:
+        acc = (torch.cdist(feats[m], want[m]).argmin(1) == test["label"]).float().mean().item()
+        assert record["epochs"][-1]["test"][m]["acc"] == pytest.approx(100 * acc)
+
+
+def test_prototypes_of_an_epoch_come_from_the_pass_before_it(tmp_path):
+    """The pass after epoch e serves epoch e + 1: its subset, its EMA index; the epoch-start hook
+    then runs no second pass."""
+    trainer = setup_trainer(tmp_path, momentum_coef=0.5)
+    method = trainer.method
+    start_epoch(trainer, 0)
+    method.on_train_epoch_end(0)
+    assert method.updated_epoch == 1
+    first = {m: p.clone() for m, p in method.protos.items()}
+    calls = []
+    original = trainer.iterate
+    trainer.iterate = lambda *a, **k: calls.append(a) or original(*a, **k)
+    start_epoch(trainer, 1)
+    assert not calls and all(torch.equal(first[m], method.protos[m]) for m in first)
+    assert trainer._step_logs["proto_batches"] == [1.0]
+    for m, p in eval_mode_class_means(trainer, 1).items():  # epoch 1: unsmoothed (as the official code)
+        torch.testing.assert_close(first[m], p)

@@ -388,3 +388,76 @@ def test_presets_labels_and_dataset_values(fast):
     assert (cfg["recon_w1"], cfg["recon_w2"], cfg["recon_head"]) == (5.0, 1.0, "mlp")
     cfg, _, _ = resolve_config("reconboost", "iemocap")
     assert (cfg["recon_w1"], cfg["recon_w2"], cfg["recon_head"]) == (1.0, 0.25, "linear")
+
+
+# --------------------------------------------------------------------------- wrong variants (issue 21)
+def sharpen(method):
+    """Scale the shared head so the learners' logits are far from uniform (at initialisation
+    q is about 1/C whatever the ensemble, which would hide what q is made of)."""
+    with torch.no_grad():
+        for p in method.head.parameters():
+            p.mul_(20.0)
+
+
+def boost_loss_by_hand(method, model, batch, learner, others, beta, train_mode=True):
+    """Phase A loss written out: q from ``beta * sum`` of the OTHER learners' logits."""
+    y = batch["label"]
+    with torch.no_grad():
+        was = model.training
+        model.train(train_mode)
+        other = sum(method.head(model.encoders[k](batch[k])) for k in others)
+        model.train(was)
+        q = torch.softmax(beta * other, dim=1).gather(1, y[:, None]).squeeze(1)
+        loss, _ = boosting_loss(method.head(model.encoders[learner](batch[learner])), y, q, 5.0, 1.0)
+    return loss.item()
+
+
+def test_q_takes_beta_times_the_other_learners(fast):
+    """Wrong variant caught: beta dropped from q (q = softmax(sum_{k != m} f_k) instead of
+    softmax(beta * sum_{k != m} f_k)); invisible at the default beta = 1."""
+    t = trainer_for(fast, recon_beta_init=2.5)
+    method, model = t.method, t.model
+    sharpen(method)
+    batch = first_batch(t)
+    model.train()
+    loss = method._boost_step(batch, 0, stage=1).item()
+    assert loss == pytest.approx(boost_loss_by_hand(method, model, batch, "m2", ["m1"], 2.5), rel=1e-6)
+    assert loss != pytest.approx(boost_loss_by_hand(method, model, batch, "m2", ["m1"], 1.0), rel=1e-4)
+
+
+def test_q_leaves_out_the_current_learner_from_stage_two_on(fast):
+    """Wrong variant caught: the current learner's own logits in q at stage >= 2, when it is
+    already in the ensemble (stage 2 trains m1 again against the ensemble {m1, m2}: q must come
+    from m2 alone)."""
+    t = trainer_for(fast, epochs=3)
+    method, model = t.method, t.model
+    sharpen(method)
+    batch = first_batch(t)
+    model.train()
+    assert method.members_after(1) == ["m1", "m2"]
+    loss = method._boost_step(batch, 0, stage=2).item()
+    assert loss == pytest.approx(boost_loss_by_hand(method, model, batch, "m1", ["m2"], 1.0), rel=1e-6)
+    assert loss != pytest.approx(boost_loss_by_hand(method, model, batch, "m1", ["m1", "m2"], 1.0), rel=1e-4)
+
+
+def test_other_learners_run_in_train_mode(fast):
+    """Wrong variant caught: the frozen other learners of phase A run in eval mode (the official
+    code leaves them in train mode: dropout on, BatchNorm batch statistics). With dropout on m1's
+    encoder, q must be the train-mode one under the same random draws."""
+    t = trainer_for(fast, **{"backbone.m1.dropout": 0.5})
+    method, model = t.method, t.model
+    sharpen(method)
+    batch = first_batch(t)
+    model.train()
+    torch.manual_seed(7)
+    loss = method._boost_step(batch, 0, stage=1).item()
+    assert model.training
+    torch.manual_seed(7)
+    assert loss == pytest.approx(boost_loss_by_hand(method, model, batch, "m2", ["m1"], 1.0), rel=1e-6)
+    evaluated = boost_loss_by_hand(method, model, batch, "m2", ["m1"], 1.0, train_mode=False)
+    assert loss != pytest.approx(evaluated, rel=1e-4)
+    # the option that asks for eval mode gets it
+    t2 = trainer_for(fast, recon_frozen_eval_mode=True, **{"backbone.m1.dropout": 0.5})
+    t2.model.load_state_dict(model.state_dict())
+    t2.model.train()
+    assert t2.method._boost_step(batch, 0, stage=1).item() == pytest.approx(evaluated, rel=1e-6)
