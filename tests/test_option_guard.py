@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from mmbalance.config import as_option
+from mmbalance.engine.services import _column
 from mmbalance.errors import MMBalanceError
 from mmbalance.registry import BACKBONES, METHODS, Entry
 from mmbalance.runner import make_trainer
-from mmbalance.engine.services import _column
 from mmbalance.trainer import to_device
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest
