@@ -348,14 +348,14 @@ class InfoReg(Method):
         for m in self.modalities:
             loss = loss + F.cross_entropy(uni[m], y)
         with torch.no_grad():
-            scores = confidence_scores(self._score_logits(feats, uni), y, self.reduction)
+            scores = confidence_scores(self._score_logits(feats), y, self.reduction)
             self._betas = regulation_betas(scores, self._coeffs, self._gate_tensor)
         if self.trainer is not None:
             self.log(beta=self._betas.sum(), **{f"beta_{m}": b for m, b in zip(self.modalities, self._betas, strict=True)},
                      **{f"score_{m}": s for m, s in zip(self.modalities, scores, strict=True)})
         return loss
 
-    def _score_logits(self, feats: Mapping[str, torch.Tensor], uni: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _score_logits(self, feats: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """The logits the scores come from, recomputed in fp32 from detached features (so bf16
         autocast does not round them)."""
         assert self.model is not None

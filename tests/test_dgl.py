@@ -169,6 +169,7 @@ def test_alpha_scales_only_the_encoders_and_reaches_the_step(tmp_path):
 
 
 def test_fusion_mode_reaches_the_step(tmp_path):
+    """Wrong variant caught: fusion_mode read but the concat head always built."""
     t, g = step_grads(tmp_path, fusion_mode="sum")
     assert isinstance(t.model.fusion, SumHead) and any(n.startswith("fusion.fcs.") for n in g)
 

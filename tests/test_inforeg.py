@@ -276,8 +276,9 @@ def betas_after_steps(tmp_path, steps=5, traces=None, epoch=0, **overrides):
 def test_every_option_reaches_the_step(tmp_path):
     """Each option, set away from its default, changes the betas or the gradients of a step.
 
-    Wrong variants caught: any option read but not used (e.g. score_reduction ignored,
-    threshold hard-coded, beta_other never applied, trace_source ignored)."""
+    Wrong variants caught: any option read but not used (score_reduction ignored, W hard-coded
+    to 10, threshold hard-coded, beta_other never applied, trace_source ignored); the November
+    coefficients swapped (audio 0.1, the other 0.95); the weaker modality regulated."""
     def run_(name, **o):
         return betas_after_steps(tmp_path / name, **{**STRONG_FIRST, **o})[1:]
 
@@ -309,12 +310,17 @@ def test_march_rule_trains_unimodal_heads_and_regulates_audio_only(tmp_path):
     assert m.threshold == 0.04 and m.regulated() == ["m1"] and m.per_modality_source() == "unimodal_heads"
     assert any(n.startswith("uni_heads.m1.") for n in after) and any(n.startswith("uni_heads.m2.") for n in after)
     assert betas[0] > 0 and betas[1] == 0
+    batch = batches(t, 1)[0]
     with torch.no_grad():
-        batch = batches(t, 1)[0]
         feats = t.model.encode(batch)
-        s = confidence_scores([t.model.uni_heads[k](feats[k]) for k in m.modalities], batch["label"])
-    assert set(m.record_info()["scores"].split()) >= {"unimodal", "heads"}
-    assert s.shape == (2,)
+        heads = confidence_scores([t.model.uni_heads[k](feats[k]) for k in m.modalities], batch["label"])
+        parts = t.model.fusion.parts(feats)
+        from_parts = confidence_scores([parts[k] for k in m.modalities], batch["label"])
+    m.training_step(batch, 0)
+    logged = torch.stack([t._step_logs[f"score_{k}"][-1] for k in m.modalities])
+    torch.testing.assert_close(logged, heads)
+    assert not torch.allclose(logged, from_parts)
+    torch.testing.assert_close(m._betas, regulation_betas(heads, torch.tensor([0.95, 0.0]), m._gate_tensor))
 
 
 def test_bf16_autocast_keeps_scores_and_betas_fp32(tmp_path):
