@@ -173,12 +173,10 @@ def regulation_betas(scores: torch.Tensor, coeffs: torch.Tensor, gate: torch.Ten
 
     ``scores``, ``coeffs``: (M,) fp32; ``gate``: (M,) bool. A tie for the top regulates nobody.
     """
-    top = torch.topk(scores, 2)
-    gap = top.values[0] - top.values[1]
-    u = top.indices[0]
-    onehot = torch.zeros_like(scores).scatter(0, u.view(1), 1.0).bool()
-    active = onehot & gate & (gap > 0)
-    return torch.where(active, coeffs * torch.exp(torch.tanh(gap)), torch.zeros_like(scores))
+    best, second = torch.topk(scores, 2).values.unbind(0)
+    gap = best - second
+    active = (scores == best) & gate & (gap > 0)  # a unique maximum when gap > 0
+    return torch.where(active, coeffs * torch.exp(torch.tanh(gap)), 0.0)
 
 
 def add_proximal_(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
@@ -348,19 +346,21 @@ class InfoReg(Method):
         for m in self.modalities:
             loss = loss + F.cross_entropy(uni[m], y)
         with torch.no_grad():
-            scores = confidence_scores(self._score_logits(feats), y, self.reduction)
+            scores = confidence_scores(self._score_logits(feats, uni), y, self.reduction)
             self._betas = regulation_betas(scores, self._coeffs, self._gate_tensor)
         if self.trainer is not None:
             self.log(beta=self._betas.sum(), **{f"beta_{m}": b for m, b in zip(self.modalities, self._betas, strict=True)},
                      **{f"score_{m}": s for m, s in zip(self.modalities, scores, strict=True)})
         return loss
 
-    def _score_logits(self, feats: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The logits the scores come from, recomputed in fp32 from detached features (so bf16
-        autocast does not round them)."""
+    def _score_logits(self, feats: Mapping[str, torch.Tensor], uni: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The logits the scores come from, in fp32: the training logits themselves, or under
+        autocast recomputed from detached fp32 features (so bf16 does not round the scores)."""
         assert self.model is not None
+        device = next(iter(feats.values())).device
+        if not torch.is_autocast_enabled(device.type):
+            return [uni[m] for m in self.modalities]
         detached = {m: f.detach().float() for m, f in feats.items()}
-        device = next(iter(detached.values())).device
         with torch.autocast(device_type=device.type, enabled=False):
             out = (self.model.unimodal_logits(detached) if self.rule == "march"
                    else self.model.fusion.parts(detached))

@@ -324,12 +324,19 @@ def test_march_rule_trains_unimodal_heads_and_regulates_audio_only(tmp_path):
 
 
 def test_bf16_autocast_keeps_scores_and_betas_fp32(tmp_path):
+    """Under bf16 autocast the scores come from fp32 parts of the detached features. Wrong
+    variant caught: scores from the bf16 training logits (rounded to 3 significant digits)."""
     t = trainer_for(tmp_path, amp="bf16")
     t.method.on_train_epoch_start(0)
     batch = batches(t, 1)[0]
     with t.autocast():
         loss = t.method.training_step(batch, 0)
-    assert t.method._betas.dtype == torch.float32
+        feats = t.model.encode(batch)
+    assert t.method._betas.dtype == torch.float32 and feats["m1"].dtype == torch.bfloat16
+    parts = t.model.fusion.parts({m: f.detach().float() for m, f in feats.items()})
+    expected = confidence_scores([parts["m1"], parts["m2"]], batch["label"])
+    logged = torch.stack([t._step_logs["score_m1"][-1], t._step_logs["score_m2"][-1]])
+    torch.testing.assert_close(logged, expected)  # fp32 parts, not the bf16 training logits
     loss.backward()
     t.method.on_after_backward()
     assert all(torch.isfinite(p.grad).all() for p in t.model.parameters() if p.grad is not None)
