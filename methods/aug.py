@@ -67,6 +67,10 @@ Departures from the official code, each switchable:
   run's FIRST modality (audio in the release and on every audio-visual dataset here, which
   list audio first); for M >= 3 the uniform 1/M (the April code: 0.33 / 0.33 / 0.34). Alpha is
   a fixed option, never tuned on test.
+* **Schedule and input** (the dataset's recipe decides): the release steps its StepLR(70) at
+  the START of each epoch, so its first decay falls at epoch 69 (``--set step_size=69``
+  reproduces it; its second then falls at 138 instead of 139), and its CREMA-D loader tiles
+  every clip to 20 s before the spectrogram.
 * **The April ``w_network``** (a learned weight on each added learner's logits, removed from the
   May re-upload) is not implemented; HEAD is the reference.
 * Scores accumulate the ensemble's true-class probability in fp32 on the device (the release
