@@ -76,7 +76,7 @@ Departures from the official code, each switchable:
 * Scores accumulate the ensemble's true-class probability in fp32 on the device (the release
   loops over samples in Python); the check reads them once per epoch.
 
-Open questions of the specification, settled: (3) whether the paper's numbers used trained or
+Open questions, settled: whether the paper's numbers used trained or
 frozen added learners, and c = 0.2 or 0.5, cannot be told from the sources; the default trains
 them (the paper's "sustained boosting" describes learners that learn) with HEAD's c = 0.5,
 and both other readings are options. The number of learners is capped by the number of check

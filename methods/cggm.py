@@ -72,11 +72,13 @@ Departures from the official code, each switchable:
   balanced (M-1)/M before the first validation. Refused when validation is the test split.
 * The release hard-codes three (MOSI/IEMOCAP) or two (Food) cosine terms; here any M >= 2.
 
-Open question of the specification (4), settled: the released code takes the cosine of head
+Open questions, settled: the released code takes the cosine of head
 *weights* (``cal_cos`` is given the parameters), the paper speaks of gradient directions; the
 weights are what the code does, and a cosine of gradients used as a coefficient would carry no
 gradient at all, so it is not offered. The accuracy is a per-batch training accuracy in the
-release (the specification confirms it); validation accuracy is an option, never test.
+release (``cal_coeff`` on the classifiers' training outputs, before their step); validation
+accuracy is an option, never test. The state (acc(t-1), B(t-1), the stored gradient) is never
+reset: it carries across epochs as in the release, and is checkpointed.
 
 Per-modality accuracy comes from the auxiliary classifiers (``per_modality_source="method"``);
 the model's unimodal heads are never trained. Prediction is the fused head.
