@@ -222,8 +222,8 @@ def test_each_substep_moves_only_its_modality_and_the_head(tmp_path):
 
 def test_inactive_learners_stay_bit_identical_and_activate(tmp_path):
     """With momentum 0.9 and weight decay 1e-3, an inactive (pre-allocated) learner never
-    moves; the learner just activated moves. Wrong variant caught here: inactive learners
-    kept in the forward graph with a zero contribution (weight decay then moves them)."""
+    moves; the learner just activated moves. Wrong variant caught here: every pre-allocated
+    learner in the training forward, active or not (they then train from the start)."""
     trainer = setup_trainer(tmp_path, weight_decay=1e-3)
     st, method = trainer.model.extra["aug"], trainer.method
     assert method.slots == 1 and len(st.added["m1"]) == 1  # 2 epochs: one check (epoch 0)
@@ -241,7 +241,8 @@ def test_inactive_learners_stay_bit_identical_and_activate(tmp_path):
 
 def test_frozen_learners_as_released(tmp_path):
     """aug_legacy_frozen_learners: an active learner changes the logits but never moves, as in
-    the release; otherwise equal to the reference without the learners in the optimizer."""
+    the release; otherwise equal to the reference without the learners in the optimizer.
+    Wrong variant caught here: the option not reaching the learners (they are trained)."""
     trainer = setup_trainer(tmp_path, aug_legacy_frozen_learners=True)
     st, method = trainer.model.extra["aug"], trainer.method
     method.active = {"m1": 1, "m2": 1}
@@ -260,7 +261,8 @@ def test_frozen_learners_as_released(tmp_path):
 
 def test_legacy_zero_grad_emulates_torch_1_11(tmp_path):
     """aug_legacy_zero_grad: what the first sub-step moved gets a zero-gradient step in the
-    second (momentum and weight decay move it again)."""
+    second (momentum and weight decay move it again). Wrong variant caught here: the option
+    never reaching the step."""
     trainer = setup_trainer(tmp_path, aug_legacy_zero_grad=True)
     trainer.method.active = {"m1": 1, "m2": 0}
     data = batches(trainer, 2)

@@ -57,6 +57,9 @@ def test_modulation_coefficients_by_hand():
 
 
 def test_direction_loss_cosine_accuracy_and_blocks_by_hand():
+    """Wrong variants caught here: the cosine term with the other sign (the fused head pushed
+    away from the classifiers); |B| replaced by B; the cosine not flattened; the concat block
+    of the other modality."""
     # B = (1/3, 2/3), cos = (0.5, -1): l_gm = (1 - (1/6 - 2/3)) / 2 = 0.75
     l_gm = direction_loss(torch.tensor([1.0 / 3.0, 2.0 / 3.0]), torch.tensor([0.5, -1.0]))
     torch.testing.assert_close(l_gm, torch.tensor(0.75))
