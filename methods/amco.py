@@ -166,8 +166,8 @@ def apply_mask(x: torch.Tensor, keep: torch.Tensor, flagged: torch.Tensor, scale
 
     ``keep`` is (1, width) (one mask for the batch) or (B, width) (one per sample).
     """
-    factor = torch.where(flagged, keep * scale, torch.ones_like(keep))
-    return x * factor.to(x.dtype)
+    kept = keep * scale if scale != 1.0 else keep
+    return x * torch.where(flagged, kept, 1.0).to(x.dtype)
 
 
 def dependence_masses(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -268,12 +268,18 @@ class AMCo(Method):
         return p
 
     def draw_masks(self, widths: Mapping[str, int], p: float, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """One keep-mask per modality for this step, from a generator seeded from (seed, step)."""
+        """One keep-mask per modality for this step, from a generator seeded from (seed, step).
+
+        A ratio that masks nothing or everything needs no random draw (the ramp's first step,
+        and every step once it has reached 1)."""
+        rows = 1 if self.scope == "batch" else batch
+        counts = {m: masked_count(p, w) for m, w in widths.items()}
+        if all(n in (0, widths[m]) for m, n in counts.items()):
+            return {m: torch.full((1, w), float(counts[m] == 0), device=device) for m, w in widths.items()}
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
         self._generator.manual_seed(step_seed(int(self.cfg.get("seed", 0)), self.global_step))
-        rows = 1 if self.scope == "batch" else batch
-        return {m: keep_masks(w, masked_count(p, w), rows, self._generator, device) for m, w in widths.items()}
+        return {m: keep_masks(w, counts[m], rows, self._generator, device) for m, w in widths.items()}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         assert self.model is not None
@@ -286,26 +292,28 @@ class AMCo(Method):
             self.flags = (self.flags if self.flags is not None
                           else torch.zeros(len(self.modalities), dtype=torch.bool)).to(device)
         flags = self.flags
-        if self.mask_on == "features":
-            widths = {m: feats[m].shape[1] for m in self.modalities}
-        else:
-            widths = {m: model.num_classes for m in self.modalities}
-        masks = self.draw_masks(widths, p, y.shape[0], device)
-        scale = {m: (w / (w - masked_count(p, w)) if self.rescale and masked_count(p, w) < w else 1.0)
-                 for m, w in widths.items()}
-        if self.mask_on == "features":
-            masked_feats = {m: apply_mask(feats[m], masks[m], flags[k], scale[m])
-                            for k, m in enumerate(self.modalities)}
-            parts = model.fusion.parts(masked_feats)
+        on_features = self.mask_on == "features"
+        widths = {m: (feats[m].shape[1] if on_features else model.num_classes) for m in self.modalities}
+        counts = {m: masked_count(p, w) for m, w in widths.items()}
+        active = any(counts.values())  # a zero ratio masks nothing: no mask to draw or apply
+        masks = self.draw_masks(widths, p, y.shape[0], device) if active else {}
+        scale = {m: (w / (w - counts[m]) if self.rescale and 0 < counts[m] < w else 1.0) for m, w in widths.items()}
+
+        def masked(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if not active:
+                return dict(values)
+            return {m: apply_mask(values[m], masks[m], flags[k], scale[m]) for k, m in enumerate(self.modalities)}
+
+        if on_features:
+            parts = model.fusion.parts(masked(feats))
         else:
             clean = model.fusion.parts(feats)
-            parts = {m: apply_mask(clean[m], masks[m], flags[k], scale[m]) for k, m in enumerate(self.modalities)}
+            parts = masked(clean)
         ordered = [parts[m] for m in self.modalities]
-        fused = self.fuse_parts(ordered)
-        loss = amco_loss(fused, ordered, y)
+        loss = amco_loss(self.fuse_parts(ordered), ordered, y)
         with torch.no_grad():
-            if self.flag_on == "clean":
-                base = clean if self.mask_on == "logits_bb" else model.fusion.parts({m: f.detach() for m, f in feats.items()})
+            if self.flag_on == "clean" and active:
+                base = clean if not on_features else model.fusion.parts({m: f.detach() for m, f in feats.items()})
                 tested = [base[m] for m in self.modalities]
             else:
                 tested = ordered
@@ -313,15 +321,17 @@ class AMCo(Method):
             self.flags = masses > self.sigma
         if self.trainer is not None:
             logs: dict[str, Any] = {"mask_ratio": p}
-            for k, m in enumerate(self.modalities):
-                logs[f"dependent_{m}"] = flags[k].float()
-                logs[f"mass_{m}"] = masses[k]
+            for m, flag, mass in zip(self.modalities, flags.float().unbind(0), masses.unbind(0), strict=True):
+                logs[f"dependent_{m}"] = flag
+                logs[f"mass_{m}"] = mass
             self.log(**logs)
         return loss
 
     def fuse_parts(self, parts: Sequence[torch.Tensor], evaluation: bool = False) -> torch.Tensor:
         """``L*(sum_m z_m)``, or the plain sum (no L*, or ``amco_eval=sum_parts_bb`` at evaluation)."""
-        total = torch.stack(list(parts)).sum(0)
+        total = parts[0]
+        for z in parts[1:]:
+            total = total + z
         if not self.lstar or (evaluation and self.eval_rule == "sum_parts_bb"):
             return total
         assert self.model is not None

@@ -101,68 +101,78 @@ OPTIONS: dict[str, Option] = {
 
 
 # ---- the mathematics (pure functions) ------------------------------------------------------
-def pair_gap(z_a: torch.Tensor, z_b: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                              torch.Tensor, torch.Tensor]:
-    """For one pair: ``(q_a, q_b, a_strong, right)`` in fp32 with gradients: the true-class
-    probabilities, whether a is the stronger side (ties: a), and whether one of them is right."""
-    idx = y.long().view(-1, 1)
-    q_a = torch.softmax(z_a.float(), dim=1).gather(1, idx).squeeze(1)
-    q_b = torch.softmax(z_b.float(), dim=1).gather(1, idx).squeeze(1)
-    right = (z_a.argmax(1) == y) | (z_b.argmax(1) == y)
-    return q_a, q_b, q_a >= q_b, right
+def modality_stats(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log p, q, right)`` of one modality in fp32: log-probabilities, the true-class
+    probability (with its gradient) and whether the argmax is the label. Computed once per
+    modality and shared by its CE and by every pair it is in."""
+    logp = torch.log_softmax(z.float(), dim=1)
+    q = logp.gather(1, y.long().view(-1, 1)).squeeze(1).exp()
+    return logp, q, z.argmax(1) == y
 
 
-def distill_pair(z_a: torch.Tensor, z_b: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor, torch.Tensor]:
-    """``(KD, RS, g, a_strong)`` of the ``distill`` variant for one pair; KD and RS batch means."""
-    q_a, q_b, a_strong, right = pair_gap(z_a, z_b, y)
-    g = torch.where(right, (q_a - q_b).abs(), torch.zeros_like(q_a)).detach()
-    logp_a = torch.log_softmax(z_a.float(), dim=1)
-    logp_b = torch.log_softmax(z_b.float(), dim=1)
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _distill(z_a: torch.Tensor, z_b: torch.Tensor, sa: Stats, sb: Stats) -> tuple[torch.Tensor, ...]:
+    (la, qa, ra), (lb, qb, rb) = sa, sb
+    diff = qa - qb
+    a_strong = diff >= 0  # ties: a teaches (its weight is 0 anyway)
+    g = (diff.abs() * (ra | rb)).detach()
     strong = a_strong.unsqueeze(1)
-    teacher = torch.where(strong, logp_a, logp_b).detach()
-    student = torch.where(strong, logp_b, logp_a)
+    teacher = torch.where(strong, la, lb).detach()
+    student = torch.where(strong, lb, la)
     kl = (teacher.exp() * (teacher - student)).sum(1)
     rs = (z_a.float() - z_b.float()).pow(2).mean(1)
-    return (g * kl).mean(), (g * rs).mean(), g, a_strong
+    n = g.shape[0]
+    return g.dot(kl) / n, g.dot(rs) / n, g, a_strong
 
 
-def bb_pair(z_a: torch.Tensor, z_b: torch.Tensor, y: torch.Tensor, rs_on_probs: bool) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bb(z_a: torch.Tensor, z_b: torch.Tensor, sa: Stats, sb: Stats, rs_on_probs: bool) -> tuple[torch.Tensor, ...]:
+    (la, qa, ra), (lb, qb, rb) = sa, sb
+    a_strong = qa >= qb
+    s = torch.where(a_strong, qa, qb)
+    w = torch.where(qa <= qb, qa, qb)  # ties: a, like Python's min
+    gap = (s - w) * (ra | rb)
+    kd = w * torch.log(w.clamp_min(LOG_CLAMP)) - w * s
+    x_a, x_b = (la.exp(), lb.exp()) if rs_on_probs else (z_a.float(), z_b.float())
+    rs = (x_a - x_b).pow(2).sum(1) / z_a.shape[1]
+    n = gap.shape[0]
+    return gap.dot(kd) / n, gap.dot(rs) / n, gap, a_strong
+
+
+def distill_pair(z_a: torch.Tensor, z_b: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(KD, RS, g, a_strong)`` of the ``distill`` variant for one pair; KD and RS batch means."""
+    return _distill(z_a, z_b, modality_stats(z_a, y), modality_stats(z_b, y))
+
+
+def bb_pair(z_a: torch.Tensor, z_b: torch.Tensor, y: torch.Tensor, rs_on_probs: bool) -> tuple[torch.Tensor, ...]:
     """``(KDb, RSb, gap, a_strong)`` of BalanceBenchmark's loss for one pair (gap, s and w keep
     their gradients); RS on logits, or on probabilities (its three-modality branch)."""
-    q_a, q_b, a_strong, right = pair_gap(z_a, z_b, y)
-    s = torch.where(q_a >= q_b, q_a, q_b)
-    w = torch.where(q_a <= q_b, q_a, q_b)
-    gap = torch.where(right, s - w, torch.zeros_like(s))
-    kd = w * torch.log(w.clamp_min(LOG_CLAMP)) - w * s
-    x_a, x_b = (torch.softmax(z_a.float(), 1), torch.softmax(z_b.float(), 1)) if rs_on_probs \
-        else (z_a.float(), z_b.float())
-    rs = (x_a - x_b).pow(2).sum(1) / z_a.shape[1]
-    n = z_a.shape[0]
-    return (gap * kd).sum() / n, (gap * rs).sum() / n, gap, a_strong
+    return _bb(z_a, z_b, modality_stats(z_a, y), modality_stats(z_b, y), rs_on_probs)
 
 
-def mbsd_terms(parts: Sequence[torch.Tensor], y: torch.Tensor, variant: str = "distill") -> dict[str, Any]:
+def mbsd_terms(parts: Sequence[torch.Tensor], y: torch.Tensor, variant: str = "distill",
+               stats: Sequence[Stats] | None = None) -> dict[str, Any]:
     """KD and RS averaged over all pairs of ``parts`` (run order), the mean weight, and per
     modality the share of weighted (sample, pair) slots it teaches in."""
-    pairs = list(combinations(range(len(parts)), 2))
+    if variant not in ("distill", "bb"):
+        raise ValueError(f"unknown MBSD variant {variant!r}")
+    stats = stats or [modality_stats(z, y) for z in parts]
     kds, rss, gaps = [], [], []
-    teach = [torch.zeros((), dtype=torch.float32, device=y.device) for _ in parts]
+    teach: list[Any] = [0 for _ in parts]
     slots = [0 for _ in parts]
-    for a, b in pairs:
+    for a, b in combinations(range(len(parts)), 2):
         if variant == "distill":
-            kd, rs, g, a_strong = distill_pair(parts[a], parts[b], y)
-        elif variant == "bb":
-            kd, rs, g, a_strong = bb_pair(parts[a], parts[b], y, rs_on_probs=len(parts) >= 3)
+            kd, rs, g, a_strong = _distill(parts[a], parts[b], stats[a], stats[b])
         else:
-            raise ValueError(f"unknown MBSD variant {variant!r}")
+            kd, rs, g, a_strong = _bb(parts[a], parts[b], stats[a], stats[b], rs_on_probs=len(parts) >= 3)
         kds.append(kd)
         rss.append(rs)
-        weighted = (g.detach() > 0).float()
-        gaps.append(g.detach())
-        teach[a] = teach[a] + (weighted * a_strong.float()).sum()
-        teach[b] = teach[b] + (weighted * (~a_strong).float()).sum()
+        g = g.detach()
+        gaps.append(g)
+        weighted = g > 0
+        teach[a] = teach[a] + (weighted & a_strong).sum()
+        teach[b] = teach[b] + (weighted & ~a_strong).sum()
         slots[a] += y.shape[0]
         slots[b] += y.shape[0]
     return {
@@ -176,10 +186,11 @@ def mbsd_terms(parts: Sequence[torch.Tensor], y: torch.Tensor, variant: str = "d
 def mbsd_loss(fused: torch.Tensor, parts: Sequence[torch.Tensor], y: torch.Tensor, variant: str = "distill",
               kd_weight: float = 1.0, rs_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
     """``CE(o) + sum_m CE(z_m) + kd_weight * KD + rs_weight * RS`` and the terms."""
-    terms = mbsd_terms(parts, y, variant)
+    stats = [modality_stats(z, y) for z in parts]
+    terms = mbsd_terms(parts, y, variant, stats)
     loss = F.cross_entropy(fused.float(), y)
-    for z in parts:
-        loss = loss + F.cross_entropy(z.float(), y)
+    for logp, _, _ in stats:
+        loss = loss + F.nll_loss(logp, y)  # CE(z_m), from the log-probabilities already computed
     return loss + kd_weight * terms["kd"] + rs_weight * terms["rs"], terms
 
 
