@@ -196,6 +196,7 @@ def select_params(params: Sequence[nn.Parameter], conv4d_only: bool) -> list[nn.
 @register_method(NAME, "OGM-GE: on-the-fly gradient modulation + generalisation noise (CVPR 2022)")
 class OGM(Method):
     name = NAME
+    aliases = ("ogm_ge", "ogm-ge")  # the paper's name: suggests ogm, not the closer-spelled ogr_gb
     description = "OGM-GE: on-the-fly gradient modulation + generalisation noise (CVPR 2022)"
     fusion = "concat"  # the default; the run's head is chosen by the fusion_mode option
     options = OPTIONS

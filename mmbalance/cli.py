@@ -7,6 +7,7 @@ paragraph with a non-zero exit code; tracebacks are kept for bugs.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -75,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pool: worker processes here (default); slurm: a Slurm job array through "
                              "submitit; local: the same path through submitit's local executor")
     p_grid.add_argument("--status", action="store_true",
-                        help="list each cell as done, running, failed or pending (reads the records only)")
+                        help="list each cell as done (with its result), queued or running (with its job), "
+                             "failed, timed out or pending; creates nothing")
+    p_grid.add_argument("--wait", action="store_true",
+                        help="with --launcher slurm: wait for the submitted cells and print each one's result "
+                             "(the local launcher always waits)")
     for name, help_ in (("gpus-per-task", "GPUs per Slurm task"), ("cpus-per-task", "CPUs per Slurm task"),
                         ("mem-gb", "memory per Slurm task (GB)"), ("time-min", "time limit per task (minutes)"),
                         ("partition", "Slurm partition"), ("account", "Slurm account"), ("qos", "Slurm QOS"),
@@ -158,7 +163,7 @@ def summary_table(record: dict[str, Any]) -> str:
     rows = []
     for rule, chosen in record["final"]["selection"].items():
         test = chosen["test"]
-        row = [rule, chosen["epoch"], f"{test['fused']['acc']:.2f}", f"{test['fused']['map']:.2f}",
+        row = [rule, chosen["epoch"] + 1, f"{test['fused']['acc']:.2f}", f"{test['fused']['map']:.2f}",
                f"{test['fused']['f1']:.2f}"]
         row += [f"{test[m]['acc']:.2f}" if m in test else "–" for m in header["modalities"]]
         rows.append(row)
@@ -167,13 +172,18 @@ def summary_table(record: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mmbalance.engine.loop import FINISHED_BEFORE
     from mmbalance.runner import run
+    from mmbalance.show import plural
 
     result = run(args.method, args.dataset, _overrides(args), yaml_path=args.config, fresh=args.fresh)
     rec = result.record
     h = rec["header"]
+    if result.outcome == FINISHED_BEFORE:
+        print(f"This run is already finished ({result.run_dir}); nothing was trained. Its results are "
+              f"below; add --fresh to train it again.")
     print(f"{h['method_label']} on {h['dataset_info'].get('name', h['config']['dataset'])} "
-          f"(seed {h['config']['seed']}, {len(rec['epochs'])} epochs, {h['device']}) — test metrics in %:")
+          f"(seed {h['config']['seed']}, {plural(len(rec['epochs']), 'epoch')}, {h['device']}) — test metrics in %:")
     print(summary_table(rec))
     if h["config"].get("protocol") == "paper":
         print("protocol paper: trained on all of train and validated on the test split, so best_val is "
@@ -207,7 +217,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         from mmbalance.launchers import RESOURCES, submit_grid
 
         resources = {**grid.slurm, **{k: getattr(args, k) for k in RESOURCES if getattr(args, k, None) is not None}}
-        return submit_grid(grid, base, args.launcher, resources, dry_run=args.dry_run)
+        return submit_grid(grid, base, args.launcher, resources, dry_run=args.dry_run, wait=args.wait or None)
     gpus = None
     if args.gpus:
         import torch
@@ -307,10 +317,19 @@ COMMANDS = {"list": cmd_list, "config": cmd_config, "run": cmd_run, "grid": cmd_
 
 
 def _fill(text: str, indent: str) -> str:
-    """One paragraph wrapped at 100 columns that never splits a word or a path at its hyphens,
-    so a file named in a message can be copied from the terminal as it is."""
-    return textwrap.fill(text, width=100, subsequent_indent=indent, break_on_hyphens=False,
-                         break_long_words=False)
+    """A message wrapped at 100 columns that never splits a word or a path at its hyphens, so a
+    file named in it can be copied from the terminal as it is. Each line of the message is
+    wrapped on its own (a grid's bad cells, one per line); a line that starts with spaces is a
+    quotation (a YAML line and its caret) and is kept exactly, only indented."""
+    out = []
+    for i, line in enumerate(text.split("\n")):
+        if line.startswith(" "):
+            out.append(indent + line)
+        else:
+            out.append(textwrap.fill(line, width=100, initial_indent="" if i == 0 else indent,
+                                     subsequent_indent=indent, break_on_hyphens=False,
+                                     break_long_words=False))
+    return "\n".join(out)
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
@@ -322,15 +341,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = _format_warning  # one readable paragraph, no source line
+    from mmbalance.engine import stop
+
     try:
-        return COMMANDS[args.command](args)
+        with stop.handled(signal.SIGTERM):  # like Ctrl-C, at the next batch boundary
+            return COMMANDS[args.command](args)
     except MMBalanceError as exc:
         print("error: " + _fill(str(exc), "       "), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last finished epoch is checkpointed; rerun the same command to resume.",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, stop.StopRequested) else 130
+
+
+INTERRUPTED = "interrupted: the last finished epoch is checkpointed; rerun the same command to resume."
 
 
 if __name__ == "__main__":

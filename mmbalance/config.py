@@ -163,10 +163,36 @@ def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict[str, 
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} '{p}' is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{what} '{p}' is not valid YAML: {yaml_error_text(exc, text)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{what} '{p}' must hold a mapping of key: value pairs.")
     return data
+
+
+def yaml_error_text(exc: yaml.YAMLError, text: str) -> str:
+    """A YAML syntax error as 'line L, column C: problem', the offending line and a caret under
+    the column, and the same for where the unclosed construct began (each on its own line, so
+    the CLI keeps them as they are).
+
+    PyYAML's own text names '<unicode string>' instead of the file; this keeps only what
+    locates and names the mistake, with 1-based lines and columns as editors count them."""
+    lines = text.splitlines() or [""]
+
+    def snippet(mark: Any) -> str:
+        if mark.line >= len(lines):
+            return "    (the end of the file)"
+        source = lines[mark.line].expandtabs(1)
+        return f"    {source}\n    {' ' * min(mark.column, len(source))}^"
+
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return f"{problem}."
+    out = f"line {mark.line + 1}, column {mark.column + 1}: {problem}\n{snippet(mark)}"
+    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and cmark is not None and cmark.line != mark.line:
+        out += f"\n  {context}, which starts at line {cmark.line + 1}, column {cmark.column + 1}:\n{snippet(cmark)}"
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -238,7 +264,7 @@ def _coerce(key: str, value: Any, option: Option, owner: str) -> Any:
     if not isinstance(value, expected):
         name = expected.__name__ if isinstance(expected, type) else str(expected)
         raise ConfigError(
-            f"Bad value {value!r} for '{key}' ({owner}): expected a {name}, e.g. "
+            f"Bad value {value!r} for '{key}' ({owner}): expected {'an' if name[:1] in 'aeiou' else 'a'} {name}, e.g. "
             f"--set {key}={option.default!r}."
         )
     return value
@@ -253,8 +279,13 @@ def assemble(
     method_cls: Any,
     yaml_values: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Build and validate the full config for one run. Returns a plain dict."""
+    """Build and validate the full config for one run. Returns a plain dict.
+
+    ``sources`` names where an override came from when it was not ``--set`` (a grid file's
+    cell: "grid file 'g.yaml', set of methods entry 'sum'"), so an error points at the line to
+    fix. Every unknown key is reported at once, each with its own suggestion."""
     schema: dict[str, tuple[Option, str]] = {k: (o, "trainer") for k, o in TRAINER_OPTIONS.items()}
     for k, v in dataset_cls.options.items():
         schema[k] = (as_option(v), f"dataset {dataset_cls.name}")
@@ -279,9 +310,20 @@ def assemble(
     chosen = {**(yaml_values or {}), **(overrides or {})}.get("protocol", "honest")
     if chosen == "paper":  # after the defaults, before the user's own settings
         layers.insert(3, ("the paper protocol", {**PAPER_PROTOCOL, **getattr(dataset_cls, "paper_protocol", {})}))
+    unknown: list[str] = []
     for source, values in layers:
         for key, value in values.items():
-            _apply(cfg, schema, key, value, source, dataset_cls, method_cls)
+            where = (sources or {}).get(key, source) if source == "--set" else source
+            if key not in schema and not key.startswith("backbone."):
+                unknown.append(f"'{key}' (from {where}).{did_you_mean(key, schema)}")
+                continue
+            _apply(cfg, schema, key, value, where, dataset_cls, method_cls)
+    if unknown:
+        raise ConfigError(
+            (f"Unknown config key {unknown[0]}" if len(unknown) == 1
+             else f"Unknown config keys: {' '.join(unknown)}"),
+            choices=valid_keys_text(dataset_cls, method_cls),
+        )
     cfg["method"] = method_cls.name
     cfg["dataset"] = dataset_cls.name
     return cfg
@@ -299,12 +341,8 @@ def _apply(cfg, schema, key, value, source, dataset_cls, method_cls) -> None:
         cfg["backbone"].setdefault(parts[1], {})[field] = value
         return
     if key not in schema:
-        raise ConfigError(
-            f"Unknown config key '{key}' (from {source}).{did_you_mean(key, schema)} "
-            f"Valid keys are the trainer's ({', '.join(sorted(TRAINER_OPTIONS))}), dataset "
-            f"{dataset_cls.name}'s ({', '.join(sorted(dataset_cls.options)) or 'none'}) and "
-            f"method {method_cls.name}'s ({', '.join(sorted(method_cls.options)) or 'none'})."
-        )
+        raise ConfigError(f"Unknown config key '{key}' (from {source}).{did_you_mean(key, schema)}",
+                          choices=valid_keys_text(dataset_cls, method_cls))
     if key in CHOSEN_BY_NAME:
         raise ConfigError(
             f"'{key}' cannot be set from {source}: the {key} is chosen by its own argument "
@@ -312,9 +350,24 @@ def _apply(cfg, schema, key, value, source, dataset_cls, method_cls) -> None:
             f"setting would be ignored, so the run would not be the one you asked for."
         )
     option, owner = schema[key]
-    cfg[key] = _check_type(key, value, option, owner)
+    try:
+        cfg[key] = _check_type(key, value, option, owner)
+    except ConfigError as exc:
+        if source == "--set":
+            raise
+        raise ConfigError(f"{str(exc).rstrip('.')} (set in {source}).") from exc
     if key == "modalities" and cfg[key]:
         _check_distinct_modalities(cfg[key], source)
+
+
+def valid_keys_text(dataset_cls: Any, method_cls: Any) -> str:
+    """The keys a run of this dataset and method accepts, one line per owner (a grid with bad
+    cells of several methods prints the trainer's line once, and each method's once)."""
+    return "\n".join([
+        f"Valid keys of the trainer: {', '.join(sorted(TRAINER_OPTIONS))}.",
+        f"Valid keys of dataset {dataset_cls.name}: {', '.join(sorted(dataset_cls.options)) or 'none'}.",
+        f"Valid keys of method {method_cls.name}: {', '.join(sorted(method_cls.options)) or 'none'}.",
+    ])
 
 
 #: Keys that name what a run is, given by their own arguments, never by a setting.

@@ -147,8 +147,8 @@ def probe_main(run_dir: str, device: str = "cpu") -> int:
     diag = probe_run(Path(run_dir), device=device, write=False)
     run = diag["run"]
     state = "finished" if run["done"] else "NOT finished (last checkpoint)"
-    print(f"{run['method_label'] or run['method']} on {run['dataset']} (seed {run['seed']}, epoch "
-          f"{run['checkpoint_epoch']}, {state}) — imbalance diagnostics on the test split, in %:")
+    print(f"{run['method_label'] or run['method']} on {run['dataset']} (seed {run['seed']}, after epoch "
+          f"{run['checkpoint_epoch'] + 1}, {state}) — imbalance diagnostics on the test split, in %:")
     print(format_table(diag), flush=True)
     print(f"diagnostics: {save_diagnostics(Path(run_dir), diag)}")
     return 0

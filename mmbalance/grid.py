@@ -41,7 +41,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -62,6 +62,8 @@ class Cell:
     dataset: str
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)
+    # where each override was written ("grid file 'g.yaml', top-level set"), for its errors
+    origins: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.method} on {self.dataset} seed {self.seed}"
@@ -89,6 +91,10 @@ def _settings(value: Any, where: str, path: Path) -> dict[str, Any]:
         if key in value:
             raise ConfigError(f"Grid file '{path}': '{key}' cannot be set per cell ({where}); {hint}.")
     return dict(value)
+
+
+def _origins(settings: Mapping[str, Any], where: str, path: Path) -> dict[str, str]:
+    return {k: f"grid file '{path}', {where}" for k in settings}
 
 
 def _entries(items: Any, what: str, path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -132,12 +138,18 @@ BLOCK_KEYS = ("seeds", "set", "datasets", "methods")
 
 
 def _block_cells(block: Mapping[str, Any], seeds: list[int], common: Mapping[str, Any], where: str, p: Path) -> list[Cell]:
-    """Cells of one methods x datasets x seeds product (the file itself, or one of its blocks)."""
+    """Cells of one methods x datasets x seeds product (the file itself, or one of its blocks).
+    Each cell remembers which ``set:`` each of its settings came from, for its errors."""
     seeds = _seeds(block["seeds"], p) if "seeds" in block else seeds
-    common = {**common, **_settings(block.get("set"), f"of {where}", p)}
+    own = _settings(block.get("set"), f"of {where}", p)
+    origins = {**_origins(common, "top-level set", p), **_origins(own, f"set of {where}", p)}
+    common = {**common, **own}
     tag = f" ({where})" if where else ""
+    inside = f" in {where}" if where else ""
     return [
-        Cell(m, d, s, {**common, **dset, **mset})
+        Cell(m, d, s, {**common, **dset, **mset},
+             {**origins, **_origins(dset, f"set of datasets entry '{d}'{inside}", p),
+              **_origins(mset, f"set of methods entry '{m}'{inside}", p)})
         for d, dset in _entries(block.get("datasets"), f"datasets{tag}", p)
         for m, mset in _entries(block.get("methods"), f"methods{tag}", p)
         for s in seeds
@@ -186,30 +198,72 @@ def cell_config(cell: Cell, base: Mapping[str, Any]) -> dict[str, Any]:
     return {**cell.overrides, **base, "seed": cell.seed}
 
 
-def check_cell(cell: Cell, base: Mapping[str, Any]) -> tuple[str, str]:
+def cell_trainer(cell: Cell, base: Mapping[str, Any]) -> Any:
+    """The cell's trainer (configuration resolved and checked, nothing built); an error names
+    the grid file and the ``set:`` a bad setting came from."""
+    from mmbalance.runner import make_trainer
+
+    sources = {k: v for k, v in cell.origins.items() if k not in base}
+    return make_trainer(cell.method, cell.dataset, cell_config(cell, base), sources=sources)
+
+
+@dataclass(frozen=True)
+class CellState:
+    """What :func:`check_cell` found; unpacks as ``state, detail``. ``choices`` is the list of
+    valid choices an invalid cell's error named (printed once per grid, not once per cell)."""
+
+    state: str
+    detail: str
+    choices: str = ""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((self.state, self.detail))
+
+
+def check_cell(cell: Cell, base: Mapping[str, Any]) -> CellState:
     """Resolve and validate one cell without training it (nor loading its data).
 
     Returns (state, detail): state "new", "resume" or "done" with the run folder as detail,
     "not applicable" with the method's refusal, or "invalid" with the problem.
     """
     from mmbalance.records import CHECKPOINT, DONE
-    from mmbalance.runner import make_trainer
 
     try:
-        trainer = make_trainer(cell.method, cell.dataset, cell_config(cell, base))
+        trainer = cell_trainer(cell, base)
         check = getattr(trainer, "check", None)  # modalities and backbone keys vs. the dataset
         if callable(check):
             check()
     except UnsupportedError as exc:
-        return NOT_APPLICABLE, str(exc)
+        return CellState(NOT_APPLICABLE, str(exc))
     except MMBalanceError as exc:
-        return "invalid", str(exc)
+        return CellState("invalid", getattr(exc, "short", "") or str(exc), getattr(exc, "choices", ""))
     except Exception as exc:  # a plugin's bug: still a bad cell, and its traceback is shown
         traceback.print_exc(file=sys.stderr)
-        return "invalid", f"{type(exc).__name__}: {exc}"
+        return CellState("invalid", f"{type(exc).__name__}: {exc}")
     run_dir = trainer.run_dir
     state = "done" if (run_dir / DONE).exists() else "resume" if (run_dir / CHECKPOINT).exists() else "new"
-    return state, str(run_dir)
+    return CellState(state, str(run_dir))
+
+
+def _choice_lines(states: Iterable[CellState]) -> list[str]:
+    """Each distinct line of valid choices once, the valid keys before the known names."""
+    lines = dict.fromkeys(ln for st in states for ln in st.choices.splitlines() if ln)
+    return sorted(lines, key=lambda ln: not ln.startswith("Valid keys"))
+
+
+def bad_cells_error(grid: Grid, states: Sequence[CellState], consequence: str) -> ConfigError | None:
+    """One error for every invalid cell: each on its own line, then each distinct list of
+    valid choices (config keys, method names) once; None when every cell is valid."""
+    n = len(grid.cells)
+    bad = [(i, st) for i, st in enumerate(states) if st.state == "invalid"]
+    if not bad:
+        return None
+    lines = [f"[{i + 1}/{n}] {grid.cells[i]}: {st.detail.rstrip()}" for i, st in bad[:MAX_LISTED]]
+    if len(bad) > MAX_LISTED:
+        lines.append(f"... and {len(bad) - MAX_LISTED} more (run with --dry-run to list them all)")
+    choices = _choice_lines(st for _, st in bad)
+    return ConfigError("\n".join([f"Grid '{grid.name}': {len(bad)} of {n} cells have a bad configuration, so "
+                                   f"{consequence}. Fix them and rerun:", *lines, *choices]))
 
 
 def _result_line(rec: Mapping[str, Any]) -> str:
@@ -243,11 +297,10 @@ def run_cell(cell: Cell, base: Mapping[str, Any]) -> tuple[str, str]:
     stderr and in the run folder's error.txt).
     """
     from mmbalance.records import CHECKPOINT, is_done
-    from mmbalance.runner import make_trainer
 
     run_dir: Path | None = None
     try:
-        trainer = make_trainer(cell.method, cell.dataset, cell_config(cell, base))
+        trainer = cell_trainer(cell, base)
         run_dir = trainer.run_dir
         if is_done(run_dir):  # a DONE that is a planted link is refused, not trusted
             return SKIPPED, "done, skipped"
@@ -397,8 +450,10 @@ def run_in_workers(
     mid-task (segfault, OOM killer) costs only its own task, reported FAILED; a fresh worker takes
     its slot (its GPU) and the other tasks go on.
     """
+    from mmbalance.engine.runtime import cpu_budget
+
     ctx = mp.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    threads = max(1, cpu_budget()[0] // max(1, jobs))  # this process's CPUs (Slurm, affinity)
     queue = deque(tasks)
     workers: list[_Worker] = []
     done = False
@@ -449,7 +504,7 @@ def _listed(items: list[str], sep: str = "; ") -> str:
     return sep.join(items[:MAX_LISTED]) + extra
 
 
-def check_grid(grid: Grid, base: Mapping[str, Any]) -> list[tuple[str, str]]:
+def check_grid(grid: Grid, base: Mapping[str, Any]) -> list[CellState]:
     """(state, detail) of every cell, as :func:`check_cell`; two cells that resolve to the same
     run folder are invalid too (they would train into each other's records)."""
     states = [check_cell(cell, base) for cell in grid.cells]
@@ -459,8 +514,8 @@ def check_grid(grid: Grid, base: Mapping[str, Any]) -> list[tuple[str, str]]:
         if state in ("new", "resume", "done"):
             if detail in first:
                 j = first[detail]
-                states[i] = ("invalid", f"it resolves to the same configuration and run folder as "
-                                        f"cell [{j + 1}/{n}] ({grid.cells[j]}); list each cell once.")
+                states[i] = CellState("invalid", f"it resolves to the same configuration and run folder as "
+                                                 f"cell [{j + 1}/{n}] ({grid.cells[j]}); list each cell once.")
             else:
                 first[detail] = i
     return states
@@ -526,23 +581,21 @@ def run_grid(
     n = len(grid.cells)
     tags = [f"[{i}/{n}] {c}" for i, c in enumerate(grid.cells, 1)]
     states = check_grid(grid, base)
-    invalid = [f"{tags[i]}: {detail.rstrip('. ')}" for i, (state, detail) in enumerate(states) if state == "invalid"]
+    invalid = bad_cells_error(grid, states, "no cell was trained")
 
     if dry_run:
         for tag, (state, detail) in zip(tags, states, strict=True):
             what = {"invalid": "INVALID — ", NOT_APPLICABLE: "not applicable — "}.get(state)
             print(f"{tag}: {what}{detail}" if what else f"{tag}: {state} ({detail})", flush=True)
+        for line in _choice_lines(st for st in states if st.state == "invalid"):
+            print(line, flush=True)
         counts = {s: sum(st == s for st, _ in states) for s in ("new", "resume", "done", NOT_APPLICABLE, "invalid")}
         print(f"grid {grid.name} (dry run): {n} cells: {counts['new']} new, {counts['resume']} to resume, "
               f"{counts['done']} done, {counts[NOT_APPLICABLE]} not applicable, {counts['invalid']} INVALID",
               flush=True)
         return 1 if invalid else 0
     if invalid:
-        raise ConfigError(
-            f"Grid '{grid.name}': {len(invalid)} of {n} cells have a bad configuration, so no cell "
-            f"was trained. Fix them and rerun: {_listed(invalid)}."
-            + (" Run with --dry-run to list them all." if len(invalid) > MAX_LISTED else "")
-        )
+        raise invalid
 
     outcomes: dict[int, str] = {}
     to_train = sum(st not in ("done", NOT_APPLICABLE) for st, _ in states)

@@ -172,6 +172,9 @@ class LoopServices(Protocol):
 
 class Method:
     name: ClassVar[str] = ""
+    # Other names the method is known by (its paper's, e.g. "ogm_ge"): a mistyped or aliased
+    # --method then suggests this one. Suggested only, never resolved (see mmbalance.registry).
+    aliases: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {}  # method-only config keys -> default or Option
     defaults: ClassVar[dict[str, Any]] = {}  # trainer/dataset keys this method changes

@@ -8,6 +8,7 @@ the encoder whatever its architecture (docs/methods/ogm.md, departures).
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from mmbalance.data import ModalitySpec
-from mmbalance.errors import ConfigError, UnsupportedError
+from mmbalance.errors import ConfigError, UnsupportedError, did_you_mean
 from mmbalance.registry import BACKBONES
 
 
@@ -188,6 +189,32 @@ def _batch_len(x: Any) -> int:
     return len(x)
 
 
+def backbone_options(builder: Any) -> list[str] | None:
+    """The options a backbone builder takes (its parameters after ``spec`` and ``out_dim``), or
+    None when it takes any (``**options``)."""
+    params = list(inspect.signature(builder).parameters.values())[2:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+
+def check_backbone_options(modality: str, name: str, options: Mapping[str, Any]) -> None:
+    """Refuse a ``backbone.<modality>.<option>`` the backbone does not take, with the closest
+    of its own options, before anything is built (a typo would otherwise be a TypeError from
+    deep inside the builder, or, through a grid, a failed cell after the others trained)."""
+    builder = BACKBONES.get(name)
+    accepted = backbone_options(builder)
+    if accepted is None:
+        return
+    unknown = [k for k in options if k != "name" and k not in accepted]
+    if unknown:
+        bad = " ".join(f"'{k}'.{did_you_mean(k, accepted)}" for k in unknown)
+        raise ConfigError(
+            f"Backbone '{name}' of modality '{modality}' has no option {bad}",
+            choices=f"Options of backbone '{name}' (backbone.{modality}.<option>): name, {', '.join(accepted)}.",
+        )
+
+
 def build_encoder(
     modality: str, spec: ModalitySpec, table: Mapping[str, Any], embed_dim: int | None
 ) -> nn.Module:
@@ -200,6 +227,7 @@ def build_encoder(
             f"--set backbone.{modality}.name=NAME (see 'mmbalance list backbones')."
         )
     builder = BACKBONES.get(name)
+    check_backbone_options(modality, name, entry)
     weights = entry.pop("weights", None)
     try:
         enc = builder(spec, embed_dim, weights=weights, **entry)

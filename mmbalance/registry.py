@@ -5,6 +5,11 @@ module of the built-in plugin packages is imported on first use), and
 third-party packages add more through the entry-point groups ``mmbalance.methods``,
 ``mmbalance.datasets`` and ``mmbalance.backbones`` (each entry point names a module or an
 object; importing it is enough, since the module's decorators do the registering).
+
+A plugin may declare other names it is known by (a class attribute ``aliases``, e.g. the
+paper's ``ogm_ge`` for ``ogm``). An alias is only ever suggested ("Did you mean 'ogm'?"), never
+silently resolved: the registered name is what a run folder, a record, a leaderboard row and a
+grid's status line are keyed by, so one spelling everywhere keeps them greppable and equal.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Registry:
         self._builtin_package = builtin_package
         self._group = entry_point_group
         self._entries: dict[str, Entry] = {}
+        self._aliases: dict[str, str] = {}  # another name -> the registered one
         self._loaded = False
 
     def register(self, name: str, description: str = "") -> Callable[[Any], Any]:
@@ -49,6 +55,8 @@ class Registry:
                 )
             doc = (getattr(obj, "__doc__", None) or "").strip()
             self._entries[key] = Entry(key, obj, description or (doc.splitlines()[0] if doc else ""))
+            for alias in getattr(obj, "aliases", None) or ():
+                self._aliases[str(alias).lower()] = key
             return obj
 
         return decorate
@@ -76,12 +84,21 @@ class Registry:
         key = name.lower()
         if key not in self._entries:
             known = ", ".join(sorted(self._entries))
+            aliases = {a: n for a, n in self._aliases.items() if a not in self._entries}
+            hint = did_you_mean(key, self._entries, aliases)
+            if key in aliases:
+                hint += f" ('{key}' is another name of {self.kind} '{aliases[key]}'; pass its registered name.)"
             raise MMBalanceError(
-                f"Unknown {self.kind} '{name}'.{did_you_mean(key, self._entries)} "
-                f"Known {self.kind}s: {known}. Run 'mmbalance list {self.kind}s' for "
-                f"descriptions, or install a plugin that registers it."
+                f"Unknown {self.kind} '{name}'.{hint}",
+                choices=f"Known {self.kind}s: {known}. Run 'mmbalance list {self.kind}s' for "
+                        f"descriptions, or install a plugin that registers it.",
             )
         return self._entries[key].obj
+
+    def aliases_of(self, name: str) -> list[str]:
+        """The other names a registered plugin declared (``aliases``)."""
+        self.load_plugins()
+        return sorted(a for a, n in self._aliases.items() if n == name.lower() and a not in self._entries)
 
     def entries(self) -> list[Entry]:
         self.load_plugins()

@@ -2,7 +2,8 @@
 
 Reads only the run folder (record.jsonl, LOCK, DONE, pictures), never through a symbolic link
 and without creating anything in it: the configuration summary, the per-epoch table, the final
-metrics under every selection rule and where the pictures are.
+metrics under every selection rule and where the pictures are. Epochs are counted from 1, as
+the per-epoch lines of a run count them (the record's ``epoch`` field counts from 0).
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from typing import Any
 
 from mmbalance import records
 from mmbalance.errors import MMBalanceError
+
+
+def plural(n: object, word: str) -> str:
+    """'1 epoch', '3 epochs' (every human count of epochs, runs, cells)."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def run_state(run_dir: Path) -> str:
@@ -38,7 +44,7 @@ def epoch_rows(rec: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for e in rec["epochs"]:
         val, test = e.get("val"), e.get("test")
-        row = [e["epoch"], f"{e['train_loss']:.4f}",
+        row = [e["epoch"] + 1, f"{e['train_loss']:.4f}",
                _number(val["fused"]["acc"]) if val else "–", _number(test["fused"]["acc"]) if test else "–"]
         row += [_number(test[m].get("acc")) if test and isinstance(test.get(m), dict) else "–" for m in mods]
         row.append(f"{e['train_time_s']:.1f}")
@@ -67,7 +73,7 @@ def render(run_dir: Path) -> str:
         f"state    {run_state(run_dir)}",
         f"method   {h.get('method_label', cfg.get('method'))}   dataset {cfg.get('dataset')}   seed {cfg.get('seed')}"
         f"   protocol {cfg.get('protocol', 'honest')}",
-        f"recipe   {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, {cfg.get('optimizer')} lr "
+        f"recipe   {plural(cfg.get('epochs'), 'epoch')}, batch {cfg.get('batch_size')}, {cfg.get('optimizer')} lr "
         f"{cfg.get('lr')}, {cfg.get('scheduler')} schedule, amp {h.get('amp')}, device {h.get('device')}",
         f"data     {', '.join(map(str, mods))}; sizes {info.get('sizes')}"
         + ("; validation is the test split" if info.get("val_is_test") else ""),
@@ -80,7 +86,7 @@ def render(run_dir: Path) -> str:
         for rule, chosen in rec["final"]["selection"].items():
             t = chosen["test"]
             fused = [_number(t["fused"].get(k)) for k in ("acc", "map", "f1")]
-            sel.append([rule, chosen["epoch"], *fused,
+            sel.append([rule, chosen["epoch"] + 1, *fused,
                         *[_number(t[m].get("acc")) if isinstance(t.get(m), dict) else "–" for m in mods]])
         out += ["", "final (test, %):", tabulate(sel, headers=["rule", "epoch", "acc", "MAP", "macro-F1",
                                                                 *[f"acc[{m}]" for m in mods]], disable_numparse=True)]

@@ -42,7 +42,7 @@ def test_unknown_key_names_it_and_suggests():
 
 @pytest.mark.parametrize(
     ("key", "value", "pattern"),
-    [("epochs", "ten", "expected a int"), ("mode", "z", "allowed values are x, y"),
+    [("epochs", "ten", "expected an int"), ("mode", "z", "allowed values are x, y"),
      ("checkpoint", 3, "true or false"), ("lr", True, "expected a number")],
 )
 def test_bad_values(key, value, pattern):

@@ -72,7 +72,7 @@ def test_status_of_a_mixed_records_folder(tmp_path, capsys):
         assert grid_status(grid, base) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].endswith(": done")
+    assert ": done — best_val test acc " in lines[0] and ", new, cpu)" in lines[0]  # its result line
     assert "failed — RuntimeError: boom" in lines[1]
     assert ": running — " in lines[2] and "pid" in lines[2]
     assert lines[3].endswith("pending — not started")

@@ -37,17 +37,31 @@ from torch.utils.data import (
 
 from mmbalance import diagnostics, memo, memory, records
 from mmbalance.cache import to_device, wrap_loader
-from mmbalance.config import config_hash
+from mmbalance.config import assemble, config_hash
 from mmbalance.data import BatchView, DatasetPlugin, RowPlan, Splits
 from mmbalance.diagnostics import EvalView
+from mmbalance.engine import stop
 from mmbalance.engine.checkpoint import Checkpoints
 from mmbalance.engine.record import RunRecord
-from mmbalance.engine.runtime import _worker_init, epoch_seed, resolve_device, seed_everything
+from mmbalance.engine.runtime import (
+    _worker_init,
+    epoch_seed,
+    limit_cpu_threads,
+    resolve_device,
+    seed_everything,
+)
 from mmbalance.engine.services import Services
 from mmbalance.errors import ConfigError, MMBalanceError, did_you_mean
 from mmbalance.method import PER_MODALITY_SOURCES, EstimationCost, Method, Phase, Prediction
 from mmbalance.metrics import classification_metrics, final_metrics
-from mmbalance.model import MultimodalModel, build_encoder, random_init_warning, weights_record
+from mmbalance.model import (
+    MultimodalModel,
+    build_encoder,
+    check_backbone_options,
+    random_init_warning,
+    weights_record,
+)
+from mmbalance.show import plural
 
 
 class RandomInitWarning(UserWarning):
@@ -81,6 +95,8 @@ class Trainer(Services, Checkpoints, RunRecord):
         self._phase_keys: set[str] = set()  # optimizers created by phases (not configured)
         self._pending_optimizer_states: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        self.outcome = ""  # after fit(): TRAINED, RESUMED or FINISHED_BEFORE
+        self.cpu_allocation: dict[str, Any] = {}  # after setup(): threads used, CPUs available and why
         self.splits: Splits | None = None
         self.model: MultimodalModel | None = None
 
@@ -99,22 +115,38 @@ class Trainer(Services, Checkpoints, RunRecord):
                 f"Dataset '{cfg['dataset']}' has no modality {', '.join(unknown)}; it has "
                 f"{', '.join(available)}. Fix --set modalities=..."
             )
-        defaults = {**(type(self.dataset).defaults.get("backbone") or {}),
-                    **(type(self.method).defaults.get("backbone") or {})}
+        used = self.method.check_modalities(list(requested))
+        self._check_backbone_keys(available, used)
+        return used
+
+    def _check_backbone_keys(self, available: list[str], used: list[str]) -> None:
+        """Every ``backbone.<m>.*`` the user set (not the plugins' own table) names a modality
+        this run trains, and options its backbone takes: one for a modality the dataset lacks
+        or the run leaves out would be silently ignored, yet split the run's identity."""
+        cfg = self.cfg
+        plugins = assemble(type(self.dataset), type(self.method), None, {"protocol": cfg["protocol"]})["backbone"]
         for mod, entry in (cfg.get("backbone") or {}).items():
-            default = defaults.get(mod)
-            as_default = default is not None and entry == (default if isinstance(default, Mapping) else {"name": default})
-            if mod not in available and not as_default:  # a user's key, not a plugin's table
+            if entry == plugins.get(mod):
+                continue
+            if mod not in available:
                 raise ConfigError(
                     f"Setting backbone.{mod}.* names modality '{mod}', which dataset "
                     f"'{cfg['dataset']}' does not have (it has {', '.join(available)})."
                     f"{did_you_mean(mod, available)} Fix the key, e.g. --set backbone.{available[0]}.weights=PATH."
                 )
-        return self.method.check_modalities(list(requested))
+            if mod not in used:
+                raise ConfigError(
+                    f"Setting backbone.{mod}.* configures modality '{mod}', which this run does not use "
+                    f"(it trains {', '.join(used)}), so it would change nothing. Drop the setting, or "
+                    f"train that modality too (--set modalities=...)."
+                )
+            if entry.get("name"):
+                check_backbone_options(mod, str(entry["name"]), entry)
 
     def setup(self) -> None:
         cfg = self.cfg
         used = self.check()
+        self.cpu_allocation = limit_cpu_threads()  # a Slurm task's CPUs, the affinity mask
         seed_everything(cfg["seed"])
         if self.dataset.pure_build:  # a grid worker builds in-memory data once
             self.splits = memo.reuse_splits(self.dataset.build, type(self.dataset).__qualname__,
@@ -225,7 +257,10 @@ class Trainer(Services, Checkpoints, RunRecord):
 
 
     def _limited(self, loader: DataLoader, limit: int | None) -> Iterator[tuple[int, Any]]:
+        """At most ``limit`` batches; each batch boundary is where a stop request (SIGTERM,
+        pre-emption) takes effect (mmbalance.engine.stop)."""
         for i, batch in enumerate(loader):
+            stop.check()
             if limit is not None and i >= limit:
                 break
             yield i, batch
@@ -277,7 +312,7 @@ class Trainer(Services, Checkpoints, RunRecord):
         train_loss = (loss_sum / max(1, n_batches)).item()
         if not math.isfinite(train_loss):
             raise MMBalanceError(
-                f"Training diverged in epoch {epoch}: the mean training loss is {train_loss}. "
+                f"Training diverged in epoch {epoch + 1}: the mean training loss is {train_loss}. "
                 f"Lower the learning rate (--set lr=...) or enable gradient clipping "
                 f"(--set grad_clip=1.0)."
             )
@@ -304,7 +339,7 @@ class Trainer(Services, Checkpoints, RunRecord):
             method.num_training_batches = total
         loss_sum = torch.zeros((), device=self.device)
         n = 0
-        desc = f"epoch {epoch}" + (f" {phase.name}" if phase.name != "train" else "")
+        desc = f"epoch {epoch + 1}/{self.cfg['epochs']}" + (f" {phase.name}" if phase.name != "train" else "")
         try:
             method.phase = phase
             method.phase_optimizer = optimizer
@@ -422,6 +457,7 @@ class Trainer(Services, Checkpoints, RunRecord):
         is, or holds, a symbolic link is refused before anything is written into it.
         """
         if not fresh and records.is_done(self.run_dir):
+            self.outcome = FINISHED_BEFORE
             return records.load_record(self.run_dir)
         holder = records.lock_holder(self.run_dir)  # fail fast, before building the data
         if holder is not None:
@@ -436,17 +472,22 @@ class Trainer(Services, Checkpoints, RunRecord):
             if fresh:
                 records.clear_run_dir(self.run_dir)
             elif records.is_done(self.run_dir):  # finished by another process meanwhile
+                self.outcome = FINISHED_BEFORE
                 return records.load_record(self.run_dir)
             records.clean_temp_files(self.run_dir)
-            return self._fit_locked()
+            with stop.at_batch_boundaries():  # SIGTERM / pre-emption: at the next batch
+                return self._fit_locked()
 
 
     def _fit_locked(self) -> dict[str, Any]:
         records.write_config(self.run_dir / "config.yaml", self.cfg)
         header = self._header()
         start = self._load_checkpoint() if self.cfg["checkpoint"] else 0
+        self.outcome = RESUMED if start else TRAINED
         if start:
             header["resumed_from_epoch"] = start
+            if self.cfg["log_epochs"]:
+                print(resume_line(start, self.cfg["epochs"], self.run_dir), flush=True)
         header["segments"] = self._segments(start)
         self.method.resumed = start > 0
         if not start:
@@ -500,7 +541,7 @@ class Trainer(Services, Checkpoints, RunRecord):
         }
         if self.cfg["diagnostics"]:
             try:  # on the last epoch's model, before DONE
-                diag = diagnostics.compute_diagnostics(self.eval_view())
+                diag = self._compute_diagnostics()
             except diagnostics.DiagnosticsError as exc:  # never lose a finished run to a diagnostic
                 warnings.warn(f"{self.run_dir.name}: no imbalance diagnostics: {exc}", stacklevel=2)
                 final["diagnostics_error"] = str(exc)
@@ -514,6 +555,54 @@ class Trainer(Services, Checkpoints, RunRecord):
             wandb_run.summary.update(_flatten(final["selection"]))
             wandb_run.finish()
         return records.load_record(self.run_dir)
+
+    def _compute_diagnostics(self) -> dict[str, Any]:
+        """The imbalance diagnostics of the final model, announced by name (they take a while
+        after the last epoch line) with a bar on a terminal, one line otherwise."""
+        view = self.eval_view()
+        announce = self.cfg["log_epochs"]
+        if announce:
+            print(diagnostics_line(self.modalities), end="" if not self._bar_on() else "\n", flush=True)
+        t0 = time.perf_counter()
+        bar = None
+        if self._bar_on():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self._diagnostic_batches(), desc="diagnostics", unit="batch", leave=False,
+                       dynamic_ncols=True)
+            inner = view.batches
+
+            def counted(split: str, limit: int | None) -> Iterator[Any]:
+                for batch in inner(split, limit):
+                    bar.update(1)
+                    yield batch
+
+            view.batches = counted
+        try:
+            diag = diagnostics.compute_diagnostics(view)
+        finally:
+            if bar is not None:
+                bar.close()
+        if announce:
+            took = f"diagnostics done ({time.perf_counter() - t0:.1f} s)"
+            print(took if self._bar_on() else f" done ({time.perf_counter() - t0:.1f} s)", flush=True)
+        return diag
+
+    def _bar_on(self) -> bool:
+        mode = self.cfg["progress"]
+        return mode == "on" or (mode == "auto" and sys.stderr.isatty())
+
+    def _diagnostic_batches(self) -> int:
+        """Batches the diagnostics draw: train and test once for the probes, test once per
+        coalition of modalities for the Shapley values."""
+        assert self.splits is not None
+
+        def n(split: str, limit: int | None) -> int:
+            size = len(self.loader(getattr(self.splits, split), train=False))
+            return min(size, limit) if limit else size
+
+        test = n("test", self.cfg["limit_eval_batches"])
+        return n("train", self.cfg["limit_train_batches"]) + test * (1 + 2 ** len(self.modalities))
 
     def _wandb_init(self) -> Any:
         try:
@@ -531,6 +620,27 @@ class Trainer(Services, Checkpoints, RunRecord):
         )
 
 
+
+
+# how a fit() ended: what the command line says about it
+TRAINED, RESUMED, FINISHED_BEFORE = "trained", "resumed", "finished before"
+
+
+def resume_line(start: int, epochs: int, run_dir: Path) -> str:
+    """What a resumed run says first (epochs counted from 1, as in the epoch lines)."""
+    if start >= epochs:
+        return (f"all {plural(epochs, 'epoch')} are in the checkpoint of {run_dir}; finishing the run "
+                f"(diagnostics and record)")
+    done = "epoch 1 is" if start == 1 else f"epochs 1-{start} are"
+    return f"resuming from epoch {start + 1}/{epochs} ({done} in the checkpoint of {run_dir})"
+
+
+def diagnostics_line(modalities: list[str]) -> str:
+    """Names the work after the last epoch line, so the pause is not mistaken for a hang."""
+    k = len(modalities)
+    return (f"computing the imbalance diagnostics: a linear probe of each frozen encoder "
+            f"({', '.join(modalities)}) and each modality's Shapley value ({2 ** k} coalitions); "
+            f"--set diagnostics=false skips them ...")
 
 
 def key_diagnostic(name: str | None, means: Mapping[str, float]) -> tuple[str, float] | None:

@@ -6,7 +6,9 @@ The global RNGs and the data-loader shuffle are re-seeded at the start of every 
 
 from __future__ import annotations
 
+import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,3 +57,42 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed(base % (2**32))
     random.seed(base)
 
+
+
+def cpu_budget() -> tuple[int, str]:
+    """How many CPUs this process may use, and what says so: a Slurm job's allocation
+    (``SLURM_CPUS_PER_TASK``, else ``SLURM_CPUS_ON_NODE`` for a one-task job), the affinity
+    mask (``taskset``, cgroups, Slurm's task plugin), else the machine's CPU count."""
+    n = os.cpu_count() or 1
+    why = f"the machine's {n} CPUs"
+    try:
+        mask = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        mask = n
+    if mask < n:
+        n, why = mask, f"the affinity mask ({mask} CPU{'' if mask == 1 else 's'})"
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        if var == "SLURM_CPUS_ON_NODE" and os.environ.get("SLURM_NTASKS", "1") != "1":
+            continue  # shared by several tasks of one job: the per-task figure is unknown
+        try:
+            slurm = int(os.environ.get(var, ""))
+        except ValueError:
+            continue
+        if 0 < slurm < n:
+            n, why = slurm, f"{var}={slurm}"
+        break
+    return n, why
+
+
+def limit_cpu_threads() -> dict[str, Any]:
+    """Lower torch's intra-op threads to :func:`cpu_budget` (never raise them: a user's
+    ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` stands). A Slurm task given one CPU of a
+    two-core node otherwise runs two threads on it (torch counts the machine's cores), which
+    is slower and sums in another order than the allocation says. Returns what was used and
+    why, for the run's record."""
+    budget, why = cpu_budget()
+    before = torch.get_num_threads()
+    if before > budget:
+        torch.set_num_threads(budget)
+    return {"threads": torch.get_num_threads(), "cpus_available": budget, "cpus_from": why,
+            "lowered_from": before if before > budget else None}

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from mmbalance import records
 from mmbalance.cache import to_device
 from mmbalance.data import RowPlan, eval_view, random_holdout, stratified_holdout, subset
+from mmbalance.engine import stop
 from mmbalance.engine.runtime import epoch_seed
 from mmbalance.errors import MMBalanceError
 from mmbalance.method import EstimationCost, Phase
@@ -140,6 +141,7 @@ class Services:
         try:
             with torch.set_grad_enabled(grad):
                 for i, batch in enumerate(loader):
+                    stop.check()  # a batch boundary: where SIGTERM / pre-emption stops the run
                     if i >= n:
                         break
                     if self._estimating:
