@@ -84,7 +84,9 @@ TRAINER_OPTIONS: dict[str, Option] = {
         "the test split (recorded as such)", min=0, max=1, max_open=True),
     "backbone": _opt({}, "per-modality backbone table: backbone.<modality>.name/weights/<kwarg>", type=dict),
     "device": _opt("auto", "auto | cpu | cuda | cuda:N", type=str, changes_results=False),
-    "amp": _opt("auto", "mixed precision: auto = bf16 autocast on CUDA, none on CPU", ["auto", "bf16", "none"]),
+    "amp": _opt("auto", "mixed precision: auto = bf16 autocast on CUDA and on CPUs with bf16 hardware (AMX, "
+                "AVX512-BF16), fp32 on other CPUs; bf16 = everywhere (emulated and slow on other CPUs); "
+                "none = fp32", ["auto", "bf16", "none"]),
     "memory_format": _opt(
         "contiguous", "layout of 4-D conv weights and activations: channels_last is about 1.8x "
         "faster for the CNNs on a CPU (and suits GPU tensor cores) but sums in another order, so "

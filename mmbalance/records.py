@@ -743,13 +743,39 @@ def cpu_kernels() -> dict[str, Any]:
     # a private torch API: a torch without it records "unknown" (None), never fails a run
     probe = getattr(getattr(torch._C, "_cpu", None), "_get_cpu_capability", None)
     caps = probe() if callable(probe) else None
-    return {
+    info = {
         "aten": torch.backends.cpu.get_cpu_capability(),
         "avx512_bf16": bool(caps.get("avx512_bf16")) if caps else None,
         "amx_bf16": bool(caps.get("amx_bf16")) if caps else None,
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
         "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
     }
+    info["bf16_native"] = bf16_native(info)
+    return info
+
+
+def _onednn_bf16_supported() -> bool:
+    """oneDNN's own answer (it honours ``ONEDNN_MAX_CPU_ISA``); True where torch cannot say."""
+    probe = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else True
+    except RuntimeError:
+        return True
+
+
+def bf16_native(info: Mapping[str, Any]) -> bool:
+    """Whether bf16 matmuls and convolutions run on bf16 hardware here (AMX-BF16 or
+    AVX512-BF16 instructions, not capped away by ``ONEDNN_MAX_CPU_ISA``).
+
+    Without them PyTorch emulates bf16 with fp32 instructions plus conversions: measured on an
+    AMD EPYC capped at AVX2, one training step of AV-digits' audio CNN in bf16 took 5-8x the
+    fp32 step (``benchmarks/cpu_precision.py``). oneDNN's report alone is not enough: it also
+    says yes on AVX-512 CPUs without the bf16 instructions, where it emulates them."""
+    hardware = bool(info.get("amx_bf16") or info.get("avx512_bf16"))
+    cap = str(info.get("onednn_max_cpu_isa") or "").upper()
+    capped_away = bool(cap) and cap != "ALL" and "BF16" not in cap and "AMX" not in cap
+    aten_cap = str(info.get("aten_cpu_capability") or "").lower()
+    return hardware and not capped_away and aten_cap not in ("avx2", "default") and _onednn_bf16_supported()
 
 
 def cpu_kernels_label(info: Mapping[str, Any] | None) -> str | None:

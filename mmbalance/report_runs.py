@@ -197,15 +197,27 @@ def _grouping(header: Mapping[str, Any]) -> dict[str, Any]:
             diff[key] = value
             if owner == "method":
                 method_keys.add(key)
+    # amp=auto trains in bf16 or fp32 by the hardware: the precision it resolved to tells runs apart
+    precision = _precision(header) if cfg.get("amp", "auto") == "auto" else ""
     return {
+        "_precision": precision,
         "_col_key": canon([cfg["dataset"], fingerprint, column]),
         "_col_base": dataset_label(header),
         "_col_settings": column_settings,
         "_fingerprint": canon(fingerprint) if fingerprint else "",
         "_diff": diff,
         "_method_keys": frozenset(method_keys),
-        "_identity": config_hash(cfg, data=fingerprint, dataset_cls=dataset_cls, method_cls=method_cls),
+        "_identity": config_hash(cfg, data=fingerprint, dataset_cls=dataset_cls, method_cls=method_cls) + precision,
     }
+
+
+def _precision(header: Mapping[str, Any]) -> str:
+    """``bf16`` or ``fp32``: what a run's autocast resolved to (records from before it was
+    resolved on CPUs trained in fp32 there and in bf16 on CUDA, and say so in ``amp``)."""
+    amp = header.get("amp")
+    if amp is None:
+        amp = "bfloat16" if str(header.get("device", "")).startswith("cuda") else "none"
+    return "bf16" if amp == "bfloat16" else "fp32"
 
 
 def _run_row(rec: dict[str, Any], run_dir: Path, root: Path | None) -> dict[str, Any]:
@@ -378,10 +390,12 @@ def group_rows(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         r["_row_settings"] = {k: v for k, v in r["_diff"].items() if k not in column_wide}
         r["_column_settings"] = {**r["_col_settings"], **{k: v for k, v in r["_diff"].items() if k in column_wide}}
-        r["_row_key"] = canon([r["method_name"], r["_row_settings"]])
-    # rows: the method's label, told apart by settings only where two would share it
+        r["_row_key"] = canon([r["method_name"], r["_row_settings"], r["_precision"]])
+    # rows: the method's label, told apart by settings (amp=auto's resolved precision included)
+    # only where two would share it
     row_base = {r["_row_key"]: r["_label"] for r in reversed(rows)}  # the first run's label wins
-    row_settings = {r["_row_key"]: r["_row_settings"] for r in rows}
+    row_settings = {r["_row_key"]: {**r["_row_settings"], **({"precision": r["_precision"]} if r["_precision"] else {})}
+                    for r in rows}
     row_labels = _distinct_labels(row_base, row_settings, lambda key: f"[{_short_hash(key)}]")
     # columns: the dataset's label, told apart by settings, then by the data they read
     col_base = {r["_col_key"]: r["_col_base"] for r in reversed(rows)}  # a name given to the data: the first

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mmbalance import records
+from mmbalance.engine.runtime import amp_name
 from mmbalance.method import EstimationCost
 
 
@@ -34,6 +35,7 @@ class Checkpoints:
             "history": self.history,
             "config_hash": self.hash,
             "data_fingerprint": self.data_fingerprint,
+            "amp": amp_name(self.amp_dtype),
         }
         records.atomic_torch_save(state, self.run_dir / records.CHECKPOINT)
 
@@ -55,6 +57,7 @@ class Checkpoints:
                     f"({key} {state[key]!r}, this run has {mine!r}); it will not be continued on "
                     f"these. Rerun with --fresh to start this run over."
                 )
+        self._check_precision(state, path)
         try:
             return self._restore(state)
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -62,6 +65,28 @@ class Checkpoints:
                 f"The checkpoint '{path}' does not fit this run ({type(exc).__name__}: {exc}). "
                 f"Rerun with --fresh to start this run over."
             ) from exc
+
+    def _check_precision(self, state: Mapping[str, Any], path: Any) -> None:
+        """A run trains in one precision: ``amp=auto`` resolves by hardware, so a checkpoint
+        written on a CPU with bf16 hardware is not continued in fp32 elsewhere (or back).
+        A checkpoint from before the precision was saved trained under the rule of its time:
+        bf16 on CUDA, fp32 on any CPU (checkpoints do not travel between the two)."""
+        saved = state.get("amp")
+        if saved is None:
+            cfg_amp = self.cfg.get("amp", "auto")
+            gpu = self.device.type == "cuda"
+            saved = "bfloat16" if cfg_amp == "bf16" or (cfg_amp == "auto" and gpu) else "none"
+        mine = amp_name(self.amp_dtype)
+        if saved != mine:
+            def word(name: str) -> str:
+                return "bf16" if name == "bfloat16" else "fp32"
+
+            raise records.RecordError(
+                f"The checkpoint '{path}' trained in {word(saved)}, but amp={self.cfg.get('amp')} means "
+                f"{word(mine)} on this device ({records.cpu_kernels_label(records.cpu_kernels()) if self.device.type == 'cpu' else self.device}); "
+                f"one run is not continued in two precisions. Continue it on a machine where amp="
+                f"{self.cfg.get('amp')} means {word(saved)}, or rerun with --fresh to start it over here."
+            )
 
     def _restore(self, state: Mapping[str, Any]) -> int:
         assert self.model is not None

@@ -47,6 +47,7 @@ from mmbalance.engine.runtime import (
     _worker_init,
     epoch_seed,
     limit_cpu_threads,
+    resolve_amp,
     resolve_device,
     seed_everything,
 )
@@ -79,10 +80,7 @@ class Trainer(Services, Checkpoints, RunRecord):
         self.data_fingerprint = dataset.data_fingerprint(self.cfg)
         self.hash = config_hash(self.cfg, data=self.data_fingerprint)
         self.run_dir = Path(self.cfg["records"]) / records.run_dir_name(self.cfg, self.hash)
-        amp = self.cfg["amp"]
-        self.amp_dtype = (
-            torch.bfloat16 if (amp == "bf16" or (amp == "auto" and self.device.type == "cuda")) else None
-        )
+        self.amp_dtype = resolve_amp(self.cfg["amp"], self.device)
         self._step_logs: dict[str, list[Any]] = {}
         self.optimizer_steps = 0
         self.estimation_cost = EstimationCost()  # the method's work outside the main loop

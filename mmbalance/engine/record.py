@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from mmbalance import records
+from mmbalance.engine.runtime import amp_name
 
 
 class RunRecord:
@@ -38,7 +39,7 @@ class RunRecord:
                 **self.splits.info,
             },
             "device": dev,
-            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
+            "amp": amp_name(self.amp_dtype),  # amp=auto resolved: bf16 or fp32 ("none") on this device
             "cpu_threads": torch.get_num_threads(),  # float sums depend on it: same seed, same threads
             "cpu_allocation": getattr(self, "cpu_allocation", None) or None,  # the CPUs it was given, and why
             "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),  # speed only (mmbalance/__init__.py)

@@ -8,12 +8,50 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
+from mmbalance import records
 from mmbalance.errors import ConfigError
+
+
+class EmulatedBf16Warning(UserWarning):
+    """bf16 autocast asked for on a CPU that emulates bf16 (several times slower than fp32)."""
+
+
+def resolve_amp(amp: str, device: torch.device, kernels: dict[str, Any] | None = None) -> torch.dtype | None:
+    """The autocast dtype of a run: ``auto`` is bf16 on CUDA and on a CPU with bf16 hardware
+    (AMX or AVX512-BF16), fp32 (None) on any other CPU, where PyTorch would emulate bf16 at
+    several times the cost of fp32. ``bf16`` is obeyed everywhere, with a warning where it is
+    emulated; ``none`` is fp32 everywhere.
+
+    A CPU's choice follows its hardware, so two CPU kinds can train one ``amp=auto`` cell in
+    two precisions: the run header records the resolved precision (``amp``) and the CPU
+    (``cpu_kernels``), a checkpoint is only continued in its own precision, and the
+    leaderboard keeps the two apart."""
+    if amp == "none":
+        return None
+    if device.type != "cpu":
+        return torch.bfloat16 if amp in ("auto", "bf16") else None
+    info = kernels if kernels is not None else records.cpu_kernels()
+    native = bool(info.get("bf16_native"))
+    if amp == "bf16" and not native:
+        warnings.warn(
+            f"amp=bf16 on a CPU without bf16 hardware ({records.cpu_kernels_label(info)}): PyTorch "
+            f"emulates bf16 here, measured 5-8x slower than fp32 for a training step "
+            f"(benchmarks/cpu_precision.py). Use --set amp=auto (fp32 on this CPU) unless you need "
+            f"bf16's rounding.",
+            EmulatedBf16Warning, stacklevel=2,
+        )
+    return torch.bfloat16 if (amp == "bf16" or native) else None
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The recorded name of a resolved precision: ``bfloat16`` or ``none`` (fp32)."""
+    return str(dtype).replace("torch.", "") if dtype is not None else "none"
 
 
 def resolve_device(spec: str) -> torch.device:
