@@ -47,6 +47,7 @@ BASELINE = ("concat", {"unimodal_loss": True})
 #: variants with warmup=0 time resampled epochs (the valuation pass is estimation_s).
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("lfm", {"alpha_schedule": "learnable"}),
+    ("agm", {"coalitions": "reuse"}),  # the cheaper train-mode coalitions against the official re-encoding
     ("valuation", {"warmup": 0}),
     ("valuation", {"warmup": 0, "level": "modality"}),
 ]
