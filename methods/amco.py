@@ -36,7 +36,7 @@ Inference: no mask. Fused ``L*(sum_m z_m)``; per modality the parts ``z_m`` (L* 
 to them; ``per_modality_source() == "method"``). Features come from ``model.encode``, so the
 absent-modality diagnostics (Shapley values) work.
 
-Open questions of the specification, settled (each a guess, each switchable):
+Open questions, settled (each a guess, each switchable):
 
 * **What the mask acts on.** The paper says it makes the dependent modality harder to learn;
   BalanceBenchmark's HEAD masks that modality's C logits (after its fused-head part), but an
@@ -52,7 +52,7 @@ Open questions of the specification, settled (each a guess, each switchable):
   ``amco_schedule=per_epoch_bb`` reproduces BalanceBenchmark (eps is then its epsilon in units
   of its counter; the flags are also reset to False at every epoch start, as there).
 * **The dependence test.** BalanceBenchmark's mass-share test, on the outputs of the masked
-  step (``amco_flag_on=masked``, default, as the specification writes it). Because a masked
+  step (``amco_flag_on=masked``, default, as BalanceBenchmark computes it). Because a masked
   modality's share falls, the flag tends to flip between modalities from one step to the
   next; ``amco_flag_on=clean`` tests the unmasked parts of the same step instead (one more
   small matmul), so a modality that stays dominant stays flagged. sigma = 1/M ("more than an

@@ -204,7 +204,7 @@ def traced_weights(encoder: nn.Module) -> list[nn.Parameter]:
 
 
 def anchor_modality(modalities: Sequence[str]) -> str:
-    """The releases' reference modality: the one named audio, else the first (Errata 3)."""
+    """The releases' reference modality: the one named audio, else the first (docs/methods/inforeg.md)."""
     return "audio" if "audio" in modalities else modalities[0]
 
 

@@ -36,7 +36,7 @@ Three modalities average the three pairs' KDb and RSb; more are refused (Balance
 defines two and three only). The KDb term is always <= 0, so through its weight it is lowered
 by widening the gap, while RS is lowered by narrowing it.
 
-Open questions of the specification, settled:
+Open questions, settled:
 
 * **The paper** is unidentified: everything is read from BalanceBenchmark's trainer; the default
   is what that code appears to intend (a true KL divergence from the stronger modality's
