@@ -37,6 +37,12 @@ import pandas as pd
 
 from mmbalance import records
 from mmbalance.errors import MMBalanceError
+from mmbalance.imbalance_tables import (
+    missing_modality_robustness,
+    robustness_markdown,
+    weights_markdown,
+    weights_vs_strength,
+)
 from mmbalance.leaderboard import (
     METRIC_NAMES,
     _has_result,
@@ -59,6 +65,7 @@ from mmbalance.report_runs import (
     warn_skipped,
 )
 from mmbalance.stats import REFERENCE, compare_methods, score_table, statistics_section
+from mmbalance.stats_control import compare_with_control, control_markdown
 
 JOINT = "Concat"  # joint training: the reference of the cost ratios
 NAIVE = ("Concat", "Sum", "Weight", "Concat + uni CE")  # the order of the naive rows
@@ -450,10 +457,36 @@ def build_benchmark_report(
     main = _rows(df, place.compared())
     if not main.empty:
         parts.append(statistics_section(main, rule, REFERENCE, cd_picture=quote(pictures["cd"]) if pictures.get("cd") else None))
+        parts.append(control_section(main, rule))
     diag = diagnostics_section(_rows(df, [*place.unimodal, *place.compared()]))
     if diag:
         parts.append(diag)
+    parts.append(imbalance_section(recs, rule))
     return "\n".join(p for p in parts if p)
+
+
+def control_section(df: pd.DataFrame, rule: str, control: str = REFERENCE) -> str:
+    """Every method against the control across settings: Wilcoxon signed-rank with Holm's
+    correction and Benavoli's Bayesian signed-rank test with its region of practical
+    equivalence (many methods on few settings: the Nemenyi CD alone cannot tell them apart)."""
+    column = f"{rule}.fused.acc"
+    if column not in df or df[column].isna().all() or control not in set(df["method"]):
+        return ""
+    comp = compare_with_control(df, column, control)
+    return f"### Every method against {md_escape(control)}, across settings\n\n{control_markdown(comp)}"
+
+
+def imbalance_section(recs: Sequence[Mapping[str, Any]], rule: str) -> str:
+    """Which modality each weighting method favoured against which is stronger alone, and each
+    trained model's accuracy with a modality absent, from the records the report counts
+    (copies and damaged records already left out)."""
+    full = list(recs)  # folded records, as load_runs kept them
+    if not full:
+        return ""
+    weights = weights_markdown(weights_vs_strength(full, rule))
+    robust = robustness_markdown(missing_modality_robustness(full, rule))
+    return ("## What the imbalance diagnostics show\n\n" + weights
+            + "\n## Missing-modality robustness\n\n" + robust)
 
 
 def latex_benchmark(tables: Mapping[str, PaperTable], title: str) -> str:

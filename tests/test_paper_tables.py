@@ -94,3 +94,24 @@ def test_cpu_kernels_without_torch_private_probe(monkeypatch):
     info = records.cpu_kernels()
     assert info["amx_bf16"] is None and info["avx512_bf16"] is None
     assert records.cpu_kernels_label(info) == torch.backends.cpu.get_cpu_capability()
+
+
+def test_report_compares_with_the_control_and_shows_the_imbalance_tables(records_dir, tmp_path):
+    """The report carries the control comparison (Wilcoxon-Holm, Bayesian with its ROPE), the
+    weight-vs-strength table and the missing-modality table, computed from the runs it counts."""
+    from mmbalance.imbalance_tables import load_records, missing_modality_robustness
+
+    write_benchmark(records_dir, tmp_path, "bench", pictures=False)
+    md = (tmp_path / "bench.md").read_text()
+    control = md.split("### Every method against Concat + uni CE, across settings")[1].split("\n## ")[0]
+    assert "Holm p" in control and "P(equiv.)" in control and "±1 points" in control
+    assert "below 6 the Wilcoxon test cannot reach" in control  # two settings: said, not hidden
+    for method in ("| Concat ", "| IPRM ", "| OGM-GE ", "| Sum "):
+        assert method in control
+    weights = md.split("## What the imbalance diagnostics show")[1].split("## Missing-modality robustness")[0]
+    assert "IPRM ω (fusion weight, Eq. 2)" in weights and "OGM-GE gradient coefficient" in weights
+    robust = md.split("## Missing-modality robustness")[1]
+    table = missing_modality_robustness(load_records(records_dir))
+    row = table[(table.method == "Sum") & (table.absent == "m1")].iloc[0]
+    sum_line = next(ln for ln in robust.splitlines() if ln.startswith("| Sum "))
+    assert f"{row['acc']:.2f}" in sum_line and "no m1" in robust
