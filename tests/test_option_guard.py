@@ -213,7 +213,7 @@ CASES: dict[tuple[str, str], list[Case]] = {
     # ---- InfoReg ---------------------------------------------------------------------------
     ("inforeg", "beta_other"): [Case(0.2, Situation({**INFOREG_NOVEMBER, "strength": [0.3, 1.5]}),
                                      why="rule=november only, when the non-anchor m2 dominates (a strong m2)")],
-    ("inforeg", "threshold"): [Case(1.0, why="default null (0.05); k = 1 while the history is short: 1 closes it")],
+    ("inforeg", "threshold"): [Case(1.0, why="default null (0.05); k = 1 at epochs 0 and 1, so only 1 closes the window")],
     ("inforeg", "window_epochs"): [Case(1, Situation({"epochs": 3, "threshold": 0.2}, epochs=(0, 1, 2)),
                                         why="any W >= e gives k = x_{e-1} / sum x (0.5 at epoch 2), W = 1 gives 0.05: open and closed at 0.2")],
     ("inforeg", "trace_source"): [
@@ -468,6 +468,11 @@ def register_guard_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(("method", "key", "case"), list(cases()))
 def test_every_option_changes_the_result_or_says_it_does_not(tmp_path_factory, monkeypatch, method, key, case):
+    """Wrong variants caught, one row each: the option's read replaced by its default (amco_sigma;
+    AUG's c, lam, check_every, max_learners, frozen learners; cggm_b_max; DGL's fusion_mode,
+    whose weight refusal then never fires; InfoReg's beta_other, threshold, window_epochs,
+    trace_source; valuation's level, warmup, value, drop, valuation_augment, part_ratio, alpha,
+    func) and valuation's warm-up one epoch late (``epoch <= warmup``)."""
     option = as_option(METHODS.get(method).options[key])
     if case is None:
         pytest.fail(
