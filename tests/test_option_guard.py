@@ -4,7 +4,9 @@ For every registered method (built-ins and plugins alike) and every option it de
 run with the option at its default and one with another valid value must differ: in the trained
 parameters, the per-step diagnostics, the evaluation or the prediction on a fixed batch. An
 option whose value can change no number declares ``Option(..., changes_results=False)``, and
-the guard then checks that it indeed changes nothing. An option that acts only in some
+the guard then checks that it indeed changes nothing: the same parameters, evaluation and
+prediction, and the same value of every diagnostic both runs log (a logging option, such as
+valuation's ``value_in_warmup``, may add diagnostics of its own, never alter one). An option that acts only in some
 situations (an epoch past a window, a BatchNorm or dropout encoder, three modalities, a
 learnable schedule) gets a row in ``CASES`` naming the value and the situation; an option
 without an automatic alternative (no choices, a None, dict or list default) must have one. A
@@ -116,6 +118,35 @@ def tiny_conflicting_m2(trainer: Any) -> None:
         u.copy_(-3.0 * block + 1e-8 * torch.randn(u.shape, generator=gen))
 
 
+
+class AugmentingSplit(torch.utils.data.Dataset):
+    """A train split whose training pipeline 'augments' (strong noise on every read) and whose
+    evaluation view is the clean data, as a media dataset's is (in-memory data never augments)."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def get_batch(self, idx: Any) -> dict[str, Any]:
+        batch = self.base.get_batch(idx)
+        return {k: (v + 5 * torch.randn_like(v) if k.startswith("m") else v) for k, v in batch.items()}
+
+    def eval_view(self) -> Any:
+        return self.base
+
+
+def augmenting_train_split(trainer: Any) -> None:
+    """Give the run a training pipeline that augments, so un-augmented reads differ from it."""
+    trainer.splits.train = AugmentingSplit(trainer.splits.train)
+
+
 class GuardAttnNet(torch.nn.Module):
     """A small encoder through scaled_dot_product_attention, whose fused CPU kernel has no double
     backward (LFM's learnable rule needs one: hvp_math_kernels=false is then refused)."""
@@ -141,6 +172,14 @@ OGR_TWO_ESTIMATES = Situation({"super_epoch": 1})  # epoch 1 re-estimates from a
 OGR_NOISY_M2 = Situation({"n_train": 240, "strength": [1.5, 0.0], "super_epoch": 5, "limit_train_batches": None})
 IPRM_LONGER = Situation({"limit_train_batches": 6})
 IPRM_THREE = Situation({"n_modalities": 3})
+AUG_ASSIGNS = Situation({"aug_lam": 0.5})  # two epochs' confidences sit inside lam 1's band: no learner
+INFOREG_NOVEMBER = {"rule": "november"}
+# m2 dominates (strong m2); at epoch 2 with W = 1 m1's window score is 0.26 and m2's 0.12-0.15,
+# so a threshold of 0.2 leaves m2's window open when read on m1's trace and closed on its own
+INFOREG_SPLIT_WINDOWS = Situation({"strength": [0.3, 1.5], "window_epochs": 1, "epochs": 3, "threshold": 0.2},
+                                  epochs=(0, 1, 2))
+VALUATION_NOW = Situation({"warmup": 0}, epochs=(0,))  # the default warm-up (5) outlasts a short run
+VALUATION_MODALITY = Situation({"warmup": 0, "level": "modality"}, epochs=(0,))
 
 # (method, option) -> the cases to check, when the automatic alternative does not show the
 # option (or does not exist). Each row says why the situation is needed.
@@ -157,6 +196,43 @@ CASES: dict[tuple[str, str], list[Case]] = {
     ("agm", "clip_rule"): [Case("max_only", Situation({"num_classes": 50}, epochs=(0,),
                                                       prepare=threshold_between_extremes),
                                 why="differs only when max <= t < -min for the fused-head gradient")],
+    # ---- AMCo ------------------------------------------------------------------------------
+    ("amco", "amco_sigma"): [Case(0.99, why="default null (1/M); no share passes 0.99, so nothing is ever masked")],
+    # ---- AUG -------------------------------------------------------------------------------
+    ("aug", "aug_residual_c"): [Case(1.0, AUG_ASSIGNS, why="weights the newest learner's CE: needs a learner")],
+    ("aug", "aug_lam"): [Case(0.5, why="default null (1.0): rho ~ 0.99 is inside 1's band, not 0.5's")],
+    ("aug", "aug_check_every"): [Case(3, Situation({**AUG_ASSIGNS.set, "epochs": 3}, epochs=(0, 1, 2)),
+                                      why="default null (every epoch); epoch 0 is always a check, 3 skips epoch 1's")],
+    ("aug", "aug_max_learners"): [Case(0, AUG_ASSIGNS, why="default null (no cap); caps only a learner assigned")],
+    ("aug", "aug_legacy_frozen_learners"): [Case(True, AUG_ASSIGNS, why="freezes added learners: needs one")],
+    # ---- CGGM ------------------------------------------------------------------------------
+    ("cggm", "cggm_b_max"): [Case(0.1, why="default null (off); B sums to M - 1 = 1, so a cap of 0.1 always clamps")],
+    # ---- DGL -------------------------------------------------------------------------------
+    ("dgl", "fusion_mode"): [Case("sum"), Case("weight", refused=True,
+                                               why="weight fusion has no block per modality: refused")],
+    # ---- InfoReg ---------------------------------------------------------------------------
+    ("inforeg", "beta_other"): [Case(0.2, Situation({**INFOREG_NOVEMBER, "strength": [0.3, 1.5]}),
+                                     why="rule=november only, when the non-anchor m2 dominates (a strong m2)")],
+    ("inforeg", "threshold"): [Case(1.0, why="default null (0.05); k = 1 at epochs 0 and 1, so only 1 closes the window")],
+    ("inforeg", "window_epochs"): [Case(1, Situation({"epochs": 3, "threshold": 0.2}, epochs=(0, 1, 2)),
+                                        why="any W >= e gives k = x_{e-1} / sum x (0.5 at epoch 2), W = 1 gives 0.05: open and closed at 0.2")],
+    ("inforeg", "trace_source"): [
+        Case("anchor", INFOREG_SPLIT_WINDOWS, why="m2's window open on m1's trace, closed on its own, at epoch 2"),
+        Case("own", Situation({**INFOREG_SPLIT_WINDOWS.set, **INFOREG_NOVEMBER}, INFOREG_SPLIT_WINDOWS.epochs),
+             why="own is the intended rule's default, anchor november's; the windows then differ at epoch 2")],
+    # ---- Valuation -------------------------------------------------------------------------
+    ("valuation", "level"): [Case("modality", VALUATION_NOW, why="resamples from epoch warmup on")],
+    ("valuation", "warmup"): [Case(1, why="the default 5 outlasts a two-epoch run; 1 resamples epoch 1")],
+    ("valuation", "value"): [Case("correct", VALUATION_NOW, why="resamples from epoch warmup on")],
+    ("valuation", "drop"): [Case("input", VALUATION_NOW, why="resamples from epoch warmup on")],
+    ("valuation", "valuation_augment"): [
+        Case(False, Situation({"warmup": 0}, epochs=(0,), prepare=augmenting_train_split),
+             why="in-memory data never augments; only an augmenting training pipeline shows it")],
+    ("valuation", "part_ratio"): [Case(0.4, VALUATION_MODALITY, why="level=modality only (refused otherwise)")],
+    ("valuation", "alpha"): [Case(2.0, VALUATION_MODALITY, why="level=modality only (refused otherwise)")],
+    ("valuation", "func"): [Case(f, Situation({**VALUATION_MODALITY.set, "alpha": 4.0}, VALUATION_MODALITY.epochs),
+                                 why="level=modality only; tanh x ~ x: alpha 4 makes floor(N diff) differ")
+                            for f in ("tanh", "square")],
     # ---- IPRM ------------------------------------------------------------------------------
     ("iprm", "alpha"): [Case(0.3, IPRM_LONGER, why="lambda moves away from 0.5 only after a few steps")],
     ("iprm", "fixed_weight"): [Case(0.3, why="default null (the probe decides)")],
@@ -298,11 +374,19 @@ class Outcome:
     evals: list[Any]
     prediction: dict[str, torch.Tensor]
 
-    def differences(self, other: Outcome) -> list[str]:
+    def differences(self, other: Outcome, logged_only: bool = False) -> list[str]:
+        """What differs. ``logged_only``: compare the diagnostics both runs log, so that a
+        logging option (``changes_results=False``) may add or leave out diagnostics of its own
+        but never change the value of one."""
         out = []
         if not same_tensors(self.params, other.params):
             out.append("parameters")
-        if not same(self.logs, other.logs):
+        logs, other_logs = self.logs, other.logs
+        if logged_only and len(logs) == len(other_logs):
+            pairs = list(zip(self.logs, other.logs, strict=True))
+            logs = [{k: v for k, v in a.items() if k in b} for a, b in pairs]
+            other_logs = [{k: v for k, v in b.items() if k in a} for a, b in pairs]
+        if not same(logs, other_logs):
             out.append("diagnostics")
         if not same(self.evals, other.evals):
             out.append("evaluation")
@@ -384,6 +468,11 @@ def register_guard_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(("method", "key", "case"), list(cases()))
 def test_every_option_changes_the_result_or_says_it_does_not(tmp_path_factory, monkeypatch, method, key, case):
+    """Wrong variants caught, one row each: the option's read replaced by its default (amco_sigma;
+    AUG's c, lam, check_every, max_learners, frozen learners; cggm_b_max; DGL's fusion_mode,
+    whose weight refusal then never fires; InfoReg's beta_other, threshold, window_epochs,
+    trace_source; valuation's level, warmup, value, drop, valuation_augment, part_ratio, alpha,
+    func) and valuation's warm-up one epoch late (``epoch <= warmup``)."""
     option = as_option(METHODS.get(method).options[key])
     if case is None:
         pytest.fail(
@@ -403,7 +492,7 @@ def test_every_option_changes_the_result_or_says_it_does_not(tmp_path_factory, m
     else:
         base = default_outcome(tmp_path_factory.getbasetemp() / "defaults", method, case.situation)
     other = short_run(root, method, {key: case.value}, case.situation)
-    changed = other.differences(base)
+    changed = other.differences(base, logged_only=not option.changes_results)
     if option.changes_results:
         assert changed, (
             f"Method '{method}': option {key}={case.value!r} computes exactly what "
@@ -417,6 +506,21 @@ def test_every_option_changes_the_result_or_says_it_does_not(tmp_path_factory, m
             f"Method '{method}': option {key} is declared changes_results=False, but {key}="
             f"{case.value!r} changed the {', '.join(changed)}."
         )
+
+
+def test_a_logging_option_may_add_diagnostics_but_not_change_one():
+    """The check of ``changes_results=False`` options ignores diagnostics only one run logs,
+    and still catches any value that differs. Wrong variant caught: comparing no diagnostics
+    at all under ``logged_only``."""
+    params = {"w": torch.zeros(2)}
+    pred = {"fused": torch.zeros(1, 2)}
+    base = Outcome(params, [{"loss": [1.0, 0.5]}], [{"acc": 10.0}], pred)
+    added = Outcome(params, [{"loss": [1.0, 0.5], "phi_m1": [0.3]}], [{"acc": 10.0}], pred)
+    altered = Outcome(params, [{"loss": [1.0, 0.4], "phi_m1": [0.3]}], [{"acc": 10.0}], pred)
+    assert added.differences(base) == ["diagnostics"]
+    assert added.differences(base, logged_only=True) == []
+    assert altered.differences(base, logged_only=True) == ["diagnostics"]
+    assert Outcome({"w": torch.ones(2)}, base.logs, base.evals, pred).differences(base, logged_only=True) == ["parameters"]
 
 
 def test_the_short_run_is_deterministic(tmp_path):
