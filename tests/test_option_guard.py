@@ -157,6 +157,14 @@ CASES: dict[tuple[str, str], list[Case]] = {
     ("agm", "clip_rule"): [Case("max_only", Situation({"num_classes": 50}, epochs=(0,),
                                                       prepare=threshold_between_extremes),
                                 why="differs only when max <= t < -min for the fused-head gradient")],
+    # ---- CML -------------------------------------------------------------------------------
+    ("cml", "sign"): [Case("miwae"), Case("bb_trick1"),
+                      Case("none", Situation({"num_classes": 2}),
+                           why="differs from cpm only where a removal turns a wrong prediction right "
+                               "and raises the confidence: rare in two steps of 10 classes")],
+    ("cml", "removal"): [Case("drop_part"),
+                         Case("zero_feature", Situation({"fusion_mode": "sum"}),
+                              why="auto is zero_feature for concat; sum's auto is drop_part")],
     # ---- IPRM ------------------------------------------------------------------------------
     ("iprm", "alpha"): [Case(0.3, IPRM_LONGER, why="lambda moves away from 0.5 only after a few steps")],
     ("iprm", "fixed_weight"): [Case(0.3, why="default null (the probe decides)")],
