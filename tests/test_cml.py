@@ -49,7 +49,9 @@ def test_chain_masks_are_nested_by_hand():
 
 
 def test_removal_positions_per_sample_and_per_epoch():
-    """Each row is a permutation; per sample every order occurs; per epoch one order for all."""
+    """Each row is a permutation; per sample every order occurs; per epoch one order for all.
+
+    Wrong variant caught: one order drawn for the whole batch under ``order=per_sample``."""
     g = torch.Generator().manual_seed(0)
     pos = removal_positions(600, 3, "per_sample", generator=g)
     assert torch.equal(pos.sort(dim=1).values, torch.arange(3).expand(600, 3))
@@ -65,7 +67,8 @@ def test_removal_positions_per_sample_and_per_epoch():
 
 # ---- confidences and the sign rules ------------------------------------------------------------
 def test_confidence_is_the_max_probability_in_fp32():
-    """Wrong variant caught: the true-class probability instead of the max."""
+    """Wrong variants caught: the true-class probability instead of the max; the max
+    log-probability returned without its exponential."""
     logits = torch.tensor([[0.0, math.log(3.0)], [math.log(4.0), 0.0]], dtype=torch.bfloat16)
     conf, pred = confidences(logits)
     assert conf.dtype == torch.float32
@@ -252,8 +255,9 @@ def test_step_is_the_pure_loss_on_the_drawn_chain(tmp_path):
     """The step's loss equals cml_loss on the chain the same RNG state draws, with the full set
     the plain fused head; the unimodal heads get no gradient.
 
-    Wrong variant caught: the step building its chain from another modality order than the
-    batch's features (keep columns not in the model's modality order)."""
+    Wrong variants caught: the step building its chain from another modality order than the
+    batch's features (keep columns not in the model's modality order, e.g. reversed); the
+    batched chain's sets shifted by one, so that set 0 is not the full set."""
     t = step_trainer(tmp_path, n_modalities=3)
     batch = first_batch(t)
     loss, grads = step(t, batch)
@@ -350,6 +354,7 @@ def test_bf16_autocast_step_is_fp32_and_finite(tmp_path):
 
 
 def test_predict_reports_each_modality_alone_through_the_fused_head(tmp_path):
+    """Wrong variant caught: modality m reported from another modality's single set."""
     t = step_trainer(tmp_path, n_modalities=3)
     batch = first_batch(t)
     t.model.eval()
