@@ -233,6 +233,14 @@ CASES: dict[tuple[str, str], list[Case]] = {
     ("valuation", "func"): [Case(f, Situation({**VALUATION_MODALITY.set, "alpha": 4.0}, VALUATION_MODALITY.epochs),
                                  why="level=modality only; tanh x ~ x: alpha 4 makes floor(N diff) differ")
                             for f in ("tanh", "square")],
+    # ---- CML -------------------------------------------------------------------------------
+    ("cml", "sign"): [Case("miwae"), Case("bb_trick1"),
+                      Case("none", Situation({"num_classes": 2}),
+                           why="differs from cpm only where a removal turns a wrong prediction right "
+                               "and raises the confidence: rare in two steps of 10 classes")],
+    ("cml", "removal"): [Case("drop_part"),
+                         Case("zero_feature", Situation({"fusion_mode": "sum"}),
+                              why="auto is zero_feature for concat; sum's auto is drop_part")],
     # ---- IPRM ------------------------------------------------------------------------------
     ("iprm", "alpha"): [Case(0.3, IPRM_LONGER, why="lambda moves away from 0.5 only after a few steps")],
     ("iprm", "fixed_weight"): [Case(0.3, why="default null (the probe decides)")],
