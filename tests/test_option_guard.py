@@ -116,6 +116,37 @@ def tiny_conflicting_m2(trainer: Any) -> None:
         u.copy_(-3.0 * block + 1e-8 * torch.randn(u.shape, generator=gen))
 
 
+class ShiftedTrainReads:
+    """Train-side data whose training reads add a fixed per-row shift and whose evaluation
+    view is the clean data: a stand-in for a media dataset's random crops and flips, so that
+    which pipeline a pass reads shows in synthetic runs (the shift is a function of the row,
+    so it draws from no RNG)."""
+
+    def __init__(self, base: Any) -> None:
+        self.base, self.labels = base, base.labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def get_batch(self, idx: Any) -> dict[str, Any]:
+        batch = self.base.get_batch(idx)
+        rows = torch.as_tensor(idx, dtype=torch.float32).reshape(-1, 1)
+        for m in ("m1", "m2"):
+            x = batch[m]
+            batch[m] = x + 3.0 * torch.sin(rows * 1.7 + torch.arange(x.shape[1], dtype=x.dtype))
+        return batch
+
+    def eval_view(self) -> Any:
+        return self.base
+
+
+def augmenting_train_pipeline(trainer: Any) -> None:
+    """Give train and the held-out slice a training pipeline that differs from their
+    evaluation view (in-memory synthetic data has none: its two views agree)."""
+    trainer.splits.train = ShiftedTrainReads(trainer.splits.train)
+    trainer._heldout = ShiftedTrainReads(trainer._heldout)
+
+
 class GuardAttnNet(torch.nn.Module):
     """A small encoder through scaled_dot_product_attention, whose fused CPU kernel has no double
     backward (LFM's learnable rule needs one: hvp_math_kernels=false is then refused)."""
@@ -141,6 +172,7 @@ OGR_TWO_ESTIMATES = Situation({"super_epoch": 1})  # epoch 1 re-estimates from a
 OGR_NOISY_M2 = Situation({"n_train": 240, "strength": [1.5, 0.0], "super_epoch": 5, "limit_train_batches": None})
 IPRM_LONGER = Situation({"limit_train_batches": 6})
 IPRM_THREE = Situation({"n_modalities": 3})
+RL_RESET = Situation({"reinit_epoch": 1}, epochs=(0, 1, 2))  # ReLearning resets after epoch 1
 
 # (method, option) -> the cases to check, when the automatic alternative does not show the
 # option (or does not exist). Each row says why the situation is needed.
@@ -248,6 +280,16 @@ CASES: dict[tuple[str, str], list[Case]] = {
     ("reconboost", "recon_lr_b"): [Case(0.01, why="default null (the run's lr)")],
     ("reconboost", "recon_warm_start"): [Case("unimodal", refused=True,
                                               why="needs another run's checkpoints: not available, refused")],
+    # ---- ReLearning ---------------------------------------------------------------------------
+    ("relearning", "reinit_epoch"): [Case(1, Situation(epochs=(0, 1, 2)),
+                                          why="the default 20 never fires in a short run; 1 resets after epoch 1")],
+    ("relearning", "reinit_num"): [Case(0, RL_RESET, why="0 resets nothing where the schedule resets once")],
+    ("relearning", "move_lambda"): [Case(6.0, RL_RESET, why="lambda acts only in a reset")],
+    ("relearning", "kmeans_n_init"): [Case(10, RL_RESET, why="k-means runs only in a diagnosis")],
+    ("relearning", "diagnosis_augment"): [Case(True, Situation({"reinit_epoch": 1}, epochs=(0, 1, 2),
+                                                              prepare=augmenting_train_pipeline),
+                                               why="acts in a diagnosis on data whose training reads "
+                                                   "augment (synthetic data reads the same either way)")],
     # ---- unimodal --------------------------------------------------------------------------
     ("unimodal", "modality"): [Case("m2", why="default null (the dataset's first modality)")],
 }
