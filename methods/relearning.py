@@ -70,7 +70,9 @@ out); it is refused when validation is the test split.
   classes is refused (k-means cannot make C clusters).
 
 **Refuses:** ``purity_split=val`` when validation is the test split; a held-out slice or
-validation split with fewer samples than classes.
+validation split with fewer samples than classes. **Warns** when the schedule never fires
+within the run's epochs (e.g. the official ``reinit_epoch=20`` with a 20-epoch recipe: the
+run is then joint training on 89 % of train) and when a held-out class has fewer than 20 rows.
 
 **Cost:** training steps are joint training's. Each diagnosis (``reinit_num`` times per run)
 is one eval forward pass over train and one over the held-out slice plus 2M k-means fits on
@@ -230,6 +232,17 @@ class ReLearning(Method):
             )
         if self.purity_split == "heldout":
             self._check_heldout(self.trainer.heldout())
+        epochs = self.cfg.get("epochs")
+        if self.times and isinstance(epochs, int) and not any(reset_due(k, self.every, self.times)
+                                                               for k in range(epochs - 1)):
+            warnings.warn(
+                f"Method 'relearning': with {epochs} epochs and reinit_epoch={self.every}, no "
+                f"re-initialisation happens (the first follows epoch {self.every}, 0-based, and one "
+                f"after the last epoch would change nothing evaluated); the run is joint training on "
+                f"the train split minus the held-out slice. Lower reinit_epoch (the official schedule "
+                f"resets after 0-based epochs 20, 40 and 60 of 90) or raise epochs.",
+                stacklevel=2,
+            )
         if set(self.theta_init) != set(self.model.modalities):
             raise ConfigError(
                 f"Method 'relearning': the initial weights cover {sorted(self.theta_init)}, the model "

@@ -408,7 +408,22 @@ def test_refusals(tmp_path):
         setup_trainer(tmp_path / "c", n_train=300)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        setup_trainer(tmp_path / "d", n_train=3000)
+        setup_trainer(tmp_path / "d", n_train=3000, reinit_epoch=1)
+
+
+def test_a_schedule_that_never_fires_in_the_run_is_announced(tmp_path):
+    """20 epochs with the official reinit_epoch=20: the first reset would follow the last epoch,
+    so the run is plain joint training; this is said, not silent. 22 epochs reset once (after
+    epoch 20, in epoch 21): no warning. Wrong variant caught: the range counting the last epoch
+    (a reset 'after' epoch 19... of a 20-epoch run never happens)."""
+    with pytest.warns(UserWarning, match="no re-initialisation happens"):
+        setup_trainer(tmp_path / "a", n_train=3000, epochs=20)
+    with pytest.warns(UserWarning, match="no re-initialisation happens"):
+        setup_trainer(tmp_path / "b", n_train=3000, epochs=21)
+    for epochs, every in ((22, 20), (3, 1)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            setup_trainer(tmp_path / f"c{epochs}", n_train=3000, epochs=epochs, reinit_epoch=every)
 
 
 def test_a_checkpoint_without_initial_weights_is_refused(tmp_path):
