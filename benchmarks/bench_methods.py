@@ -41,7 +41,11 @@ ROUNDS = int(os.environ.get("MMBALANCE_BENCH_ROUNDS", "3"))
 DEVICE = os.environ.get("MMBALANCE_BENCH_DEVICE", "auto")
 BASELINE = ("concat", {"unimodal_loss": True})
 #: Variants timed besides every method's defaults (a cost that an option changes).
-VARIANTS: list[tuple[str, dict[str, Any]]] = [("lfm", {"alpha_schedule": "learnable"})]
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("lfm", {"alpha_schedule": "learnable"}),
+    # a diagnosis (train + held-out passes and k-means, as estimation) in every timed epoch
+    ("relearning", {"reinit_epoch": 1}),
+]
 #: Every registered method at its defaults, the naive fusions and unimodal training included (a
 #: method added later is timed without an edit here), then the variants.
 METHODS: list[tuple[str, dict[str, Any]]] = [BASELINE] + [
