@@ -175,7 +175,8 @@ def test_diagnosis_measures_train_and_the_heldout_slice_in_eval_mode(tmp_path):
     """P_D on the training split and P_V on the held-out slice, features from the encoders in
     eval mode (the encoders have dropout 0.5 here), logged with the gap and alpha.
     Wrong variants caught: P_V on the validation (or test) split; P_D on the held-out slice; the
-    two swapped; features in train mode (dropout active); alpha of the other modality."""
+    two swapped; features in train mode (dropout active; on BatchNorm encoders it also moves
+    the running statistics, see the BatchNorm test); alpha of the other modality."""
     drop = {m: {"name": "mlp", "hidden": 32, "dropout": 0.5} for m in ("m1", "m2")}
     t = setup_trainer(tmp_path, backbone=drop, reinit_epoch=1)
     t.train_epoch(0)
@@ -283,7 +284,7 @@ def test_reset_blends_every_encoder_parameter_toward_the_initial_weights_only(tm
     """After epoch 1 (reinit_epoch=1) each encoder m becomes alpha_m theta_init + (1 - alpha_m)
     theta, theta_init = the weights before training; the fused head, the unimodal heads and SGD's
     momentum buffers are untouched. Wrong variants caught: blend direction swapped; the heads
-    blended too; one modality's alpha used for both; theta_init taken after epoch 0; momentum
+    blended too; the other modality's alpha (or one modality's for both); theta_init taken after epoch 0; momentum
     reset; a reset already after epoch 0."""
     t = setup_trainer(tmp_path, reinit_epoch=1)
     model, method = t.model, t.method
