@@ -125,6 +125,14 @@ class AugmentingSplit(torch.utils.data.Dataset):
 
     def __init__(self, base: Any) -> None:
         self.base = base
+class ShiftedTrainReads:
+    """Train-side data whose training reads add a fixed per-row shift and whose evaluation
+    view is the clean data: a stand-in for a media dataset's random crops and flips, so that
+    which pipeline a pass reads shows in synthetic runs (the shift is a function of the row,
+    so it draws from no RNG)."""
+
+    def __init__(self, base: Any) -> None:
+        self.base, self.labels = base, base.labels
 
     def __len__(self) -> int:
         return len(self.base)
@@ -137,6 +145,13 @@ class AugmentingSplit(torch.utils.data.Dataset):
     def get_batch(self, idx: Any) -> dict[str, Any]:
         batch = self.base.get_batch(idx)
         return {k: (v + 5 * torch.randn_like(v) if k.startswith("m") else v) for k, v in batch.items()}
+    def get_batch(self, idx: Any) -> dict[str, Any]:
+        batch = self.base.get_batch(idx)
+        rows = torch.as_tensor(idx, dtype=torch.float32).reshape(-1, 1)
+        for m in ("m1", "m2"):
+            x = batch[m]
+            batch[m] = x + 3.0 * torch.sin(rows * 1.7 + torch.arange(x.shape[1], dtype=x.dtype))
+        return batch
 
     def eval_view(self) -> Any:
         return self.base
@@ -145,6 +160,11 @@ class AugmentingSplit(torch.utils.data.Dataset):
 def augmenting_train_split(trainer: Any) -> None:
     """Give the run a training pipeline that augments, so un-augmented reads differ from it."""
     trainer.splits.train = AugmentingSplit(trainer.splits.train)
+def augmenting_train_pipeline(trainer: Any) -> None:
+    """Give train and the held-out slice a training pipeline that differs from their
+    evaluation view (in-memory synthetic data has none: its two views agree)."""
+    trainer.splits.train = ShiftedTrainReads(trainer.splits.train)
+    trainer._heldout = ShiftedTrainReads(trainer._heldout)
 
 
 class GuardAttnNet(torch.nn.Module):
@@ -180,6 +200,7 @@ INFOREG_SPLIT_WINDOWS = Situation({"strength": [0.3, 1.5], "window_epochs": 1, "
                                   epochs=(0, 1, 2))
 VALUATION_NOW = Situation({"warmup": 0}, epochs=(0,))  # the default warm-up (5) outlasts a short run
 VALUATION_MODALITY = Situation({"warmup": 0, "level": "modality"}, epochs=(0,))
+RL_RESET = Situation({"reinit_epoch": 1}, epochs=(0, 1, 2))  # ReLearning resets after epoch 1
 
 # (method, option) -> the cases to check, when the automatic alternative does not show the
 # option (or does not exist). Each row says why the situation is needed.
@@ -332,6 +353,16 @@ CASES: dict[tuple[str, str], list[Case]] = {
     ("reconboost", "recon_lr_b"): [Case(0.01, why="default null (the run's lr)")],
     ("reconboost", "recon_warm_start"): [Case("unimodal", refused=True,
                                               why="needs another run's checkpoints: not available, refused")],
+    # ---- ReLearning ---------------------------------------------------------------------------
+    ("relearning", "reinit_epoch"): [Case(1, Situation(epochs=(0, 1, 2)),
+                                          why="the default 20 never fires in a short run; 1 resets after epoch 1")],
+    ("relearning", "reinit_num"): [Case(0, RL_RESET, why="0 resets nothing where the schedule resets once")],
+    ("relearning", "move_lambda"): [Case(6.0, RL_RESET, why="lambda acts only in a reset")],
+    ("relearning", "kmeans_n_init"): [Case(10, RL_RESET, why="k-means runs only in a diagnosis")],
+    ("relearning", "diagnosis_augment"): [Case(True, Situation({"reinit_epoch": 1}, epochs=(0, 1, 2),
+                                                              prepare=augmenting_train_pipeline),
+                                               why="acts in a diagnosis on data whose training reads "
+                                                   "augment (synthetic data reads the same either way)")],
     # ---- unimodal --------------------------------------------------------------------------
     ("unimodal", "modality"): [Case("m2", why="default null (the dataset's first modality)")],
 }
