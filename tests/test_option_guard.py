@@ -119,12 +119,6 @@ def tiny_conflicting_m2(trainer: Any) -> None:
 
 
 
-class AugmentingSplit(torch.utils.data.Dataset):
-    """A train split whose training pipeline 'augments' (strong noise on every read) and whose
-    evaluation view is the clean data, as a media dataset's is (in-memory data never augments)."""
-
-    def __init__(self, base: Any) -> None:
-        self.base = base
 class ShiftedTrainReads:
     """Train-side data whose training reads add a fixed per-row shift and whose evaluation
     view is the clean data: a stand-in for a media dataset's random crops and flips, so that
@@ -137,14 +131,6 @@ class ShiftedTrainReads:
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
-
-    def get_batch(self, idx: Any) -> dict[str, Any]:
-        batch = self.base.get_batch(idx)
-        return {k: (v + 5 * torch.randn_like(v) if k.startswith("m") else v) for k, v in batch.items()}
     def get_batch(self, idx: Any) -> dict[str, Any]:
         batch = self.base.get_batch(idx)
         rows = torch.as_tensor(idx, dtype=torch.float32).reshape(-1, 1)
@@ -157,14 +143,12 @@ class ShiftedTrainReads:
         return self.base
 
 
-def augmenting_train_split(trainer: Any) -> None:
-    """Give the run a training pipeline that augments, so un-augmented reads differ from it."""
-    trainer.splits.train = AugmentingSplit(trainer.splits.train)
 def augmenting_train_pipeline(trainer: Any) -> None:
-    """Give train and the held-out slice a training pipeline that differs from their
-    evaluation view (in-memory synthetic data has none: its two views agree)."""
+    """Give train (and the held-out slice, where the run carved one) a training pipeline that
+    differs from their evaluation view (in-memory synthetic data has none: its views agree)."""
     trainer.splits.train = ShiftedTrainReads(trainer.splits.train)
-    trainer._heldout = ShiftedTrainReads(trainer._heldout)
+    if getattr(trainer, "_heldout", None) is not None:
+        trainer._heldout = ShiftedTrainReads(trainer._heldout)
 
 
 class GuardAttnNet(torch.nn.Module):
@@ -247,7 +231,7 @@ CASES: dict[tuple[str, str], list[Case]] = {
     ("valuation", "value"): [Case("correct", VALUATION_NOW, why="resamples from epoch warmup on")],
     ("valuation", "drop"): [Case("input", VALUATION_NOW, why="resamples from epoch warmup on")],
     ("valuation", "valuation_augment"): [
-        Case(False, Situation({"warmup": 0}, epochs=(0,), prepare=augmenting_train_split),
+        Case(False, Situation({"warmup": 0}, epochs=(0,), prepare=augmenting_train_pipeline),
              why="in-memory data never augments; only an augmenting training pipeline shows it")],
     ("valuation", "part_ratio"): [Case(0.4, VALUATION_MODALITY, why="level=modality only (refused otherwise)")],
     ("valuation", "alpha"): [Case(2.0, VALUATION_MODALITY, why="level=modality only (refused otherwise)")],
