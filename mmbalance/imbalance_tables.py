@@ -39,6 +39,7 @@ import pandas as pd
 
 from mmbalance import records as records_mod
 from mmbalance.errors import MMBalanceError
+from mmbalance.markup import md_escape
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,10 @@ def weights_markdown(table: pd.DataFrame) -> str:
             if not math.isnan(r["seeds_agree"]) and r["seeds_agree"] < 1:
                 text += f" ({r['seeds_agree'] * r['n']:.0f}/{r['n']})"
         grid.loc[r["method"], r["setting"]] = text
-    grid.insert(0, "weight", [labels[m] for m in grid.index])
+    grid = grid.map(md_escape)
+    grid.insert(0, "weight", [md_escape(labels[m]) for m in grid.index])
+    grid.index = [md_escape(m) for m in grid.index]
+    grid.columns = [md_escape(c) for c in grid.columns]
     sources = sorted({s for s in table["source"] if s})
     caption = (
         "**Which modality the rebalancing weights favour** (mean of the logged per-modality weight over all "
@@ -339,6 +343,9 @@ def robustness_markdown(table: pd.DataFrame) -> str:
             if r["absent"] != "none":
                 cell += f" ({-r['drop']:+.2f})"
             grid.loc[r["method"], "all" if r["absent"] == "none" else f"no {r['absent']}"] = cell
-        parts.append(f"*{setting}*\n\n{grid.reset_index(names='method').to_markdown(index=False)}\n")
+        grid.index = [md_escape(m) for m in grid.index]
+        grid.columns = [md_escape(c) for c in grid.columns]
+        grid = grid.map(md_escape)
+        parts.append(f"*{md_escape(setting)}*\n\n{grid.reset_index(names='method').to_markdown(index=False)}\n")
     return "\n".join(parts)
 

@@ -38,6 +38,7 @@ import pandas as pd
 from mmbalance import records
 from mmbalance.errors import MMBalanceError
 from mmbalance.imbalance_tables import (
+    TableError,
     missing_modality_robustness,
     robustness_markdown,
     weights_markdown,
@@ -483,8 +484,11 @@ def imbalance_section(recs: Sequence[Mapping[str, Any]], rule: str) -> str:
     full = list(recs)  # folded records, as load_runs kept them
     if not full:
         return ""
-    weights = weights_markdown(weights_vs_strength(full, rule))
-    robust = robustness_markdown(missing_modality_robustness(full, rule))
+    try:
+        weights = weights_markdown(weights_vs_strength(full, rule))
+        robust = robustness_markdown(missing_modality_robustness(full, rule))
+    except TableError as exc:  # e.g. records that lack the selection rule: said, not a crash
+        return f"## What the imbalance diagnostics show\n\nNot shown: {md_escape(str(exc))}\n"
     return ("## What the imbalance diagnostics show\n\n" + weights
             + "\n## Missing-modality robustness\n\n" + robust)
 

@@ -27,6 +27,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def fp32_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests train in fp32 unless they set ``amp``: ``amp=auto`` is bf16 on a CPU with bf16
+    hardware and fp32 on others, and a test of hand-computed values must mean the same on
+    every CI machine. tests/test_cpu_precision.py tests ``auto`` itself, by asking for it.
+    (Runs in a subprocess, through the command line, keep the real default.)"""
+    from dataclasses import replace
+
+    from mmbalance.config import TRAINER_OPTIONS
+
+    monkeypatch.setitem(TRAINER_OPTIONS, "amp", replace(TRAINER_OPTIONS["amp"], default="none"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "fsdd" / "recordings").is_dir():

@@ -88,7 +88,7 @@ def test_a_cpu_capped_to_avx2_trains_auto_in_fp32_and_warns_on_bf16(tmp_path) ->
 
 
 def test_this_cpu_records_what_auto_resolved_to(tmp_path) -> None:
-    result = run("concat", "synthetic", {**QUICK, "records": str(tmp_path)})
+    result = run("concat", "synthetic", {**QUICK, "records": str(tmp_path), "amp": "auto"})
     header = records.load_record(result.run_dir)["header"]
     expected = "bfloat16" if records.cpu_kernels()["bf16_native"] else "none"
     assert header["amp"] == expected and header["cpu_kernels"]["bf16_native"] == (expected == "bfloat16")
@@ -99,7 +99,7 @@ def test_a_checkpoint_is_not_continued_in_the_other_precision(tmp_path) -> None:
     back), would mix two precisions in one record: refused, naming both and the fix.
     Wrong variants caught: no check; a checkpoint without the key (older code) read as
     matching whatever this process resolves to."""
-    cfg = {**QUICK, "epochs": 2, "records": str(tmp_path)}
+    cfg = {**QUICK, "epochs": 2, "records": str(tmp_path), "amp": "auto"}
     first = make_trainer("concat", "synthetic", cfg)
     first.setup()
     first.train_epoch(0)
@@ -131,7 +131,7 @@ def test_the_leaderboard_keeps_two_resolved_precisions_apart(tmp_path) -> None:
     """Two machines ran the same amp=auto cell, one in bf16 and one in fp32: two rows, each
     labelled with its precision, and not a duplicate of each other."""
     root = tmp_path / "runs"
-    result = run("concat", "synthetic", {**QUICK, "records": str(root)})
+    result = run("concat", "synthetic", {**QUICK, "records": str(root), "amp": "auto"})
     copy = root / "other-machine" / result.run_dir.name
     import shutil
 
