@@ -215,6 +215,7 @@ CASES: dict[tuple[str, str], list[Case]] = {
                                                why="weight fusion does not split by modality: refused")],
     ("ogm", "tie"): [Case("second", Situation(prepare=twin_modalities),
                           why="acts only at an exact tie of the two scores")],
+    ("ogm", "plus_boost"): [Case(2.0, Situation({"ogm_plus": True}), why="the factor of ogm_plus=true only")],
     # ---- OGR-GB ----------------------------------------------------------------------------
     ("ogr_gb", "mode"): [Case("offline", OGR_TWO_ESTIMATES,
                               why="online and offline both estimate from the initial model first")],
