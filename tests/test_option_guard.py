@@ -141,6 +141,7 @@ OGR_TWO_ESTIMATES = Situation({"super_epoch": 1})  # epoch 1 re-estimates from a
 OGR_NOISY_M2 = Situation({"n_train": 240, "strength": [1.5, 0.0], "super_epoch": 5, "limit_train_batches": None})
 IPRM_LONGER = Situation({"limit_train_batches": 6})
 IPRM_THREE = Situation({"n_modalities": 3})
+OPM_ON = Situation({"warmup_epochs": 0})  # OPM's default warm-up (6 epochs) covers a short run
 
 # (method, option) -> the cases to check, when the automatic alternative does not show the
 # option (or does not exist). Each row says why the situation is needed.
@@ -216,6 +217,15 @@ CASES: dict[tuple[str, str], list[Case]] = {
     ("ogm", "tie"): [Case("second", Situation(prepare=twin_modalities),
                           why="acts only at an exact tie of the two scores")],
     ("ogm", "plus_boost"): [Case(2.0, Situation({"ogm_plus": True}), why="the factor of ogm_plus=true only")],
+    # ---- OPM -------------------------------------------------------------------------------
+    ("opm", "warmup_epochs"): [Case(1, why="the default warm-up of 6 epochs covers a short run")],
+    ("opm", "q_base"): [Case(0.25, OPM_ON, why="the drop acts only after the warm-up")],
+    ("opm", "lam"): [Case(1.0, OPM_ON, why="the drop acts only after the warm-up")],
+    ("opm", "p_exe"): [Case(0.0, OPM_ON, why="the drop acts only after the warm-up; 0 never drops")],
+    ("opm", "rescale"): [Case(r, OPM_ON, why="the drop acts only after the warm-up")
+                         for r in ("per_modality", "none")],
+    ("opm", "fusion_mode"): [Case("sum"), Case("weight", refused=True,
+                                               why="weight fusion does not split by modality: refused")],
     # ---- OGR-GB ----------------------------------------------------------------------------
     ("ogr_gb", "mode"): [Case("offline", OGR_TWO_ESTIMATES,
                               why="online and offline both estimate from the initial model first")],
