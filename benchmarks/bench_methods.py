@@ -41,7 +41,10 @@ ROUNDS = int(os.environ.get("MMBALANCE_BENCH_ROUNDS", "3"))
 DEVICE = os.environ.get("MMBALANCE_BENCH_DEVICE", "auto")
 BASELINE = ("concat", {"unimodal_loss": True})
 #: Variants timed besides every method's defaults (a cost that an option changes).
-VARIANTS: list[tuple[str, dict[str, Any]]] = [("lfm", {"alpha_schedule": "learnable"})]
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("lfm", {"alpha_schedule": "learnable"}),
+    ("opm", {"warmup_epochs": 0}),  # the default warm-up (6 epochs) would time plain training
+]
 #: Every registered method at its defaults, the naive fusions and unimodal training included (a
 #: method added later is timed without an edit here), then the variants.
 METHODS: list[tuple[str, dict[str, Any]]] = [BASELINE] + [
