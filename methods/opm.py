@@ -119,17 +119,20 @@ def drop_probabilities(scores: torch.Tensor, q_base: float, lam: float) -> torch
     return q.clamp(0.0, 1.0)
 
 
-def rescale_factors(q: torch.Tensor, dims: Sequence[int], rule: str) -> torch.Tensor:
+def rescale_factors(q: torch.Tensor, dims: Sequence[int] | torch.Tensor, rule: str) -> torch.Tensor:
     """The factor (M,) each kept feature is multiplied by, in fp32.
 
     ``global``: ``1 / (1 - theta)`` for every modality, ``theta = sum_m d_m q_m / sum_m d_m``;
     ``per_modality``: ``1 / (1 - q_m)``; ``none``: 1. A rate of 1 (nothing kept) gets factor 0.
+    ``dims`` may already be a tensor on ``q``'s device (the plugin keeps one: a list would be
+    copied to the device, and the copy waits for the host, at every step).
     """
     q = q.float()
     if rule == "none":
         return torch.ones_like(q)
     if rule == "global":
-        d = torch.as_tensor(list(dims), dtype=torch.float32, device=q.device)
+        d = torch.as_tensor(dims if isinstance(dims, torch.Tensor) else list(dims), dtype=torch.float32,
+                            device=q.device)
         theta = (d * q).sum() / d.sum()
         rate = theta.expand_as(q)
     elif rule == "per_modality":
@@ -199,6 +202,7 @@ class OPM(Method):
         if self.rescale not in RESCALES:
             raise ConfigError(f"Method 'opm': rescale must be one of {', '.join(RESCALES)}, got {self.rescale!r}.")
         self._active = False
+        self._dims: torch.Tensor | None = None  # the feature widths d_m, on the model's device
 
     def _opt(self, key: str) -> Any:
         """Option value; the declared default when ``cfg`` lacks it (a method built by hand)."""
@@ -212,6 +216,11 @@ class OPM(Method):
 
     def per_modality_source(self) -> str:
         return "fused_parts"  # the same parts the scores come from
+
+    def on_fit_start(self) -> None:
+        assert self.model is not None
+        device = next(self.model.parameters()).device
+        self._dims = torch.tensor([float(d) for d in self.model.dims.values()], device=device)
 
     def on_train_epoch_start(self, epoch: int) -> None:
         self._active = epoch >= self.warmup
@@ -241,7 +250,8 @@ class OPM(Method):
             if not self._active:  # the warm-up: a host flag, no device read
                 executed = torch.zeros_like(executed)
             keep = drop_mask(q, torch.rand(first.shape[0], len(feats), device=first.device), executed)
-            factors = rescale_factors(q, [model.dims[m] for m in feats], self.rescale)
+            dims = self._dims if self._dims is not None else [model.dims[m] for m in feats]
+            factors = rescale_factors(q, dims, self.rescale)
         loss = kept_rows_loss(model.fuse(modulate_features(feats, keep, factors, executed)), y, keep)
         if self.trainer is not None:
             self.log(executed=executed.float(), dropped=1.0 - keep.mean(),

@@ -206,3 +206,12 @@ def test_refusals(fast):
     for key, value in (("scaling", 0.0), ("eval_logits", "raw")):
         with pytest.raises(ConfigError, match=key):
             make_trainer("mmcosine", "synthetic", {**fast, **SYN, key: value})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["cosine", "raw_head"])
+def test_cell_runs_on_cuda_with_bf16(tmp_path, rule):
+    r = run("mmcosine", "synthetic", {**SYN, "device": "cuda", "progress": "off", "records": str(tmp_path),
+                                      "eval_logits": rule})
+    assert r.record["header"]["amp"] == "bfloat16"
+    assert r.final["last"]["test"]["fused"]["acc"] > 20.0

@@ -133,3 +133,11 @@ def test_plus_mfeat_trains_well_above_chance(fast, shared_data):
     res = run("ogm", "mfeat", {**fast, "modalities": ["zer", "mor"], "epochs": 6, "diagnostics": False,
                                "ogm_plus": True})
     assert res.final["best_val"]["test"]["fused"]["acc"] > 60.0
+
+
+@pytest.mark.gpu
+def test_plus_cell_runs_on_cuda_with_bf16(tmp_path):
+    r = run("ogm", "synthetic", {**SYN, "device": "cuda", "progress": "off", "records": str(tmp_path),
+                                 "ogm_plus": True})
+    assert r.record["header"]["amp"] == "bfloat16"
+    assert r.final["last"]["test"]["fused"]["acc"] > 20.0

@@ -298,3 +298,11 @@ def test_bad_option_values_refused(fast):
     for key, value in (("q_base", 1.5), ("p_exe", -0.1), ("lam", -1.0), ("rescale", "inverted")):
         with pytest.raises(ConfigError, match=key):
             make_trainer("opm", "synthetic", {**fast, **SYN, key: value})
+
+
+@pytest.mark.gpu
+def test_cell_runs_on_cuda_with_bf16(tmp_path):
+    r = run("opm", "synthetic", {**SYN, **ON, "device": "cuda", "progress": "off", "records": str(tmp_path)})
+    assert r.record["header"]["amp"] == "bfloat16"
+    assert r.record["epochs"][-1]["diagnostics"]["executed"] > 0
+    assert r.final["last"]["test"]["fused"]["acc"] > 20.0
