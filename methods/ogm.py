@@ -59,6 +59,19 @@ Departures from the official code (GeWu-Lab/OGM-GE_CVPR2022 ``main.py``):
   tensorboard the computed ones; ``ratio`` (= s_a / s_b, first modality over second) is logged
   at every step.
 
+The journal OGM (Wei, Hu, Du, Wen, TPAMI 2024; GeWu-Lab/BML_TPAMI2024 ``code/main.py``,
+docs/methods/ogm.md "The journal variant") is this rule with other settings, not another
+method: the same coefficient ``1 - tanh(alpha * relu(rho))`` and GE noise, ties damping the
+second modality (``tie=second``), no modulation while ``epoch <= 5`` inside its 0-60 window
+(``modulation_starts=6 modulation_ends=60``) and the 4-D filter (``conv4d_only=true``); the
+Kinetics-Sounds defaults carry the first three. Where it differs is its extra switch
+``--use_OGM_plus``, option ``ogm_plus`` here: the *weaker* modality's gradient is multiplied by a
+fixed ``plus_boost`` (4 in the code) and the dominant one is left at 1, so nothing is damped.
+The tie rule decides which modality counts as dominant exactly as for the damping (journal: at
+``s_a == s_b`` the first modality is boosted). With GE the noise std is still that of the
+unscaled gradient (the code computes ``std`` before reassigning the gradient), so boosting
+enlarges the signal, not the noise. ``alpha`` has no effect under ``ogm_plus``.
+
 Not supported (clear refusals): three or more modalities (the official rule is a ratio of two
 scores; the IPRM paper reports OGM-GE as N/A on trimodal sets) and ``weight`` fusion, whose
 logits come from one shared head on a weighted feature sum and do not split by modality.
@@ -100,6 +113,10 @@ OPTIONS: dict[str, Option] = {
                           "of each encoder; modulates nothing for MLP/transformer/3-D-conv encoders"),
     "tie": Option("first", "at an exact score tie damp the first modality (CVPR code) or the "
                   "second (journal code)", choices=("first", "second")),
+    "ogm_plus": Option(False, "journal OGM+ (BML_TPAMI2024 --use_OGM_plus): multiply the weaker "
+                       "modality's gradient by plus_boost and leave the dominant one at 1 (no damping)"),
+    "plus_boost": Option(4.0, "the weaker modality's gradient factor under ogm_plus (journal code: 4)",
+                         type=float, min=0, min_open=True),
 }
 
 
@@ -135,6 +152,26 @@ def ogm_coefficients(
     rho_dominant = torch.where(damp_a, rho_a, s_b / s_a)
     k = 1.0 - torch.tanh(alpha * rho_dominant)
     return torch.where(damp_a, k, 1.0), torch.where(damp_a, 1.0, k), rho_a
+
+
+def ogm_plus_coefficients(
+    score_a: torch.Tensor, score_b: torch.Tensor, boost: float, tie: str = "first"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The journal's OGM+ rule for two modalities: ``(k_a, k_b, rho_a)`` as fp32 tensors.
+
+    The dominant modality (the one :func:`ogm_coefficients` would damp, the same ``tie`` rule)
+    keeps ``k = 1``; the other gets the constant ``boost``. The journal code writes it as
+    ``ratio_1 > 1`` -> ``(1, 4)`` else ``(4, 1)``, i.e. ``tie="second"``.
+    """
+    if tie not in ("first", "second"):
+        raise ValueError(f"tie must be 'first' or 'second', got {tie!r}")
+    s_a = torch.as_tensor(score_a, dtype=torch.float32).clamp_min(TINY)
+    s_b = torch.as_tensor(score_b, dtype=torch.float32, device=s_a.device).clamp_min(TINY)
+    rho_a = s_a / s_b
+    dominant_a = s_a >= s_b if tie == "first" else s_a > s_b
+    one = torch.ones_like(rho_a)
+    k = torch.full_like(rho_a, float(boost))
+    return torch.where(dominant_a, one, k), torch.where(dominant_a, k, one), rho_a
 
 
 def noise_stds(grads: Sequence[torch.Tensor], eps: float = NOISE_EPS) -> torch.Tensor:
@@ -236,6 +273,8 @@ class OGM(Method):
         self.starts, self.ends = starts, ends
         self.conv4d_only = bool(self._opt("conv4d_only"))
         self.tie = str(self._opt("tie"))
+        self.plus = bool(self._opt("ogm_plus"))
+        self.boost = float(self._opt("plus_boost"))
         self.modalities: list[str] = []
         self._params: dict[str, list[nn.Parameter]] = {}
         self._coeffs: dict[str, torch.Tensor] | None = None
@@ -307,7 +346,10 @@ class OGM(Method):
         with torch.no_grad():
             scores = self.scores(feats, y)
             a, b = self.modalities
-            k_a, k_b, ratio = ogm_coefficients(scores[a], scores[b], self.alpha, self.tie)
+            if self.plus:
+                k_a, k_b, ratio = ogm_plus_coefficients(scores[a], scores[b], self.boost, self.tie)
+            else:
+                k_a, k_b, ratio = ogm_coefficients(scores[a], scores[b], self.alpha, self.tie)
         self._coeffs = {a: k_a, b: k_b}
         if self.trainer is not None:
             one = torch.ones_like(k_a)
@@ -355,6 +397,8 @@ class OGM(Method):
             tags.append("4-D kernels only")
         if self.tie != paper["tie"]:
             tags.append(f"tie damps {self.tie}")
+        if self.plus:
+            tags.append(f"journal OGM+ boost {self.boost:g}")
         head = "OGM-GE" if self.ge else "OGM"
         return head if not tags else f"{head} ({', '.join(tags)})"
 
@@ -367,4 +411,6 @@ class OGM(Method):
             else "every encoder parameter",
             "window": [self.starts, self.ends],
             "noise": "GE (std of the unscaled gradient + 1e-8)" if self.ge else "none (OGM)",
+            "coefficient": (f"journal OGM+: weaker modality x{self.boost:g}, dominant x1" if self.plus
+                            else "1 - tanh(alpha * rho) on the dominant modality"),
         }

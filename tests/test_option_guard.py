@@ -185,6 +185,7 @@ INFOREG_SPLIT_WINDOWS = Situation({"strength": [0.3, 1.5], "window_epochs": 1, "
 VALUATION_NOW = Situation({"warmup": 0}, epochs=(0,))  # the default warm-up (5) outlasts a short run
 VALUATION_MODALITY = Situation({"warmup": 0, "level": "modality"}, epochs=(0,))
 RL_RESET = Situation({"reinit_epoch": 1}, epochs=(0, 1, 2))  # ReLearning resets after epoch 1
+OPM_ON = Situation({"warmup_epochs": 0})  # OPM's default warm-up (6 epochs) covers a short run
 
 # (method, option) -> the cases to check, when the automatic alternative does not show the
 # option (or does not exist). Each row says why the situation is needed.
@@ -304,6 +305,16 @@ CASES: dict[tuple[str, str], list[Case]] = {
                                                why="weight fusion does not split by modality: refused")],
     ("ogm", "tie"): [Case("second", Situation(prepare=twin_modalities),
                           why="acts only at an exact tie of the two scores")],
+    ("ogm", "plus_boost"): [Case(2.0, Situation({"ogm_plus": True}), why="the factor of ogm_plus=true only")],
+    # ---- OPM -------------------------------------------------------------------------------
+    ("opm", "warmup_epochs"): [Case(1, why="the default warm-up of 6 epochs covers a short run")],
+    ("opm", "q_base"): [Case(0.25, OPM_ON, why="the drop acts only after the warm-up")],
+    ("opm", "lam"): [Case(1.0, OPM_ON, why="the drop acts only after the warm-up")],
+    ("opm", "p_exe"): [Case(0.0, OPM_ON, why="the drop acts only after the warm-up; 0 never drops")],
+    ("opm", "rescale"): [Case(r, OPM_ON, why="the drop acts only after the warm-up")
+                         for r in ("per_modality", "none")],
+    ("opm", "fusion_mode"): [Case("sum"), Case("weight", refused=True,
+                                               why="weight fusion does not split by modality: refused")],
     # ---- OGR-GB ----------------------------------------------------------------------------
     ("ogr_gb", "mode"): [Case("offline", OGR_TWO_ESTIMATES,
                               why="online and offline both estimate from the initial model first")],
