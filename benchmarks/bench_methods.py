@@ -50,6 +50,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("agm", {"coalitions": "reuse"}),  # the cheaper train-mode coalitions against the official re-encoding
     ("valuation", {"warmup": 0}),
     ("valuation", {"warmup": 0, "level": "modality"}),
+    # a diagnosis (train + held-out passes and k-means, as estimation) in every timed epoch
+    ("relearning", {"reinit_epoch": 1}),
 ]
 #: Every registered method at its defaults, the naive fusions and unimodal training included (a
 #: method added later is timed without an edit here), then the variants.

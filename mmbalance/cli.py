@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_grid.add_argument("--device", help="device for every cell")
     p_grid.add_argument("--data-root", help="data root for every cell")
     p_grid.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    p_grid.add_argument("--profile", metavar="NAME",
+                        help="only the cells of one of the grid file's profiles (e.g. quick: a first look whose "
+                             "records the whole grid reuses)")
     p_grid.add_argument("--jobs", type=int, default=1, help="cells run at once in worker processes (default 1)")
     p_grid.add_argument("--gpus", help="one cell per GPU at a time: 'all' or a list like 0,1")
     p_grid.add_argument("--launcher", choices=["pool", "local", "slurm"], default="pool",
@@ -206,7 +209,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_grid(args: argparse.Namespace) -> int:
     from mmbalance.grid import load_grid, run_grid
 
-    grid = load_grid(args.grid_file)
+    grid = load_grid(args.grid_file, profile=args.profile)
     shared = {k: v for k, v in (("records", args.records), ("device", args.device), ("data_root", args.data_root)) if v}
     base = {"records": grid.records or "runs", **shared}
     if args.status:

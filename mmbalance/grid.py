@@ -156,14 +156,38 @@ def _block_cells(block: Mapping[str, Any], seeds: list[int], common: Mapping[str
     ]
 
 
-def load_grid(path: str | Path) -> Grid:
+PROFILE_KEYS = ("seeds", "datasets", "methods")
+
+
+def _profile_filter(data: Mapping[str, Any], name: str, p: Path) -> dict[str, set[Any]]:
+    """A profile of the grid file: a subset of its cells (seeds, dataset names, method names),
+    so a first look trains cells the full grid then reuses instead of retraining."""
+    profiles = data.get("profiles") or {}
+    if not isinstance(profiles, Mapping) or name not in profiles:
+        known = ", ".join(sorted(profiles)) if isinstance(profiles, Mapping) and profiles else "none"
+        raise ConfigError(f"Grid file '{p}' has no profile '{name}' (its profiles: {known}). "
+                          f"Drop --profile to run the whole grid.")
+    spec = profiles[name]
+    if not isinstance(spec, Mapping) or not spec or set(spec) - set(PROFILE_KEYS):
+        raise ConfigError(f"Grid file '{p}': profile '{name}' must be a mapping with keys among "
+                          f"{', '.join(PROFILE_KEYS)} (each a list); got {spec!r}.")
+    out: dict[str, set[Any]] = {}
+    for key, values in spec.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"Grid file '{p}': profile '{name}': '{key}' must be a non-empty list.")
+        out[key] = set(_seeds(values, p)) if key == "seeds" else {str(v) for v in values}
+    return out
+
+
+def load_grid(path: str | Path, profile: str | None = None) -> Grid:
     """Read a grid file: one methods x datasets x seeds product, or a list of ``blocks`` (each
     its own datasets, methods and optionally seeds and settings, on top of the file's), for
     comparisons whose rows differ per setting (each dataset's unimodal runs, ablations on some
-    settings only). Cells run in file order; a cell listed twice runs once."""
+    settings only). Cells run in file order; a cell listed twice runs once. ``profile`` keeps
+    the cells of one of the file's ``profiles`` (seeds, dataset and method names)."""
     p = Path(path)
     data = read_yaml_mapping(p, "Grid file")
-    allowed = ("name", "records", "seeds", "set", "datasets", "methods", "blocks", "slurm")
+    allowed = ("name", "records", "seeds", "set", "datasets", "methods", "blocks", "slurm", "profiles")
     unknown = set(data) - set(allowed)
     if unknown:
         raise ConfigError(f"Grid file '{p}' has unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}.")
@@ -187,6 +211,13 @@ def load_grid(path: str | Path) -> Grid:
                 raise ConfigError(f"Grid file '{p}': block {i} must be a mapping with keys among "
                                   f"{', '.join(BLOCK_KEYS)}; got {block!r}.")
             cells += _block_cells(block, seeds, common, f"block {i}", p)
+    if profile is not None:
+        keep = _profile_filter(data, profile, p)
+        cells = [c for c in cells if c.seed in keep.get("seeds", {c.seed}) and c.dataset in keep.get("datasets", {c.dataset})
+                 and c.method in keep.get("methods", {c.method})]
+        if not cells:
+            raise ConfigError(f"Grid file '{p}': profile '{profile}' keeps no cell (its seeds, datasets and "
+                              f"methods must be among the grid's).")
     unique: dict[str, Cell] = {}
     for c in cells:
         unique.setdefault(repr((c.method, c.dataset, c.seed, sorted(c.overrides.items(), key=str))), c)

@@ -184,3 +184,39 @@ def test_the_benchmark_grid_file_loads():
     for method in ("concat", "sum", "weight", "iprm", "ogr_gb", "mslr", "ogm", "pmr", "agm", "mmpareto",
                    "reconboost", "mla", "lfm", "unimodal"):
         assert all((method, d) in labels for d in ("avdigits", "avdigits-noisy", "mfeat", "synthetic"))
+
+
+def test_a_profile_keeps_a_subset_of_the_cells(tmp_path):
+    """--profile NAME keeps the grid's own cells (same settings, so the same run folders) whose
+    seed, dataset and method it lists; a profile the file lacks, or one that keeps nothing, is
+    an error that names the file's profiles."""
+    path = tmp_path / "g.yaml"
+    path.write_text(
+        "seeds: [0, 1, 2]\nset: {epochs: 1}\n"
+        "profiles:\n  quick: {seeds: [0, 1], datasets: [mfeat]}\n  none: {methods: [iprm]}\n"
+        "  bad: {seeds: 3}\n"
+        "blocks:\n  - datasets: [synthetic, {name: mfeat, set: {modalities: [fac, mor]}}]\n"
+        "    methods: [concat, sum]\n"
+    )
+    full = load_grid(path)
+    quick = load_grid(path, profile="quick")
+    assert len(full.cells) == 12 and len(quick.cells) == 4
+    assert {(c.dataset, c.seed) for c in quick.cells} == {("mfeat", 0), ("mfeat", 1)}
+    assert all(c in full.cells for c in quick.cells)  # the same cells: the full grid reuses their records
+    with pytest.raises(ConfigError, match=r"no profile 'fast' \(its profiles: bad, none, quick\)"):
+        load_grid(path, profile="fast")
+    with pytest.raises(ConfigError, match="profile 'none' keeps no cell"):
+        load_grid(path, profile="none")
+    with pytest.raises(ConfigError, match="'seeds' must be a non-empty list"):
+        load_grid(path, profile="bad")
+
+
+def test_the_second_edition_grid_loads_with_its_quick_profile():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "benchmark-v2.yaml"
+    grid, quick = load_grid(path), load_grid(path, profile="quick")
+    columns = {(c.dataset, tuple(c.overrides.get("modalities") or ())) for c in grid.cells}
+    assert len(columns) >= 13
+    assert {c.seed for c in quick.cells} == {0, 1, 2} and "avdigits" not in {c.dataset for c in quick.cells}
+    assert all(c.overrides["amp"] == "none" for c in grid.cells)

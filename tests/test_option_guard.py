@@ -4,7 +4,9 @@ For every registered method (built-ins and plugins alike) and every option it de
 run with the option at its default and one with another valid value must differ: in the trained
 parameters, the per-step diagnostics, the evaluation or the prediction on a fixed batch. An
 option whose value can change no number declares ``Option(..., changes_results=False)``, and
-the guard then checks that it indeed changes nothing. An option that acts only in some
+the guard then checks that it indeed changes nothing: the same parameters, evaluation and
+prediction, and the same value of every diagnostic both runs log (a logging option, such as
+valuation's ``value_in_warmup``, may add diagnostics of its own, never alter one). An option that acts only in some
 situations (an epoch past a window, a BatchNorm or dropout encoder, three modalities, a
 learnable schedule) gets a row in ``CASES`` naming the value and the situation; an option
 without an automatic alternative (no choices, a None, dict or list default) must have one. A
@@ -117,6 +119,39 @@ def tiny_conflicting_m2(trainer: Any) -> None:
         u.copy_(-3.0 * block + 1e-8 * torch.randn(u.shape, generator=gen))
 
 
+
+class ShiftedTrainReads:
+    """Train-side data whose training reads add a fixed per-row shift and whose evaluation
+    view is the clean data: a stand-in for a media dataset's random crops and flips, so that
+    which pipeline a pass reads shows in synthetic runs (the shift is a function of the row,
+    so it draws from no RNG)."""
+
+    def __init__(self, base: Any) -> None:
+        self.base, self.labels = base, base.labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def get_batch(self, idx: Any) -> dict[str, Any]:
+        batch = self.base.get_batch(idx)
+        rows = torch.as_tensor(idx, dtype=torch.float32).reshape(-1, 1)
+        for m in ("m1", "m2"):
+            x = batch[m]
+            batch[m] = x + 3.0 * torch.sin(rows * 1.7 + torch.arange(x.shape[1], dtype=x.dtype))
+        return batch
+
+    def eval_view(self) -> Any:
+        return self.base
+
+
+def augmenting_train_pipeline(trainer: Any) -> None:
+    """Give train (and the held-out slice, where the run carved one) a training pipeline that
+    differs from their evaluation view (in-memory synthetic data has none: its views agree)."""
+    trainer.splits.train = ShiftedTrainReads(trainer.splits.train)
+    if getattr(trainer, "_heldout", None) is not None:
+        trainer._heldout = ShiftedTrainReads(trainer._heldout)
+
+
 class GuardAttnNet(torch.nn.Module):
     """A small encoder through scaled_dot_product_attention, whose fused CPU kernel has no double
     backward (LFM's learnable rule needs one: hvp_math_kernels=false is then refused)."""
@@ -144,6 +179,15 @@ IPRM_LONGER = Situation({"limit_train_batches": 6})
 IPRM_THREE = Situation({"n_modalities": 3})
 GREEDY_STAGED = Situation({"backbone.m1.name": "guard_staged", "backbone.m2.name": "guard_staged"})
 GREEDY_UNLOCKED = Situation({"greedy_warmup_epochs": 0})
+AUG_ASSIGNS = Situation({"aug_lam": 0.5})  # two epochs' confidences sit inside lam 1's band: no learner
+INFOREG_NOVEMBER = {"rule": "november"}
+# m2 dominates (strong m2); at epoch 2 with W = 1 m1's window score is 0.26 and m2's 0.12-0.15,
+# so a threshold of 0.2 leaves m2's window open when read on m1's trace and closed on its own
+INFOREG_SPLIT_WINDOWS = Situation({"strength": [0.3, 1.5], "window_epochs": 1, "epochs": 3, "threshold": 0.2},
+                                  epochs=(0, 1, 2))
+VALUATION_NOW = Situation({"warmup": 0}, epochs=(0,))  # the default warm-up (5) outlasts a short run
+VALUATION_MODALITY = Situation({"warmup": 0, "level": "modality"}, epochs=(0,))
+RL_RESET = Situation({"reinit_epoch": 1}, epochs=(0, 1, 2))  # ReLearning resets after epoch 1
 
 # (method, option) -> the cases to check, when the automatic alternative does not show the
 # option (or does not exist). Each row says why the situation is needed.
@@ -174,6 +218,51 @@ CASES: dict[tuple[str, str], list[Case]] = {
         Case(True, Situation({"greedy_warmup_epochs": 0, "greedy_epsilon": 0.0, "limit_train_batches": 4}),
              why="the averages act only in re-balancing steps caring for m2")],
     ("greedy", "greedy_legacy_eval"): [Case(True)],
+    # ---- AMCo ------------------------------------------------------------------------------
+    ("amco", "amco_sigma"): [Case(0.99, why="default null (1/M); no share passes 0.99, so nothing is ever masked")],
+    # ---- AUG -------------------------------------------------------------------------------
+    ("aug", "aug_residual_c"): [Case(1.0, AUG_ASSIGNS, why="weights the newest learner's CE: needs a learner")],
+    ("aug", "aug_lam"): [Case(0.5, why="default null (1.0): rho ~ 0.99 is inside 1's band, not 0.5's")],
+    ("aug", "aug_check_every"): [Case(3, Situation({**AUG_ASSIGNS.set, "epochs": 3}, epochs=(0, 1, 2)),
+                                      why="default null (every epoch); epoch 0 is always a check, 3 skips epoch 1's")],
+    ("aug", "aug_max_learners"): [Case(0, AUG_ASSIGNS, why="default null (no cap); caps only a learner assigned")],
+    ("aug", "aug_legacy_frozen_learners"): [Case(True, AUG_ASSIGNS, why="freezes added learners: needs one")],
+    # ---- CGGM ------------------------------------------------------------------------------
+    ("cggm", "cggm_b_max"): [Case(0.1, why="default null (off); B sums to M - 1 = 1, so a cap of 0.1 always clamps")],
+    # ---- DGL -------------------------------------------------------------------------------
+    ("dgl", "fusion_mode"): [Case("sum"), Case("weight", refused=True,
+                                               why="weight fusion has no block per modality: refused")],
+    # ---- InfoReg ---------------------------------------------------------------------------
+    ("inforeg", "beta_other"): [Case(0.2, Situation({**INFOREG_NOVEMBER, "strength": [0.3, 1.5]}),
+                                     why="rule=november only, when the non-anchor m2 dominates (a strong m2)")],
+    ("inforeg", "threshold"): [Case(1.0, why="default null (0.05); k = 1 at epochs 0 and 1, so only 1 closes the window")],
+    ("inforeg", "window_epochs"): [Case(1, Situation({"epochs": 3, "threshold": 0.2}, epochs=(0, 1, 2)),
+                                        why="any W >= e gives k = x_{e-1} / sum x (0.5 at epoch 2), W = 1 gives 0.05: open and closed at 0.2")],
+    ("inforeg", "trace_source"): [
+        Case("anchor", INFOREG_SPLIT_WINDOWS, why="m2's window open on m1's trace, closed on its own, at epoch 2"),
+        Case("own", Situation({**INFOREG_SPLIT_WINDOWS.set, **INFOREG_NOVEMBER}, INFOREG_SPLIT_WINDOWS.epochs),
+             why="own is the intended rule's default, anchor november's; the windows then differ at epoch 2")],
+    # ---- Valuation -------------------------------------------------------------------------
+    ("valuation", "level"): [Case("modality", VALUATION_NOW, why="resamples from epoch warmup on")],
+    ("valuation", "warmup"): [Case(1, why="the default 5 outlasts a two-epoch run; 1 resamples epoch 1")],
+    ("valuation", "value"): [Case("correct", VALUATION_NOW, why="resamples from epoch warmup on")],
+    ("valuation", "drop"): [Case("input", VALUATION_NOW, why="resamples from epoch warmup on")],
+    ("valuation", "valuation_augment"): [
+        Case(False, Situation({"warmup": 0}, epochs=(0,), prepare=augmenting_train_pipeline),
+             why="in-memory data never augments; only an augmenting training pipeline shows it")],
+    ("valuation", "part_ratio"): [Case(0.4, VALUATION_MODALITY, why="level=modality only (refused otherwise)")],
+    ("valuation", "alpha"): [Case(2.0, VALUATION_MODALITY, why="level=modality only (refused otherwise)")],
+    ("valuation", "func"): [Case(f, Situation({**VALUATION_MODALITY.set, "alpha": 4.0}, VALUATION_MODALITY.epochs),
+                                 why="level=modality only; tanh x ~ x: alpha 4 makes floor(N diff) differ")
+                            for f in ("tanh", "square")],
+    # ---- CML -------------------------------------------------------------------------------
+    ("cml", "sign"): [Case("miwae"), Case("bb_trick1"),
+                      Case("none", Situation({"num_classes": 2}),
+                           why="differs from cpm only where a removal turns a wrong prediction right "
+                               "and raises the confidence: rare in two steps of 10 classes")],
+    ("cml", "removal"): [Case("drop_part"),
+                         Case("zero_feature", Situation({"fusion_mode": "sum"}),
+                              why="auto is zero_feature for concat; sum's auto is drop_part")],
     # ---- IPRM ------------------------------------------------------------------------------
     ("iprm", "alpha"): [Case(0.3, IPRM_LONGER, why="lambda moves away from 0.5 only after a few steps")],
     ("iprm", "fixed_weight"): [Case(0.3, why="default null (the probe decides)")],
@@ -265,6 +354,16 @@ CASES: dict[tuple[str, str], list[Case]] = {
     ("reconboost", "recon_lr_b"): [Case(0.01, why="default null (the run's lr)")],
     ("reconboost", "recon_warm_start"): [Case("unimodal", refused=True,
                                               why="needs another run's checkpoints: not available, refused")],
+    # ---- ReLearning ---------------------------------------------------------------------------
+    ("relearning", "reinit_epoch"): [Case(1, Situation(epochs=(0, 1, 2)),
+                                          why="the default 20 never fires in a short run; 1 resets after epoch 1")],
+    ("relearning", "reinit_num"): [Case(0, RL_RESET, why="0 resets nothing where the schedule resets once")],
+    ("relearning", "move_lambda"): [Case(6.0, RL_RESET, why="lambda acts only in a reset")],
+    ("relearning", "kmeans_n_init"): [Case(10, RL_RESET, why="k-means runs only in a diagnosis")],
+    ("relearning", "diagnosis_augment"): [Case(True, Situation({"reinit_epoch": 1}, epochs=(0, 1, 2),
+                                                              prepare=augmenting_train_pipeline),
+                                               why="acts in a diagnosis on data whose training reads "
+                                                   "augment (synthetic data reads the same either way)")],
     # ---- unimodal --------------------------------------------------------------------------
     ("unimodal", "modality"): [Case("m2", why="default null (the dataset's first modality)")],
 }
@@ -315,11 +414,19 @@ class Outcome:
     evals: list[Any]
     prediction: dict[str, torch.Tensor]
 
-    def differences(self, other: Outcome) -> list[str]:
+    def differences(self, other: Outcome, logged_only: bool = False) -> list[str]:
+        """What differs. ``logged_only``: compare the diagnostics both runs log, so that a
+        logging option (``changes_results=False``) may add or leave out diagnostics of its own
+        but never change the value of one."""
         out = []
         if not same_tensors(self.params, other.params):
             out.append("parameters")
-        if not same(self.logs, other.logs):
+        logs, other_logs = self.logs, other.logs
+        if logged_only and len(logs) == len(other_logs):
+            pairs = list(zip(self.logs, other.logs, strict=True))
+            logs = [{k: v for k, v in a.items() if k in b} for a, b in pairs]
+            other_logs = [{k: v for k, v in b.items() if k in a} for a, b in pairs]
+        if not same(logs, other_logs):
             out.append("diagnostics")
         if not same(self.evals, other.evals):
             out.append("evaluation")
@@ -401,6 +508,11 @@ def register_guard_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(("method", "key", "case"), list(cases()))
 def test_every_option_changes_the_result_or_says_it_does_not(tmp_path_factory, monkeypatch, method, key, case):
+    """Wrong variants caught, one row each: the option's read replaced by its default (amco_sigma;
+    AUG's c, lam, check_every, max_learners, frozen learners; cggm_b_max; DGL's fusion_mode,
+    whose weight refusal then never fires; InfoReg's beta_other, threshold, window_epochs,
+    trace_source; valuation's level, warmup, value, drop, valuation_augment, part_ratio, alpha,
+    func) and valuation's warm-up one epoch late (``epoch <= warmup``)."""
     option = as_option(METHODS.get(method).options[key])
     if case is None:
         pytest.fail(
@@ -420,7 +532,7 @@ def test_every_option_changes_the_result_or_says_it_does_not(tmp_path_factory, m
     else:
         base = default_outcome(tmp_path_factory.getbasetemp() / "defaults", method, case.situation)
     other = short_run(root, method, {key: case.value}, case.situation)
-    changed = other.differences(base)
+    changed = other.differences(base, logged_only=not option.changes_results)
     if option.changes_results:
         assert changed, (
             f"Method '{method}': option {key}={case.value!r} computes exactly what "
@@ -434,6 +546,21 @@ def test_every_option_changes_the_result_or_says_it_does_not(tmp_path_factory, m
             f"Method '{method}': option {key} is declared changes_results=False, but {key}="
             f"{case.value!r} changed the {', '.join(changed)}."
         )
+
+
+def test_a_logging_option_may_add_diagnostics_but_not_change_one():
+    """The check of ``changes_results=False`` options ignores diagnostics only one run logs,
+    and still catches any value that differs. Wrong variant caught: comparing no diagnostics
+    at all under ``logged_only``."""
+    params = {"w": torch.zeros(2)}
+    pred = {"fused": torch.zeros(1, 2)}
+    base = Outcome(params, [{"loss": [1.0, 0.5]}], [{"acc": 10.0}], pred)
+    added = Outcome(params, [{"loss": [1.0, 0.5], "phi_m1": [0.3]}], [{"acc": 10.0}], pred)
+    altered = Outcome(params, [{"loss": [1.0, 0.4], "phi_m1": [0.3]}], [{"acc": 10.0}], pred)
+    assert added.differences(base) == ["diagnostics"]
+    assert added.differences(base, logged_only=True) == []
+    assert altered.differences(base, logged_only=True) == ["diagnostics"]
+    assert Outcome({"w": torch.ones(2)}, base.logs, base.evals, pred).differences(base, logged_only=True) == ["parameters"]
 
 
 def test_the_short_run_is_deterministic(tmp_path):
