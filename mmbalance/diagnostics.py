@@ -214,29 +214,38 @@ def absent_modalities(model: MultimodalModel, drop: Iterable[str]) -> Iterator[_
 
     The method's own ``predict`` (and ``model(batch)``, which calls ``self.encode``) then sees
     those modalities absent: their encoder gets a blank input (see ``MultimodalModel.encode``).
-    Done by shadowing ``encode`` on the instance and restoring it afterwards, so methods need
+    Done by shadowing ``encode`` (and ``encoder_inputs``) on the instance and restoring it afterwards, so methods need
     no absent-modality code. Yields a counter of the wrapped calls.
     """
     dropped = frozenset(drop)
     unknown = dropped - set(model.modalities)
     if unknown:
         raise DiagnosticsError(f"cannot mark {sorted(unknown)} absent: the model has {model.modalities}.")
-    inner = model.encode
-    previous = model.__dict__.get("encode", _MISSING)
     counter = _EncodeCalls()
+    previous = {name: model.__dict__.get(name, _MISSING) for name in _SHADOWED}
 
-    def encode(batch: Mapping[str, Any], drop: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-        counter.calls += 1
-        return inner(batch, drop=set(drop) | dropped)
+    def shadow(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(batch: Mapping[str, Any], drop: Iterable[str] = ()) -> Any:
+            counter.calls += 1
+            return inner(batch, drop=set(drop) | dropped)
 
-    model.encode = encode  # type: ignore[method-assign]
+        return wrapped
+
+    for name in _SHADOWED:
+        setattr(model, name, shadow(getattr(model, name)))
     try:
         yield counter
     finally:
-        if previous is _MISSING:
-            del model.encode
-        else:
-            model.encode = previous  # type: ignore[method-assign]
+        for name, before in previous.items():
+            if before is _MISSING:
+                delattr(model, name)
+            else:
+                setattr(model, name, before)
+
+
+# The model's ways into its encoders: ``encode`` (features), and ``encoder_inputs`` for methods
+# that run the encoders themselves (a staged forward such as Greedy's MMTM layers).
+_SHADOWED = ("encode", "encoder_inputs")
 
 
 @contextlib.contextmanager
@@ -287,7 +296,8 @@ def coalition_accuracy(view: EvalView, present: Iterable[str], split: str = "tes
                 raise UnsupportedError(
                     f"Method '{view.method_name}': its predict() does not go through "
                     f"model.encode(), so modalities cannot be made absent for the Shapley "
-                    f"diagnostics. Encode through self.model.encode(batch) in predict()."
+                    f"diagnostics. Encode through self.model.encode(batch) in predict() (or take the "
+                    f"encoders' inputs from self.model.encoder_inputs(batch))."
                 )
             fused.append(pred.fused.float().cpu())
             labels.append(batch["label"].cpu())

@@ -73,19 +73,41 @@ class MultimodalModel(nn.Module):
                 out[m] = enc(batch[m])
         return out
 
+    def encoder_inputs(self, batch: Mapping[str, Any], drop: Iterable[str] = ()) -> dict[str, Any]:
+        """What each encoder receives: ``batch[m]``, or for ``m`` in ``drop`` its blank input
+        repeated over the batch (see :meth:`encode`). For methods that run the encoders
+        themselves, e.g. through their staged view (mmbalance/backbones/staged.py); the
+        absent-modality diagnostics shadow it as they shadow ``encode``."""
+        dropped = set(drop)
+        unknown = dropped - set(self.modalities)
+        if unknown:
+            raise ValueError(f"cannot drop {sorted(unknown)}: the model has {self.modalities}")
+        out: dict[str, Any] = {}
+        for m in self.modalities:
+            x = batch[m]
+            if m in dropped:
+                blank = self.blank_input(m, x)
+                x = blank.expand(_batch_len(x), *blank.shape[1:])
+            out[m] = x
+        return out
+
+    def blank_input(self, m: str, x: Any) -> Any:
+        """One row of modality ``m``'s blank input (see :meth:`encode`)."""
+        enc = self.encoders[m]
+        if hasattr(enc, "blank_input"):
+            return enc.blank_input(x)
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return torch.zeros_like(x[:1])
+        raise UnsupportedError(
+            f"Modality '{m}' has non-float inputs ({type(x).__name__}) and its backbone "
+            f"{type(enc).__name__} defines no blank_input(); an absent-modality pass "
+            f"cannot blank it."
+        )
+
     def blank_feature(self, m: str, x: Any) -> torch.Tensor:
         """The (1, d) feature of modality ``m``'s blank input (see :meth:`encode`)."""
         enc = self.encoders[m]
-        if hasattr(enc, "blank_input"):
-            blank = enc.blank_input(x)
-        elif isinstance(x, torch.Tensor) and x.is_floating_point():
-            blank = torch.zeros_like(x[:1])
-        else:
-            raise UnsupportedError(
-                f"Modality '{m}' has non-float inputs ({type(x).__name__}) and its backbone "
-                f"{type(enc).__name__} defines no blank_input(); an absent-modality pass "
-                f"cannot blank it."
-            )
+        blank = self.blank_input(m, x)
         was = enc.training
         enc.eval()  # batch statistics of one blank row would be meaningless
         try:

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import torch
+from staged_nets import StagedMLP
 
 from mmbalance.config import as_option
 from mmbalance.engine.services import _column
@@ -166,7 +167,7 @@ class GuardAttnNet(torch.nn.Module):
         return self.out(torch.nn.functional.scaled_dot_product_attention(h, h, h).flatten(1))
 
 
-GUARD_BACKBONES = {"guard_attn": GuardAttnNet}
+GUARD_BACKBONES = {"guard_attn": GuardAttnNet, "guard_staged": StagedMLP}
 
 # Situations shared by several rows.
 LFM_LEARN = {"alpha_schedule": "learnable", "heldout_fraction": 0.1}
@@ -176,6 +177,8 @@ OGR_TWO_ESTIMATES = Situation({"super_epoch": 1})  # epoch 1 re-estimates from a
 OGR_NOISY_M2 = Situation({"n_train": 240, "strength": [1.5, 0.0], "super_epoch": 5, "limit_train_batches": None})
 IPRM_LONGER = Situation({"limit_train_batches": 6})
 IPRM_THREE = Situation({"n_modalities": 3})
+GREEDY_STAGED = Situation({"backbone.m1.name": "guard_staged", "backbone.m2.name": "guard_staged"})
+GREEDY_UNLOCKED = Situation({"greedy_warmup_epochs": 0})
 AUG_ASSIGNS = Situation({"aug_lam": 0.5})  # two epochs' confidences sit inside lam 1's band: no learner
 INFOREG_NOVEMBER = {"rule": "november"}
 # m2 dominates (strong m2); at epoch 2 with W = 1 m1's window score is 0.26 and m2's 0.12-0.15,
@@ -202,6 +205,20 @@ CASES: dict[tuple[str, str], list[Case]] = {
     ("agm", "clip_rule"): [Case("max_only", Situation({"num_classes": 50}, epochs=(0,),
                                                       prepare=threshold_between_extremes),
                                 why="differs only when max <= t < -min for the fused-head gradient")],
+    # ---- Greedy ----------------------------------------------------------------------------
+    ("greedy", "greedy_mode"): [Case("random", GREEDY_UNLOCKED, why="the warm-up epoch has regular steps in both modes")],
+    ("greedy", "greedy_epsilon"): [Case(10.0, GREEDY_UNLOCKED, why="windows open only after the warm-up")],
+    ("greedy", "greedy_window"): [Case(1, Situation({"greedy_warmup_epochs": 0, "limit_train_batches": 4}),
+                                       why="windows open only after the warm-up; 2 of 4 steps differ")],
+    ("greedy", "greedy_warmup_epochs"): [Case(0)],
+    ("greedy", "greedy_stages"): [Case(2, GREEDY_STAGED, why="stages count only with staged encoders")],
+    ("greedy", "greedy_fusion_point"): [
+        Case("embedding", GREEDY_STAGED, why="MLP encoders take the embedding-level fallback under auto too"),
+        Case("staged", refused=True, why="MLP encoders cannot be split: refused instead of the fallback")],
+    ("greedy", "greedy_legacy_running_avg"): [
+        Case(True, Situation({"greedy_warmup_epochs": 0, "greedy_epsilon": 0.0, "limit_train_batches": 4}),
+             why="the averages act only in re-balancing steps caring for m2")],
+    ("greedy", "greedy_legacy_eval"): [Case(True)],
     # ---- AMCo ------------------------------------------------------------------------------
     ("amco", "amco_sigma"): [Case(0.99, why="default null (1/M); no share passes 0.99, so nothing is ever masked")],
     # ---- AUG -------------------------------------------------------------------------------

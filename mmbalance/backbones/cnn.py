@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmbalance.backbones.staged import StagedView, sequence_view
 from mmbalance.backbones.weights import load_state_dict_file
 from mmbalance.data import ModalitySpec
 from mmbalance.registry import register_backbone
@@ -36,6 +37,7 @@ class SmallCNN(nn.Module):
             ]
             c = w
         self.features = nn.Sequential(*blocks)
+        self.widths = tuple(widths)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c, out_dim)
         self.out_dim = out_dim
@@ -43,6 +45,17 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.pool(self.features(x)).flatten(1)
         return torch.relu(self.fc(h))
+
+    def staged(self) -> StagedView:
+        """Staged protocol (mmbalance/backbones/staged.py): an empty stem, one stage per
+        conv-BN-pool-ReLU block, and the global pool with the ReLU'd linear layer."""
+        mods = list(self.features)
+        blocks = [mods[i : i + 4] for i in range(0, len(mods), 4)]
+
+        def pool(h: torch.Tensor, batch: int) -> torch.Tensor:
+            return torch.relu(self.fc(self.pool(h).flatten(1)))
+
+        return sequence_view([], blocks, self.widths, pool)
 
 
 @register_backbone("cnn", "small 2-D CNN (conv-BN-ReLU-pool blocks) for spectrograms and small images")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
+
+from mmbalance.backbones.staged import StagedView, staged
 
 
 class Projected(nn.Module):
@@ -18,6 +22,14 @@ class Projected(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.body(x)
         return self.proj(z) if self.proj is not None else z
+
+    def staged(self) -> StagedView | None:
+        """The body's staged view with this projection added to its pool (None if it has none)."""
+        view = staged(self.body)
+        if view is None or self.proj is None:
+            return view
+        body_pool, proj = view.pool, self.proj
+        return replace(view, pool=lambda h, batch: proj(body_pool(h, batch)))
 
     def __getattr__(self, name: str):
         if name == "blank_input" and "body" in self._modules and hasattr(self._modules["body"], "blank_input"):

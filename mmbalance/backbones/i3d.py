@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbalance.backbones.common import Projected
+from mmbalance.backbones.staged import StagedView, sequence_view
 from mmbalance.backbones.weights import require_weights_path
 from mmbalance.data import ModalitySpec
 from mmbalance.errors import ConfigError
@@ -166,15 +167,34 @@ class InceptionI3d(nn.Module):
             x = module(x)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"i3d expects (B, {self.in_channels}, T, H, W) clips, got {tuple(x.shape)}"
             )
-        fmap = self.features(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = self.features(self._check(x))
         if self.pool == "adaptive":
             return fmap.mean(dim=(2, 3, 4))
         return official_pool(fmap, tuple(x.shape[2:]))
+
+    def staged(self) -> StagedView:
+        """Staged protocol (mmbalance/backbones/staged.py): the three Inception resolution
+        groups are the stages (Mixed_3b-3c: 480 channels; MaxPool3d_4a + Mixed_4b-4f: 832;
+        MaxPool3d_5a + Mixed_5b-5c: 1024), the layers before Mixed_3b the stem, and the pool
+        the rule of ``forward``."""
+
+        def pool(fmap: torch.Tensor, batch: int) -> torch.Tensor:
+            return fmap.mean(dim=(2, 3, 4)) if self.pool == "adaptive" else official_pool(fmap)
+
+        stem = [self._check, self.Conv3d_1a_7x7, self.MaxPool3d_2a_3x3, self.Conv3d_2b_1x1,
+                self.Conv3d_2c_3x3, self.MaxPool3d_3a_3x3]
+        stages = [[self.Mixed_3b, self.Mixed_3c],
+                  [self.MaxPool3d_4a_3x3, self.Mixed_4b, self.Mixed_4c, self.Mixed_4d, self.Mixed_4e, self.Mixed_4f],
+                  [self.MaxPool3d_5a_2x2, self.Mixed_5b, self.Mixed_5c]]
+        return sequence_view(stem, stages, (480, 832, 1024), pool)
 
 
 def official_pool(fmap: torch.Tensor, clip: tuple[int, ...] = ()) -> torch.Tensor:

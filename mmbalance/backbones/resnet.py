@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mmbalance.backbones.common import Projected
+from mmbalance.backbones.staged import StagedView, sequence_view
 from mmbalance.backbones.weights import load_state_dict_file
 from mmbalance.data import ModalitySpec
 from mmbalance.registry import register_backbone
@@ -53,6 +54,25 @@ class ResNet18Features(nn.Module):
         fmap = self.trunk(frames)  # (B*T, 512, h', w')
         fmap = fmap.reshape(b, t, *fmap.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, 512, T, h', w')
         return torch.flatten(nn.functional.adaptive_avg_pool3d(fmap, 1), 1)
+
+    def staged(self) -> StagedView:
+        """Staged protocol (mmbalance/backbones/staged.py): stem conv1-bn1-relu-maxpool (with
+        the frames of a clip folded into the batch), stages layer1-4 (64, 128, 256, 512
+        channels), pool as in ``forward`` (video: over the clip's frames and space)."""
+        t = self.trunk
+
+        def fold(x: torch.Tensor) -> torch.Tensor:
+            b, c, frames, h, w = x.shape
+            return x.permute(0, 2, 1, 3, 4).reshape(b * frames, c, h, w)
+
+        def pool(fmap: torch.Tensor, batch: int) -> torch.Tensor:
+            if not self.video:
+                return torch.flatten(nn.functional.adaptive_avg_pool2d(fmap, 1), 1)
+            fmap = fmap.reshape(batch, fmap.shape[0] // batch, *fmap.shape[1:]).permute(0, 2, 1, 3, 4)
+            return torch.flatten(nn.functional.adaptive_avg_pool3d(fmap, 1), 1)
+
+        stem = ([fold] if self.video else []) + [t[0], t[1], t[2], t[3]]
+        return sequence_view(stem, [[t[4]], [t[5]], [t[6]], [t[7]]], (64, 128, 256, 512), pool)
 
 
 @register_backbone("resnet18", "ResNet-18 from scratch: 1-channel for spectrograms, per-frame 3-D pooled for video")

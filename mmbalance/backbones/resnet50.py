@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmbalance.backbones.staged import StagedView, sequence_view
 from mmbalance.backbones.weights import require_weights_path
 from mmbalance.data import ModalitySpec
 from mmbalance.errors import ConfigError
@@ -40,6 +41,20 @@ class ResNet50Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.trunk(x))
+
+    def staged(self) -> StagedView:
+        """Staged protocol (mmbalance/backbones/staged.py): stem conv1-bn1-act1-maxpool,
+        stages layer1-4 (256, 512, 1024, 2048 channels), pool = timm's own head (global pool,
+        its dropout when set, its identity fc) and the replaced fc."""
+        t = self.trunk
+        if getattr(t, "grad_checkpointing", False):
+            raise ValueError("the staged view of resnet50 does not run timm's gradient checkpointing")
+
+        def pool(h: torch.Tensor, batch: int) -> torch.Tensor:
+            return self.proj(t.forward_head(h))
+
+        stages = [[t.layer1], [t.layer2], [t.layer3], [t.layer4]]
+        return sequence_view([t.conv1, t.bn1, t.act1, t.maxpool], stages, (256, 512, 1024, 2048), pool)
 
 
 def load_resnet50_weights(net: ResNet50Encoder, path: str | Path) -> None:
