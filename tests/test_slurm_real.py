@@ -93,7 +93,7 @@ def test_a_grid_on_real_slurm(tmp_path, capsys):
 def test_scancel_stops_a_cell_at_a_batch_and_a_resubmission_resumes(tmp_path, capsys):
     """scancel sends SIGTERM: the cell stops at once (not after KillWait) with its last epoch
     checkpointed; the next submission resumes it and --wait prints its result line."""
-    path = _grid(tmp_path, "runs", epochs=4, n_train=3000, batch=8)
+    path = _grid(tmp_path, "runs", epochs=4, n_train=12000, batch=8)  # long enough epochs to cancel mid-run
     path.write_text(path.read_text().replace("seeds: [0, 1]", "seeds: [0]"))
     assert main(["grid", str(path), "--launcher", "slurm", "--cpus-per-task", "1", "--time-min", "10"]) == 0
     capsys.readouterr()
