@@ -330,9 +330,17 @@ def _recipes(recs: Sequence[Mapping[str, Any]], columns: Mapping[str, str]) -> l
 
 
 def _numerics(recs: Sequence[Mapping[str, Any]]) -> str:
-    combos = sorted({(str(r["header"]["config"].get("amp")), str(r["header"]["config"].get("memory_format", "contiguous")),
+    combos = sorted({(_amp_label(r["header"]), str(r["header"]["config"].get("memory_format", "contiguous")),
                       _device_label(r["header"])) for r in recs})
     return md_escape("; ".join(f"amp={a}, memory_format={m} on {d}" for a, m, d in combos))
+
+
+def _amp_label(header: Mapping[str, Any]) -> str:
+    """The amp setting, and for ``auto`` the precision it resolved to on that machine."""
+    amp = str(header["config"].get("amp"))
+    if amp != "auto" or header.get("amp") is None:
+        return amp
+    return f"auto ({'bf16' if header['amp'] == 'bfloat16' else 'fp32'})"
 
 
 def _device_label(header: Mapping[str, Any]) -> str:

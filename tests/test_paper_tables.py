@@ -7,6 +7,7 @@ import pytest
 
 from mmbalance import records
 from mmbalance.cli import main
+from mmbalance.markup import md_escape
 from mmbalance.paper_tables import write_benchmark
 from mmbalance.runner import run
 
@@ -47,7 +48,8 @@ def test_report_has_the_paper_tables_and_pictures(records_dir, tmp_path):
     assert "Wall time of the records" in md and "Per-dataset method values: none" in md
     assert "![IPRM alpha sensitivity](bench_alpha.png)" in md
     # the CPU kernels that set a bf16 run's rounding are named (AMX and AVX512-BF16 differ)
-    assert f"on cpu ({records.cpu_kernels_label(records.cpu_kernels())} kernels)" in md
+    kernels = md_escape(records.cpu_kernels_label(records.cpu_kernels()))
+    assert f"on cpu ({kernels} kernels)" in md and "amp=auto (fp32)" in md  # what auto resolved to
 
 
 def test_table_values_are_the_recorded_means(records_dir, tmp_path):
@@ -93,7 +95,7 @@ def test_cpu_kernels_without_torch_private_probe(monkeypatch):
     monkeypatch.delattr(torch._C._cpu, "_get_cpu_capability")
     info = records.cpu_kernels()
     assert info["amx_bf16"] is None and info["avx512_bf16"] is None
-    assert records.cpu_kernels_label(info) == torch.backends.cpu.get_cpu_capability()
+    assert records.cpu_kernels_label(info).split(" (")[0] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_report_compares_with_the_control_and_shows_the_imbalance_tables(records_dir, tmp_path):
