@@ -163,8 +163,20 @@ class LoopServices(Protocol):
         epochs: int,
         optimizer: torch.optim.Optimizer | None = None,
         tag: str = "sub",
+        *,
+        schedule: bool = False,
+        select_on: str | None = None,
+        score_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
     ) -> EstimationCost:
-        """Train ``params`` of ``model`` (usually a copy) for ``epochs`` on ``split``."""
+        """Train ``params`` of ``model`` (usually a copy) for ``epochs`` on ``split``;
+        ``schedule`` steps the recipe's schedule per sub-epoch, ``select_on="val"`` restores
+        the epoch with the best mean ``score_fn(model, batch)`` (per-sample scores). The
+        returned cost then also holds ``scores`` and ``best_epoch``."""
+
+    def recorded_run(self, method: str, overrides: Mapping[str, Any]) -> Any:
+        """A finished recorded run of ``method`` with this run's trainer and dataset settings
+        plus ``overrides``, found by identity (``run_dir``, ``record``, ``model_state``), or a
+        clear error; never a run of other data or settings."""
 
     def set_lr_scale(self, optimizer: torch.optim.Optimizer, group: int | str, scale: float) -> None:
         """Multiply one param group's scheduled learning rate by ``scale`` (not compounding)."""

@@ -376,6 +376,9 @@ CASES: dict[tuple[str, str], list[Case]] = {
                                                why="acts in a diagnosis on data whose training reads "
                                                    "augment (synthetic data reads the same either way)")],
     # ---- unimodal --------------------------------------------------------------------------
+    ("umt", "umt_teachers"): [Case("recorded", refused=True,
+                                   why="needs finished unimodal runs of this identity: none here, refused")],
+    ("umt", "umt_teacher_epochs"): [Case(1, why="default null (the recipe's epochs)")],
     ("unimodal", "modality"): [Case("m2", why="default null (the dataset's first modality)")],
 }
 

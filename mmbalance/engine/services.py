@@ -17,6 +17,8 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +32,18 @@ from mmbalance.engine import stop
 from mmbalance.engine.runtime import epoch_seed
 from mmbalance.errors import MMBalanceError
 from mmbalance.method import EstimationCost, Phase
+from mmbalance.recorded import RecordedRun, find_recorded_run, identity_config
 
 HELDOUT_SEED = 1234  # the held-out slice of train is the same for every seed of a grid
+
+
+@dataclass
+class SubTrainCost(EstimationCost):
+    """What :meth:`Services.sub_train` returns: its estimation cost (only the three cost fields
+    are recorded), plus, with ``select_on``, each sub-epoch's score and the epoch restored."""
+
+    scores: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
 
 
 class Services:
@@ -52,12 +64,14 @@ class Services:
             opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         return opt, self.make_scheduler(opt)
 
-    def make_scheduler(self, opt: torch.optim.Optimizer) -> Any:
+    def make_scheduler(self, opt: torch.optim.Optimizer, epochs: int | None = None) -> Any:
+        """The recipe's schedule over ``epochs`` (default: the run's; a sub-training passes
+        its own, so a cosine schedule anneals over the sub-training's length)."""
         cfg = self.cfg
         if cfg["scheduler"] == "step":
             return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg["step_size"], gamma=cfg["gamma"])
         if cfg["scheduler"] == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg["epochs"]))
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs or cfg["epochs"]))
         return None
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -213,19 +227,36 @@ class Services:
         epochs: int,
         optimizer: torch.optim.Optimizer | None = None,
         tag: str = "sub",
-    ) -> EstimationCost:
+        *,
+        schedule: bool = False,
+        select_on: str | None = None,
+        score_fn: Any = None,
+    ) -> SubTrainCost:
         """Train ``params`` of ``model`` (a copy of the run's model, or some of its heads)
         for ``epochs`` on ``split`` with ``loss_fn(model, batch)``. Parameters outside
         ``params`` are frozen for the duration. The optimizer defaults to the dataset recipe
         at the run's base learning rate. Its steps and wall time are the method's estimation
-        cost, recorded apart from the main run's."""
+        cost, recorded apart from the main run's.
+
+        ``schedule``: step the recipe's schedule (``make_scheduler`` over ``epochs``) after
+        each sub-epoch, as the main loop does, instead of the constant base rate.
+        ``select_on``: a split ("val") scored after each sub-epoch with ``score_fn(model,
+        batch) -> per-sample scores`` (higher is better; e.g. 1.0 where the prediction is
+        right) in eval mode; the whole ``model`` state of the best epoch (earliest on ties)
+        is restored at the end, as a real run selects its best validation epoch. Without
+        either, the numbers are exactly those of the plain sub-training. The evaluation
+        passes are charged to the estimation cost too (time and batches)."""
+        if select_on is not None and score_fn is None:
+            raise MMBalanceError(f"sub_train(select_on={select_on!r}) needs a score_fn(model, batch).")
         params = list(params)
         wanted = {id(p) for p in params}
         frozen = [(p, p.requires_grad) for p in model.parameters() if id(p) not in wanted]
         for p, _ in frozen:
             p.requires_grad_(False)
         opt = optimizer if optimizer is not None else self.default_optimizers(params)[0]
-        cost = EstimationCost()
+        sched = self.make_scheduler(opt, epochs) if schedule else None
+        cost = SubTrainCost()
+        best: dict[str, torch.Tensor] | None = None
         t0 = time.perf_counter()
         try:
             for e in range(epochs):
@@ -247,7 +278,17 @@ class Services:
                     opt.step()
                     cost.optimizer_steps += 1
                     cost.batches += 1
+                if sched is not None:
+                    sched.step()
+                if select_on is not None:
+                    score = self._sub_score(model, select_on, score_fn, cost)
+                    cost.scores.append(score)
+                    if cost.best_epoch is None or score > cost.scores[cost.best_epoch]:
+                        cost.best_epoch = e
+                        best = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 model.train(was)
+            if best is not None:
+                model.load_state_dict(best)
         finally:
             for p, req in frozen:
                 p.requires_grad_(req)
@@ -256,6 +297,48 @@ class Services:
         cost.time_s = time.perf_counter() - t0
         self.estimation_cost.add(cost)
         return cost
+
+    @torch.no_grad()
+    def _sub_score(self, model: torch.nn.Module, split: str, score_fn: Any, cost: SubTrainCost) -> float:
+        """The mean per-sample score of ``model`` (eval mode) on ``split``, one host sync."""
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = 0
+        for _, batch in self._limited(self.loader(self.split(split), train=False), self.cfg["limit_eval_batches"]):
+            batch = to_device(batch, self.device)
+            with self.autocast():
+                s = score_fn(model, batch)
+            total += s.detach().double().sum()
+            n += int(s.shape[0])
+            cost.batches += 1
+        return float(total) / max(1, n)
+
+    def recorded_run(self, method: str, overrides: Mapping[str, Any]) -> RecordedRun:
+        """The finished run of ``method`` that this run's trainer and dataset settings, the
+        method's defaults and ``overrides`` identify, on this run's data (UMT's teachers: a
+        ``unimodal`` run of one modality). Found by its configuration hash only, its record,
+        DONE marker and checkpoint checked against that identity (``mmbalance.recorded``);
+        otherwise a RecordedRunError that names the command which trains it."""
+        from mmbalance.config import assemble
+        from mmbalance.registry import METHODS
+
+        cls = METHODS.get(method)
+        dataset_cls = type(self.dataset)
+        cfg = identity_config(self.cfg, dataset_cls, cls, overrides)
+        defaults = assemble(dataset_cls, cls)
+        sets = []
+        for k, v in cfg.items():
+            if k in ("method", "dataset", "seed", "records") or v == defaults.get(k):
+                continue
+            if k == "backbone":
+                sets += [f"backbone.{m}.{f}={x}" for m, entry in v.items() for f, x in entry.items()
+                         if defaults["backbone"].get(m, {}).get(f) != x]
+            else:
+                sets.append(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}")
+        command = (f"mmbalance run --method {method} --dataset {cfg['dataset']} --seed {cfg['seed']} "
+                   f"--records {self.cfg['records']}" + "".join(f" --set {x}" for x in sets))
+        return find_recorded_run(Path(self.cfg["records"]), cfg, self.dataset.data_fingerprint(cfg),
+                                 dataset_cls, cls, command, self.device)
 
     def set_lr_scale(self, optimizer: torch.optim.Optimizer, group: int | str, scale: float) -> None:
         """Set one param group's learning rate to (its scheduled rate) x ``scale``.
