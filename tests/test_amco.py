@@ -252,6 +252,25 @@ def test_partial_mask_matches_the_generator_of_the_step(tmp_path):
     assert not torch.allclose(loss, other)
 
 
+def test_rescale_boosts_the_kept_channels_by_width_over_kept(tmp_path):
+    """amco_rescale=true is inverted dropout: the flagged modality's kept channels are multiplied
+    by 16 / (16 - n), with the masks of the step's generator as above. Wrong variant caught here: the
+    factor inverted to (16 - n) / 16 (the kept channels shrunk instead of boosted)."""
+    t = setup_trainer(tmp_path, amco_rescale=True)
+    method, model = t.method, t.model
+    method.flags = torch.tensor([False, True])
+    T = SMALL["epochs"] * method.num_training_batches
+    method.global_step = int(0.15 * T)
+    n = masked_count(ratio_global(method.global_step, T, 0.3), 16)
+    assert 0 < n < 16
+    batch = first_batch(t)
+    loss = method.training_step(batch, 0)
+    g = torch.Generator().manual_seed(step_seed(0, method.global_step))
+    keep = {m: keep_masks(16, n, 1, g) for m in ("m1", "m2")}
+    ref, *_ = hand_loss(model, batch, {"m1": 1.0, "m2": keep["m2"] * (16 / (16 - n))})
+    torch.testing.assert_close(loss, ref)
+
+
 def test_logit_mask_zeroes_the_flagged_parts(tmp_path):
     """amco_mask_on=logits_bb at p = 1: the flagged modality's part is all zeros, so
     o = L*(z_other) and its own CE is ln C."""

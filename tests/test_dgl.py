@@ -219,9 +219,13 @@ def test_clip_acts_on_the_combined_gradient(tmp_path, monkeypatch):
 
 # ---- runs --------------------------------------------------------------------------------------
 def test_synthetic_run_records_diagnostics(fast):
+    """The record declares what trained: z_m from the fused head's blocks, the model's unimodal
+    heads untrained. Wrong variant caught: trains_unimodal_heads() returning True (the step
+    never touches those heads, but the record would say they were trained)."""
     rec = run("dgl", "synthetic", {**fast, **SYN}).record
     h = rec["header"]
     assert h["method_label"] == "DGL" and h["method_info"]["per_modality"] == "method"
+    assert h["method_info"]["trains_unimodal_heads"] is False
     d = rec["epochs"][1]["diagnostics"]
     assert {"ce_fused", "ce_m1", "ce_m2"} <= set(d)
     assert {"m1", "m2"} <= set(rec["epochs"][1]["test"])

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from method_checks import assert_resume_identical
 from mmbalance.methods.inforeg import (
     accumulate_fisher_,
@@ -212,6 +213,32 @@ def test_step_pulls_the_dominant_encoder_to_its_epoch_start_weights(tmp_path):
             assert not torch.equal(after[name], before[name])
         else:
             assert torch.equal(after[name], before[name]), name
+
+
+@pytest.mark.parametrize("rule", ["intended", "march"])
+def test_step_loss_is_the_fused_ce_plus_every_unimodal_ce(tmp_path, rule):
+    """L = CE(o) + sum_m CE(z_m), written out: z_m = W_m e_m + b/2 (the fused head's blocks) by
+    default, the separate unimodal heads under rule=march. Wrong variant caught: the unimodal
+    CEs dropped from the loss (plain joint training with a proximal pull; every other test of
+    the step only looks at the gradient the pull adds)."""
+    t = trainer_for(tmp_path, rule=rule)
+    t.model.eval()  # the same features in the step and in the hand computation
+    t.method.on_train_epoch_start(0)
+    batch = batches(t, 1)[0]
+    loss = t.method.training_step(batch, 0)
+    with torch.no_grad():
+        feats = t.model.encode(batch)
+        e1, e2, y = feats["m1"], feats["m2"], batch["label"]
+        w, b = t.model.fusion.fc.weight, t.model.fusion.fc.bias
+        d1 = e1.shape[1]
+        fused = torch.cat([e1, e2], 1) @ w.T + b
+        if rule == "march":
+            z1, z2 = t.model.uni_heads["m1"](e1), t.model.uni_heads["m2"](e2)
+        else:
+            z1, z2 = e1 @ w[:, :d1].T + b / 2, e2 @ w[:, d1:].T + b / 2
+        expected = F.cross_entropy(fused, y) + F.cross_entropy(z1, y) + F.cross_entropy(z2, y)
+    assert float(F.cross_entropy(z1, y)) > 0.1 and float(F.cross_entropy(z2, y)) > 0.1
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_fisher_trace_is_of_the_regulated_gradient(tmp_path):

@@ -142,6 +142,16 @@ def test_teacher_shares_by_hand():
     assert t["gap"].item() == pytest.approx(0.75 / 3)
 
 
+@pytest.mark.parametrize("variant", ["distill", "bb"])
+def test_teacher_shares_name_the_stronger_modality(variant):
+    """Sample 0 twice (a right and stronger: a teaches) and sample 2 (no weight): a teaches in 2
+    of its 3 slots, b in none. Wrong variant caught: the shares swapped (the weaker modality
+    reported as the teacher), which the symmetric example above cannot tell."""
+    idx = torch.tensor([0, 0, 2])
+    t = mbsd_terms([ZA[idx], ZB[idx]], Y[idx], variant)
+    assert [s.item() for s in t["teacher"]] == pytest.approx([2 / 3, 0.0])
+
+
 def test_mbsd_loss_by_hand():
     fused = torch.zeros(3, 2)
     loss, terms = mbsd_loss(fused, [ZA, ZB], Y, "distill", kd_weight=2.0, rs_weight=0.5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import random
 from types import SimpleNamespace
 
 import numpy as np
@@ -420,6 +421,43 @@ def test_valuation_reads_the_augmented_pipeline_by_default(tmp_path, augment):
     phi, valued = trainer.method.value_rows(None, len(clean))
     assert valued.all()
     assert torch.equal(phi, clean) is (not augment)
+
+
+def test_valuation_pass_leaves_the_global_rngs_where_they_were(tmp_path):
+    """The pass reads the augmented pipeline, whose noise comes from torch's global RNG
+    (Jittered); afterwards torch, Python and NumPy draw exactly what they would have drawn
+    without it, so valuing (value_in_warmup, or any epoch's pass) never shifts training's
+    randomness. Wrong variant caught: the pass not run inside forked_rng."""
+    trainer = setup_trainer(tmp_path, warmup=0)
+    trainer.splits.train = Jittered(trainer.splits.train)
+
+    def seed_and_draw(between=lambda: None):
+        torch.manual_seed(5)
+        random.seed(5)
+        np.random.seed(5)
+        between()
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    expected = seed_and_draw()
+    assert seed_and_draw(lambda: trainer.method.value_rows(None, len(trainer.splits.train))) == expected
+
+
+def test_rows_a_capped_pass_never_valued_get_no_copies(tmp_path):
+    """With limit_train_batches = 1 the sample-level pass values one batch only; every other row
+    (phi left at 0) is trained once, with no copy. Wrong variant caught: copy_counts applied to
+    the unvalued rows' zero phi (0 lies in (-0.1, 0.4): two copies of each modality per row)."""
+    trainer = setup_trainer(tmp_path, warmup=0, limit_train_batches=1)
+    start_epoch(trainer, 0)
+    method = trainer.method
+    n = len(trainer.splits.train)
+    phi, valued = method.value_rows(None, n)
+    batch_size = int(trainer.cfg["batch_size"])
+    assert int(valued.sum()) == batch_size < n
+    times = np.bincount(method.rows, minlength=n)
+    assert (times[~valued.numpy()] == 1).all()  # never valued: once, uncopied
+    copies = copy_counts(phi[valued]).sum(1).numpy()
+    assert np.array_equal(times[valued.numpy()], 1 + copies)
+    assert len(method.rows) == n + int(copies.sum())
 
 
 # ---- options, refusals, labels ---------------------------------------------------------------
