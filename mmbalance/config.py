@@ -207,6 +207,9 @@ TRAINER_OPTIONS: dict[str, Option] = {
     "diagnostics": _opt(True, "after training: linear probes of the frozen encoders and each modality's "
                         "Shapley contribution to the fused accuracy (diagnostics.json, the final row)", changes_results=False),
     "log_epochs": _opt(True, "print one line per epoch (loss, val/test accuracy, per modality, seconds)", changes_results=False),
+    "eval_test": _opt(
+        True, "evaluate the test split every epoch; false = the run never reads it (no test metrics, no "
+        "diagnostics): what a tuning trial runs, so the search cannot see test"),
     "limit_train_batches": _opt(None, "stop each training epoch after this many batches (smoke tests)", type=int, min=1),
     "limit_eval_batches": _opt(None, "evaluate on at most this many batches (smoke tests)", type=int, min=1),
     "checkpoint": _opt(True, "save a checkpoint each epoch so a killed run resumes", changes_results=False),
@@ -534,6 +537,12 @@ def registered_plugins(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     return found[0], found[1]
 
 
+#: Trainer keys added after runs were recorded that enter a run's identity only when set away from
+#: their default, so every run folder recorded before keeps its name (``eval_test=false`` records
+#: no test metrics: such a run must never stand for one that has them).
+IDENTITY_ONLY_WHEN_SET: dict[str, Any] = {"eval_test": True}
+
+
 def identity(cfg: Mapping[str, Any], dataset_cls: Any = None, method_cls: Any = None) -> dict[str, Any]:
     """The settings that can change a computed number: every key of ``cfg`` except those whose
     Option declares ``changes_results=False`` (logging, paths, file-reading switches). A key no
@@ -542,7 +551,8 @@ def identity(cfg: Mapping[str, Any], dataset_cls: Any = None, method_cls: Any = 
     if dataset_cls is None and method_cls is None:
         dataset_cls, method_cls = registered_plugins(cfg)
     declared = declared_options(dataset_cls, method_cls)
-    return {k: v for k, v in cfg.items() if k not in declared or declared[k][0].changes_results}
+    return {k: v for k, v in cfg.items() if (k not in declared or declared[k][0].changes_results)
+            and not (k in IDENTITY_ONLY_WHEN_SET and v == IDENTITY_ONLY_WHEN_SET[k])}
 
 
 def config_hash(
