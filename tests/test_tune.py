@@ -91,6 +91,20 @@ def test_reproduce_values_read_back_exactly(value) -> None:
     assert type(parse_value(tune.yaml_scalar(value))) is type(value)
 
 
+def test_the_objective_is_the_best_validation_accuracy_and_never_a_test_number() -> None:
+    """Hand-made history (val 50, 70, 60; test 90, 10, 95): the objective is 70, the best-validation
+    epoch's validation accuracy (variants: the last epoch's 60, a test number 95 or 10)."""
+    from mmbalance.metrics import final_metrics
+
+    def entry(epoch: int, val: float, test: float | None) -> dict:
+        return {"epoch": epoch, "val": {"fused": {"acc": val}}, "test": None if test is None else {"fused": {"acc": test}}}
+
+    for tests in ((90.0, 10.0, 95.0), (None, None, None)):
+        history = [entry(i, v, t) for i, (v, t) in enumerate(zip((50.0, 70.0, 60.0), tests, strict=True))]
+        assert tune.best_val_accuracy({"final": {"selection": final_metrics(history)}}) == 70.0
+    assert set(final_metrics([entry(0, 50.0, None)])) == {"best_val", "last"}  # no test selection without test
+
+
 def test_study_name_changes_with_the_base_configuration_not_with_searched_values(tmp_path) -> None:
     base = {**SMALL, "records": str(tmp_path)}
     a = tune.plan_study("ogm", "synthetic", base)
@@ -163,6 +177,7 @@ def test_a_pruned_trial_is_recorded_as_pruned_and_its_run_left_resumable(tmp_pat
     assert second.user_attrs["pruned_after_epoch"] == 1
     run_dir = Path(second.user_attrs["run_dir"])
     assert (run_dir / records.CHECKPOINT).is_file() and not records.is_done(run_dir)
+    assert len(records.load_record(run_dir)["epochs"]) == 1  # stopped right after the epoch it failed
     assert result.counts == {"COMPLETE": 1, "PRUNED": 1}
 
 
