@@ -6,6 +6,7 @@ A grid file (YAML)::
     records: runs/iprm-small         # optional; --records overrides it
     seeds: [0, 1, 2]
     set: {epochs: 20}                # settings for every cell
+    sweep: {lr: [0.01, 0.1]}         # optional: one cell per combination of the listed values
     datasets:
       - avdigits
       - {name: mfeat, set: {modalities: [fac, mor]}}
@@ -64,9 +65,11 @@ class Cell:
     overrides: dict[str, Any] = field(default_factory=dict)
     # where each override was written ("grid file 'g.yaml', top-level set"), for its errors
     origins: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    swept: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # this cell's sweep values
 
     def __str__(self) -> str:
-        return f"{self.method} on {self.dataset} seed {self.seed}"
+        values = f" [{', '.join(f'{k}={v}' for k, v in self.swept.items())}]" if self.swept else ""
+        return f"{self.method} on {self.dataset}{values} seed {self.seed}"
 
 
 @dataclass
@@ -134,24 +137,59 @@ def _seeds(value: Any, path: Path) -> list[int]:
     return seeds
 
 
-BLOCK_KEYS = ("seeds", "set", "datasets", "methods")
+BLOCK_KEYS = ("seeds", "set", "sweep", "datasets", "methods")
 
 
-def _block_cells(block: Mapping[str, Any], seeds: list[int], common: Mapping[str, Any], where: str, p: Path) -> list[Cell]:
-    """Cells of one methods x datasets x seeds product (the file itself, or one of its blocks).
-    Each cell remembers which ``set:`` each of its settings came from, for its errors."""
+def _sweep(value: Any, where: str, p: Path) -> dict[str, list[Any]]:
+    """A ``sweep:`` mapping, each key a non-empty list of values (keys checked as ``set:``'s)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"Grid file '{p}': 'sweep' {where} must be a mapping of settings to lists of values, "
+                          f"e.g. sweep: {{lr: [0.01, 0.1], alpha: [0.5, 1.0]}}; got {value!r}.")
+    _settings(value, f"in the sweep {where}", p)  # seed, records, method, dataset are refused as in set:
+    for key, values in value.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"Grid file '{p}': sweep key '{key}' {where} must list its values, e.g. "
+                              f"{key}: [{values!r}, ...]; got {values!r}.")
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise ConfigError(f"Grid file '{p}': sweep key '{key}' {where} lists {twice[0]!r} more than once.")
+    return {str(k): list(v) for k, v in value.items()}
+
+
+def sweep_combinations(sweep: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+    """One settings dict per combination of the swept values, the first key varying slowest
+    ({} when nothing is swept: one cell)."""
+    import itertools
+
+    keys = list(sweep)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _block_cells(block: Mapping[str, Any], seeds: list[int], common: Mapping[str, Any], where: str, p: Path,
+                 top_sweep: Mapping[str, list[Any]] | None = None) -> list[Cell]:
+    """Cells of one methods x datasets x sweep x seeds product (the file itself, or one of its
+    blocks). Each cell remembers which ``set:`` or ``sweep:`` each of its settings came from,
+    for its errors."""
     seeds = _seeds(block["seeds"], p) if "seeds" in block else seeds
     own = _settings(block.get("set"), f"of {where}", p)
-    origins = {**_origins(common, "top-level set", p), **_origins(own, f"set of {where}", p)}
+    own_sweep = _sweep(block.get("sweep"), f"of {where}", p) if where else {}
+    sweep = {**(top_sweep or {}), **own_sweep}
+    origins = {**_origins(common, "top-level set", p), **_origins(own, f"set of {where}", p),
+               **_origins({k: 0 for k in sweep if k not in own_sweep}, "top-level sweep", p),
+               **_origins(own_sweep, f"sweep of {where}", p)}
     common = {**common, **own}
     tag = f" ({where})" if where else ""
     inside = f" in {where}" if where else ""
     return [
-        Cell(m, d, s, {**common, **dset, **mset},
+        Cell(m, d, s, {**common, **dset, **mset, **combo},
              {**origins, **_origins(dset, f"set of datasets entry '{d}'{inside}", p),
-              **_origins(mset, f"set of methods entry '{m}'{inside}", p)})
+              **_origins(mset, f"set of methods entry '{m}'{inside}", p),
+              **{k: origins[k] for k in combo}}, combo)
         for d, dset in _entries(block.get("datasets"), f"datasets{tag}", p)
         for m, mset in _entries(block.get("methods"), f"methods{tag}", p)
+        for combo in sweep_combinations(sweep)
         for s in seeds
     ]
 
@@ -187,7 +225,7 @@ def load_grid(path: str | Path, profile: str | None = None) -> Grid:
     the cells of one of the file's ``profiles`` (seeds, dataset and method names)."""
     p = Path(path)
     data = read_yaml_mapping(p, "Grid file")
-    allowed = ("name", "records", "seeds", "set", "datasets", "methods", "blocks", "slurm", "profiles")
+    allowed = ("name", "records", "seeds", "set", "sweep", "datasets", "methods", "blocks", "slurm", "profiles")
     unknown = set(data) - set(allowed)
     if unknown:
         raise ConfigError(f"Grid file '{p}' has unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}.")
@@ -196,9 +234,10 @@ def load_grid(path: str | Path, profile: str | None = None) -> Grid:
         raise ConfigError(f"Grid file '{p}': 'slurm' must be a mapping of resources, e.g. {{gpus_per_task: 1}}.")
     seeds = _seeds(data.get("seeds", [0]), p)
     common = _settings(data.get("set"), "at the top level", p)
+    top_sweep = _sweep(data.get("sweep"), "at the top level", p)
     blocks = data.get("blocks")
     if blocks is None:
-        cells = _block_cells({k: data.get(k) for k in ("datasets", "methods")}, seeds, common, "", p)
+        cells = _block_cells({k: data.get(k) for k in ("datasets", "methods")}, seeds, common, "", p, top_sweep)
     else:
         if "datasets" in data or "methods" in data:
             raise ConfigError(f"Grid file '{p}' has both 'blocks' and top-level datasets/methods; "
@@ -210,7 +249,7 @@ def load_grid(path: str | Path, profile: str | None = None) -> Grid:
             if not isinstance(block, Mapping) or set(block) - set(BLOCK_KEYS):
                 raise ConfigError(f"Grid file '{p}': block {i} must be a mapping with keys among "
                                   f"{', '.join(BLOCK_KEYS)}; got {block!r}.")
-            cells += _block_cells(block, seeds, common, f"block {i}", p)
+            cells += _block_cells(block, seeds, common, f"block {i}", p, top_sweep)
     if profile is not None:
         keep = _profile_filter(data, profile, p)
         cells = [c for c in cells if c.seed in keep.get("seeds", {c.seed}) and c.dataset in keep.get("datasets", {c.dataset})

@@ -220,3 +220,79 @@ def test_the_second_edition_grid_loads_with_its_quick_profile():
     assert len(columns) >= 13
     assert {c.seed for c in quick.cells} == {0, 1, 2} and "avdigits" not in {c.dataset for c in quick.cells}
     assert all(c.overrides["amp"] == "none" for c in grid.cells)
+
+
+# ---- sweeps ----------------------------------------------------------------------------------------
+SWEEP = """
+records: {records}
+seeds: [0]
+set: {{epochs: 1, n_train: 200, n_test: 100}}
+sweep: {{lr: [0.01, 0.1], alpha: [0.5, 1.0]}}
+datasets: [synthetic]
+methods: [ogm, pmr]
+"""
+
+
+def test_a_sweep_expands_into_one_cell_per_combination_each_its_own_run(tmp_path):
+    """sweep: {lr: [0.01, 0.1], alpha: [0.5, 1.0]} gives four cells per method and dataset,
+    each with its values (variants: zip instead of product gave two; the sweep dropped by the
+    cell's own settings gave one run folder)."""
+    from mmbalance.grid import check_cell
+
+    path = tmp_path / "g.yaml"
+    path.write_text(SWEEP.format(records=tmp_path / "runs"))
+    grid = load_grid(path)
+    assert len(grid.cells) == 8
+    ogm = [c for c in grid.cells if c.method == "ogm"]
+    assert [(c.overrides["lr"], c.overrides["alpha"]) for c in ogm] == [(0.01, 0.5), (0.01, 1.0), (0.1, 0.5), (0.1, 1.0)]
+    assert str(ogm[1]) == "ogm on synthetic [lr=0.01, alpha=1.0] seed 0"
+    folders = {check_cell(c, {"records": str(tmp_path / "runs")}).detail for c in grid.cells}
+    assert len(folders) == 8
+    assert run_grid(load_grid(path), {}, jobs=1) == 0
+    runs = find_runs(tmp_path / "runs")
+    got = sorted((load_record(r)["header"]["config"]["method"], load_record(r)["header"]["config"]["lr"],
+                  load_record(r)["header"]["config"]["alpha"]) for r in runs)
+    assert got == sorted((m, lr, a) for m in ("ogm", "pmr") for lr in (0.01, 0.1) for a in (0.5, 1.0))
+
+
+def test_a_block_sweep_combines_with_the_top_level_one(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("sweep: {lr: [0.01, 0.1]}\nblocks:\n"
+                    "  - {datasets: [synthetic], methods: [ogm], sweep: {alpha: [0.5, 1.0, 2.0]}}\n"
+                    "  - {datasets: [synthetic], methods: [concat]}\n"
+                    "  - {datasets: [synthetic], methods: [sum], sweep: {lr: [0.5]}}\n")
+    cells = load_grid(path).cells
+    assert [c.method for c in cells].count("ogm") == 6 and [c.method for c in cells].count("concat") == 2
+    assert [c.overrides["lr"] for c in cells if c.method == "sum"] == [0.5]  # the block's own list wins
+
+
+def test_a_typo_in_a_sweep_key_fails_every_cell_before_any_trains(tmp_path):
+    """Validated like set: the unknown key is named with its did-you-mean and where it was
+    written, and nothing is trained; a swept value out of range is one bad cell."""
+    path = tmp_path / "g.yaml"
+    path.write_text(SWEEP.format(records=tmp_path / "runs").replace("alpha:", "alpah:"))
+    with pytest.raises(ConfigError, match="8 of 8 cells") as info:
+        run_grid(load_grid(path), {})
+    text = str(info.value)
+    assert "Unknown config key 'alpah' (from grid file" in text and "top-level sweep). Did you mean 'alpha'?" in text
+    assert find_runs(tmp_path / "runs") == []
+    path.write_text(SWEEP.format(records=tmp_path / "runs").replace("alpha: [0.5, 1.0]", "alpha: [0.5, -1.0]"))
+    with pytest.raises(ConfigError, match="4 of 8 cells") as info:
+        run_grid(load_grid(path), {})
+    assert "Bad value -1.0 for 'alpha'" in str(info.value) and "top-level sweep" in str(info.value)
+    assert find_runs(tmp_path / "runs") == []
+
+
+@pytest.mark.parametrize(("sweep", "match"), [
+    ("{lr: 0.1}", "sweep key 'lr' at the top level must list its values"),
+    ("{lr: []}", "must list its values"),
+    ("[lr, 0.1]", "must be a mapping of settings to lists"),
+    ("{}", "must be a mapping of settings to lists"),
+    ("{seed: [0, 1]}", "'seed' cannot be set per cell"),
+    ("{lr: [0.1, 0.1]}", "lists 0.1 more than once"),
+])
+def test_bad_sweeps(tmp_path, sweep, match):
+    path = tmp_path / "g.yaml"
+    path.write_text(f"sweep: {sweep}\nmethods: [concat]\ndatasets: [synthetic]\n")
+    with pytest.raises(ConfigError, match=match):
+        load_grid(path)
