@@ -296,3 +296,14 @@ def test_bad_sweeps(tmp_path, sweep, match):
     path.write_text(f"sweep: {sweep}\nmethods: [concat]\ndatasets: [synthetic]\n")
     with pytest.raises(ConfigError, match=match):
         load_grid(path)
+
+
+def test_a_swept_value_is_blamed_on_the_sweep_even_over_an_entry_set(tmp_path):
+    """The sweep's value wins over a methods entry's set of the same key, and its error names the
+    sweep (variant: the entry's origin kept, pointing at the line that did not give the value)."""
+    path = tmp_path / "g.yaml"
+    path.write_text("sweep: {alpha: [-1.0]}\nmethods: [{name: ogm, set: {alpha: 2.0}}]\ndatasets: [synthetic]\n")
+    grid = load_grid(path)
+    assert grid.cells[0].overrides["alpha"] == -1.0
+    with pytest.raises(ConfigError, match="top-level sweep"):
+        run_grid(grid, {"records": str(tmp_path / "runs")})
