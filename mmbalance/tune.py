@@ -28,6 +28,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,7 @@ class Plan:
     yaml_path: str | None = None
     prune_startup: int = 5
     prune_warmup: int = 0
+    seeds: tuple[int, ...] = ()  # the runs of one trial: one per seed (default: the base seed)
 
     @property
     def storage_url(self) -> str:
@@ -189,9 +191,11 @@ class Plan:
 
 
 def plan_study(method: str, dataset: str, base: Mapping[str, Any] | None = None, seed: int | None = None,
-               yaml_path: str | None = None, prune_startup: int = 5, prune_warmup: int = 0) -> Plan:
+               yaml_path: str | None = None, prune_startup: int = 5, prune_warmup: int = 0,
+               seeds: list[int] | None = None) -> Plan:
     """Resolve and check the base settings (a bad setting fails here, before any study exists)
-    and name the study."""
+    and name the study. ``seeds``: every trial trains one run per seed and scores their mean
+    best validation accuracy (default: one run at the base seed)."""
     from mmbalance.runner import make_trainer
 
     base = dict(base or {})
@@ -207,10 +211,15 @@ def plan_study(method: str, dataset: str, base: Mapping[str, Any] | None = None,
     if not space:
         raise ConfigError(f"Nothing to search: every searched option of {method} on {dataset} is fixed by the "
                           f"settings given. Drop a --set of a searched key (lr, weight_decay, ...).")
+    seeds = tuple(seeds) if seeds else (int(cfg["seed"]),)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"The seeds of a tuning trial must differ; got {list(seeds)}.")
+    if seeds != (int(cfg["seed"]),):
+        cfg = {**cfg, "seed": list(seeds)}  # names the study by all of its seeds
     name = study_name(method, dataset, cfg, space, trainer.data_fingerprint, dataset_cls, method_cls)
     db = Path(cfg["records"]) / STUDIES / f"{name}.db"
-    seed = int(cfg["seed"]) if seed is None else seed  # the sampler's seed: the runs' seed unless given
-    return Plan(method, dataset, base, cfg, space, name, db, seed, yaml_path, prune_startup, prune_warmup)
+    seed = seeds[0] if seed is None else seed  # the sampler's seed: the runs' seed unless given
+    return Plan(method, dataset, base, cfg, space, name, db, seed, yaml_path, prune_startup, prune_warmup, seeds)
 
 
 def _yaml_keys(yaml_path: str | None) -> dict[str, Any]:
@@ -233,11 +242,20 @@ def storage(plan: Plan) -> Any:
 
     ensure_dir(plan.db.parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with warnings.catch_warnings():  # the heartbeat API is marked experimental; it is what we need
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(plan.storage_url, engine_kwargs={"connect_args": {"timeout": 120}},
-                          heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # the heartbeat API is marked experimental; it is what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(plan.storage_url, engine_kwargs={"connect_args": {"timeout": 120}},
+                                  heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+        except sqlalchemy.exc.DBAPIError:  # another process created the new database's tables meanwhile
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def open_study(plan: Plan, worker: int = 0) -> Any:
@@ -307,28 +325,43 @@ def make_objective(plan: Plan, total: int, say: Callable[[str], None] = print) -
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER, worker_id())
         params = suggest(trial, plan.space)
-        trainer = make_trainer(plan.method, plan.dataset, trial_overrides(plan.base, params), plan.yaml_path)
-        trial.set_user_attr(RUN_DIR, str(trainer.run_dir))
-        reported: set[int] = set()
-
-        def report(_entry: Mapping[str, Any] | None = None, prune: bool = True) -> None:
-            for e in trainer.history:  # restored epochs of a resumed run too
-                if e.get("val") is None or e["epoch"] in reported:
-                    continue
-                trial.report(float(e["val"]["fused"]["acc"]), e["epoch"])
-                reported.add(e["epoch"])
-            if prune and trial.should_prune():
-                trial.set_user_attr("pruned_after_epoch", max(reported) + 1)
-                raise optuna.TrialPruned(f"validation accuracy below the median after epoch {max(reported) + 1}")
-
-        trainer.epoch_callbacks.append(report)
-        record = trainer.fit()
-        if trainer.outcome == FINISHED_BEFORE:  # a configuration recorded before: its epochs
-            trainer.history = list(record["epochs"])
-            report(prune=False)
-        return best_val_accuracy(record)
+        scores, run_dirs = [], []
+        for i, seed in enumerate(plan.seeds):  # the pruner compares step (seed i, epoch e) across trials
+            overrides = {**trial_overrides(plan.base, params), "seed": seed}
+            trainer = make_trainer(plan.method, plan.dataset, overrides, plan.yaml_path)
+            run_dirs.append(str(trainer.run_dir))
+            trial.set_user_attr(RUN_DIR, run_dirs[0] if len(plan.seeds) == 1 else run_dirs)
+            offset = i * int(trainer.cfg["epochs"])
+            reporter = _reporter(trial, trainer, offset)
+            trainer.epoch_callbacks.append(reporter)
+            record = trainer.fit()
+            if trainer.outcome == FINISHED_BEFORE:  # a configuration recorded before: its epochs
+                trainer.history = list(record["epochs"])
+                reporter(prune=False)
+            scores.append(best_val_accuracy(record))
+        return sum(scores) / len(scores)
 
     return objective
+
+
+def _reporter(trial: Any, trainer: Any, offset: int) -> Callable[..., None]:
+    """The epoch callback of one run of a trial: reports each evaluated epoch's validation
+    accuracy (restored epochs of a resumed run too) at step offset + epoch, then asks the pruner."""
+    import optuna
+
+    reported: set[int] = set()
+
+    def report(_entry: Mapping[str, Any] | None = None, prune: bool = True) -> None:
+        for e in trainer.history:
+            if e.get("val") is None or e["epoch"] in reported:
+                continue
+            trial.report(float(e["val"]["fused"]["acc"]), offset + e["epoch"])
+            reported.add(e["epoch"])
+        if prune and trial.should_prune():
+            trial.set_user_attr("pruned_after_epoch", max(reported) + 1)
+            raise optuna.TrialPruned(f"validation accuracy below the median after epoch {max(reported) + 1}")
+
+    return report
 
 
 def progress_callback(plan: Plan, total: int, say: Callable[[str], None] = print) -> Callable[[Any, Any], None]:
@@ -383,7 +416,8 @@ class TuneResult:
 
 def tune(method: str, dataset: str, trials: int, base: Mapping[str, Any] | None = None, jobs: int = 1,
          seed: int | None = None, yaml_path: str | None = None, prune_startup: int = 5, prune_warmup: int = 0,
-         enqueue: list[dict[str, Any]] | None = None, say: Callable[[str], None] = print) -> TuneResult:
+         enqueue: list[dict[str, Any]] | None = None, say: Callable[[str], None] = print,
+         seeds: list[int] | None = None) -> TuneResult:
     """Bring the study to ``trials`` finished trials (complete or pruned) with ``jobs`` processes,
     then report the best configuration. ``enqueue``: values of the first trials of a new study
     (after the defaults trial)."""
@@ -391,7 +425,7 @@ def tune(method: str, dataset: str, trials: int, base: Mapping[str, Any] | None 
         raise ConfigError(f"--trials must be at least 1 (got {trials}).")
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs}).")
-    plan = plan_study(method, dataset, base, seed, yaml_path, prune_startup, prune_warmup)
+    plan = plan_study(method, dataset, base, seed, yaml_path, prune_startup, prune_warmup, seeds)
     study = open_study(plan)
     if not study.get_trials(deepcopy=False):  # a new study: the defaults first
         study.enqueue_trial(default_params(plan.cfg, plan.space), user_attrs={"defaults": True})

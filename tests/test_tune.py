@@ -3,9 +3,11 @@ objective (test never read) and the reproduction of the best configuration."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import sqlalchemy.exc
 
 from mmbalance import cli, records, tune
 from mmbalance.config import Option, Search, SearchRangeError, config_hash, parse_value
@@ -240,20 +241,26 @@ def test_the_best_configuration_rerun_reproduces_its_validation_accuracy(tmp_pat
     assert chosen["test"] is not None and run_dir != Path(result.best_run_dir)
 
 
-def _poll(db: Path, name: str, until, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+def _trials_in(db: Path) -> list[tuple[int, str, bool]]:
+    """(number, state, whether its run folder holds a checkpoint) of each trial, read with plain
+    sqlite3: an Optuna storage opened here would race the writer creating the new database."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        rows = con.execute("SELECT t.number, t.state, a.value_json FROM trials t LEFT JOIN trial_user_attributes a "
+                           "ON a.trial_id = t.trial_id AND a.key = 'run_dir'").fetchall()
+    return [(n, state, bool(run) and (Path(json.loads(run)) / records.CHECKPOINT).is_file()) for n, state, run in rows]
+
+
+def _poll(db: Path, until, proc: subprocess.Popen, timeout: float = 300.0) -> None:
     """Wait until ``until(trials)`` holds in the study a running process writes."""
     end = time.monotonic() + timeout
-    study = None
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise AssertionError(f"the tune process ended before the kill: {proc.stderr.read().decode()[-2000:]}")
         try:
-            if study is None and db.is_file():
-                study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-            if study is not None and until(study.get_trials(deepcopy=False)):
+            if db.is_file() and until(_trials_in(db)):
                 return
-        except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError):
-            study = None  # the writer is creating the tables or holds the lock: read again
+        except sqlite3.OperationalError:  # no tables yet, or the writer holds the lock
+            pass
         time.sleep(0.05)
     raise AssertionError("the study never reached the state to kill it in")
 
@@ -273,14 +280,12 @@ def test_a_killed_study_resumes_with_no_trial_lost_or_repeated(tmp_path) -> None
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    def mid_trial(trials: list[optuna.trial.FrozenTrial]) -> bool:
-        complete = [t for t in trials if t.state.name == "COMPLETE"]
-        running = [t for t in trials if t.state.name == "RUNNING" and "run_dir" in t.user_attrs]
-        return len(complete) >= 2 and any((Path(t.user_attrs["run_dir"]) / records.CHECKPOINT).is_file()
-                                          for t in running)
+    def mid_trial(trials: list[tuple[int, str, bool]]) -> bool:
+        states = [state for _, state, _ in trials]
+        return states.count("COMPLETE") >= 2 and any(state == "RUNNING" and ckpt for _, state, ckpt in trials)
 
     try:
-        _poll(plan.db, plan.name, mid_trial, proc)
+        _poll(plan.db, mid_trial, proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -304,3 +309,19 @@ def test_a_killed_study_resumes_with_no_trial_lost_or_repeated(tmp_path) -> None
     assert retried.user_attrs["run_dir"] == str(killed_run) and records.is_done(killed_run)
     rec = records.load_record(killed_run)
     assert rec["header"].get("resumed_from_epoch", 0) >= 1  # resumed, not retrained
+
+
+def test_a_trial_over_several_seeds_scores_the_mean_of_their_best_validation_accuracies(tmp_path) -> None:
+    """seeds=[0, 1]: one run per seed, the value is the mean of their best validation accuracies,
+    and the pruner sees step seed_index * epochs + epoch (variant: the last seed's score alone,
+    or both seeds reported at the same steps, failed here)."""
+    base = {**SMALL, "records": str(tmp_path)}
+    result = tune.tune("concat", "synthetic", 1, base, seeds=[0, 1], say=_quiet)
+    (trial,) = _study(result).trials
+    runs = [records.load_record(Path(d)) for d in trial.user_attrs["run_dir"]]
+    assert [r["header"]["config"]["seed"] for r in runs] == [0, 1]
+    best = [tune.best_val_accuracy(r) for r in runs]
+    assert trial.value == pytest.approx(sum(best) / 2) and best[0] != best[1]
+    assert sorted(trial.intermediate_values) == [0, 1, 2, 3]
+    assert trial.intermediate_values[3] == runs[1]["epochs"][1]["val"]["fused"]["acc"]
+    assert result.name != tune.tune("concat", "synthetic", 1, base, say=_quiet).name  # one seed: another study
