@@ -66,10 +66,22 @@ class Cell:
     # where each override was written ("grid file 'g.yaml', top-level set"), for its errors
     origins: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     swept: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # this cell's sweep values
+    note: str = field(default="", compare=False, repr=False)  # "tuned": its values come from a study
 
     def __str__(self) -> str:
-        values = f" [{', '.join(f'{k}={v}' for k, v in self.swept.items())}]" if self.swept else ""
-        return f"{self.method} on {self.dataset}{values} seed {self.seed}"
+        values = ", ".join(f"{k}={v}" for k, v in self.swept.items())
+        shown = f" [{self.note + ': ' if self.note else ''}{values}]" if values or self.note else ""
+        return f"{self.method} on {self.dataset}{shown} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """A grid's ``tune:``: ``trials`` finished trials per method x setting (one study each),
+    every trial training ``seeds`` (default: the grid's first seed); then each best
+    configuration runs over the grid's seeds beside the defaults."""
+
+    trials: int
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -78,6 +90,7 @@ class Grid:
     cells: list[Cell]
     records: str | None = None
     slurm: dict[str, Any] = field(default_factory=dict)  # resources for --launcher slurm
+    tune: TuneSpec | None = None
 
 
 # ---- the grid file ----------------------------------------------------------------------------
@@ -225,7 +238,7 @@ def load_grid(path: str | Path, profile: str | None = None) -> Grid:
     the cells of one of the file's ``profiles`` (seeds, dataset and method names)."""
     p = Path(path)
     data = read_yaml_mapping(p, "Grid file")
-    allowed = ("name", "records", "seeds", "set", "sweep", "datasets", "methods", "blocks", "slurm", "profiles")
+    allowed = ("name", "records", "seeds", "set", "sweep", "tune", "datasets", "methods", "blocks", "slurm", "profiles")
     unknown = set(data) - set(allowed)
     if unknown:
         raise ConfigError(f"Grid file '{p}' has unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}.")
@@ -260,7 +273,20 @@ def load_grid(path: str | Path, profile: str | None = None) -> Grid:
     unique: dict[str, Cell] = {}
     for c in cells:
         unique.setdefault(repr((c.method, c.dataset, c.seed, sorted(c.overrides.items(), key=str))), c)
-    return Grid(str(data.get("name", p.stem)), list(unique.values()), data.get("records"), dict(slurm))
+    return Grid(str(data.get("name", p.stem)), list(unique.values()), data.get("records"), dict(slurm),
+                _tune_spec(data.get("tune"), p))
+
+
+def _tune_spec(value: Any, p: Path) -> TuneSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or "trials" not in value or set(value) - {"trials", "seeds"}:
+        raise ConfigError(f"Grid file '{p}': 'tune' must be a mapping with 'trials' (and optionally 'seeds'), "
+                          f"e.g. tune: {{trials: 20, seeds: [0]}}; got {value!r}.")
+    trials = value["trials"]
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ConfigError(f"Grid file '{p}': tune: trials must be an integer >= 1; got {trials!r}.")
+    return TuneSpec(trials, tuple(_seeds(value["seeds"], p)) if "seeds" in value else None)
 
 
 # ---- one cell ---------------------------------------------------------------------------------
@@ -636,6 +662,40 @@ def progress_line(outcomes: Mapping[int, str], to_train: int, eta_s: float, jobs
             f"{left - running} waiting of {to_train}; ETA {eta_text}")
 
 
+def tuned_grid(grid: Grid, base: Mapping[str, Any], jobs: int = 1, say: Callable[[str], None] = print) -> Grid:
+    """Tune every method x setting of the grid with the same budget (one study each, on
+    validation), then add its best configuration over the grid's seeds. A best configuration
+    equal to the defaults adds no cell (its runs are the defaults' runs)."""
+    from mmbalance import tune as tuning
+
+    assert grid.tune is not None
+    spec = grid.tune
+    groups: dict[str, list[Cell]] = {}
+    for c in grid.cells:
+        groups.setdefault(repr((c.method, c.dataset, sorted(c.overrides.items(), key=str))), []).append(c)
+    have = {check_cell(c, base).detail for c in grid.cells}
+    extra: list[Cell] = []
+    for i, cells in enumerate(groups.values(), 1):
+        first = cells[0]
+        if check_cell(first, base).state == NOT_APPLICABLE:
+            continue
+        seeds = list(spec.seeds or [first.seed])
+        say(f"tune [{i}/{len(groups)}] {first.method} on {first.dataset}: {spec.trials} trials, seeds {seeds}")
+        result = tuning.tune(first.method, first.dataset, spec.trials, {**first.overrides, **base, "seed": seeds[0]},
+                             jobs=jobs, seeds=seeds, say=lambda line: say(f"  {line}"))
+        if result.best_value is None:
+            continue
+        for c in cells:
+            tuned = Cell(c.method, c.dataset, c.seed, {**c.overrides, **result.best_params},
+                         {**c.origins, **{k: f"study {result.name}" for k in result.best_params}},
+                         dict(result.best_params), "tuned")
+            state = check_cell(tuned, base)
+            if state.detail not in have:
+                have.add(state.detail)
+                extra.append(tuned)
+    return Grid(grid.name, grid.cells + extra, grid.records, grid.slurm, None)
+
+
 def run_grid(
     grid: Grid, shared: Mapping[str, Any], dry_run: bool = False, jobs: int = 1, gpus: list[str] | None = None
 ) -> int:
@@ -648,6 +708,14 @@ def run_grid(
     corrupt each other's records.
     """
     base = {"records": grid.records or "runs", "progress": "off", "log_epochs": False, **shared}
+    if grid.tune is not None and not dry_run:
+        invalid = bad_cells_error(grid, check_grid(grid, base), "no study and no cell was trained")
+        if invalid:
+            raise invalid
+        grid = tuned_grid(grid, base, jobs)
+    elif grid.tune is not None:
+        print(f"grid {grid.name}: tune: {grid.tune.trials} trials per method x setting, then each best "
+              f"configuration over the grid's seeds (not listed in a dry run)", flush=True)
     n = len(grid.cells)
     tags = [f"[{i}/{n}] {c}" for i, c in enumerate(grid.cells, 1)]
     states = check_grid(grid, base)

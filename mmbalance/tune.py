@@ -474,8 +474,8 @@ def summarize(plan: Plan, say: Callable[[str], None] = print) -> TuneResult:
         say("no trial completed yet.")
         return TuneResult(plan.name, plan.db, counts, None, {}, None, None)
     sets = {**plan.base, **best.params}
-    command = reproduce_command(plan.method, plan.dataset, {k: v for k, v in sets.items() if k != "records"},
-                                plan.base.get("records"))
+    shown = {k: v for k, v in sets.items() if k not in ("records", "progress", "log_epochs")}  # display only
+    command = reproduce_command(plan.method, plan.dataset, shown, plan.base.get("records"))
     say(f"finished: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned"
         + (f", {counts['FAIL']} failed (re-asked)" if counts.get("FAIL") else ""))
     say(f"best validation accuracy {best.value:.2f} (trial {best.number}): "
