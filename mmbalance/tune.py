@@ -483,3 +483,52 @@ def summarize(plan: Plan, say: Callable[[str], None] = print) -> TuneResult:
     say(f"trial run: {best.user_attrs.get(RUN_DIR)}")
     say(f"reproduce (with test metrics): {command}")
     return TuneResult(plan.name, plan.db, counts, best.value, dict(best.params), best.user_attrs.get(RUN_DIR), command)
+
+
+# ---- pictures -----------------------------------------------------------------------------------
+def study_databases(records_dir: Path) -> list[Path]:
+    """The studies of a records folder (``<records>/studies/*.db``)."""
+    folder = Path(records_dir) / STUDIES
+    return sorted(p for p in folder.glob("*.db") if p.is_file() and not p.is_symlink()) if folder.is_dir() else []
+
+
+def study_pictures(records_dir: Path, dest: Path) -> list[tuple[str, Path | None, str]]:
+    """Optuna's own matplotlib pictures of every study under ``records_dir``: the optimisation
+    history and the parameter importances, ``<dest>/<study>_history.png`` and
+    ``_importances.png``. Returns (what, path or None, why not) per picture."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ov
+
+    from mmbalance.plots import save_png
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    made: list[tuple[str, Path | None, str]] = []
+    for db in study_databases(records_dir):
+        try:
+            study = optuna.load_study(study_name=db.stem, storage=f"sqlite:///{db.resolve()}")
+        except KeyError:
+            made.append((f"study {db.stem}", None, f"{db} holds no study named {db.stem}"))
+            continue
+        complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+        for kind, draw, need in (("history", ov.plot_optimization_history, 1),
+                                 ("importances", ov.plot_param_importances, 2)):
+            what = f"{kind} of study {db.stem}"
+            if len(complete) < need:
+                made.append((what, None, f"it needs {need} complete trial(s), the study has {len(complete)}"))
+                continue
+            with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                try:
+                    ax = draw(study)
+                except (ValueError, RuntimeError) as exc:  # e.g. no parameter varied
+                    made.append((what, None, str(exc)))
+                    continue
+            fig = ax.figure
+            try:
+                made.append((what, save_png(fig, dest / f"{db.stem}_{kind}.png"), ""))
+            finally:
+                plt.close(fig)
+    return made

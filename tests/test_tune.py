@@ -325,3 +325,21 @@ def test_a_trial_over_several_seeds_scores_the_mean_of_their_best_validation_acc
     assert sorted(trial.intermediate_values) == [0, 1, 2, 3]
     assert trial.intermediate_values[3] == runs[1]["epochs"][1]["val"]["fused"]["acc"]
     assert result.name != tune.tune("concat", "synthetic", 1, base, say=_quiet).name  # one seed: another study
+
+
+def test_mmbalance_plot_draws_each_study_history_and_importances(tmp_path, capsys) -> None:
+    """A tuned records folder (trial runs only, which reports leave out) gets Optuna's optimisation
+    history and parameter importances per study; a study with one complete trial gets its
+    history and a named reason instead of importances."""
+    from mmbalance.plots import plot_main
+
+    tune.tune("ogm", "synthetic", 3, {**SMALL, "records": str(tmp_path / "a")}, say=_quiet, prune_startup=99)
+    assert plot_main(str(tmp_path / "a"), str(tmp_path / "pics")) == 0
+    pngs = sorted(p.name for p in (tmp_path / "pics").glob("*.png"))
+    assert len(pngs) == 2 and pngs[0].endswith("_history.png") and pngs[1].endswith("_importances.png")
+    assert all((tmp_path / "pics" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    tune.tune("concat", "synthetic", 1, {**SMALL, "records": str(tmp_path / "b")}, say=_quiet)
+    capsys.readouterr()
+    assert plot_main(str(tmp_path / "b"), str(tmp_path / "pics-b")) == 0
+    out = capsys.readouterr().out
+    assert "_history.png" in out and "skipped importances of study" in out and "needs 2 complete trial(s)" in out
