@@ -343,3 +343,15 @@ def test_mmbalance_plot_draws_each_study_history_and_importances(tmp_path, capsy
     assert plot_main(str(tmp_path / "b"), str(tmp_path / "pics-b")) == 0
     out = capsys.readouterr().out
     assert "_history.png" in out and "skipped importances of study" in out and "needs 2 complete trial(s)" in out
+
+
+def test_jobs_split_the_budget_between_worker_processes_on_one_study(tmp_path) -> None:
+    """--jobs 2: two spawned processes share the remaining budget of one study: exactly the
+    budget of finished trials, run by two workers, no set of values twice (variant: every
+    worker given the whole budget overshot it; workers seeded alike drew the same values)."""
+    base = {**SMALL, "records": str(tmp_path)}
+    result = tune.tune("ogm", "synthetic", 5, base, jobs=2, prune_startup=99, say=_quiet)
+    finished = _finished(_study(result))
+    assert len(finished) == 5 == len(_study(result).trials)
+    assert len({t.user_attrs["worker"] for t in finished}) == 2
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == 5
