@@ -352,6 +352,7 @@ def test_jobs_split_the_budget_between_worker_processes_on_one_study(tmp_path) -
     base = {**SMALL, "records": str(tmp_path)}
     result = tune.tune("ogm", "synthetic", 5, base, jobs=2, prune_startup=99, say=_quiet)
     finished = _finished(_study(result))
-    assert len(finished) == 5 == len(_study(result).trials)
+    states = [(t.number, t.state.name, t.params, t.user_attrs.get("worker")) for t in _study(result).trials]
+    assert len(finished) == 5 == len(states), states
     assert len({t.user_attrs["worker"] for t in finished}) == 2
     assert len({tuple(sorted(t.params.items())) for t in finished}) == 5
