@@ -662,12 +662,13 @@ def progress_line(outcomes: Mapping[int, str], to_train: int, eta_s: float, jobs
             f"{left - running} waiting of {to_train}; ETA {eta_text}")
 
 
-def tuned_grid(grid: Grid, base: Mapping[str, Any], jobs: int = 1, say: Callable[[str], None] = print) -> Grid:
+def tuned_grid(grid: Grid, base: Mapping[str, Any], jobs: int = 1, say: Callable[[str], None] | None = None) -> Grid:
     """Tune every method x setting of the grid with the same budget (one study each, on
     validation), then add its best configuration over the grid's seeds. A best configuration
     equal to the defaults adds no cell (its runs are the defaults' runs)."""
     from mmbalance import tune as tuning
 
+    say = say or tuning._print
     assert grid.tune is not None
     spec = grid.tune
     groups: dict[str, list[Cell]] = {}

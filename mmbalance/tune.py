@@ -48,6 +48,11 @@ WORKER = "worker"  # user attribute: host:pid of the process running the trial
 RUN_DIR = "run_dir"
 
 
+def _print(text: str) -> None:
+    """A progress line, flushed at once (a worker's output goes to a file or a pipe)."""
+    print(text, flush=True)
+
+
 # ---- pure helpers -------------------------------------------------------------------------------
 def search_space(dataset_cls: Any, method_cls: Any, fixed: Mapping[str, Any] = ()) -> dict[str, tuple[Search, Option]]:
     """Every declared search range of the trainer, the dataset and the method, in declaration
@@ -314,7 +319,7 @@ def count_states(study: Any) -> dict[str, int]:
     return counts
 
 
-def make_objective(plan: Plan, total: int, say: Callable[[str], None] = print) -> Callable[[Any], float]:
+def make_objective(plan: Plan, total: int, say: Callable[[str], None] = _print) -> Callable[[Any], float]:
     """A trial: sample, train the run (resuming it if it exists), report each epoch's validation
     accuracy to the pruner, return the best validation accuracy."""
     import optuna
@@ -364,7 +369,7 @@ def _reporter(trial: Any, trainer: Any, offset: int) -> Callable[..., None]:
     return report
 
 
-def progress_callback(plan: Plan, total: int, say: Callable[[str], None] = print) -> Callable[[Any, Any], None]:
+def progress_callback(plan: Plan, total: int, say: Callable[[str], None] = _print) -> Callable[[Any, Any], None]:
     def callback(study: Any, trial: Any) -> None:
         counts = count_states(study)
         done = sum(counts.get(s, 0) for s in FINISHED)
@@ -416,7 +421,7 @@ class TuneResult:
 
 def tune(method: str, dataset: str, trials: int, base: Mapping[str, Any] | None = None, jobs: int = 1,
          seed: int | None = None, yaml_path: str | None = None, prune_startup: int = 5, prune_warmup: int = 0,
-         enqueue: list[dict[str, Any]] | None = None, say: Callable[[str], None] = print,
+         enqueue: list[dict[str, Any]] | None = None, say: Callable[[str], None] = _print,
          seeds: list[int] | None = None) -> TuneResult:
     """Bring the study to ``trials`` finished trials (complete or pruned) with ``jobs`` processes,
     then report the best configuration. ``enqueue``: values of the first trials of a new study
@@ -465,7 +470,7 @@ def _run_processes(plan: Plan, quotas: list[int], total: int) -> None:
                              f"command to resume the study.")
 
 
-def summarize(plan: Plan, say: Callable[[str], None] = print) -> TuneResult:
+def summarize(plan: Plan, say: Callable[[str], None] = _print) -> TuneResult:
     study = open_study(plan)
     counts = count_states(study)
     try:
