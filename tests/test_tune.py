@@ -356,3 +356,21 @@ def test_jobs_split_the_budget_between_worker_processes_on_one_study(tmp_path) -
     assert len(finished) == 5 == len(states), states
     assert len({t.user_attrs["worker"] for t in finished}) == 2
     assert len({tuple(sorted(t.params.items())) for t in finished}) == 5
+
+
+def test_a_trial_record_is_shown_not_called_damaged_but_a_full_run_without_test_still_is(tmp_path) -> None:
+    """A trial's record (eval_test=false) passes the record check and `mmbalance show` says what
+    it is; the same record claiming eval_test=true is damaged (variant: accepting a missing test
+    table for every record let a cut record through)."""
+    import copy
+
+    from mmbalance.show import render
+
+    trial = run("concat", "synthetic", {**SMALL, "records": str(tmp_path), "eval_test": False, "progress": "off",
+                                        "log_epochs": False})
+    records.check_record(trial.record)
+    assert "the test split was never evaluated" in render(trial.run_dir)
+    claimed = copy.deepcopy(trial.record)
+    claimed["header"]["config"]["eval_test"] = True
+    with pytest.raises(records.RecordError, match="selection rule '(last|best_val)' test is NoneType"):
+        records.check_record(claimed)
