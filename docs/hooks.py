@@ -124,6 +124,15 @@ def changes_results(key: str, opt: Any) -> bool:
     return bool(opt.changes_results)
 
 
+def extra_cell(value: Any) -> str:
+    """The cell of an extra Option field: a search range as its one-line text (``log 0.0001 ..
+    0.3``, ``one of auto, fixed``), any other value as the YAML a user would write."""
+    if value in (None, (), {}, []):
+        return "—"
+    text = getattr(value, "text", None)
+    return escape(text()) if callable(text) else code(value)
+
+
 OPTION_HEADER = ["option", "default", "allowed values", "changes results", "what it does"]
 
 
@@ -141,7 +150,7 @@ def options_table(options: Mapping[str, Any]) -> str:
                escape(opt.help) or "—"]
         for name in extra:
             value = getattr(opt, name)
-            row.append(code(value) if value not in (None, (), {}, []) else "—")
+            row.append(extra_cell(value))
         rows.append(row)
     return table(OPTION_HEADER + [f"`{n}`" for n in extra], rows)
 

@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError
 from mmbalance.heads import build_head
 from mmbalance.method import Method, Prediction
@@ -94,8 +94,9 @@ DEFAULT_ALPHA = 1.0  # the official argparse default; CREMA-D 1.5 (author reply,
 DEFAULT_CAP = 10.0  # CREMA-D (UR-Funny 7; none on AVE, MOSEI, AV-MNIST)
 
 OPTIONS: dict[str, Option] = {
+    # search range: official argparse default 1.0, CREMA-D 1.5 (author reply)
     "alpha": Option(DEFAULT_ALPHA, "modulation strength alpha in k = exp(alpha * min(rbar - r, cap))",
-                    type=float, min=0),
+                    type=float, min=0, search=Search(0.1, 3.0)),
     "cap": Option(DEFAULT_CAP, "upper cap on rbar - r inside the exponent (null = no cap)", type=float),
     "modulation_start": Option(0, "first epoch (0-based, inclusive) in which the scales are set", min=0),
     "modulation_end": Option(None, "last epoch (inclusive) in which the scales are set; null = whole run",

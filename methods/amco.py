@@ -101,7 +101,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError
 from mmbalance.method import Method, Prediction
 from mmbalance.registry import register_method
@@ -115,8 +115,9 @@ OPTIONS: dict[str, Option] = {
     "amco_schedule": Option("global", "mask-ratio ramp sin(pi/2 min(1, t/(eps T))) over the run (global) or "
                             "BalanceBenchmark's ramp restarted every epoch (per_epoch_bb)",
                             choices=("global", "per_epoch_bb")),
+    # search range: around BalanceBenchmark's 0.3
     "amco_eps": Option(0.3, "ramp length: share of the run's steps (global) or BalanceBenchmark's epsilon "
-                       "in units of its per-epoch counter (per_epoch_bb)", min=0.0, min_open=True),
+                       "in units of its per-epoch counter (per_epoch_bb)", min=0.0, min_open=True, search=Search(0.1, 0.9)),
     "amco_sigma": Option(None, "dependence threshold on a modality's softmax mass share (default 1/M)",
                          type=float, min=0.0, max=1.0, min_open=True, max_open=True),
     "amco_mask_scope": Option("batch", "one random mask per batch shared by its samples, or one per sample",

@@ -102,7 +102,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError
 from mmbalance.method import Method, Prediction
 from mmbalance.registry import register_method
@@ -112,8 +112,9 @@ BAND = 0.01  # the release's dead band around lam (two modalities only)
 LAM_TWO, LAM_MANY = 1.0, 0.4  # the release's lam for two modalities (CREMA-D) and three (NVGesture)
 
 OPTIONS: dict[str, Option] = {
+    # search range: around the release's 0.5
     "aug_residual_c": Option(0.5, "c of the residual term: the newest learner's CE is weighted by "
-                             "1 - c * q(previous ensemble) (HEAD 0.5, April code 0.2)", min=0.0, max=1.0),
+                             "1 - c * q(previous ensemble) (HEAD 0.5, April code 0.2)", min=0.0, max=1.0, search=Search(0.1, 1.0)),
     "aug_lam": Option(None, "lambda of the assignment check; default 1.0 for two modalities (ratio "
                       "S_a/S_b, band +-0.01), 0.4 for three or more (S_m / sum of the others)",
                       type=float, min=0.0, min_open=True),

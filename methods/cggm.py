@@ -99,7 +99,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError
 from mmbalance.heads import build_head
 from mmbalance.method import Method, Prediction
@@ -110,10 +110,12 @@ EPS = 1e-8  # the release's guard on D
 SMALL_D = 1e-3
 
 OPTIONS: dict[str, Option] = {
+    # search range: official 1.3, BraTS 1.0
     "cggm_rho": Option(1.3, "rho: encoder m's gradient is scaled by rho * B_m (official 1.3; BraTS 1.0)",
-                       min=0.0),
+                       min=0.0, search=Search(0.5, 2.0)),
+    # search range: official MOSI/IEMOCAP 0.2
     "cggm_lambda": Option(0.2, "lambda: weight of the direction loss l_gm (official MOSI/IEMOCAP 0.2, "
-                          "Food 0.05, BraTS 0.1)", min=0.0),
+                          "Food 0.05, BraTS 0.1)", min=0.0, search=Search(0.01, 1.0, log=True)),
     "cggm_cls_lr": Option(0.5, "classifier learning rate as a multiple of the run's lr (official 5e-4 "
                           "against 1e-3)", min=0.0, min_open=True),
     "cggm_direction": Option("current", "direction term: at the current weights with the previous B "

@@ -99,7 +99,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import UnsupportedError
 from mmbalance.heads import build_head
 from mmbalance.method import Method, Prediction
@@ -110,8 +110,9 @@ DESCRIPTION = "CML: calibrating multimodal learning, confidence must not rise wh
 SIGNS = ("cpm", "miwae", "bb_trick1", "none")
 
 OPTIONS: dict[str, Option] = {
+    # search range: BalanceBenchmark and the official code use 0.1
     "lam": Option(0.1, "weight of the confidence-ranking regulariser (BalanceBenchmark 0.1 = official "
-                  "MIWAE beta/100 with beta 10)", type=float, min=0),
+                  "MIWAE beta/100 with beta 10)", type=float, min=0, search=Search(0.01, 1.0, log=True)),
     "sign": Option("cpm", "which rises are penalised: cpm (official CPM-Nets: all but wrong->right), "
                    "miwae (larger set right, plus the both-wrong term), bb_trick1 (BalanceBenchmark's "
                    "unused mask), none (every rise)", choices=SIGNS),

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.heads import ConcatHead, SumHead
 from mmbalance.method import Method, Prediction
@@ -78,8 +78,9 @@ from mmbalance.registry import register_method
 NAME = "dgl"
 
 OPTIONS: dict[str, Option] = {
+    # search range: the authors' scripts: CREMA-D 4, Kinetics-Sounds 3
     "alpha": Option(3.0, "weight of the unimodal losses that alone train the encoders (scripts: "
-                    "CREMA-D 4, Kinetics-Sounds 3)", type=float, min=0, min_open=True),
+                    "CREMA-D 4, Kinetics-Sounds 3)", type=float, min=0, min_open=True, search=Search(0.5, 8.0, log=True)),
     "fusion_mode": Option("concat", "fused head: concat (ConcatFusion_DGL, full bias in z_m) or sum "
                           "(SumFusion_DGL); weight is refused", choices=("concat", "sum", "weight")),
 }

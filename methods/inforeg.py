@@ -104,7 +104,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.method import Method
 from mmbalance.registry import register_method
@@ -119,8 +119,9 @@ TRACED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 OPTIONS: dict[str, Option] = {
     "rule": Option("intended", "intended: the dominant modality, any of M, with its own window; "
                    "november / march: the two released versions (audio-keyed, M = 2)", choices=RULES),
+    # search range: around the released 0.95
     "beta_scale": Option(0.95, "c in beta = c * exp(tanh(gap)): every modality (intended), the audio "
-                         "modality (november, march)", type=float, min=0),
+                         "modality (november, march)", type=float, min=0, search=Search(0.1, 2.0)),
     "beta_other": Option(0.1, "c of the non-audio modality (rule=november only)", type=float, min=0),
     "threshold": Option(None, "the window is open while k > threshold; default: the rule's "
                         "(0.05; march 0.04)", type=float),

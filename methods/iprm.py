@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.fusion import MIXER_PARTS, PairGeometry
 from mmbalance.method import Method, Prediction
@@ -50,7 +50,8 @@ from mmbalance.registry import register_method
 DEFAULT_ALPHA = 0.8
 
 OPTIONS: dict[str, Option] = {
-    "alpha": Option(DEFAULT_ALPHA, "EMA momentum of the probing weight, Eq. (4); 0 = w/o EMA"),
+    # search range: the paper's per-dataset 0.7 / 0.8; 0 is the w/o-EMA ablation, not a setting
+    "alpha": Option(DEFAULT_ALPHA, "EMA momentum of the probing weight, Eq. (4); 0 = w/o EMA", search=Search(0.5, 0.95)),
     "ema": Option(True, "false = the 'w/o EMA' ablation (same as alpha=0: probe at the last omega)"),
     "probe_lambda": Option(
         "ema", "probe at the EMA weight (ema) or always at 0.5 (fixed; an alternative w/o-EMA reading)",

@@ -103,7 +103,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.method import Method
 from mmbalance.registry import register_method
@@ -114,9 +114,10 @@ FITTED_COEFFS = (2.04623704e-01, 3.35472727e-03, 1.22989557e-04, -2.92947416e-06
 FITTED_EPOCHS = 200
 
 OPTIONS: dict[str, Option] = {
+    # search range: the three schedules of the release
     "alpha_schedule": Option("fitted", "weights of CE and alignment per epoch: the released fitted polynomial, "
                              "the exponential heuristic, or the learnable (HVP) rule",
-                             choices=("fitted", "exp", "learnable")),
+                             choices=("fitted", "exp", "learnable"), search=Search(choices=('fitted', 'exp', 'learnable'))),
     "align": Option("mixkl", "alignment term: released mixture KL (mixkl) or the paper's InfoNCE (a guess)",
                     choices=("mixkl", "infonce")),
     "infonce_temperature": Option(0.1, "InfoNCE temperature (align=infonce; a guess)", min=0.0, min_open=True),
@@ -124,7 +125,8 @@ OPTIONS: dict[str, Option] = {
                          "1 (exp, as in its script)", type=float, min=0.0, min_open=True),
     "fitted_rescale": Option(True, "fitted: evaluate the polynomial at e * 200 / epochs (false: at e, official)"),
     "fitted_clamp": Option(True, "fitted: clamp alpha_ce to [0, 1] (false: official, alpha_al < 0 near e=183)"),
-    "exp_rate": Option(0.3, "exp: alpha_al = clip(exp(-rate * epoch))", min=0.0),
+    # search range: around the release's 0.3
+    "exp_rate": Option(0.3, "exp: alpha_al = clip(exp(-rate * epoch))", min=0.0, search=Search(0.05, 1.0, log=True)),
     "alpha_min": Option(0.05, "exp/learnable: lower clip of alpha_al", min=0.0, max=1.0),
     "alpha_max": Option(0.95, "exp/learnable: upper clip of alpha_al", min=0.0, max=1.0),
     "alpha_al_init": Option(0.95, "learnable: alpha_al before the update of epoch 0 (official 0.95)", min=0.0, max=1.0),

@@ -83,7 +83,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import UnsupportedError
 from mmbalance.method import Method
 from mmbalance.registry import register_method
@@ -95,7 +95,8 @@ OPTIONS: dict[str, Option] = {
     "mbsd_variant": Option("distill", "distill: true KL from the stronger modality (detached teacher and "
                            "weights), logit alignment for any M; bb: BalanceBenchmark's loss as it computes it",
                            choices=("distill", "bb")),
-    "mbsd_kd_weight": Option(1.0, "weight of the distillation term", min=0.0),
+    # search range: around the release's 1.0
+    "mbsd_kd_weight": Option(1.0, "weight of the distillation term", min=0.0, search=Search(0.1, 3.0, log=True)),
     "mbsd_rs_weight": Option(1.0, "weight of the output-alignment term", min=0.0),
 }
 

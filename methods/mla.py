@@ -108,7 +108,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError
 from mmbalance.method import Method, Prediction
 from mmbalance.registry import register_method
@@ -120,8 +120,9 @@ OPTIONS: dict[str, Option] = {
         "owm", "gradient modification of the shared head: owm (scalar-denominator projection, P "
         "updated after each sub-step), none (as released: never runs), bb_additive "
         "(BalanceBenchmark), elementwise (the released rule made to run)", choices=GM_RULES),
+    # search range: the paper's entropy-weighted inference vs its fixed-weight ablation
     "mla_fusion": Option("dynamic", "inference: entropy-weighted (dynamic) or fixed-weight sum of the "
-                         "shared head's per-modality logits", choices=("dynamic", "fixed")),
+                         "shared head's per-modality logits", choices=("dynamic", "fixed"), search=Search(choices=('dynamic', 'fixed'))),
     "mla_entropy_scope": Option("sample", "dynamic fusion weights per test sample, or per test batch "
                                 "(the official quirk)", choices=("sample", "batch")),
     "mla_fixed_weights": Option(None, "fixed fusion weights {modality: w} (default 1/M)", type=dict),

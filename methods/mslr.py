@@ -64,7 +64,7 @@ from typing import Any
 
 import torch
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError, MMBalanceError
 from mmbalance.heads import SumHead
 from mmbalance.method import Method
@@ -77,8 +77,9 @@ GROUP_PREFIX = "modality."
 SHARED_GROUP = "shared"
 
 OPTIONS: dict[str, Option] = {
+    # search range: the paper's two rules (adapt / keep)
     "rule": Option("auto", "auto: adapt each modality's rate from its validation accuracy history; "
-                   "fixed: keep each modality's multiplier (the paper's 'keep')", choices=("auto", "fixed")),
+                   "fixed: keep each modality's multiplier (the paper's 'keep')", choices=("auto", "fixed"), search=Search(choices=('auto', 'fixed'))),
     "lr_mult": Option({}, "per-modality initial multiplier of the base lr, e.g. "
                       "--set 'lr_mult={audio: 0.9, visual: 1.1}'; missing modalities get 1", type=dict),
     "history": Option(DEFAULT_H, "H: validation accuracies kept per modality (auto rule)", min=1),

@@ -89,7 +89,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.heads import build_head
 from mmbalance.method import Method
@@ -100,8 +100,9 @@ NOISE_EPS = 1e-8  # the official code's epsilon on the noise std
 TINY = torch.finfo(torch.float32).tiny
 
 OPTIONS: dict[str, Option] = {
+    # search range: around the official 0.8 (CVPR main.py, journal train_ogm.sh)
     "alpha": Option(0.8, "alpha of Eq. 10, k = 1 - tanh(alpha * rho) on the dominant modality "
-                    "(README: 0.8 CREMA-D, 0.1 VGGSound; journal KS 0.8)", type=float, min=0),
+                    "(README: 0.8 CREMA-D, 0.1 VGGSound; journal KS 0.8)", type=float, min=0, search=Search(0.1, 1.5)),
     "ge": Option(True, "generalisation enhancement: add N(0, std(g)^2) noise to both encoders' "
                  "gradients (OGM-GE); false = plain OGM, scaling only"),
     "modulation_starts": Option(0, "first epoch (0-based, inclusive) of the modulation window", min=0),

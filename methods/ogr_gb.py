@@ -142,7 +142,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError
 from mmbalance.heads import build_head
 from mmbalance.method import EstimationCost, Method, Prediction
@@ -156,8 +156,9 @@ TAG = "ogr_gb"
 OPTIONS: dict[str, Option] = {
     "mode": Option("online", "online: re-estimate the blend weights every super_epoch epochs from the "
                    "current model; offline: once from the initial weights", choices=("online", "offline")),
+    # search range: BalanceBenchmark 10, MultiBench 20 epochs per estimate
     "super_epoch": Option(10, "epochs per estimate; also the length of each estimation's sub-training "
-                          "(BalanceBenchmark 10, MultiBench 20)", type=int, min=1),
+                          "(BalanceBenchmark 10, MultiBench 20)", type=int, min=1, search=Search(2, 20)),
     "estimation_optimizer": Option("fresh", "optimizer of the sub-training: fresh (dataset recipe at "
                                    "the base rate) or copy (the run's optimizer state and current rate)",
                                    choices=("fresh", "copy")),

@@ -60,15 +60,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError, MMBalanceError, UnsupportedError
 from mmbalance.method import Method, Prediction
 from mmbalance.registry import register_method
 
 OPTIONS: dict[str, Option] = {
-    "alpha": Option(1.0, "PCE weight on the weaker modality (official argparse default 1.0)", min=0.0),
+    # search range: official argparse default 1.0, CREMA-D 2.0
+    "alpha": Option(1.0, "PCE weight on the weaker modality (official argparse default 1.0)", min=0.0, search=Search(0.1, 3.0)),
+    # search range: mu: the scripts use 0 almost everywhere; the EMA form allows up to 1
     "momentum_coef": Option(0.0, "prototype EMA momentum mu: protos = (1-mu)*new + mu*old from epoch 2 on",
-                            min=0.0, max=1.0),
+                            min=0.0, max=1.0, search=Search(0.0, 0.9)),
     "modulation_start": Option(0, "first epoch (0-based, inclusive) with the PCE term", min=0),
     "modulation_end": Option(70, "last epoch (0-based, inclusive) with the PCE term", min=0),
     "proto_fraction": Option(0.1, "share of the training batches of the prototype pass (floor, at least 1)",

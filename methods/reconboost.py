@@ -116,7 +116,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.method import Method, Phase, Prediction
 from mmbalance.registry import register_method
@@ -128,8 +128,9 @@ PRESETS: dict[str, tuple[int, int]] = {"budget": (1, 1), "official": (4, 4)}
 OPTIONS: dict[str, Option] = {
     "recon_preset": Option("budget", "passes per phase: budget = E_A = E_B = 1, official = E_A = E_B = 4",
                            choices=tuple(PRESETS)),
+    # search range: stage length: budget preset 1 pass, official 4
     "recon_epochs_a": Option(None, "E_A, passes of phase A (boosting fit) per stage; default: the preset's",
-                             type=int, min=1),
+                             type=int, min=1, search=Search(1, 4)),
     "recon_epochs_b": Option(None, "E_B, passes of phase B (global rectification) per stage, 0 = none; "
                              "default: the preset's", type=int, min=0),
     "recon_epoch": Option("stage", "what one epoch is: a whole stage, or one data pass (a stage then "
@@ -143,7 +144,8 @@ OPTIONS: dict[str, Option] = {
                        "learner)", choices=("off", "replicate_forward", "grad")),
     "recon_frozen_eval_mode": Option(False, "run the frozen other learners of phase A in eval mode "
                                      "(official: train mode)"),
-    "recon_beta_init": Option(1.0, "initial beta (official boost_rate 1.0; BalanceBenchmark 0.01)"),
+    # search range: official boost_rate 1.0, BalanceBenchmark 0.01
+    "recon_beta_init": Option(1.0, "initial beta (official boost_rate 1.0; BalanceBenchmark 0.01)", search=Search(0.01, 1.0, log=True)),
     "recon_head": Option("mlp", "shared head: mlp d -> hidden -> ReLU -> C (audio-visual code) or linear "
                          "d -> C (sentiment code)", choices=("mlp", "linear")),
     "recon_head_hidden": Option(256, "hidden width of the mlp shared head", min=1),

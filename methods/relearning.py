@@ -96,7 +96,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError
 from mmbalance.method import Method
 from mmbalance.registry import register_method
@@ -106,8 +106,9 @@ KMEANS_SEED = 0  # the official random_state
 MIN_PER_CLASS = 20  # below this many held-out samples of a class, purity is too noisy to trust
 
 OPTIONS: dict[str, Option] = {
+    # search range: around the official lambda 3
     "move_lambda": Option(3.0, "lambda: re-initialisation strength alpha = tanh(lambda * |P_train - P_heldout|)",
-                          min=0.0),
+                          min=0.0, search=Search(1.0, 5.0)),
     "reinit_epoch": Option(20, "diagnose and re-initialise after every epoch k with k % reinit_epoch == 0, "
                            "k > 0 (0-based, after its evaluation)", min=1),
     "reinit_num": Option(3, "at most this many re-initialisations per run", min=0),

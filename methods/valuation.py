@@ -117,7 +117,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmbalance.config import Option
+from mmbalance.config import Option, Search
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.method import Method, Phase
 from mmbalance.registry import register_method
@@ -141,8 +141,9 @@ OPTIONS: dict[str, Option] = {
     "level": Option("sample", "sample: copies per sample from its own Shapley values; modality: "
                     "copies of random samples keeping the weaker modality, from the mean values "
                     "on a random part Z of train", choices=("sample", "modality")),
+    # search range: official 5 plain epochs before the first resampling
     "warmup": Option(5, "plain epochs before the first resampled one (official 5): the valuation "
-                     "runs at the start of every epoch >= warmup", min=0),
+                     "runs at the start of every epoch >= warmup", min=0, search=Search(1, 10)),
     "value": Option("size_weighted", "coalition value: size_weighted v(S) = |S| 1[correct] "
                     "(official), correct v(S) = 1[correct] (BalanceBenchmark)",
                     choices=("size_weighted", "correct")),

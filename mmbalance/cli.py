@@ -59,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--dataset", required=True)
     _add_run_args(p_run)
 
+    p_tune = sub.add_parser("tune", help="search a method's settings on validation (Optuna study, fixed budget)")
+    p_tune.add_argument("--method", required=True)
+    p_tune.add_argument("--dataset", required=True)
+    p_tune.add_argument("--trials", type=int, required=True,
+                        help="finished trials (complete or pruned) the study holds at the end")
+    p_tune.add_argument("--jobs", type=int, default=1, help="worker processes on the study (default 1)")
+    p_tune.add_argument("--seed", type=int, help="seed of every trial's run and of the sampler (default 0)")
+    p_tune.add_argument("--epochs", type=int, help="training epochs of each trial (default: the dataset's)")
+    p_tune.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p_tune.add_argument("--data-root", help="data root (default $MMBALANCE_DATA_ROOT, ./data or ../shared/data)")
+    p_tune.add_argument("--records", help="directory for the trials' runs and studies/ (default ./runs)")
+    p_tune.add_argument("--config", help="YAML file of settings (applied before --set)")
+    p_tune.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a base setting of every trial; a searched key set here is fixed, not searched")
+    p_tune.add_argument("--prune-startup", type=int, default=5,
+                        help="trials that finish before the median pruner stops any (default 5)")
+    p_tune.add_argument("--prune-warmup", type=int, default=0,
+                        help="epochs of every trial before it may be pruned (default 0)")
+
     p_cfg = sub.add_parser("config", help="show every setting a run would use, with its help and owner")
     p_cfg.add_argument("--method", required=True)
     p_cfg.add_argument("--dataset", required=True)
@@ -165,7 +184,10 @@ def summary_table(record: dict[str, Any]) -> str:
     header = record["header"]
     rows = []
     for rule, chosen in record["final"]["selection"].items():
-        test = chosen["test"]
+        test = chosen["test"] or {}  # none when the run did not evaluate test (eval_test=false)
+        if not test:
+            rows.append([rule, chosen["epoch"] + 1, "–", "–", "–"] + ["–" for _ in header["modalities"]])
+            continue
         row = [rule, chosen["epoch"] + 1, f"{test['fused']['acc']:.2f}", f"{test['fused']['map']:.2f}",
                f"{test['fused']['f1']:.2f}"]
         row += [f"{test[m]['acc']:.2f}" if m in test else "–" for m in header["modalities"]]
@@ -197,6 +219,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mmbalance.tune import tune
+
+    result = tune(args.method, args.dataset, args.trials, _overrides(args), jobs=args.jobs, yaml_path=args.config,
+                  prune_startup=args.prune_startup, prune_warmup=args.prune_warmup)
+    return 0 if result.best_value is not None else 1
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from mmbalance.config import describe
     from mmbalance.runner import resolve_config
@@ -218,6 +248,12 @@ def cmd_grid(args: argparse.Namespace) -> int:
         return grid_status(grid, {"progress": "off", "log_epochs": False, **base})
     if args.launcher != "pool":
         from mmbalance.launchers import RESOURCES, submit_grid
+
+        if grid.tune is not None and not args.dry_run:
+            raise MMBalanceError(
+                f"Grid '{grid.name}' has a tune: key, which the {args.launcher} launcher does not run (it would "
+                f"train only the default cells). Run the grid with the default pool launcher, or run each "
+                f"study with 'mmbalance tune' first.")
 
         resources = {**grid.slurm, **{k: getattr(args, k) for k in RESOURCES if getattr(args, k, None) is not None}}
         return submit_grid(grid, base, args.launcher, resources, dry_run=args.dry_run, wait=args.wait or None)
@@ -315,7 +351,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "config": cmd_config, "run": cmd_run, "grid": cmd_grid, "show": cmd_show, "probe": cmd_probe, "plot": cmd_plot,
+COMMANDS = {"list": cmd_list, "config": cmd_config, "run": cmd_run, "tune": cmd_tune, "grid": cmd_grid, "show": cmd_show, "probe": cmd_probe, "plot": cmd_plot,
             "leaderboard": cmd_leaderboard, "prepare": cmd_prepare}
 
 

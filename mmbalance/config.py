@@ -25,6 +25,66 @@ from mmbalance.registry import DATASETS, METHODS
 
 
 @dataclass(frozen=True)
+class Search:
+    """The range a tuner searches for one option: numbers from ``low`` to ``high`` (inclusive;
+    ``log`` samples evenly in the logarithm, ``step`` keeps a grid), or one of ``choices``.
+
+    Declared beside the option (``Option(..., search=Search(1e-4, 1e-1, log=True))``) so every
+    method carries the ranges its paper or official code motivates, and a tuner of any method
+    reads them from one place. Checked when declared: a range that cannot be sampled is a
+    programming error in the plugin, not something a user should meet mid-study."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise SearchRangeError(f"{self}: give either choices or low/high (with log or step), not both.")
+            if not isinstance(self.choices, tuple):
+                object.__setattr__(self, "choices", tuple(self.choices))
+            if len(self.choices) < 2:
+                raise SearchRangeError(f"{self}: a search over choices needs at least two of them.")
+            return
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+                raise SearchRangeError(f"{self}: '{name}' must be a number (got {value!r}), e.g. Search(0.1, 1.0).")
+        if not self.low < self.high:
+            raise SearchRangeError(f"{self}: low must be below high (got low={self.low!r}, high={self.high!r}).")
+        if self.log and self.low <= 0:
+            raise SearchRangeError(f"{self}: a log range needs low > 0 (got low={self.low!r}); "
+                                   f"use a linear range to include 0.")
+        if self.step is not None:
+            if self.log:
+                raise SearchRangeError(f"{self}: a log range takes no step (Optuna samples it continuously).")
+            if not isinstance(self.step, int | float) or isinstance(self.step, bool) or not self.step > 0:
+                raise SearchRangeError(f"{self}: step must be a number > 0 (got {self.step!r}).")
+
+    @property
+    def is_int(self) -> bool:
+        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high, self.step or 1))
+
+    def text(self) -> str:
+        """One line for the docs: 'log 1e-05 .. 0.1', '0 .. 1 step 0.1', 'one of a, b'."""
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        def num(v: float) -> str:
+            return str(v) if isinstance(v, int) else f"{v:g}"
+        body = f"{num(self.low)} .. {num(self.high)}"
+        if self.log:
+            return f"log {body}"
+        return f"{body} step {num(self.step)}" if self.step is not None else body
+
+
+class SearchRangeError(ValueError):
+    """A search range that cannot be sampled, or that leaves its option's allowed values."""
+
+
+@dataclass(frozen=True)
 class Option:
     """A config key with its default, allowed values, numeric range and a one-line help.
 
@@ -44,6 +104,11 @@ class Option:
     min_open: bool = False
     max_open: bool = False
     changes_results: bool = True
+    search: Search | None = None  # the range ``mmbalance tune`` searches; None = not searched
+
+    def __post_init__(self) -> None:
+        if self.search is not None:
+            _check_search(self)
 
     def range_text(self) -> str:
         def num(v: float) -> str:  # an int bound in full (a seed's 4294967295, not 4.29497e+09)
@@ -52,6 +117,41 @@ class Option:
         lo = "" if self.min is None else f"{'>' if self.min_open else '>='} {num(self.min)}"
         hi = "" if self.max is None else f"{'<' if self.max_open else '<='} {num(self.max)}"
         return " and ".join(t for t in (lo, hi) if t)
+
+
+def _check_search(option: Option) -> None:
+    """A declared search range stays inside what its option accepts: choices among the
+    option's choices (or true/false for a flag), integer bounds and step for an integer option,
+    numbers within min/max. Raised where the plugin is imported, naming the option's help."""
+    search = option.search
+    label = " ".join(option.help.split()[:8]) or repr(option.default)
+    what = f"Search range {search!r} of the option '{label} ...'"
+    if not isinstance(search, Search):
+        raise SearchRangeError(f"{what}: declare it as a Search(...), e.g. Search(1e-4, 1e-1, log=True).")
+    kind = option.type or (type(option.default) if option.default is not None else None)
+    if search.choices is not None:
+        allowed = option.choices if option.choices is not None else ((True, False) if kind is bool else None)
+        if allowed is not None:
+            bad = [c for c in search.choices if c not in allowed]
+            if bad:
+                raise SearchRangeError(f"{what}: {', '.join(map(repr, bad))} not among the option's values "
+                                       f"{', '.join(map(repr, allowed))}.")
+        return
+    if option.choices is not None or kind in (bool, str, list, dict, tuple):
+        raise SearchRangeError(f"{what}: a numeric range on a non-numeric option; use Search(choices=(...)).")
+    if kind is int and not search.is_int:
+        raise SearchRangeError(f"{what}: the option is an integer, so low, high and step must be integers "
+                               f"(got {search.low!r}, {search.high!r}, {search.step!r}).")
+    for end in (search.low, search.high):
+        if not _within(end, option):
+            raise SearchRangeError(f"{what}: {end!r} is outside the option's range ({option.range_text()}).")
+
+
+def _within(value: float, option: Option) -> bool:
+    """Whether a number satisfies the option's min/max (open or closed); NaN never does."""
+    too_low = option.min is not None and (value <= option.min if option.min_open else value < option.min)
+    too_high = option.max is not None and (value >= option.max if option.max_open else value > option.max)
+    return not (too_low or too_high or value != value)
 
 
 def _opt(default: Any, help: str = "", choices: Iterable[Any] | None = None, type=None, **bounds: Any) -> Option:
@@ -70,9 +170,11 @@ TRAINER_OPTIONS: dict[str, Option] = {
     "batch_size": _opt(64, "training batch size", min=1),
     "eval_batch_size": _opt(None, "evaluation batch size (default: 2 x batch_size)", type=int, min=1, changes_results=False),
     "optimizer": _opt("sgd", "optimizer", ["sgd", "adam", "adamw"]),
-    "lr": _opt(0.01, "learning rate", min=0, min_open=True),
+    # search range: the recipes of the papers span Adam 1e-4 to SGD 1e-1
+    "lr": _opt(0.01, "learning rate", min=0, min_open=True, search=Search(1e-4, 0.3, log=True)),
     "momentum": _opt(0.9, "SGD momentum", min=0, max=1),
-    "weight_decay": _opt(1e-4, "weight decay", min=0),
+    # search range: the recipes use 0 to 5e-4; log-spaced around them
+    "weight_decay": _opt(1e-4, "weight decay", min=0, search=Search(1e-6, 1e-2, log=True)),
     "scheduler": _opt("step", "learning-rate schedule, stepped once per epoch", ["none", "step", "cosine"]),
     "step_size": _opt(70, "StepLR period in epochs", min=1),
     "gamma": _opt(0.1, "StepLR decay factor", min=0, min_open=True),
@@ -105,6 +207,9 @@ TRAINER_OPTIONS: dict[str, Option] = {
     "diagnostics": _opt(True, "after training: linear probes of the frozen encoders and each modality's "
                         "Shapley contribution to the fused accuracy (diagnostics.json, the final row)", changes_results=False),
     "log_epochs": _opt(True, "print one line per epoch (loss, val/test accuracy, per modality, seconds)", changes_results=False),
+    "eval_test": _opt(
+        True, "evaluate the test split every epoch; false = the run never reads it (no test metrics, no "
+        "diagnostics): what a tuning trial runs, so the search cannot see test"),
     "limit_train_batches": _opt(None, "stop each training epoch after this many batches (smoke tests)", type=int, min=1),
     "limit_eval_batches": _opt(None, "evaluate on at most this many batches (smoke tests)", type=int, min=1),
     "checkpoint": _opt(True, "save a checkpoint each epoch so a killed run resumes", changes_results=False),
@@ -228,9 +333,7 @@ def _check_range(key: str, value: Any, option: Option, owner: str) -> None:
         return
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
-    too_low = option.min is not None and (value <= option.min if option.min_open else value < option.min)
-    too_high = option.max is not None and (value >= option.max if option.max_open else value > option.max)
-    if too_low or too_high or value != value:  # NaN is never in range
+    if not _within(value, option):  # NaN is never in range
         raise ConfigError(f"Bad value {value!r} for '{key}' ({owner}): it must be {option.range_text()}.")
 
 
@@ -434,6 +537,12 @@ def registered_plugins(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     return found[0], found[1]
 
 
+#: Trainer keys added after runs were recorded that enter a run's identity only when set away from
+#: their default, so every run folder recorded before keeps its name (``eval_test=false`` records
+#: no test metrics: such a run must never stand for one that has them).
+IDENTITY_ONLY_WHEN_SET: dict[str, Any] = {"eval_test": True}
+
+
 def identity(cfg: Mapping[str, Any], dataset_cls: Any = None, method_cls: Any = None) -> dict[str, Any]:
     """The settings that can change a computed number: every key of ``cfg`` except those whose
     Option declares ``changes_results=False`` (logging, paths, file-reading switches). A key no
@@ -442,7 +551,8 @@ def identity(cfg: Mapping[str, Any], dataset_cls: Any = None, method_cls: Any = 
     if dataset_cls is None and method_cls is None:
         dataset_cls, method_cls = registered_plugins(cfg)
     declared = declared_options(dataset_cls, method_cls)
-    return {k: v for k, v in cfg.items() if k not in declared or declared[k][0].changes_results}
+    return {k: v for k, v in cfg.items() if (k not in declared or declared[k][0].changes_results)
+            and not (k in IDENTITY_ONLY_WHEN_SET and v == IDENTITY_ONLY_WHEN_SET[k])}
 
 
 def config_hash(

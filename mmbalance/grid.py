@@ -6,6 +6,7 @@ A grid file (YAML)::
     records: runs/iprm-small         # optional; --records overrides it
     seeds: [0, 1, 2]
     set: {epochs: 20}                # settings for every cell
+    sweep: {lr: [0.01, 0.1]}         # optional: one cell per combination of the listed values
     datasets:
       - avdigits
       - {name: mfeat, set: {modalities: [fac, mor]}}
@@ -64,9 +65,23 @@ class Cell:
     overrides: dict[str, Any] = field(default_factory=dict)
     # where each override was written ("grid file 'g.yaml', top-level set"), for its errors
     origins: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    swept: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # this cell's sweep values
+    note: str = field(default="", compare=False, repr=False)  # "tuned": its values come from a study
 
     def __str__(self) -> str:
-        return f"{self.method} on {self.dataset} seed {self.seed}"
+        values = ", ".join(f"{k}={v}" for k, v in self.swept.items())
+        shown = f" [{self.note + ': ' if self.note else ''}{values}]" if values or self.note else ""
+        return f"{self.method} on {self.dataset}{shown} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """A grid's ``tune:``: ``trials`` finished trials per method x setting (one study each),
+    every trial training ``seeds`` (default: the grid's first seed); then each best
+    configuration runs over the grid's seeds beside the defaults."""
+
+    trials: int
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -75,6 +90,7 @@ class Grid:
     cells: list[Cell]
     records: str | None = None
     slurm: dict[str, Any] = field(default_factory=dict)  # resources for --launcher slurm
+    tune: TuneSpec | None = None
 
 
 # ---- the grid file ----------------------------------------------------------------------------
@@ -134,24 +150,59 @@ def _seeds(value: Any, path: Path) -> list[int]:
     return seeds
 
 
-BLOCK_KEYS = ("seeds", "set", "datasets", "methods")
+BLOCK_KEYS = ("seeds", "set", "sweep", "datasets", "methods")
 
 
-def _block_cells(block: Mapping[str, Any], seeds: list[int], common: Mapping[str, Any], where: str, p: Path) -> list[Cell]:
-    """Cells of one methods x datasets x seeds product (the file itself, or one of its blocks).
-    Each cell remembers which ``set:`` each of its settings came from, for its errors."""
+def _sweep(value: Any, where: str, p: Path) -> dict[str, list[Any]]:
+    """A ``sweep:`` mapping, each key a non-empty list of values (keys checked as ``set:``'s)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"Grid file '{p}': 'sweep' {where} must be a mapping of settings to lists of values, "
+                          f"e.g. sweep: {{lr: [0.01, 0.1], alpha: [0.5, 1.0]}}; got {value!r}.")
+    _settings(value, f"in the sweep {where}", p)  # seed, records, method, dataset are refused as in set:
+    for key, values in value.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"Grid file '{p}': sweep key '{key}' {where} must list its values, e.g. "
+                              f"{key}: [{values!r}, ...]; got {values!r}.")
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise ConfigError(f"Grid file '{p}': sweep key '{key}' {where} lists {twice[0]!r} more than once.")
+    return {str(k): list(v) for k, v in value.items()}
+
+
+def sweep_combinations(sweep: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+    """One settings dict per combination of the swept values, the first key varying slowest
+    ({} when nothing is swept: one cell)."""
+    import itertools
+
+    keys = list(sweep)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _block_cells(block: Mapping[str, Any], seeds: list[int], common: Mapping[str, Any], where: str, p: Path,
+                 top_sweep: Mapping[str, list[Any]] | None = None) -> list[Cell]:
+    """Cells of one methods x datasets x sweep x seeds product (the file itself, or one of its
+    blocks). Each cell remembers which ``set:`` or ``sweep:`` each of its settings came from,
+    for its errors."""
     seeds = _seeds(block["seeds"], p) if "seeds" in block else seeds
     own = _settings(block.get("set"), f"of {where}", p)
-    origins = {**_origins(common, "top-level set", p), **_origins(own, f"set of {where}", p)}
+    own_sweep = _sweep(block.get("sweep"), f"of {where}", p) if where else {}
+    sweep = {**(top_sweep or {}), **own_sweep}
+    origins = {**_origins(common, "top-level set", p), **_origins(own, f"set of {where}", p),
+               **_origins({k: 0 for k in sweep if k not in own_sweep}, "top-level sweep", p),
+               **_origins(own_sweep, f"sweep of {where}", p)}
     common = {**common, **own}
     tag = f" ({where})" if where else ""
     inside = f" in {where}" if where else ""
     return [
-        Cell(m, d, s, {**common, **dset, **mset},
+        Cell(m, d, s, {**common, **dset, **mset, **combo},
              {**origins, **_origins(dset, f"set of datasets entry '{d}'{inside}", p),
-              **_origins(mset, f"set of methods entry '{m}'{inside}", p)})
+              **_origins(mset, f"set of methods entry '{m}'{inside}", p),
+              **{k: origins[k] for k in combo}}, combo)
         for d, dset in _entries(block.get("datasets"), f"datasets{tag}", p)
         for m, mset in _entries(block.get("methods"), f"methods{tag}", p)
+        for combo in sweep_combinations(sweep)
         for s in seeds
     ]
 
@@ -187,7 +238,7 @@ def load_grid(path: str | Path, profile: str | None = None) -> Grid:
     the cells of one of the file's ``profiles`` (seeds, dataset and method names)."""
     p = Path(path)
     data = read_yaml_mapping(p, "Grid file")
-    allowed = ("name", "records", "seeds", "set", "datasets", "methods", "blocks", "slurm", "profiles")
+    allowed = ("name", "records", "seeds", "set", "sweep", "tune", "datasets", "methods", "blocks", "slurm", "profiles")
     unknown = set(data) - set(allowed)
     if unknown:
         raise ConfigError(f"Grid file '{p}' has unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}.")
@@ -196,9 +247,10 @@ def load_grid(path: str | Path, profile: str | None = None) -> Grid:
         raise ConfigError(f"Grid file '{p}': 'slurm' must be a mapping of resources, e.g. {{gpus_per_task: 1}}.")
     seeds = _seeds(data.get("seeds", [0]), p)
     common = _settings(data.get("set"), "at the top level", p)
+    top_sweep = _sweep(data.get("sweep"), "at the top level", p)
     blocks = data.get("blocks")
     if blocks is None:
-        cells = _block_cells({k: data.get(k) for k in ("datasets", "methods")}, seeds, common, "", p)
+        cells = _block_cells({k: data.get(k) for k in ("datasets", "methods")}, seeds, common, "", p, top_sweep)
     else:
         if "datasets" in data or "methods" in data:
             raise ConfigError(f"Grid file '{p}' has both 'blocks' and top-level datasets/methods; "
@@ -210,7 +262,7 @@ def load_grid(path: str | Path, profile: str | None = None) -> Grid:
             if not isinstance(block, Mapping) or set(block) - set(BLOCK_KEYS):
                 raise ConfigError(f"Grid file '{p}': block {i} must be a mapping with keys among "
                                   f"{', '.join(BLOCK_KEYS)}; got {block!r}.")
-            cells += _block_cells(block, seeds, common, f"block {i}", p)
+            cells += _block_cells(block, seeds, common, f"block {i}", p, top_sweep)
     if profile is not None:
         keep = _profile_filter(data, profile, p)
         cells = [c for c in cells if c.seed in keep.get("seeds", {c.seed}) and c.dataset in keep.get("datasets", {c.dataset})
@@ -221,7 +273,20 @@ def load_grid(path: str | Path, profile: str | None = None) -> Grid:
     unique: dict[str, Cell] = {}
     for c in cells:
         unique.setdefault(repr((c.method, c.dataset, c.seed, sorted(c.overrides.items(), key=str))), c)
-    return Grid(str(data.get("name", p.stem)), list(unique.values()), data.get("records"), dict(slurm))
+    return Grid(str(data.get("name", p.stem)), list(unique.values()), data.get("records"), dict(slurm),
+                _tune_spec(data.get("tune"), p))
+
+
+def _tune_spec(value: Any, p: Path) -> TuneSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or "trials" not in value or set(value) - {"trials", "seeds"}:
+        raise ConfigError(f"Grid file '{p}': 'tune' must be a mapping with 'trials' (and optionally 'seeds'), "
+                          f"e.g. tune: {{trials: 20, seeds: [0]}}; got {value!r}.")
+    trials = value["trials"]
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ConfigError(f"Grid file '{p}': tune: trials must be an integer >= 1; got {trials!r}.")
+    return TuneSpec(trials, tuple(_seeds(value["seeds"], p)) if "seeds" in value else None)
 
 
 # ---- one cell ---------------------------------------------------------------------------------
@@ -597,6 +662,41 @@ def progress_line(outcomes: Mapping[int, str], to_train: int, eta_s: float, jobs
             f"{left - running} waiting of {to_train}; ETA {eta_text}")
 
 
+def tuned_grid(grid: Grid, base: Mapping[str, Any], jobs: int = 1, say: Callable[[str], None] | None = None) -> Grid:
+    """Tune every method x setting of the grid with the same budget (one study each, on
+    validation), then add its best configuration over the grid's seeds. A best configuration
+    equal to the defaults adds no cell (its runs are the defaults' runs)."""
+    from mmbalance import tune as tuning
+
+    say = say or tuning._print
+    assert grid.tune is not None
+    spec = grid.tune
+    groups: dict[str, list[Cell]] = {}
+    for c in grid.cells:
+        groups.setdefault(repr((c.method, c.dataset, sorted(c.overrides.items(), key=str))), []).append(c)
+    have = {check_cell(c, base).detail for c in grid.cells}
+    extra: list[Cell] = []
+    for i, cells in enumerate(groups.values(), 1):
+        first = cells[0]
+        if check_cell(first, base).state == NOT_APPLICABLE:
+            continue
+        seeds = list(spec.seeds or [first.seed])
+        say(f"tune [{i}/{len(groups)}] {first.method} on {first.dataset}: {spec.trials} trials, seeds {seeds}")
+        result = tuning.tune(first.method, first.dataset, spec.trials, {**first.overrides, **base, "seed": seeds[0]},
+                             jobs=jobs, seeds=seeds, say=lambda line: say(f"  {line}"))
+        if result.best_value is None:
+            continue
+        for c in cells:
+            tuned = Cell(c.method, c.dataset, c.seed, {**c.overrides, **result.best_params},
+                         {**c.origins, **{k: f"study {result.name}" for k in result.best_params}},
+                         dict(result.best_params), "tuned")
+            state = check_cell(tuned, base)
+            if state.detail not in have:
+                have.add(state.detail)
+                extra.append(tuned)
+    return Grid(grid.name, grid.cells + extra, grid.records, grid.slurm, None)
+
+
 def run_grid(
     grid: Grid, shared: Mapping[str, Any], dry_run: bool = False, jobs: int = 1, gpus: list[str] | None = None
 ) -> int:
@@ -609,6 +709,14 @@ def run_grid(
     corrupt each other's records.
     """
     base = {"records": grid.records or "runs", "progress": "off", "log_epochs": False, **shared}
+    if grid.tune is not None and not dry_run:
+        invalid = bad_cells_error(grid, check_grid(grid, base), "no study and no cell was trained")
+        if invalid:
+            raise invalid
+        grid = tuned_grid(grid, base, jobs)
+    elif grid.tune is not None:
+        print(f"grid {grid.name}: tune: {grid.tune.trials} trials per method x setting, then each best "
+              f"configuration over the grid's seeds (not listed in a dry run)", flush=True)
     n = len(grid.cells)
     tags = [f"[{i}/{n}] {c}" for i, c in enumerate(grid.cells, 1)]
     states = check_grid(grid, base)

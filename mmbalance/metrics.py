@@ -78,6 +78,9 @@ def select_epoch(history: Sequence[dict[str, Any]], rule: str) -> dict[str, Any]
     if rule == "last":
         return history[-1]
     split = {"best_val": "val", "best_test": "test"}[rule]
+    history = [e for e in history if e.get(split) is not None]  # no test under eval_test=false
+    if not history:
+        return None
     best = None
     for entry in history:
         acc = entry[split]["fused"]["acc"]

@@ -469,20 +469,24 @@ def plot_main(target: str, out: str | None = None, rule: str = "best_val") -> in
         records.ensure_dir(dest)
         made = plot_run(path, dest)
     else:
+        from mmbalance.tune import study_databases, study_pictures
+
         loaded = collect_runs(path)
         recs, skipped = loaded
         for run_dir, reason in skipped:
             print(f"warning: skipped damaged record {run_dir}: {reason}", file=sys.stderr)
         for kept, copy in loaded.duplicates:
             print(f"warning: {duplicate_message(kept, copy)}", file=sys.stderr)
-        if not recs:
+        studies = study_databases(path)  # a tuned records folder: its studies' pictures too
+        if not recs and not studies:
             raise PlotError(
                 f"'{target}' is neither a run folder (no {records.RECORD} in it) nor a records folder with "
-                f"finished runs ({len(skipped)} damaged). Point it at a folder written by 'mmbalance run' "
-                f"or 'mmbalance grid'."
+                f"finished runs ({len(skipped)} damaged) or studies. Point it at a folder written by "
+                f"'mmbalance run', 'mmbalance grid' or 'mmbalance tune'."
             )
         records.ensure_dir(dest)
-        made = plot_records(recs, dest, rule)
+        made = plot_records(recs, dest, rule) if recs else []
+        made += study_pictures(path, dest) if studies else []
     drawn = [p for _, p, _ in made if p is not None]
     for what, p, why in made:
         print(f"wrote {p} ({what})" if p is not None else f"skipped {what}: {why}")

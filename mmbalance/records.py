@@ -442,6 +442,9 @@ def record_problem(rec: Mapping[str, Any]) -> str | None:
     if final.get("diagnostics") is not None and not isinstance(final["diagnostics"], Mapping):
         return f"the final row's diagnostics is {final['diagnostics']!r}, not a table"
     selection = final.get("selection")
+    header = rec.get("header")
+    config = header.get("config") if isinstance(header, Mapping) else None
+    no_test = isinstance(config, Mapping) and config.get("eval_test") is False
     if not isinstance(selection, Mapping) or not selection:
         return f"the final row's selection is {selection!r}: no selection rule has results"
     for rule, chosen in selection.items():
@@ -449,7 +452,10 @@ def record_problem(rec: Mapping[str, Any]) -> str | None:
             return f"selection rule '{rule}' is {chosen!r}"
         if not isinstance(chosen.get("epoch"), int) or isinstance(chosen.get("epoch"), bool):
             return f"selection rule '{rule}' has no epoch number ('epoch' is {chosen.get('epoch')!r})"
-        problem = _check_metrics(f"selection rule '{rule}' test", chosen.get("test"))
+        if chosen.get("test") is None and no_test:  # a tuning trial (eval_test=false) reads no test
+            problem = _check_metrics(f"selection rule '{rule}' val", chosen.get("val"))
+        else:
+            problem = _check_metrics(f"selection rule '{rule}' test", chosen.get("test"))
         if problem:
             return problem
     return None

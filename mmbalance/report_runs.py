@@ -301,6 +301,8 @@ def load_runs(record_dirs: Iterable[Path], root: Path | None = None) -> LoadedRu
             continue
         try:
             rec = records.load_record(run_dir)
+            if rec.get("header", {}).get("config", {}).get("eval_test") is False:
+                continue  # a tuning trial: it has no test metrics and is no benchmark result
             records.check_record(rec)
             rec["_row"] = _run_row(rec, run_dir, root)
         except records.RecordError as exc:

@@ -85,9 +85,14 @@ def render(run_dir: Path) -> str:
         sel = []
         for rule, chosen in rec["final"]["selection"].items():
             t = chosen["test"]
+            if t is None:  # a tuning trial (eval_test=false): no test metrics exist
+                sel.append([rule, chosen["epoch"] + 1, "–", "–", "–", *["–" for _ in mods]])
+                continue
             fused = [_number(t["fused"].get(k)) for k in ("acc", "map", "f1")]
             sel.append([rule, chosen["epoch"] + 1, *fused,
                         *[_number(t[m].get("acc")) if isinstance(t.get(m), dict) else "–" for m in mods]])
+        if cfg.get("eval_test") is False:
+            out += ["", "a tuning trial (eval_test=false): the test split was never evaluated"]
         out += ["", "final (test, %):", tabulate(sel, headers=["rule", "epoch", "acc", "MAP", "macro-F1",
                                                                 *[f"acc[{m}]" for m in mods]], disable_numparse=True)]
     pictures = sorted(run_dir.glob("*.png")) + sorted((run_dir / "plots").glob("*.png"))

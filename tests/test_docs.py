@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mmbalance.config import TRAINER_OPTIONS, Option, as_option, parse_value
+from mmbalance.config import TRAINER_OPTIONS, Option, Search, as_option, parse_value
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -98,6 +98,10 @@ def assert_table_matches(rendered: str, options: dict[str, Any], where: str) -> 
             assert shown == [str(_code_text(hooks.code(c))) for c in opt.choices], f"{where}: {key} choices"
         elif opt.range_text():
             assert _unescape(allowed).endswith(opt.range_text()), f"{where}: {key} range {allowed!r}"
+        if opt.search is not None:  # the range `mmbalance tune` searches
+            assert _unescape(row["`search`"]) == opt.search.text(), f"{where}: {key} search range"
+        elif "`search`" in row:
+            assert row["`search`"] == "—", f"{where}: {key} shows a search range it does not declare"
 
 
 # ---- every plugin has its page -------------------------------------------------------------------
@@ -185,20 +189,23 @@ def test_table_check_catches_a_drifted_declaration() -> None:
 
 
 def test_table_shows_extra_option_fields() -> None:
-    """A field added to Option later (a search range, say) gets a column wherever an option of
-    the table sets it, and no column where none does."""
+    """A field added to Option later gets a column wherever an option of the table sets it, and
+    no column where none does: the search range shows as its one-line text, another field as
+    YAML."""
 
     @dataclasses.dataclass(frozen=True)
-    class SearchOption(Option):
-        search: tuple[float, float] | None = None
+    class TaggedOption(Option):
+        tag: tuple[float, float] | None = None
 
-    with_search = {"lr": SearchOption(0.1, "learning rate", min=0, min_open=True, search=(1e-4, 1.0)),
-                   "depth": SearchOption(2, "layers")}
+    with_search = {"lr": Option(0.1, "learning rate", min=0, min_open=True, search=Search(1e-4, 1.0, log=True)),
+                   "depth": Option(2, "layers")}
     table = hooks.options_table(with_search)
     rows = hooks.parse_options_table(table, "lr")
-    assert rows["lr"]["`search`"] == "`[0.0001, 1.0]`"
+    assert rows["lr"]["`search`"] == "log 0.0001 .. 1"
     assert rows["depth"]["`search`"] == "—"
-    assert "`search`" not in hooks.options_table({"depth": SearchOption(2, "layers")})
+    assert "`search`" not in hooks.options_table({"depth": Option(2, "layers")})
+    tagged = hooks.parse_options_table(hooks.options_table({"x": TaggedOption(1, "x", tag=(1e-4, 1.0))}), "x")
+    assert tagged["x"]["`tag`"] == "`[0.0001, 1.0]`"
 
 
 def test_table_cells_survive_markdown_specials() -> None:

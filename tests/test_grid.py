@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mmbalance.errors import ConfigError
-from mmbalance.grid import load_grid, run_grid
+from mmbalance.grid import TuneSpec, load_grid, run_grid
 from mmbalance.records import find_runs, load_record
 
 GRID = """
@@ -220,3 +220,169 @@ def test_the_second_edition_grid_loads_with_its_quick_profile():
     assert len(columns) >= 13
     assert {c.seed for c in quick.cells} == {0, 1, 2} and "avdigits" not in {c.dataset for c in quick.cells}
     assert all(c.overrides["amp"] == "none" for c in grid.cells)
+
+
+# ---- sweeps ----------------------------------------------------------------------------------------
+SWEEP = """
+records: {records}
+seeds: [0]
+set: {{epochs: 1, n_train: 200, n_test: 100}}
+sweep: {{lr: [0.01, 0.1], alpha: [0.5, 1.0]}}
+datasets: [synthetic]
+methods: [ogm, pmr]
+"""
+
+
+def test_a_sweep_expands_into_one_cell_per_combination_each_its_own_run(tmp_path):
+    """sweep: {lr: [0.01, 0.1], alpha: [0.5, 1.0]} gives four cells per method and dataset,
+    each with its values (variants: zip instead of product gave two; the sweep dropped by the
+    cell's own settings gave one run folder)."""
+    from mmbalance.grid import check_cell
+
+    path = tmp_path / "g.yaml"
+    path.write_text(SWEEP.format(records=tmp_path / "runs"))
+    grid = load_grid(path)
+    assert len(grid.cells) == 8
+    ogm = [c for c in grid.cells if c.method == "ogm"]
+    assert [(c.overrides["lr"], c.overrides["alpha"]) for c in ogm] == [(0.01, 0.5), (0.01, 1.0), (0.1, 0.5), (0.1, 1.0)]
+    assert str(ogm[1]) == "ogm on synthetic [lr=0.01, alpha=1.0] seed 0"
+    folders = {check_cell(c, {"records": str(tmp_path / "runs")}).detail for c in grid.cells}
+    assert len(folders) == 8
+    assert run_grid(load_grid(path), {}, jobs=1) == 0
+    runs = find_runs(tmp_path / "runs")
+    got = sorted((load_record(r)["header"]["config"]["method"], load_record(r)["header"]["config"]["lr"],
+                  load_record(r)["header"]["config"]["alpha"]) for r in runs)
+    assert got == sorted((m, lr, a) for m in ("ogm", "pmr") for lr in (0.01, 0.1) for a in (0.5, 1.0))
+
+
+def test_a_block_sweep_combines_with_the_top_level_one(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("sweep: {lr: [0.01, 0.1]}\nblocks:\n"
+                    "  - {datasets: [synthetic], methods: [ogm], sweep: {alpha: [0.5, 1.0, 2.0]}}\n"
+                    "  - {datasets: [synthetic], methods: [concat]}\n"
+                    "  - {datasets: [synthetic], methods: [sum], sweep: {lr: [0.5]}}\n")
+    cells = load_grid(path).cells
+    assert [c.method for c in cells].count("ogm") == 6 and [c.method for c in cells].count("concat") == 2
+    assert [c.overrides["lr"] for c in cells if c.method == "sum"] == [0.5]  # the block's own list wins
+
+
+def test_a_typo_in_a_sweep_key_fails_every_cell_before_any_trains(tmp_path):
+    """Validated like set: the unknown key is named with its did-you-mean and where it was
+    written, and nothing is trained; a swept value out of range is one bad cell."""
+    path = tmp_path / "g.yaml"
+    path.write_text(SWEEP.format(records=tmp_path / "runs").replace("alpha:", "alpah:"))
+    with pytest.raises(ConfigError, match="8 of 8 cells") as info:
+        run_grid(load_grid(path), {})
+    text = str(info.value)
+    assert "Unknown config key 'alpah' (from grid file" in text and "top-level sweep). Did you mean 'alpha'?" in text
+    assert find_runs(tmp_path / "runs") == []
+    path.write_text(SWEEP.format(records=tmp_path / "runs").replace("alpha: [0.5, 1.0]", "alpha: [0.5, -1.0]"))
+    with pytest.raises(ConfigError, match="4 of 8 cells") as info:
+        run_grid(load_grid(path), {})
+    assert "Bad value -1.0 for 'alpha'" in str(info.value) and "top-level sweep" in str(info.value)
+    assert find_runs(tmp_path / "runs") == []
+
+
+@pytest.mark.parametrize(("sweep", "match"), [
+    ("{lr: 0.1}", "sweep key 'lr' at the top level must list its values"),
+    ("{lr: []}", "must list its values"),
+    ("[lr, 0.1]", "must be a mapping of settings to lists"),
+    ("{}", "must be a mapping of settings to lists"),
+    ("{seed: [0, 1]}", "'seed' cannot be set per cell"),
+    ("{lr: [0.1, 0.1]}", "lists 0.1 more than once"),
+])
+def test_bad_sweeps(tmp_path, sweep, match):
+    path = tmp_path / "g.yaml"
+    path.write_text(f"sweep: {sweep}\nmethods: [concat]\ndatasets: [synthetic]\n")
+    with pytest.raises(ConfigError, match=match):
+        load_grid(path)
+
+
+def test_a_swept_value_is_blamed_on_the_sweep_even_over_an_entry_set(tmp_path):
+    """The sweep's value wins over a methods entry's set of the same key, and its error names the
+    sweep (variant: the entry's origin kept, pointing at the line that did not give the value)."""
+    path = tmp_path / "g.yaml"
+    path.write_text("sweep: {alpha: [-1.0]}\nmethods: [{name: ogm, set: {alpha: 2.0}}]\ndatasets: [synthetic]\n")
+    grid = load_grid(path)
+    assert grid.cells[0].overrides["alpha"] == -1.0
+    with pytest.raises(ConfigError, match="top-level sweep"):
+        run_grid(grid, {"records": str(tmp_path / "runs")})
+
+
+# ---- tuned grids -------------------------------------------------------------------------------------
+def test_a_tuned_grid_gives_every_method_the_same_budget_then_runs_each_best_over_the_seeds(tmp_path):
+    """tune: {trials: 3}: one study per method x setting, each with exactly 3 finished trials;
+    each best configuration then runs over the grid's seeds beside the defaults (none added where
+    the defaults were best). Variants: a budget per grid instead of per study, or the best cells
+    trained at the tuning seed only, failed here."""
+    import optuna
+
+    from mmbalance import tune
+
+    records = tmp_path / "runs"
+    path = tmp_path / "g.yaml"
+    path.write_text(f"records: {records}\nseeds: [0, 1]\nset: {{epochs: 2, n_train: 400, n_test: 200}}\n"
+                    "tune: {trials: 3}\ndatasets: [synthetic]\nmethods: [ogm, mslr]\n")
+    grid = load_grid(path)
+    assert grid.tune == TuneSpec(3, None)
+    assert run_grid(grid, {}) == 0
+    dbs = sorted((records / tune.STUDIES).glob("*.db"))
+    assert [db.name.split("_")[0] for db in dbs] == ["mslr", "ogm"]
+    for db in dbs:
+        study = optuna.load_study(study_name=db.stem, storage=f"sqlite:///{db}")
+        assert sum(t.state.name in tune.FINISHED for t in study.trials) == 3
+        best = study.best_trial
+        ran = [load_record(r)["header"]["config"] for r in find_runs(records) if records_done(r)]
+        method = db.stem.split("_")[0]
+        full = [c for c in ran if c["method"] == method and c.get("eval_test", True)]
+        if best.user_attrs.get("defaults"):
+            assert sorted(c["seed"] for c in full) == [0, 1]
+        else:
+            tuned = [c for c in full if all(c[k] == v for k, v in best.params.items())]
+            assert sorted(c["seed"] for c in tuned) == [0, 1] and len(full) == 4
+
+
+def records_done(run_dir):
+    from mmbalance.records import is_done
+
+    return is_done(run_dir)
+
+
+@pytest.mark.parametrize(("tune", "match"), [
+    ("{trials: 0}", "trials must be an integer >= 1"), ("{seeds: [0]}", "'tune' must be a mapping with 'trials'"),
+    ("{trials: 2, budget: 3}", "'tune' must be a mapping"), ("{trials: 2, seeds: [0, 0]}", "more than once"),
+])
+def test_bad_tune_keys(tmp_path, tune, match):
+    path = tmp_path / "g.yaml"
+    path.write_text(f"tune: {tune}\nmethods: [concat]\ndatasets: [synthetic]\n")
+    with pytest.raises(ConfigError, match=match):
+        load_grid(path)
+
+
+def test_a_tuned_grid_adds_each_non_default_best_over_every_seed_of_its_setting(tmp_path, monkeypatch):
+    """The expansion alone, with a stand-in study result: a best configuration other than the
+    defaults becomes one tuned cell per grid seed with the best values (the study's seeds
+    are not the grid's), a best equal to the defaults adds nothing, and a method refusing the
+    setting is not tuned."""
+    from mmbalance import grid as grid_mod
+    from mmbalance import tune
+
+    calls = []
+
+    def fake_tune(method, dataset, trials, base, jobs=1, seeds=None, say=print):
+        calls.append((method, trials, seeds))
+        best = {"lr": 0.2, "alpha": 1.2} if method == "ogm" else {"lr": 0.05, "weight_decay": 1e-4}
+        return tune.TuneResult(f"{method}_x", tmp_path / "x.db", {"COMPLETE": trials}, 50.0, best, None, None)
+
+    monkeypatch.setattr(tune, "tune", fake_tune)
+    path = tmp_path / "g.yaml"
+    path.write_text(f"records: {tmp_path / 'runs'}\nseeds: [3, 4]\nset: {{epochs: 2, n_train: 400, n_test: 200}}\n"
+                    "tune: {trials: 5, seeds: [7]}\ndatasets: [synthetic, {name: synthetic, set: {n_modalities: 3}}]\n"
+                    "methods: [ogm, concat]\n")
+    grid = load_grid(path)
+    tuned = grid_mod.tuned_grid(grid, {"records": str(tmp_path / "runs")}, say=lambda _: None)
+    assert calls == [("ogm", 5, [7]), ("concat", 5, [7]), ("concat", 5, [7])]  # OGM-GE refuses 3 modalities
+    extra = tuned.cells[len(grid.cells):]
+    assert [(c.method, c.seed, c.overrides["lr"], c.overrides["alpha"]) for c in extra] == [("ogm", 3, 0.2, 1.2), ("ogm", 4, 0.2, 1.2)]
+    assert str(extra[0]) == "ogm on synthetic [tuned: lr=0.2, alpha=1.2] seed 3"
+    assert tuned.tune is None and tuned.cells[:len(grid.cells)] == grid.cells

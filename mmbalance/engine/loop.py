@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,9 @@ class Trainer(Services, Checkpoints, RunRecord):
         self.cpu_allocation: dict[str, Any] = {}  # after setup(): threads used, CPUs available and why
         self.splits: Splits | None = None
         self.model: MultimodalModel | None = None
+        # called with each epoch's entry once it is recorded and checkpointed (a tuner reports
+        # the validation accuracy there; an exception it raises stops the run, left resumable)
+        self.epoch_callbacks: list[Callable[[dict[str, Any]], None]] = []
 
     # ---- set-up ---------------------------------------------------------------------------
     def check(self) -> list[str]:
@@ -164,6 +167,12 @@ class Trainer(Services, Checkpoints, RunRecord):
         model = MultimodalModel(encoders, self.splits.num_classes, fusion)
         self.modalities = used
         self.val_is_test = bool(self.splits.info.get("val_is_test", False))
+        if self.val_is_test and not cfg["eval_test"]:
+            raise ConfigError(
+                "eval_test=false asks that this run never read the test split, but its validation split "
+                "is the test split (val_fraction=0, the paper protocol, or a dataset without a validation "
+                "split), so selecting on validation would read test. Set val_fraction > 0 (e.g. "
+                "--set val_fraction=0.1) with the honest protocol.")
         if self.method.heldout_fraction:
             self._carve_heldout(self.method.heldout_fraction)
         self.method.trainer = self
@@ -430,8 +439,10 @@ class Trainer(Services, Checkpoints, RunRecord):
         parts = [f"epoch {entry['epoch'] + 1}/{self.cfg['epochs']}", f"loss {entry['train_loss']:.4f}"]
         if entry.get("val") is not None:
             parts.append(f"val {entry['val']['fused']['acc']:.2f}")
-            parts.append(f"test {entry['test']['fused']['acc']:.2f}")
-            per = [f"{m} {entry['test'][m]['acc']:.1f}" for m in self.modalities if m in entry["test"]]
+            test = entry.get("test") or {}  # none when eval_test=false
+            if test:
+                parts.append(f"test {test['fused']['acc']:.2f}")
+            per = [f"{m} {test[m]['acc']:.1f}" for m in self.modalities if m in test]
             if per:
                 parts.append("[" + " ".join(per) + "]")
         else:
@@ -504,7 +515,7 @@ class Trainer(Services, Checkpoints, RunRecord):
             t1 = time.perf_counter()
             evaluated = self.method.should_evaluate(epoch) or epoch == self.cfg["epochs"] - 1
             val = self.evaluate(self.splits.val) if evaluated else None
-            test = self.evaluate(self.splits.test) if evaluated else None
+            test = self.evaluate(self.splits.test) if evaluated and self.cfg["eval_test"] else None
             t2 = time.perf_counter()
             if evaluated:
                 self.method.on_validation_end({"val": val, "test": test, "epoch": epoch})
@@ -532,12 +543,14 @@ class Trainer(Services, Checkpoints, RunRecord):
             self._write_record(header, None)
             if wandb_run is not None:
                 wandb_run.log(_flatten({k: v for k, v in entry.items() if k != "epoch"}), step=epoch)
+            for callback in self.epoch_callbacks:
+                callback(entry)
         final = {
             "selection": final_metrics(self.history),
             "total_train_time_s": sum(e["train_time_s"] for e in self.history),
             "estimation_cost": self.estimation_cost.as_dict(),
         }
-        if self.cfg["diagnostics"]:
+        if self.cfg["diagnostics"] and self.cfg["eval_test"]:  # they score the test split
             try:  # on the last epoch's model, before DONE
                 diag = self._compute_diagnostics()
             except diagnostics.DiagnosticsError as exc:  # never lose a finished run to a diagnostic

@@ -100,6 +100,10 @@ class Services:
             return self.heldout()
         if name not in ("train", "val", "test"):
             raise MMBalanceError(f"unknown split '{name}': use train, val, test or heldout.")
+        if name == "test" and not self.cfg["eval_test"]:
+            raise MMBalanceError(
+                f"method {self.method.name} asked for a pass over the test split, but this run has "
+                f"eval_test=false (a tuning trial): it must never read test. Read train, val or heldout.")
         return getattr(self.splits, name)
 
     def iterate(
