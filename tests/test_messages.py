@@ -95,7 +95,7 @@ def test_yaml_syntax_errors_keep_line_column_and_caret(tmp_path, capsys):
 
 
 # ---- backbone options --------------------------------------------------------------------------
-def test_a_backbone_option_typo_gets_its_own_options(capsys):
+def test_a_backbone_option_typo_gets_its_own_options(capsys, shared_data):
     code = main(["run", "--method", "concat", "--dataset", "mfeat", "--set", "modalities=fac,mor",
                  "--set", "backbone.fac.hiden=64"])
     err = capsys.readouterr().err
@@ -104,7 +104,7 @@ def test_a_backbone_option_typo_gets_its_own_options(capsys):
     assert "Options of backbone 'mlp' (backbone.fac.<option>): name, weights, hidden, layers, dropout." in " ".join(err.split())
 
 
-def test_backbone_options_are_checked_before_a_grid_trains(tmp_path):
+def test_backbone_options_are_checked_before_a_grid_trains(tmp_path, shared_data):
     """The check is in Trainer.check (what a grid runs on every cell first), not only where the
     encoder is built after the data."""
     trainer = make_trainer("concat", "mfeat", {"modalities": ["fac", "mor"], "backbone.mor.layerz": 3,
@@ -113,7 +113,7 @@ def test_backbone_options_are_checked_before_a_grid_trains(tmp_path):
         trainer.check()
 
 
-def test_options_for_a_modality_the_run_does_not_use_are_refused(tmp_path):
+def test_options_for_a_modality_the_run_does_not_use_are_refused(tmp_path, shared_data):
     trainer = make_trainer("concat", "mfeat", {"modalities": ["fac", "mor"], "backbone.zer.hidden": 64,
                                                "records": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"backbone.zer.\* configures modality 'zer', which this run does not "
