@@ -41,20 +41,20 @@ from mmbalance.registry import register_dataset
 DESCRIPTION = "CREMA-D emotions, frozen audio/visual ResNet-18 embeddings of jointly trained encoders"
 
 
+class CremadEmbeddings(NamedFeatureSet):
+    """What the two CREMA-D embedding releases share (the same encoders' shapes, classes and
+    recipe skeleton); each registered subclass names its files, sizes and chosen recipe."""
+
+    views = {"audio": 512, "visual": 512}
+    class_names = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
+    modality_names = ("audio", "visual")
+    base_defaults = {"batch_size": 32, "scheduler": "cosine", "embed_dim": 128, "backbone": {}}
+
+
 @register_dataset("cremad-joint", DESCRIPTION)
-class CremadJoint(NamedFeatureSet):
+class CremadJoint(CremadEmbeddings):
     name = "cremad-joint"
     description = DESCRIPTION
     data_subdir = "cremad_joint_emb"
-    views = {"audio": 512, "visual": 512}
     rows = {"train": 559, "test": 185}
-    class_names = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
-    modality_names = ("audio", "visual")
-    defaults = {
-        "epochs": 10,
-        "batch_size": 32,
-        "lr": 0.1,
-        "scheduler": "cosine",
-        "embed_dim": 128,
-        "backbone": {},
-    }
+    defaults = {**CremadEmbeddings.base_defaults, "epochs": 10, "lr": 0.1}

@@ -33,7 +33,7 @@ faster training overfits these embeddings (80 epochs at lr 0.05: 72.12).
 
 from __future__ import annotations
 
-from mmbalance.datasets.features import NamedFeatureSet
+from mmbalance.datasets.cremad_joint import CremadEmbeddings
 
 from mmbalance.registry import register_dataset
 
@@ -41,19 +41,9 @@ DESCRIPTION = "CREMA-D emotions, frozen audio/visual ResNet-18 embeddings of sep
 
 
 @register_dataset("cremad-unimodal", DESCRIPTION)
-class CremadUnimodal(NamedFeatureSet):
+class CremadUnimodal(CremadEmbeddings):
     name = "cremad-unimodal"
     description = DESCRIPTION
     data_subdir = "cremad_unimodal_emb"
-    views = {"audio": 512, "visual": 512}
     rows = {"train": 541, "test": 179}
-    class_names = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
-    modality_names = ("audio", "visual")
-    defaults = {
-        "epochs": 20,
-        "batch_size": 32,
-        "lr": 0.005,
-        "scheduler": "cosine",
-        "embed_dim": 128,
-        "backbone": {},
-    }
+    defaults = {**CremadEmbeddings.base_defaults, "epochs": 20, "lr": 0.005}

@@ -7,7 +7,7 @@ with ``theta = arccos(<xbar, ybar>)`` per row. ``lam`` is the weight of the FIRS
 ``lam = 1`` returns ``xbar``, ``lam = 0`` returns ``ybar``.
 
 Kept free of any model or method so it can be unit-tested against hand-computed values and
-reused by other methods (docs/methods/iprm.md; official: njustkmg/IJCAI25-IPRM ``main_av.py`` ``slerp``).
+reused by other methods (the IPRM page of the documentation; official: njustkmg/IJCAI25-IPRM ``main_av.py`` ``slerp``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 Weight = float | torch.Tensor
 
-# Constants of the two numerical modes (docs/methods/iprm.md, departures).
+# Constants of the two numerical modes (the IPRM docs page, its departures table).
 OFFICIAL_SIN_EPS = 1e-8  # added unconditionally to sin(theta) by the official code
 SAFE_NORM_EPS = 1e-12  # lower bound of the row norm in safe mode
 SAFE_CLAMP = 1e-7  # safe mode clamps c to [-1 + SAFE_CLAMP, 1 - SAFE_CLAMP]
@@ -165,7 +165,7 @@ def gmm(z_a: torch.Tensor, z_b: torch.Tensor, lam_a: Weight, safe: bool = False)
 
 
 def linear_mix(z_a: torch.Tensor, z_b: torch.Tensor, lam_a: Weight, safe: bool = False) -> torch.Tensor:
-    """L-Mixup (IPRM ablation, docs/methods/iprm.md): ``lam*xbar + (1-lam)*ybar``.
+    """L-Mixup (an IPRM ablation, on its docs page): ``lam*xbar + (1-lam)*ybar``.
 
     Same L2-normalised inputs and weight convention as :func:`gmm`, so swapping the two is the
     only change in the ablation; the result is not re-normalised (a chord, not an arc). Equal,

@@ -473,8 +473,9 @@ def check_record(rec: Mapping[str, Any]) -> None:
 
 
 def _short_cause(exc: BaseException) -> str:
-    """The informative part of a torch.load error (torch's own text suggests weights_only=False,
-    which is exactly what must not be done with a file of unknown origin)."""
+    """The informative part of a torch.load error. torch's own text suggests switching the
+    weights-only guard off, which is exactly what must not be done with a file of unknown
+    origin, so that advice is cut from the message."""
     skip = ("Weights only load failed", "Check the documentation", "Please file an issue")
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(skip)]
     text = " ".join(lines)[:300]

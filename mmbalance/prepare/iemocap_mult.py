@@ -8,8 +8,8 @@ arbitrary code, and a data root is often a shared, user-writable folder, so the 
 writes, with ``np.load(..., allow_pickle=False)``.
 
 Trust step: this preparer is the one place a MulT pickle is unpickled, once, on a file the
-user chose to convert. Even here it is not a plain ``pickle.load``: :class:`RestrictedUnpickler`
-resolves only the globals a pickle of numpy arrays in plain containers needs (numpy's array /
+user chose to convert (justified: the MulT release exists only as pickles), and only through
+:class:`RestrictedUnpickler`, never the plain loader; it resolves only the globals a pickle of numpy arrays in plain containers needs (numpy's array /
 dtype / scalar reconstructors, ``_codecs.encode`` for latin-1 bytes, builtin containers) and
 refuses every other one (``os.system``, ``builtins.exec``, ``subprocess.*``, any class), so a
 planted pickle fails with a DataError before any of its code runs. It is an allow-list, not
@@ -138,6 +138,7 @@ def load_mult_pickle(path: Path) -> Mapping[str, Any]:
         with open(path, "rb") as f:
             # The one deliberate unpickle (the user's own conversion step): the allow-list
             # unpickler refuses every global but numpy's array reconstructors and builtins.
+            # safe by design: an allow-list of numpy reconstructors, every other global refused
             data = RestrictedUnpickler(f, encoding="latin1").load()
     except ForbiddenGlobal as exc:
         raise DataError(
