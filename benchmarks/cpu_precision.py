@@ -11,6 +11,13 @@ is, ``avx2`` with ``ONEDNN_MAX_CPU_ISA=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2`` (
 without AVX-512 runs; check with ``ONEDNN_VERBOSE=1`` that the convolutions report
 ``jit:avx2``). The figures decide ``amp=auto`` on a CPU (bf16 only with bf16 hardware) and the
 benchmark grid's precision; the ratio, not the seconds, is what carries between machines.
+
+``--cells`` times whole grid cells instead (training, evaluation and diagnostics of one seed,
+fp32 channels-last, as the benchmark grids run them), alternating the two CPU kinds in every
+round, one process per cell run (the import is not timed): the ratio by which a CPU without
+AVX-512 stretches the benchmark's wall time::
+
+    OMP_NUM_THREADS=1 python benchmarks/cpu_precision.py --cells --rounds 2
 """
 
 from __future__ import annotations
@@ -87,14 +94,63 @@ def child(rounds: int) -> dict[str, Any]:
     return out
 
 
+def cell_child(dataset: str) -> dict[str, Any]:
+    """One whole cell (seed 0, the grid's fp32 channels-last settings) in a fresh records folder."""
+    from mmbalance import records
+    from mmbalance.runner import make_trainer
+
+    options = dict(dict(CELLS)[dataset])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer("concat", dataset, {**options, "amp": "none", "memory_format": "channels_last",
+                                                   "device": "cpu", "progress": "off", "log_epochs": False,
+                                                   "records": tmp})
+        t0 = time.perf_counter()
+        trainer.fit()
+        return {"cell_s": time.perf_counter() - t0, "cpu_kernels": records.cpu_kernels()}
+
+
+def cells(rounds: int) -> dict[str, Any]:
+    """Whole cells, the CPU kinds alternating in every round; the minimum per kind and cell."""
+    out: dict[str, Any] = {kind: {} for kind in KINDS}
+    for _ in range(rounds):
+        for dataset, _opts in CELLS:
+            for kind, env in KINDS.items():
+                proc = subprocess.run([sys.executable, __file__, "--cell-child", dataset],
+                                      env={**os.environ, **env}, capture_output=True, text=True, check=False)
+                if proc.returncode:
+                    raise RuntimeError(f"{dataset} on {kind}: {proc.stderr.strip().splitlines()[-1:]}")
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                best = out[kind].get(dataset, {}).get("cell_s", float("inf"))
+                out[kind][dataset] = {"cell_s": min(best, res["cell_s"]), "cpu_kernels": res["cpu_kernels"]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--cells", action="store_true", help="time whole grid cells (fp32) instead of steps")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cell-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.rounds)))
+        return 0
+    if args.cell_child:
+        print(json.dumps(cell_child(args.cell_child)))
+        return 0
+    if args.cells:
+        from mmbalance.records import cpu_kernels_label
+
+        found = cells(args.rounds)
+        print(f"whole cells (concat, seed 0, fp32 channels-last), min of {args.rounds} rounds:")
+        for dataset, _opts in CELLS:
+            nat, avx2 = found["native"][dataset], found["avx2"][dataset]
+            print(f"  {dataset}: native ({cpu_kernels_label(nat['cpu_kernels'])}) {nat['cell_s']:.1f} s, "
+                  f"capped ({cpu_kernels_label(avx2['cpu_kernels'])}) {avx2['cell_s']:.1f} s: "
+                  f"ratio {avx2['cell_s'] / nat['cell_s']:.2f}")
+        if args.json:
+            args.json.write_text(json.dumps({"rounds": args.rounds, "cells": found}, indent=1))
         return 0
     results: dict[str, Any] = {}
     for kind, env in KINDS.items():

@@ -104,6 +104,7 @@ class RankComparison:
     average_ranks: pd.Series
     alpha: float
     excluded: list[str] = field(default_factory=list)
+    excluded_settings: list[str] = field(default_factory=list)
     friedman_statistic: float | None = None
     friedman_p: float | None = None
     cd: float | None = None
@@ -124,25 +125,47 @@ class RankComparison:
         return self.friedman_p is not None and not math.isnan(self.friedman_p) and self.friedman_p < self.alpha
 
 
+def complete_block(scores: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The largest complete block found greedily: while a score is missing, drop the setting
+    (column) or the method (row) with the largest share of missing scores, the method on ties.
+    Returns the block and the settings dropped, in order."""
+    block, dropped = scores, []
+    while len(block.index) and len(block.columns) and block.isna().to_numpy().any():
+        row_share = block.isna().mean(axis=1)
+        col_share = block.isna().mean(axis=0)
+        if col_share.max() > row_share.max():
+            col = col_share.idxmax()
+            dropped.append(str(col))
+            block = block.drop(columns=[col])
+        else:
+            block = block.drop(index=[row_share.idxmax()])
+    return block, dropped
+
+
 def compare_methods(scores: pd.DataFrame, alpha: float = ALPHA, higher_is_better: bool = True) -> RankComparison:
     """Average ranks, Friedman test and Nemenyi post-hoc of methods (rows) over settings (columns).
 
-    Friedman's test needs a complete block: every method scored on every setting. Methods with
-    a missing score are excluded (and named), rather than settings dropped, because a method
-    run on only some datasets (a unimodal baseline, a three-modality variant) is common and
-    should not remove a whole dataset from everyone's comparison. The Friedman test needs at
+    Friedman's test needs a complete block: every method scored on every setting. Until it is
+    complete, the method or the setting with the largest share of missing scores is left out
+    (and named), a method on ties: a method run on only some datasets (a unimodal baseline, a
+    three-modality variant) should not remove a whole dataset from everyone's comparison, but a
+    setting that many methods do not apply to (three or five views, which two-modality methods
+    refuse) should not remove those methods from the ranks either. The Friedman test needs at
     least 3 methods and 2 settings (scipy refuses fewer methods; one setting is no replication);
     the ranks are returned whenever there are 2 methods and 1 setting."""
     if not 0.0 < alpha < 1.0:
         raise StatisticsError(f"alpha must lie in (0, 1), got {alpha}.")
     scores = scores.astype(float)
-    complete = scores.dropna(axis=0, how="any")
+    complete, excluded_settings = complete_block(scores)
     excluded = [str(m) for m in scores.index if m not in complete.index]
     ranks = rank_table(complete, higher_is_better)
     average = ranks.mean(axis=1).sort_values(kind="stable")
     k, n = complete.shape
-    base = {"scores": complete, "ranks": ranks, "average_ranks": average, "alpha": alpha, "excluded": excluded}
+    base = {"scores": complete, "ranks": ranks, "average_ranks": average, "alpha": alpha, "excluded": excluded,
+            "excluded_settings": excluded_settings}
     left_out = f"; left out (no score on every setting): {', '.join(excluded)}" if excluded else ""
+    if excluded_settings:
+        left_out += f"; settings left out (scored for too few methods): {', '.join(excluded_settings)}"
     if k < 3 or n < 2:
         need = []
         if k < 3:
@@ -166,6 +189,9 @@ def compare_methods(scores: pd.DataFrame, alpha: float = ALPHA, higher_is_better
         notes.append("Every method ties on every setting: Friedman's test is undefined (no differences to test).")
     elif n < FEW_SETTINGS:
         notes.append(f"With only {n} settings the Friedman p-value (a chi-square approximation) is indicative only.")
+    if excluded_settings:
+        notes.append(f"Settings left out of the ranks (a larger share of the methods has no score there than "
+                     f"any ranked method misses of the settings): {', '.join(excluded_settings)}.")
     if excluded:
         notes.append(f"Left out of the ranks (no score on every setting): {', '.join(excluded)}.")
     return RankComparison(

@@ -210,3 +210,19 @@ def test_statistics_section_markdown():
     assert "no statistics" in none
     missing_ref = statistics_section(df[df.method != "Concat + uni CE"], "best_val")
     assert "No paired tests: the reference method 'Concat + uni CE' has no runs" in missing_ref
+
+
+def test_a_setting_most_methods_miss_is_left_out_not_the_methods():
+    """A three-view setting that one of three methods refuses (a third of its scores missing)
+    leaves the ranks, not the method, which misses one setting of five (a fifth). Wrong variant
+    caught: always dropping methods (the rule before the second edition) ranks two methods."""
+    scores = SCORES.copy()
+    scores["three views"] = [90.0, np.nan, 80.0]
+    comp = compare_methods(scores)
+    assert comp.excluded_settings == ["three views"] and comp.excluded == []
+    assert list(comp.scores.columns) == list(SCORES.columns)
+    assert "three views" in comp.note
+    # a method missing as large a share as the worst setting goes (ties: the method)
+    one = SCORES.copy()
+    one.loc["U"] = [np.nan] * len(SCORES.columns)
+    assert compare_methods(one).excluded == ["U"] and compare_methods(one).excluded_settings == []
