@@ -71,9 +71,11 @@ in ``on_fit_start``, after the teachers are in place (trained, loaded from recor
 restored from a checkpoint), so a resumed run recomputes it and equals an uninterrupted one; it
 is never checkpointed, and it is charged as estimation cost. A dataset that augments its training
 reads, or cannot say that it does not, gets the per-step forward, as does ``off``. The two paths
-give the same targets up to the floating-point rounding of another batch composition (on CPU in
-fp32 the tests find them bit-identical; with other kernels, e.g. CUDA or bf16, they may differ in
-the last bits). ``record_info`` names the path taken.
+give the same targets up to the floating-point rounding of another batch composition (on this
+project's AMD EPYC CPU bit-identical in fp32 and bf16, which the option guard and the tests check
+on synthetic data; other kernels, e.g. CUDA's, may differ in the last bits), so the option does
+not enter a run's identity (``changes_results=False``, like ``eval_batch_size``).
+``record_info`` names the path taken (``teacher_features``).
 
 Cost: with the cache, the step costs what joint training's does plus the distillation's
 arithmetic (the teachers' pass over the training split is charged as estimation, once per
