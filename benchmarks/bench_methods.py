@@ -53,6 +53,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     # a diagnosis (train + held-out passes and k-means, as estimation) in every timed epoch
     ("relearning", {"reinit_epoch": 1}),
     ("opm", {"warmup_epochs": 0}),  # the default warm-up (6 epochs) would time plain training
+    ("umt", {"umt_teacher_cache": "off"}),  # the teachers' forward in every step (as on augmenting data)
 ]
 #: Every registered method at its defaults, the naive fusions and unimodal training included (a
 #: method added later is timed without an edit here), then the variants.

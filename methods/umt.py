@@ -60,9 +60,29 @@ Refuses: one modality (``min_modalities``); ``umt_teachers=recorded`` without th
 or with runs whose encoders do not fit this run's. Per-modality numbers are the concat head's
 parts (the unimodal heads are not trained).
 
-Cost: per step one extra forward of every teacher encoder without autograd (about 1.3x joint
-training per epoch); the teachers' training is charged as estimation cost, apart (about
-``umt_teacher_epochs`` joint epochs; none with recorded teachers).
+Teacher features (``umt_teacher_cache``). Frozen teachers in eval mode give a training sample
+the same features in every epoch, so where the training split never augments (in-memory data:
+``mmbalance.data.eval_view(train) is train``) ``auto`` (the default) computes every teacher's
+features over the whole training split once per process, in the split's order with the training
+batch size, through the trainer's ``iterate`` (no shuffle, no augmentation) under the run's
+autocast, and keeps them on the device; the step looks up its rows by the batch's ``index`` (the
+sample's position in the training split, also in ``limit_train_batches`` epochs). The pass runs
+in ``on_fit_start``, after the teachers are in place (trained, loaded from recorded runs, or
+restored from a checkpoint), so a resumed run recomputes it and equals an uninterrupted one; it
+is never checkpointed, and it is charged as estimation cost. A dataset that augments its training
+reads, or cannot say that it does not, gets the per-step forward, as does ``off``. The two paths
+give the same targets up to the floating-point rounding of another batch composition (on this
+project's AMD EPYC CPU bit-identical in fp32 and bf16, which the option guard and the tests check
+on synthetic data; other kernels, e.g. CUDA's, may differ in the last bits), so the option does
+not enter a run's identity (``changes_results=False``, like ``eval_batch_size``).
+``record_info`` names the path taken (``teacher_features``).
+
+Cost: with the cache, the step costs what joint training's does plus the distillation's
+arithmetic (the teachers' pass over the training split is charged as estimation, once per
+process); with the per-step forward, one extra forward of every teacher encoder without autograd
+per step (about 1.5x joint training per epoch on avdigits' CNNs). The teachers' training is
+charged as estimation cost, apart (about ``umt_teacher_epochs`` joint epochs; none with recorded
+teachers). Measured ratios: ``docs/methods/umt.md``.
 
 Diagnostics per step: ``umt_ce``, ``umt_distill_<m>`` (MSE before lambda) and ``umt_distill``
 (their sum; the key diagnostic); in epoch 0 also ``umt_teacher_val_<m>`` (each teacher's
@@ -80,7 +100,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbalance.config import Option
-from mmbalance.errors import MMBalanceError, UnsupportedError
+from mmbalance.data import eval_view
+from mmbalance.errors import DataError, MMBalanceError, UnsupportedError
 from mmbalance.method import Method
 from mmbalance.registry import register_method
 
@@ -94,6 +115,9 @@ OPTIONS: dict[str, Option] = {
     "umt_teacher_epochs": Option(None, "epochs of each in-cell teacher (default: the recipe's epochs)", type=int, min=1),
     "umt_teacher_select": Option("val", "which in-cell teacher epoch is kept: best validation accuracy, or the last",
                                  choices=("val", "last")),
+    "umt_teacher_cache": Option("auto", "auto: teacher features computed once per process where the training split "
+                                "never augments, per-step teacher forward otherwise; off: per-step forward always",
+                                choices=("auto", "off"), changes_results=False),
 }
 
 
@@ -140,6 +164,9 @@ class UMT(Method):
         self.select = str(self._opt("umt_teacher_select"))
         self.teachers = nn.ModuleDict()
         self.teacher_info: dict[str, Any] = {}
+        # every teacher's features of every training row (by its index in the split); built in
+        # on_fit_start, dropped whenever the teachers are replaced, never checkpointed
+        self.teacher_features: dict[str, torch.Tensor] | None = None
 
     def _opt(self, key: str) -> Any:
         """Option value; the declared default when ``cfg`` lacks it (a method built by hand)."""
@@ -166,6 +193,7 @@ class UMT(Method):
 
     def on_cell_start(self) -> None:
         assert self.trainer is not None and self.model is not None
+        self.teacher_features = None
         self.teachers = nn.ModuleDict()
         for m in self.model.modalities:
             self.teachers[m] = self._recorded_teacher(m) if self.source == "recorded" else self._trained_teacher(m)
@@ -221,6 +249,48 @@ class UMT(Method):
                                 "val_acc": float((best.get("val") or {}).get(m, {}).get("acc", float("nan")))}
         return teacher
 
+    # ---- the teachers' features, once per process ------------------------------------------------
+    def feature_plan(self) -> tuple[bool, str]:
+        """Whether the teachers' features are cached (and why): only where the option allows it
+        and the training split reads every row the same way in every epoch."""
+        if self._opt("umt_teacher_cache") == "off":
+            return False, "per-step teacher forward (umt_teacher_cache=off)"
+        splits = getattr(self.trainer, "splits", None)
+        if splits is None:
+            return False, "per-step teacher forward (no training split known yet)"
+        train = splits.train
+        try:
+            never_augments = eval_view(train) is train
+        except DataError:
+            never_augments = False
+        if not never_augments:
+            return False, "per-step teacher forward (the training split augments, or cannot say it does not)"
+        return True, ("cached: every teacher's features over the training split, computed once per process "
+                      "after the teachers are in place, looked up by the batch's index")
+
+    def on_fit_start(self) -> None:
+        self.teacher_features = None
+        if self.feature_plan()[0]:
+            self.teacher_features = self._teacher_features()
+
+    def _teacher_features(self) -> dict[str, torch.Tensor]:
+        """Each teacher's encoder output for every training row, in eval mode under the run's
+        autocast, scattered to the row's index; charged as estimation cost."""
+        assert self.trainer is not None and self.model is not None
+        self.teachers.eval()
+        n = len(self.trainer.splits.train)
+        out: dict[str, torch.Tensor] = {}
+        with self.trainer.estimation(), torch.no_grad(), self.autocast():
+            for batch in self.trainer.iterate("train", rows=range(n), shuffle=False, augment=False,
+                                              tag="umt_teacher_features"):
+                index = batch["index"]
+                for m in self.model.modalities:
+                    f = self.teachers[m].encoder(batch[m])
+                    if m not in out:
+                        out[m] = torch.zeros((n, *f.shape[1:]), dtype=f.dtype, device=f.device)
+                    out[m][index] = f
+        return out
+
     # ---- the step ------------------------------------------------------------------------------
     def on_train_epoch_start(self, epoch: int) -> None:
         if epoch == 0 and self.teacher_info:
@@ -230,8 +300,12 @@ class UMT(Method):
         assert self.model is not None
         model = self.model
         feats = model.encode(batch)
-        with torch.no_grad():
-            targets = {m: self.teachers[m].encoder(batch[m]) for m in model.modalities}
+        if self.teacher_features is not None:
+            index = batch["index"]
+            targets = {m: self.teacher_features[m][index] for m in model.modalities}
+        else:
+            with torch.no_grad():
+                targets = {m: self.teachers[m].encoder(batch[m]) for m in model.modalities}
         loss, ce, terms = umt_loss(model.fuse(feats), batch["label"], feats, targets, self.lam)
         if self.trainer is not None:
             total = torch.stack(list(terms.values())).sum().detach()
@@ -244,6 +318,7 @@ class UMT(Method):
                 "modalities": list(self.teachers.keys()), "info": copy.deepcopy(self.teacher_info)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.teacher_features = None  # the features of other teachers: rebuilt in on_fit_start
         self.teachers = nn.ModuleDict({m: self._blank_teacher(m) for m in state["modalities"]})
         self.teachers.load_state_dict(state["teachers"])
         self.teacher_info = copy.deepcopy(dict(state["info"]))
@@ -267,4 +342,5 @@ class UMT(Method):
                 "teacher_training": ("in the cell: recipe optimizer and schedule, "
                                      f"{self.teacher_epochs()} epochs, {self.select} selection")
                 if self.source == "train" else "final weights of the recorded unimodal runs of this identity",
-                "teacher_cost": "charged as estimation cost"}
+                "teacher_cost": "charged as estimation cost",
+                "teacher_features": self.feature_plan()[1]}

@@ -6,6 +6,7 @@ recorded unimodal runs found by identity and the refusal of others, real data.""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -146,10 +147,13 @@ def test_teacher_selection_and_schedule_reach_sub_train(tmp_path, monkeypatch):
 def test_resume_restores_the_teachers_and_never_retrains_them(tmp_path, monkeypatch):
     """A run killed in epoch 1 and resumed equals the uninterrupted one, and the resumed process
     trains no teacher (on_cell_start does not run; the checkpoint's method state holds them).
-    Wrong variants caught: teachers left out of state_dict (resume fails or retrains); teacher
-    retraining in on_fit_start; load_state_dict leaving them in train mode or with gradients."""
+    Both processes use the teacher-feature cache, and the resumed one rebuilds it from the
+    restored teachers. Wrong variants caught: teachers left out of state_dict (resume fails or
+    retrains); teacher retraining in on_fit_start; load_state_dict leaving them in train mode or
+    with gradients; the cache built before the checkpoint's teachers are in place (from the
+    blank copies load_state_dict starts from)."""
     overrides = {**SMALL, "epochs": 3, "checkpoint": True, "backbone.m1.dropout": 0.3}
-    assert_resume_identical("umt", "synthetic", overrides, tmp_path, monkeypatch)
+    assert_resume_identical("umt", "synthetic", overrides, tmp_path, monkeypatch)  # with the cache (auto)
     full = records.load_checkpoint(tmp_path / "full" / next(p.name for p in (tmp_path / "full").iterdir()) / records.CHECKPOINT)
     killed_dir = tmp_path / "killed" / next(p.name for p in (tmp_path / "killed").iterdir())
     killed = records.load_checkpoint(killed_dir / records.CHECKPOINT)
@@ -162,6 +166,189 @@ def test_resume_restores_the_teachers_and_never_retrains_them(tmp_path, monkeypa
     method = t.method
     assert all(not tm.training and not any(p.requires_grad for p in tm.parameters()) for tm in method.teachers.values())
     assert method.teacher_info["m1"]["source"] == "trained in the cell"
+    header = records.load_record(killed_dir)["header"]
+    assert header["method_info"]["teacher_features"].startswith("cached")
+
+
+# ---- the teachers' features, computed once per process -------------------------------------
+DROPOUT = {"backbone.m1.dropout": 0.5, "backbone.m2.dropout": 0.5}  # train-mode teachers would differ
+
+
+def _teacher_forward(method, batch):
+    with torch.no_grad():
+        return {m: method.teachers[m].encoder(batch[m]) for m in method.teachers}
+
+
+def _spy_steps(monkeypatch, method):
+    """Record each training step's batch and the teacher targets it distils towards."""
+    module = sys.modules[type(method).__module__]
+    seen, real_loss, real_step = [], module.umt_loss, type(method).training_step
+
+    def loss(fused, y, student, teacher, lam):
+        seen[-1]["targets"] = {m: v.detach().clone() for m, v in teacher.items()}
+        return real_loss(fused, y, student, teacher, lam)
+
+    def step(batch, i):
+        seen.append({"batch": batch})
+        return real_step(method, batch, i)
+
+    monkeypatch.setattr(module, "umt_loss", loss)
+    monkeypatch.setattr(method, "training_step", step)
+    return seen
+
+
+def test_cached_features_are_the_eval_teachers_and_are_looked_up_by_index(tmp_path, monkeypatch):
+    """On in-memory data the teachers' features of every training row are computed once (fit
+    start) and equal each teacher's eval-mode forward on that row; the main loop's shuffled
+    batches (also under limit_train_batches) distil towards their own rows' features, found by
+    the batch's ``index``, and the step runs no teacher. Wrong variants caught: lookup by the
+    position in the batch (rows 0..B-1 of the split); the cache built from the student's
+    encoders; the cache built with the teachers in train mode (dropout on); the teachers run in
+    the step anyway."""
+    t = _ready(tmp_path, limit_train_batches=2, **DROPOUT)
+    method = t.method
+    train = t.splits.train
+    n = len(train)
+    assert method.feature_plan()[0] and set(method.teacher_features) == {"m1", "m2"}
+    whole = to_device(train.get_batch(list(range(n))), t.device)
+    want = _teacher_forward(method, whole)
+    for m in ("m1", "m2"):
+        assert method.teacher_features[m].shape == (n, 8)
+        torch.testing.assert_close(method.teacher_features[m], want[m], rtol=1e-6, atol=1e-6)
+    calls = []
+    for tm in method.teachers.values():
+        tm.encoder.register_forward_hook(lambda *a: calls.append(1))
+    seen = _spy_steps(monkeypatch, method)
+    t.train_epoch(1)
+    assert len(seen) == 2 and not calls  # two batches; no teacher forward in the step
+    for s in seen:
+        batch = s["batch"]
+        assert not torch.equal(batch["index"].cpu(), torch.arange(len(batch["index"])))  # shuffled rows
+        rows = to_device(train.get_batch(batch["index"].tolist()), t.device)
+        torch.testing.assert_close(rows["m1"], batch["m1"])  # index is the row's position in train
+        own = _teacher_forward(method, batch)
+        for m in ("m1", "m2"):
+            torch.testing.assert_close(s["targets"][m], own[m], rtol=1e-6, atol=1e-6)
+    assert method.record_info()["teacher_features"].startswith("cached")
+
+
+class ShiftedReads:
+    """Training reads that add a fixed per-row shift (a stand-in for random crops: it draws no
+    RNG); the evaluation view is the clean data."""
+
+    def __init__(self, base):
+        self.base, self.labels = base, base.labels
+
+    def __len__(self):
+        return len(self.base)
+
+    def get_batch(self, idx):
+        batch = self.base.get_batch(idx)
+        rows = torch.as_tensor(idx, dtype=torch.float32).reshape(-1, 1)
+        for m in ("m1", "m2"):
+            batch[m] = batch[m] + 2.0 * torch.sin(rows * 1.3 + torch.arange(batch[m].shape[1]))
+        return batch
+
+    def eval_view(self):
+        return self.base
+
+
+class SilentReads(ShiftedReads):
+    """A dataset that cannot say how it reads without augmentation (no eval_view)."""
+
+    eval_view = None
+
+    def __getattribute__(self, name):
+        if name == "eval_view":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+@pytest.mark.parametrize("reads", [ShiftedReads, SilentReads])
+def test_augmenting_training_reads_get_the_per_step_teacher_forward(tmp_path, monkeypatch, reads):
+    """A training split whose reads augment (or that cannot say they do not) gets no cache: the
+    step distils towards the teachers' forward of the batch it trains on. The builder itself
+    reads the evaluation pipeline. Wrong variants caught: the cache used on an augmenting split
+    (the targets of the clean rows); the cache built from augmented reads (augment=None)."""
+    t = make_trainer("umt", "synthetic", {**SMALL, "records": str(tmp_path), "limit_train_batches": 2})
+    t.setup()
+    method = t.method
+    method.on_cell_start()
+    clean = t.splits.train
+    t.splits.train = reads(clean)
+    method.on_fit_start()
+    assert method.teacher_features is None and not method.feature_plan()[0]
+    assert method.record_info()["teacher_features"].startswith("per-step")
+    seen = _spy_steps(monkeypatch, method)
+    t.train_epoch(0)
+    assert len(seen) == 2
+    for s in seen:
+        own = _teacher_forward(method, s["batch"])
+        for m in ("m1", "m2"):
+            torch.testing.assert_close(s["targets"][m], own[m], rtol=0, atol=0)
+    if reads is ShiftedReads:
+        built = method._teacher_features()
+        want = _teacher_forward(method, to_device(clean.get_batch(list(range(len(clean)))), t.device))
+        for m in ("m1", "m2"):
+            torch.testing.assert_close(built[m], want[m], rtol=1e-6, atol=1e-6)
+
+
+def test_option_off_runs_the_teachers_in_every_step(tmp_path, monkeypatch):
+    """umt_teacher_cache=off builds nothing and runs every teacher once per step; it trains the
+    same numbers as the cache here (fp32 CPU). Wrong variant caught: the option never read (the
+    cache built and used under off)."""
+    t = _ready(tmp_path / "off", limit_train_batches=3, umt_teacher_cache="off")
+    method = t.method
+    assert method.teacher_features is None and method.record_info()["teacher_features"].endswith("umt_teacher_cache=off)")
+    calls = []
+    for tm in method.teachers.values():
+        tm.encoder.register_forward_hook(lambda *a: calls.append(1))
+    t.train_epoch(0)
+    assert len(calls) == 3 * 2
+    cached = _ready(tmp_path / "auto", limit_train_batches=3)
+    assert cached.method.teacher_features is not None
+    cached.train_epoch(0)
+    for k, v in cached.model.state_dict().items():
+        assert torch.equal(v, t.model.state_dict()[k]), k
+
+
+def test_teacher_features_are_charged_as_estimation(tmp_path):
+    """The pass over the training split is the method's estimation cost: one batch per
+    ceil(n / batch_size) of train, its wall time, and none of the run's extra batches (so never
+    the epoch's training cost); with off nothing is charged. Wrong variant caught: the pass run
+    outside ``trainer.estimation()`` (its batches counted as extra training batches)."""
+    t = make_trainer("umt", "synthetic", {**SMALL, "records": str(tmp_path)})
+    t.setup()
+    t.method.on_cell_start()
+    before, extra = t.estimation_cost.as_dict(), t.extra_batches
+    t.method.on_fit_start()
+    after = t.estimation_cost.as_dict()
+    n = len(t.splits.train)
+    assert after["batches"] - before["batches"] == math.ceil(n / SMALL["batch_size"])
+    assert after["time_s"] > before["time_s"] and after["optimizer_steps"] == before["optimizer_steps"]
+    assert t.extra_batches == extra
+    t.method.cfg = {**t.method.cfg, "umt_teacher_cache": "off"}
+    t.method.on_fit_start()
+    assert t.estimation_cost.as_dict()["batches"] == after["batches"]
+
+
+def test_cache_follows_the_teachers_when_they_change(tmp_path):
+    """Teachers replaced after a cache was built (a checkpoint's method state loaded) are
+    the ones the next fit start caches. Wrong variants caught: a cache kept across
+    load_state_dict (built once, never rebuilt); the cache built before the loaded teachers are
+    in place."""
+    t = _ready(tmp_path)
+    method = t.method
+    state = method.state_dict()
+    state["teachers"] = {k: v + 0.25 if v.is_floating_point() else v for k, v in state["teachers"].items()}
+    old = {m: v.clone() for m, v in method.teacher_features.items()}
+    method.load_state_dict(state)
+    method.on_fit_start()
+    whole = to_device(t.splits.train.get_batch(list(range(len(t.splits.train)))), t.device)
+    want = _teacher_forward(method, whole)
+    for m in ("m1", "m2"):
+        assert not torch.allclose(old[m], want[m])
+        torch.testing.assert_close(method.teacher_features[m], want[m], rtol=1e-6, atol=1e-6)
 
 
 # ---- recorded teachers ---------------------------------------------------------------------
@@ -173,8 +360,9 @@ def _record_unimodal(tmp_path, settings):
 def test_recorded_teachers_are_found_by_identity_and_loaded(tmp_path):
     """With a unimodal run of each modality recorded under the same settings, umt_teachers=
     recorded loads their final weights (equal to their checkpoints), trains nothing, and says
-    which runs it used. Wrong variants caught: the other modality's run loaded; the head
-    prefix used for the encoder; the recorded runs ignored (teachers trained anyway)."""
+    which runs it used; the fit start caches the loaded teachers' features. Wrong variants
+    caught: the other modality's run loaded; the head prefix used for the encoder; the recorded
+    runs ignored (teachers trained anyway); the cache built from the student's encoders."""
     settings = {**SMALL, "records": str(tmp_path), "checkpoint": True}
     _record_unimodal(tmp_path, settings)
     t = make_trainer("umt", "synthetic", {**settings, "umt_teachers": "recorded"})
@@ -189,6 +377,10 @@ def test_recorded_teachers_are_found_by_identity_and_loaded(tmp_path):
             assert torch.equal(v, state[f"encoders.{m}.{k}"]), k
         for k, v in t.method.teachers[m].head.state_dict().items():
             assert torch.equal(v, state[f"uni_heads.{m}.{k}"]), k
+    t.method.on_fit_start()
+    whole = to_device(t.splits.train.get_batch(list(range(len(t.splits.train)))), t.device)
+    for m, want in _teacher_forward(t.method, whole).items():
+        torch.testing.assert_close(t.method.teacher_features[m], want, rtol=1e-6, atol=1e-6)
     res = run("umt", "synthetic", {**settings, "umt_teachers": "recorded"})
     assert res.record["header"]["method_label"] == "UMT (recorded teachers)"
 
