@@ -9,6 +9,9 @@ the committed README equals this script's output, so the two cannot drift::
 
     python benchmarks/readme_results.py            # rewrite README.md in place
     python benchmarks/readme_results.py --check    # exit 1 when README.md is stale
+    python benchmarks/readme_results.py --report leaderboards/benchmark-v2-quick.md   # quote another report
+
+Without ``--report`` the block keeps quoting the report it names (its first line says which).
 """
 
 from __future__ import annotations
@@ -100,6 +103,12 @@ def results_block(report: str, report_path: str = "leaderboards/benchmark.md") -
     return "\n".join(out)
 
 
+def quoted_report(readme: str) -> str | None:
+    """The report the README's block says it quotes, or None."""
+    found = re.search(r"from `([^`]+)`; do not edit by hand", readme)
+    return found.group(1) if found else None
+
+
 def replace_block(readme: str, block: str) -> str:
     if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
         raise ReportError(f"README.md must hold exactly one {BEGIN} ... {END} pair, in that order")
@@ -108,13 +117,16 @@ def replace_block(readme: str, block: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--report", default="leaderboards/benchmark.md")
+    p.add_argument("--report", help="the report to quote (default: the one the README's block names, "
+                                    "else leaderboards/benchmark.md)")
     p.add_argument("--readme", default="README.md")
     p.add_argument("--check", action="store_true", help="exit 1 when the README's block is stale")
     args = p.parse_args(argv)
-    readme_path, report_path = ROOT / args.readme, ROOT / args.report
+    readme_path = ROOT / args.readme
+    readme = readme_path.read_text()
+    report = args.report or quoted_report(readme) or "leaderboards/benchmark.md"
     try:
-        new = replace_block(readme_path.read_text(), results_block(report_path.read_text(), args.report))
+        new = replace_block(readme, results_block((ROOT / report).read_text(), report))
     except ReportError as exc:
         print(f"readme_results: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,15 @@ class UnsupportedError(MMBalanceError):
     """A method refuses a setting its paper does not define (e.g. OGM-GE with 3 modalities)."""
 
 
+class TrainingDiverged(MMBalanceError):
+    """The training loss became NaN or infinite: the run cannot go on (a tuning trial counts it
+    as a bad configuration; a grid reports the cell as failed)."""
+
+    def __init__(self, message: str, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
 def _plain(word: str) -> str:
     """A name without case, hyphens or underscores: ``OGM-GE``, ``ogm_ge`` and ``ogmge`` agree."""
     return re.sub(r"[^a-z0-9]", "", word.lower())

@@ -40,7 +40,13 @@ from mmbalance.report_runs import (  # noqa: F401 - re-exported: callers import 
     warn_duplicates,
     warn_skipped,
 )
-from mmbalance.stats import REFERENCE, compare_methods, score_table, statistics_section
+from mmbalance.stats import (
+    REFERENCE,
+    compare_methods,
+    main_rank_runs,
+    score_table,
+    statistics_section,
+)
 
 METRIC_NAMES = {"acc": "accuracy", "map": "MAP", "f1": "macro-F1"}
 
@@ -356,7 +362,7 @@ def write_pictures(df: pd.DataFrame, out_dir: Path, name: str, rule: str, statis
     drawn: dict[str, Path | None] = {"cd": None, "cost": None}
     col = f"{rule}.fused.acc"
     if statistics and col in df and not df[col].isna().all():
-        drawn["cd"] = plots.plot_critical_difference(compare_methods(score_table(df, col)), files["cd"], rule)
+        drawn["cd"] = plots.plot_critical_difference(compare_methods(score_table(main_rank_runs(df), col)), files["cd"], rule)
     drawn["cost"] = plots.plot_cost(df, files["cost"])
     for key, path in files.items():
         if drawn[key] is None:

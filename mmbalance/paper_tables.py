@@ -65,7 +65,13 @@ from mmbalance.report_runs import (
     warn_duplicates,
     warn_skipped,
 )
-from mmbalance.stats import REFERENCE, compare_methods, score_table, statistics_section
+from mmbalance.stats import (
+    REFERENCE,
+    compare_methods,
+    main_rank_runs,
+    score_table,
+    statistics_section,
+)
 from mmbalance.stats_control import compare_with_control, control_markdown
 
 JOINT = "Concat"  # joint training: the reference of the cost ratios
@@ -526,7 +532,7 @@ def _draw(df: pd.DataFrame, recs: Sequence[dict[str, Any]], place: Placement, ou
         if not main.empty:
             not_drawn.append(("the critical-difference diagram", f"no test accuracy under rule {rule}"))
     else:
-        comparison = compare_methods(score_table(main, col))
+        comparison = compare_methods(score_table(main_rank_runs(main), col))
         made["cd"] = plots.plot_critical_difference(comparison, targets["cd"], rule)
         if made["cd"] is None:
             not_drawn.append(("the critical-difference diagram", comparison.note or "nothing to compare"))

@@ -428,7 +428,7 @@ def plot_records(
 ) -> list[tuple[str, Path | None, str]]:
     """Pictures of a records folder: CD diagram, cost, alpha sensitivity, per-epoch accuracy of
     every method on each dataset. (what, path or None, why skipped)."""
-    from mmbalance.stats import compare_methods, score_table
+    from mmbalance.stats import compare_methods, main_rank_runs, score_table
 
     if rule not in SELECTION_RULES:
         raise PlotError(f"Unknown selection rule '{rule}'; choose from {', '.join(SELECTION_RULES)}.")
@@ -436,7 +436,7 @@ def plot_records(
     col = f"{rule}.fused.acc"
     made: list[tuple[str, Path | None, str]] = []
     if col in df and not df[col].isna().all():
-        comp = compare_methods(score_table(df, col))
+        comp = compare_methods(score_table(main_rank_runs(df), col))
         made.append(("critical-difference diagram", plot_critical_difference(comp, out / f"cd_{rule}.png", rule),
                      comp.note or "nothing to compare"))
     else:

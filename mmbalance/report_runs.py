@@ -205,6 +205,7 @@ def _grouping(header: Mapping[str, Any]) -> dict[str, Any]:
         "_col_base": dataset_label(header),
         "_col_settings": column_settings,
         "_fingerprint": canon(fingerprint) if fingerprint else "",
+        "_n_modalities": len(column.get("modalities") or ()),
         "_diff": diff,
         "_method_keys": frozenset(method_keys),
         "_identity": config_hash(cfg, data=fingerprint, dataset_cls=dataset_cls, method_cls=method_cls) + precision,

@@ -314,24 +314,45 @@ def statistics_section(
     parts = [f"## Statistics, rule `{rule}`\n"]
     if column not in df or df[column].isna().all():
         return parts[0] + f"\nNo test accuracy under rule `{rule}` in these runs: no statistics.\n"
-    comp = compare_methods(score_table(df, column), alpha)
-    parts.append(ranks_markdown(comp, rule))
-    if cd_picture:
-        parts.append(f"![Critical-difference diagram, rule {rule}]({cd_picture})\n")
+    for i, (group, sub) in enumerate(rank_groups(df)):
+        comp = compare_methods(score_table(sub, column), alpha)
+        parts.append(ranks_markdown(comp, rule, group))
+        if cd_picture and i == 0:
+            parts.append(f"![Critical-difference diagram, rule {rule}]({cd_picture})\n")
     parts.append(paired_markdown(paired_vs_reference(df, column, reference, alpha, test), reference, rule, alpha))
     return "\n".join(parts)
 
 
-def ranks_markdown(comp: RankComparison, rule: str) -> str:
-    """Average-ranks table (one rank column per setting, then the average), caption first."""
+def rank_groups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The runs split into the groups ranked apart: settings with two modalities first, then
+    those with more (which methods for two modalities refuse), so a three-view setting never
+    removes the two-modality methods from the main ranks. ``[("", df)]`` when there is one group
+    (or no modality count, e.g. a runs table from before it was kept)."""
+    if "_n_modalities" not in df or df["_n_modalities"].nunique() < 2:
+        return [("", df)]
+    counts = df["_n_modalities"].fillna(0).astype(int)
+    groups = [(" with two modalities", df[counts <= 2])]
+    if (counts > 2).any():
+        groups.append((" with more than two modalities", df[counts > 2]))
+    return [(name, sub) for name, sub in groups if not sub.empty]
+
+
+def main_rank_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs of the main ranks (and of the critical-difference diagram): the first group."""
+    return rank_groups(df)[0][1]
+
+
+def ranks_markdown(comp: RankComparison, rule: str, group: str = "") -> str:
+    """Average-ranks table (one rank column per setting, then the average), caption first;
+    ``group`` qualifies the settings (" with two modalities")."""
     k, n = comp.n_methods, comp.n_settings
     if k == 0 or n == 0:
-        return f"No method is scored on every setting; no ranks. {md_escape(comp.note or '')}\n"
+        return f"No method is scored on every setting{group}; no ranks. {md_escape(comp.note or '')}\n"
     table = comp.ranks.loc[comp.average_ranks.index].copy()
     table = table.map(lambda r: f"{r:g}")
     table["average rank"] = [f"{comp.average_ranks[m]:.2f}" for m in table.index]
     caption = (
-        f"**Average rank over {n} setting{'s' if n != 1 else ''}** (rank 1 = best mean test accuracy "
+        f"**Average rank over {n} setting{'s' if n != 1 else ''}{group}** (rank 1 = best mean test accuracy "
         f"over seeds, rule `{rule}`; ties share the average rank)."
     )
     if comp.friedman_p is not None:

@@ -226,3 +226,28 @@ def test_a_setting_most_methods_miss_is_left_out_not_the_methods():
     one = SCORES.copy()
     one.loc["U"] = [np.nan] * len(SCORES.columns)
     assert compare_methods(one).excluded == ["U"] and compare_methods(one).excluded_settings == []
+
+
+def test_settings_with_more_than_two_modalities_are_ranked_apart():
+    """Three-view settings that a two-modality method refuses get their own ranks; the main
+    ranks (and the CD diagram) keep every two-modality method. Wrong variants caught: one rank
+    table over all settings (OGM is left out of it); the groups' order swapped (the main ranks
+    would be the three-view ones)."""
+    rows = []
+    for setting, n_mod, methods in (("d1", 2, "ABO"), ("d2", 2, "ABO"), ("d3", 2, "ABO"), ("v3", 3, "AB")):
+        for seed in (0, 1):
+            for i, m in enumerate(methods):
+                rows.append({"method": m, "dataset": setting, "seed": seed, "_n_modalities": n_mod,
+                             "best_val.fused.acc": 80.0 + 5 * i + seed + (setting == "d2") * 10 * (m == "O")})
+    df = pd.DataFrame(rows)
+    groups = stats.rank_groups(df)
+    assert [g for g, _ in groups] == [" with two modalities", " with more than two modalities"]
+    assert sorted(stats.main_rank_runs(df)["dataset"].unique()) == ["d1", "d2", "d3"]
+    md = stats.statistics_section(df, "best_val")
+    assert "**Average rank over 3 settings with two modalities**" in md
+    assert "**Average rank over 1 setting with more than two modalities**" in md
+    first = md.split("with more than two modalities")[0]
+    assert "| O " in first and "Left out" not in first
+    # one group: the caption is as before
+    two = df[df["_n_modalities"] == 2]
+    assert stats.rank_groups(two)[0][0] == "" and "**Average rank over 3 settings**" in stats.statistics_section(two, "best_val")

@@ -374,3 +374,28 @@ def test_a_trial_record_is_shown_not_called_damaged_but_a_full_run_without_test_
     claimed["header"]["config"]["eval_test"] = True
     with pytest.raises(records.RecordError, match="selection rule '(last|best_val)' test is NoneType"):
         records.check_record(claimed)
+
+
+def test_a_diverged_trial_uses_up_its_trial_and_the_study_goes_on(tmp_path, monkeypatch, capsys) -> None:
+    """A configuration whose loss becomes NaN is a bad trial, not a broken study: it is counted
+    (as pruned, with the epoch it diverged in), the study reaches its budget, and the best is a
+    trial that trained. Wrong variant caught: the divergence error escaping the objective (the
+    whole study, and with it a tuned grid, stopped at the first diverging trial)."""
+    from mmbalance.engine.loop import Trainer
+    from mmbalance.errors import TrainingDiverged
+
+    real = Trainer.train_epoch
+
+    def diverge_fast(self, epoch):  # the faster learning rates diverge in their second epoch
+        if epoch == 1 and self.cfg["lr"] > 0.01:
+            raise TrainingDiverged("Training diverged in epoch 2: the mean training loss is nan.", 2)
+        return real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", diverge_fast)
+    result = tune.tune("concat", "synthetic", 4, {**SMALL, "records": str(tmp_path)}, say=_quiet, prune_startup=99)
+    trials = _finished(_study(result))
+    diverged = [t for t in trials if "diverged_in_epoch" in t.user_attrs]
+    assert len(trials) == 4 and diverged  # the defaults (lr 0.05 on synthetic) diverge
+    assert all(t.state.name == "PRUNED" and t.user_attrs["diverged_in_epoch"] == 2 for t in diverged)
+    assert "diverged in epoch 2 (counted as pruned)" in capsys.readouterr().out
+    assert result.best_value is not None and result.best_params["lr"] <= 0.01

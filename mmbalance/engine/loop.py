@@ -52,7 +52,7 @@ from mmbalance.engine.runtime import (
     seed_everything,
 )
 from mmbalance.engine.services import Services
-from mmbalance.errors import ConfigError, MMBalanceError, did_you_mean
+from mmbalance.errors import ConfigError, MMBalanceError, TrainingDiverged, did_you_mean
 from mmbalance.method import PER_MODALITY_SOURCES, EstimationCost, Method, Phase, Prediction
 from mmbalance.metrics import classification_metrics, final_metrics
 from mmbalance.model import (
@@ -318,11 +318,10 @@ class Trainer(Services, Checkpoints, RunRecord):
         self._step_schedulers()
         train_loss = (loss_sum / max(1, n_batches)).item()
         if not math.isfinite(train_loss):
-            raise MMBalanceError(
+            raise TrainingDiverged(
                 f"Training diverged in epoch {epoch + 1}: the mean training loss is {train_loss}. "
                 f"Lower the learning rate (--set lr=...) or enable gradient clipping "
-                f"(--set grad_clip=1.0)."
-            )
+                f"(--set grad_clip=1.0).", epoch + 1)
         out: dict[str, Any] = {"train_loss": train_loss, "train_batches": n_batches,
                                "data_passes": n_batches / max(1, total), "lrs": lrs}
         if len(phases) > 1 or plan[0].name != "train":
