@@ -662,6 +662,15 @@ def progress_line(outcomes: Mapping[int, str], to_train: int, eta_s: float, jobs
             f"{left - running} waiting of {to_train}; ETA {eta_text}")
 
 
+def _cell_key(cell: Cell, base: Mapping[str, Any]) -> str:
+    """The key its runs carry in a report (``report_runs.cell_key``: the configuration without
+    the seed, and the data fingerprint)."""
+    from mmbalance.report_runs import cell_key
+
+    trainer = cell_trainer(cell, base)
+    return cell_key(trainer.cfg, trainer.data_fingerprint)
+
+
 def tuned_grid(grid: Grid, base: Mapping[str, Any], jobs: int = 1, say: Callable[[str], None] | None = None) -> Grid:
     """Tune every method x setting of the grid with the same budget (one study each, on
     validation), then add its best configuration over the grid's seeds. A best configuration
@@ -694,6 +703,10 @@ def tuned_grid(grid: Grid, base: Mapping[str, Any], jobs: int = 1, say: Callable
             if state.detail not in have:
                 have.add(state.detail)
                 extra.append(tuned)
+        if result.db.is_file():
+            tuning.link_grid_cells(result.db, result.name, _cell_key(first, base),
+                                   _cell_key(Cell(first.method, first.dataset, first.seed,
+                                                  {**first.overrides, **result.best_params}), base), grid.name)
     return Grid(grid.name, grid.cells + extra, grid.records, grid.slurm, None)
 
 

@@ -436,6 +436,7 @@ def tune(method: str, dataset: str, trials: int, base: Mapping[str, Any] | None 
         study.enqueue_trial(default_params(plan.cfg, plan.space), user_attrs={"defaults": True})
         for params in enqueue or []:
             study.enqueue_trial(params)
+    record_protocol(study, plan, trials)
     reclaimed = reclaim_dead_trials(study)
     counts = count_states(study)
     done = sum(counts.get(s, 0) for s in FINISHED)
@@ -453,6 +454,41 @@ def tune(method: str, dataset: str, trials: int, base: Mapping[str, Any] | None 
         else:
             _run_processes(plan, quotas, trials)
     return summarize(plan, say)
+
+
+#: The study's user attributes a report reads its budget from (``record_protocol``), and those a
+#: tuned grid adds (``link_grid_cells``): the cell keys of the defaults' and the best runs.
+PROTOCOL_KEYS = ("method", "dataset", "budget", "seeds", "sampler", "pruner", "objective")
+DEFAULTS_CELL, BEST_CELL = "defaults_cell", "best_cell"
+
+
+def record_protocol(study: Any, plan: Plan, trials: int) -> None:
+    """Write what the study searched with into the study itself, so a report names the budget
+    from the study's own record: the budget asked for (the largest so far), the seeds each
+    trial trains, the sampler, the pruner and the objective."""
+    attrs = study.user_attrs
+    values = {
+        "method": plan.method, "dataset": plan.dataset, "budget": max(int(attrs.get("budget", 0)), trials),
+        "seeds": list(plan.seeds), "sampler": "TPE",
+        "pruner": f"median (startup {plan.prune_startup} trials, warm-up {plan.prune_warmup} steps)",
+        "objective": "best validation accuracy of the fused prediction; trials run with eval_test=false",
+    }
+    for key, value in values.items():
+        if attrs.get(key) != value:
+            study.set_user_attr(key, value)
+
+
+def link_grid_cells(db: Path, name: str, defaults_cell: str, best_cell: str, grid: str) -> None:
+    """Record in the study which runs are its defaults and its best configuration (their cell
+    keys, ``report_runs.cell_key``) and which grid ran them: what the leaderboard's defaults
+    vs tuned table reads."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{Path(db).resolve()}")
+    for key, value in ((DEFAULTS_CELL, defaults_cell), (BEST_CELL, best_cell), ("grid", grid)):
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
 
 
 def _run_processes(plan: Plan, quotas: list[int], total: int) -> None:
