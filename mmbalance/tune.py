@@ -431,6 +431,26 @@ def tune(method: str, dataset: str, trials: int, base: Mapping[str, Any] | None 
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs}).")
     plan = plan_study(method, dataset, base, seed, yaml_path, prune_startup, prune_warmup, seeds)
+    quotas = prepare_study(plan, trials, jobs, enqueue, say)
+    if len(quotas) == 1:
+        run_worker(plan, quotas[0], trials)
+    elif quotas:
+        _run_processes(plan, quotas, trials)
+    return summarize(plan, say)
+
+
+def split_budget(remaining: int, workers: int) -> list[int]:
+    """``remaining`` trials shared by at most ``workers`` workers, as evenly as possible (no
+    worker with nothing to do): the quotas sum to exactly ``remaining``."""
+    return [remaining // workers + (1 if i < remaining % workers else 0) for i in range(min(workers, remaining))]
+
+
+def prepare_study(plan: Plan, trials: int, workers: int = 1, enqueue: list[dict[str, Any]] | None = None,
+                  say: Callable[[str], None] = _print) -> list[int]:
+    """Create or resume the study (a new one gets the defaults trial first), record its
+    protocol, re-ask trials a killed process of this host left running, and split what is
+    left of the budget between ``workers``: the quotas each worker runs (:func:`run_worker`,
+    in this process, in spawned processes, or in scheduler jobs alike)."""
     study = open_study(plan)
     if not study.get_trials(deepcopy=False):  # a new study: the defaults first
         study.enqueue_trial(default_params(plan.cfg, plan.space), user_attrs={"defaults": True})
@@ -438,22 +458,45 @@ def tune(method: str, dataset: str, trials: int, base: Mapping[str, Any] | None 
             study.enqueue_trial(params)
     record_protocol(study, plan, trials)
     reclaimed = reclaim_dead_trials(study)
+    _fail_stale(study)  # trials of another host whose heartbeat stopped: failed and re-asked
     counts = count_states(study)
     done = sum(counts.get(s, 0) for s in FINISHED)
     running = counts.get("RUNNING", 0)
-    remaining = max(0, trials - done - running)
     say(f"study {plan.name} ({plan.db}): {done} of {trials} trials finished"
         + (f", {running} running elsewhere" if running else "")
         + (f", re-asking {len(reclaimed)} left running by a killed process ({', '.join(map(str, reclaimed))})"
            if reclaimed else "")
         + f"; searching {', '.join(f'{k} ({s.text()})' for k, (s, _) in plan.space.items())}")
-    if remaining:
-        quotas = [remaining // jobs + (1 if i < remaining % jobs else 0) for i in range(min(jobs, remaining))]
-        if len(quotas) == 1:
-            run_worker(plan, quotas[0], trials)
-        else:
-            _run_processes(plan, quotas, trials)
-    return summarize(plan, say)
+    return split_budget(max(0, trials - done - running), workers)
+
+
+def _fail_stale(study: Any) -> None:
+    """Optuna's stale-trial check (a trial whose heartbeat stopped GRACE_S ago is marked failed
+    and re-asked), run before the budget is split: otherwise a trial of a killed job on
+    another host would count as running until a worker next starts, and no worker would be
+    given its place."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def study_progress(db: Path, name: str) -> dict[str, int] | None:
+    """The trial counts by state of an existing study (None when its database does not
+    exist); reads only, so a status command creates nothing."""
+    import optuna
+
+    if not Path(db).is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{Path(db).resolve()}")
+    except KeyError:
+        return None
+    return count_states(study)
 
 
 #: The study's user attributes a report reads its budget from (``record_protocol``), and those a
