@@ -85,10 +85,16 @@ def in_range(value: Any, search: Search) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and search.low <= value <= search.high
 
 
-def suggest(trial: Any, space: Mapping[str, tuple[Search, Option]]) -> dict[str, Any]:
-    """The trial's values for every searched key (Optuna's ``suggest_*``)."""
+def suggest(trial: Any, space: Mapping[str, tuple[Search, Option]], fixed: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """The trial's values for every searched key whose condition holds (Optuna's
+    ``suggest_*``); ``fixed``: the configured settings the conditions read for keys not
+    searched. A key whose condition fails is not sampled (it keeps its configured value)."""
     out: dict[str, Any] = {}
-    for key, (search, option) in space.items():
+    values = dict(fixed)
+    for key in _ordered(space):
+        search, option = space[key]
+        if not search.applies(values):  # the run keeps the configured value, which dependents then read
+            continue
         if search.choices is not None:
             out[key] = trial.suggest_categorical(key, list(search.choices))
         elif is_int_option(option):
@@ -97,7 +103,23 @@ def suggest(trial: Any, space: Mapping[str, tuple[Search, Option]]) -> dict[str,
         else:
             out[key] = trial.suggest_float(key, float(search.low), float(search.high), log=search.log,
                                            step=None if search.step is None else float(search.step))
+        values[key] = out[key]
     return out
+
+
+def _ordered(space: Mapping[str, tuple[Search, Option]]) -> list[str]:
+    """The searched keys, each after the searched keys its condition names (declaration order
+    otherwise)."""
+    done: list[str] = []
+    waiting = list(space)
+    while waiting:
+        ready = [k for k in waiting
+                 if all(dep not in space or dep in done or dep == k for dep, _ in space[k][0].when or ())]
+        if not ready:
+            raise ConfigError(f"The search conditions of {', '.join(waiting)} depend on each other in a cycle.")
+        done += ready
+        waiting = [k for k in waiting if k not in ready]
+    return done
 
 
 def trial_overrides(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,8 +128,9 @@ def trial_overrides(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[
 
 
 def default_params(cfg: Mapping[str, Any], space: Mapping[str, tuple[Search, Option]]) -> dict[str, Any]:
-    """The configured value of each searched key that lies in its range: the defaults trial."""
-    return {k: cfg[k] for k, (search, _) in space.items() if in_range(cfg.get(k), search)}
+    """The configured value of each searched key that lies in its range and whose condition
+    the configuration meets: the defaults trial."""
+    return {k: cfg[k] for k, (search, _) in space.items() if in_range(cfg.get(k), search) and search.applies(cfg)}
 
 
 def study_name(method: str, dataset: str, cfg: Mapping[str, Any], space: Mapping[str, tuple[Search, Option]],
@@ -131,9 +154,17 @@ def best_val_accuracy(record: Mapping[str, Any]) -> float:
 
 def yaml_scalar(value: Any) -> str:
     """A value as ``--set key=<text>`` reads it back exactly (PyYAML reads ``1e-05`` as text, so
-    a float's exponent gets its decimal point: ``1.0e-05``)."""
+    a float's exponent gets its decimal point: ``1.0e-05``); a list of words as ``a,b`` (what a
+    list option reads from ``--set``), any other list in YAML's flow form ``[1,2]``."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):  # modalities=zer,mor (what --set reads into a list option)
+        from mmbalance.config import parse_value
+
+        words = all(isinstance(v, str) and v and "," not in v and parse_value(v) == v for v in value)
+        inner = ",".join(json.dumps(v) if isinstance(v, str) and (parse_value(v) != v or "," in v) else yaml_scalar(v)
+                         for v in value)  # a word YAML reads as another type stays quoted text
+        return inner if words and value else f"[{inner}]"
     if isinstance(value, float):
         text = repr(value)
         mantissa, e, exponent = text.partition("e")
@@ -329,7 +360,7 @@ def make_objective(plan: Plan, total: int, say: Callable[[str], None] = _print) 
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER, worker_id())
-        params = suggest(trial, plan.space)
+        params = suggest(trial, plan.space, plan.cfg)
         scores, run_dirs = [], []
         for i, seed in enumerate(plan.seeds):  # the pruner compares step (seed i, epoch e) across trials
             overrides = {**trial_overrides(plan.base, params), "seed": seed}

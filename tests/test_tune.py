@@ -374,3 +374,86 @@ def test_a_trial_record_is_shown_not_called_damaged_but_a_full_run_without_test_
     claimed["header"]["config"]["eval_test"] = True
     with pytest.raises(records.RecordError, match="selection rule '(last|best_val)' test is NoneType"):
         records.check_record(claimed)
+
+
+# ---- conditional search spaces ---------------------------------------------------------------------
+def _sampled(space, fixed, n=40):
+    """The params of ``n`` trials asked from an in-memory TPE study (values drawn, nothing trained)."""
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    out = []
+    for i in range(n):
+        trial = study.ask()
+        params = tune.suggest(trial, space, fixed)
+        study.tell(trial, float(i % 7))
+        out.append(params)
+    return out
+
+
+def test_a_conditional_option_is_sampled_only_when_its_condition_holds() -> None:
+    """LFM's exp_rate acts only under alpha_schedule=exp: searched with the schedule, it is in a
+    trial's values exactly when the schedule drawn is exp; with the schedule fixed by the user it
+    is always (exp) or never (fitted) sampled; the defaults trial leaves it out unless the
+    configured schedule is exp. Variants caught: a conditional option sampled regardless; the
+    condition read from the configured value instead of the value just drawn."""
+    lfm = METHODS.get("lfm")
+    assert lfm.options["exp_rate"].search.when == (("alpha_schedule", ("exp",)),)
+    space = tune.search_space(DATASETS.get("synthetic"), lfm)
+    drawn = _sampled(space, {"alpha_schedule": "fitted", "exp_rate": 0.3})
+    schedules = {p["alpha_schedule"] for p in drawn}
+    assert schedules == {"fitted", "exp", "learnable"}
+    for p in drawn:
+        assert ("exp_rate" in p) == (p["alpha_schedule"] == "exp"), p
+    for schedule, expect in (("exp", True), ("fitted", False)):
+        fixed_space = tune.search_space(DATASETS.get("synthetic"), lfm, fixed={"alpha_schedule": schedule})
+        assert all(("exp_rate" in p) is expect for p in _sampled(fixed_space, {"alpha_schedule": schedule}, 6))
+    assert "exp_rate" not in tune.default_params({"alpha_schedule": "fitted", "exp_rate": 0.3, "lr": 0.01}, space)
+    assert tune.default_params({"alpha_schedule": "exp", "exp_rate": 0.3, "lr": 0.01}, space)["exp_rate"] == 0.3
+
+
+def test_a_dependent_option_declared_first_is_still_sampled_after_what_it_depends_on() -> None:
+    """Order follows the dependency, not the declaration."""
+    space = {"rate": (Search(0.1, 1.0, when={"mode": ("b",)}), Option(0.5, "rate", min=0)),
+             "mode": (Search(choices=("a", "b")), Option("a", "mode", choices=("a", "b")))}
+    for p in _sampled(space, {"mode": "a", "rate": 0.5}, 20):
+        assert ("rate" in p) == (p["mode"] == "b")
+
+
+@pytest.mark.parametrize(("when", "match"), [
+    ({"alpha_shedule": ("exp",)}, "depends on 'alpha_shedule', which is no option here"),
+    ({"alpha_schedule": ("exponential",)}, "alpha_schedule being 'exponential', not among its values"),
+    ({"loss_scale": (1.0,)}, "'loss_scale', which has no fixed values"),
+    ({"exp_rate": (0.3,)}, "which is itself"),
+])
+def test_a_condition_naming_a_wrong_option_or_value_fails_where_the_plugin_registers(when, match) -> None:
+    """Validated where declared: registering a method whose search condition names a typo, a
+    value outside the option's choices, a numeric option or itself is a SearchRangeError naming it."""
+    from mmbalance.registry import Registry
+
+    lfm = METHODS.get("lfm")
+    options = {**lfm.options, "exp_rate": Option(0.3, "rate", min=0.0, search=Search(0.05, 1.0, log=True, when=when))}
+    cls = type("BadLFM", (lfm,), {"options": options})
+    with pytest.raises(SearchRangeError, match=match):
+        Registry("method", "methods", "mmbalance.test").register("badlfm")(cls)
+
+
+@pytest.mark.parametrize(("when", "match"), [("exp", "give a mapping of option names"), ({"a": "exp"}, "must be a tuple or list"),
+                                             ({"a": ()}, "at least one value")])
+def test_a_malformed_condition_is_refused(when, match) -> None:
+    with pytest.raises(SearchRangeError, match=match):
+        Search(0.1, 1.0, when=when)
+
+
+def test_the_condition_is_part_of_the_study_s_space_key_and_its_docs_text() -> None:
+    opt = Option(0.3, "rate", min=0.0)
+    plain, cond = Search(0.05, 1.0, log=True), Search(0.05, 1.0, log=True, when={"alpha_schedule": ["exp"]})
+    assert cond.text() == "log 0.05 .. 1, when alpha_schedule is exp" and plain.text() == "log 0.05 .. 1"
+    names = {tune.study_name("lfm", "synthetic", {"epochs": 2}, {"exp_rate": (s, opt)}, None) for s in (plain, cond)}
+    assert len(names) == 2
+
+
+def test_the_reproduce_line_gives_a_list_setting_as_set_reads_it() -> None:
+    """``--set modalities=zer,mor``, not a quoted Python list (variant: str(list) failed here)."""
+    line = tune.reproduce_command("concat", "mfeat", {"modalities": ["zer", "mor"], "lr": 1e-05})
+    assert line == "mmbalance run --method concat --dataset mfeat --set modalities=zer,mor --set lr=1.0e-05"
+    assert parse_value(tune.yaml_scalar([1, 2])) == [1, 2]
+    assert parse_value(tune.yaml_scalar(["a", "true"])) == ["a", "true"]
