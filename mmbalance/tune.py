@@ -544,8 +544,8 @@ def record_protocol(study: Any, plan: Plan, trials: int) -> None:
     values = {
         "method": plan.method, "dataset": plan.dataset, "budget": max(int(attrs.get("budget", 0)), trials),
         "seeds": list(plan.seeds), "sampler": "TPE",
-        "pruner": f"median (startup {plan.prune_startup} trials, warm-up {plan.prune_warmup} steps)",
-        "objective": "best validation accuracy of the fused prediction; trials run with eval_test=false",
+        "pruner": f"median pruner (startup {plan.prune_startup} trials, warm-up {plan.prune_warmup} steps)",
+        "objective": "best validation accuracy of the fused prediction",
     }
     for key, value in values.items():
         if attrs.get(key) != value:

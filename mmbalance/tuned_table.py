@@ -45,6 +45,7 @@ class StudyRecord:
     seeds: tuple[int, ...] | None
     sampler: str | None
     pruner: str | None
+    objective: str | None = None
 
 
 def read_studies(records_dir: Path) -> list[StudyRecord]:
@@ -71,7 +72,7 @@ def read_studies(records_dir: Path) -> list[StudyRecord]:
             str(attrs[DEFAULTS_CELL]), str(attrs[BEST_CELL]), sum(s in FINISHED for s in states),
             int(attrs["budget"]) if attrs.get("budget") is not None else None,
             tuple(int(s) for s in seeds) if isinstance(seeds, list) else None,
-            attrs.get("sampler"), attrs.get("pruner")))
+            attrs.get("sampler"), attrs.get("pruner"), attrs.get("objective")))
     return out
 
 
@@ -169,17 +170,17 @@ def budget_caption(studies: Sequence[StudyRecord]) -> str:
     finished = sorted({s.finished for s in studies})
     budgets = sorted({s.budget for s in studies if s.budget is not None})
     seeds = sorted({s.seeds for s in studies if s.seeds is not None})
-    samplers = sorted({s.sampler or "sampler not recorded" for s in studies})
+    samplers = sorted({s.sampler or "not recorded" for s in studies})
     pruners = sorted({s.pruner or "pruner not recorded" for s in studies})
+    objectives = sorted({s.objective or "not recorded" for s in studies})
     trials = (f"{finished[0]} finished trials per method × setting" if len(finished) == 1
               else f"{finished[0]} to {finished[-1]} finished trials per method × setting")
     asked = f" (budget {budgets[0]})" if len(budgets) == 1 else ""
     seed_text = (f"each trial trains seed(s) {', '.join(map(str, seeds[0]))}" if len(seeds) == 1
                  else "seeds per trial differ between studies")
     text = (f"Tuning budget: {trials}{asked}, {len(studies)} stud{'y' if len(studies) == 1 else 'ies'}; {seed_text}; sampler "
-            f"{' / '.join(samplers)}, {' / '.join(p + ' pruner' if 'pruner' not in p else p for p in pruners)} "
-            "on each epoch's validation accuracy; objective: best validation accuracy of the fused prediction; "
-            "the test split is never read by the search (trials run with eval_test=false).")
+            f"{' / '.join(samplers)}, {' / '.join(pruners)} on each epoch's validation accuracy; objective: "
+            f"{' / '.join(objectives)}; the test split is never read by the search (trials run with eval_test=false).")
     if len(finished) > 1 or len(budgets) > 1 or len(seeds) > 1:
         per = "; ".join(f"{s.name}: {s.finished} finished of {s.budget if s.budget is not None else '?'}, seeds "
                         f"{','.join(map(str, s.seeds)) if s.seeds else '?'}" for s in studies)

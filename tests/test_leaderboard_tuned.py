@@ -42,8 +42,8 @@ def _study(root, name: str, method: str, defaults: str, best: str, finished: int
                                             intermediate_values={0: 40.0}))
     study.enqueue_trial({"lr": 0.5})  # waiting: not finished, not counted
     attrs = {"method": method, "dataset": "synthetic", "budget": budget or finished, "seeds": list(seeds),
-             "sampler": "TPE", "pruner": "median (startup 5 trials, warm-up 0 steps)",
-             "objective": "best validation accuracy", tune.DEFAULTS_CELL: defaults, tune.BEST_CELL: best, "grid": "g"}
+             "sampler": "TPE", "pruner": "median pruner (startup 5 trials, warm-up 0 steps)",
+             "objective": "best validation accuracy of the fused prediction", tune.DEFAULTS_CELL: defaults, tune.BEST_CELL: best, "grid": "g"}
     for k, v in attrs.items():
         study.set_user_attr(k, v)
 
@@ -134,7 +134,8 @@ def test_the_caption_names_the_budget_from_the_studies_records(tuned_records, tm
         md = write_leaderboard(root, tmp_path, "lb", rules=("best_val",), pictures=False)[0].read_text()
     section, _ = _section(md)
     assert "4 finished trials per method × setting (budget 4), 2 studies" in section
-    assert "each trial trains seed(s) 0" in section and "sampler TPE" in section and "median" in section
+    assert "each trial trains seed(s) 0" in section and "sampler TPE, median pruner (startup 5 trials" in section
+    assert "objective: best validation accuracy of the fused prediction" in section
     assert "test split is never read" in section and "WARNING" not in section
 
 
