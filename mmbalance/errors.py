@@ -65,3 +65,8 @@ def did_you_mean(word: str, choices: Iterable[str], aliases: Mapping[str, str] |
     """A ' Did you mean X?' suffix when a close match exists, else ''."""
     close = closest(word, choices, aliases)
     return f" Did you mean '{close}'?" if close else ""
+
+
+class TrainingDiverged(MMBalanceError):
+    """The training loss stopped being finite: the configuration diverged (too large a
+    learning rate, no clipping). A tuning trial records it as a finished, pruned trial."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mmbalance.config import Option, Search, declared_options, identity
-from mmbalance.errors import ConfigError, MMBalanceError
+from mmbalance.errors import ConfigError, MMBalanceError, TrainingDiverged
 
 #: What every trial adds to the base settings: no test evaluation (the search must not see
 #: test), no diagnostics (they score test), no per-epoch lines (the study prints its own).
@@ -370,7 +370,11 @@ def make_objective(plan: Plan, total: int, say: Callable[[str], None] = _print) 
             offset = i * int(trainer.cfg["epochs"])
             reporter = _reporter(trial, trainer, offset)
             trainer.epoch_callbacks.append(reporter)
-            record = trainer.fit()
+            try:
+                record = trainer.fit()
+            except TrainingDiverged as exc:  # an outcome of the values drawn, not a broken study
+                trial.set_user_attr("diverged", str(exc).split(":")[0])
+                raise optuna.TrialPruned(f"diverged: {exc}") from None
             if trainer.outcome == FINISHED_BEFORE:  # a configuration recorded before: its epochs
                 trainer.history = list(record["epochs"])
                 reporter(prune=False)
@@ -408,6 +412,8 @@ def progress_callback(plan: Plan, total: int, say: Callable[[str], None] = _prin
                            for k, v in trial.params.items())
         if trial.state.name == "COMPLETE":
             what = f"val {trial.value:.2f}"
+        elif trial.state.name == "PRUNED" and trial.user_attrs.get("diverged"):
+            what = f"pruned: {trial.user_attrs['diverged'].lower()}"
         elif trial.state.name == "PRUNED":
             what = f"pruned after epoch {trial.user_attrs.get('pruned_after_epoch', '?')}"
         else:

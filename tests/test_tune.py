@@ -457,3 +457,17 @@ def test_the_reproduce_line_gives_a_list_setting_as_set_reads_it() -> None:
     assert line == "mmbalance run --method concat --dataset mfeat --set modalities=zer,mor --set lr=1.0e-05"
     assert parse_value(tune.yaml_scalar([1, 2])) == [1, 2]
     assert parse_value(tune.yaml_scalar(["a", "true"])) == ["a", "true"]
+
+
+def test_a_diverged_trial_is_pruned_with_its_reason_and_the_study_goes_on(tmp_path, capsys) -> None:
+    """A configuration whose loss goes non-finite is an outcome of the values drawn: the trial
+    is PRUNED (counted in the budget) with the divergence recorded, and the next trial runs
+    (variant: letting the error through ended the whole study, and with it a tuned grid)."""
+    base = {**SMALL, "records": str(tmp_path)}
+    lines: list[str] = []
+    result = tune.tune("concat", "synthetic", 2, {**base, "lr": 1e6}, say=lines.append,
+                       enqueue=[{"weight_decay": 1e-4}])
+    first, second = _study(result).trials
+    assert first.state.name == "PRUNED" and first.user_attrs["diverged"].startswith("Training diverged in epoch")
+    assert second.state.name == "PRUNED" and result.counts == {"PRUNED": 2} and result.best_value is None
+    assert "trial 0: weight_decay=0.0001 -> pruned: training diverged in epoch" in capsys.readouterr().out

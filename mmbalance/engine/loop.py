@@ -52,7 +52,7 @@ from mmbalance.engine.runtime import (
     seed_everything,
 )
 from mmbalance.engine.services import Services
-from mmbalance.errors import ConfigError, MMBalanceError, did_you_mean
+from mmbalance.errors import ConfigError, MMBalanceError, TrainingDiverged, did_you_mean
 from mmbalance.method import PER_MODALITY_SOURCES, EstimationCost, Method, Phase, Prediction
 from mmbalance.metrics import classification_metrics, final_metrics
 from mmbalance.model import (
@@ -318,7 +318,7 @@ class Trainer(Services, Checkpoints, RunRecord):
         self._step_schedulers()
         train_loss = (loss_sum / max(1, n_batches)).item()
         if not math.isfinite(train_loss):
-            raise MMBalanceError(
+            raise TrainingDiverged(
                 f"Training diverged in epoch {epoch + 1}: the mean training loss is {train_loss}. "
                 f"Lower the learning rate (--set lr=...) or enable gradient clipping "
                 f"(--set grad_clip=1.0)."
