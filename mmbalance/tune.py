@@ -332,6 +332,21 @@ def reclaim_dead_trials(study: Any) -> list[int]:
     return reclaimed
 
 
+def reask_failed(study: Any, max_retry: int = 3) -> list[int]:
+    """Trials that failed (their process raised: a crash, a full disk) and were never asked
+    again: re-asked once with the same values, at most ``max_retry`` times in a row, so a
+    study resumed after an error loses no configuration (the defaults trial included)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    out = []
+    for t in trials:
+        if (t.state.name == "FAIL" and t.number not in retried
+                and len(t.system_attrs.get("retry_history", [])) < max_retry):
+            reask(study, t)
+            out.append(t.number)
+    return out
+
+
 def reask(study: Any, failed: Any) -> None:
     """Queue a failed trial's values again (Optuna's retry, without the dead worker's name)."""
     import optuna
@@ -496,6 +511,7 @@ def prepare_study(plan: Plan, trials: int, workers: int = 1, enqueue: list[dict[
     record_protocol(study, plan, trials)
     reclaimed = reclaim_dead_trials(study)
     _fail_stale(study)  # trials of another host whose heartbeat stopped: failed and re-asked
+    failed = reask_failed(study)
     counts = count_states(study)
     done = sum(counts.get(s, 0) for s in FINISHED)
     running = counts.get("RUNNING", 0)
@@ -503,6 +519,7 @@ def prepare_study(plan: Plan, trials: int, workers: int = 1, enqueue: list[dict[
         + (f", {running} running elsewhere" if running else "")
         + (f", re-asking {len(reclaimed)} left running by a killed process ({', '.join(map(str, reclaimed))})"
            if reclaimed else "")
+        + (f", re-asking {len(failed)} that failed ({', '.join(map(str, failed))})" if failed else "")
         + f"; searching {', '.join(f'{k} ({s.text()})' for k, (s, _) in plan.space.items())}")
     return split_budget(max(0, trials - done - running), workers)
 

@@ -471,3 +471,29 @@ def test_a_diverged_trial_is_pruned_with_its_reason_and_the_study_goes_on(tmp_pa
     assert first.state.name == "PRUNED" and first.user_attrs["diverged"].startswith("Training diverged in epoch")
     assert second.state.name == "PRUNED" and result.counts == {"PRUNED": 2} and result.best_value is None
     assert "trial 0: weight_decay=0.0001 -> pruned: training diverged in epoch" in capsys.readouterr().out
+
+
+def test_a_trial_that_failed_is_asked_again_with_its_values_when_the_study_resumes(tmp_path, monkeypatch, capsys) -> None:
+    """The defaults trial raising (a crash) stops the study with that trial FAIL; the resumed
+    study asks its values again (the defaults, marked so), and the budget counts only finished
+    trials (variant: not re-asking lost the defaults trial for good)."""
+    from mmbalance.engine.loop import Trainer
+
+    real_fit = Trainer.fit
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("injected crash")
+
+    base = {**SMALL, "records": str(tmp_path)}
+    monkeypatch.setattr(Trainer, "fit", crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        tune.tune("concat", "synthetic", 2, base, say=_quiet)
+    monkeypatch.setattr(Trainer, "fit", real_fit)
+    lines: list[str] = []
+    result = tune.tune("concat", "synthetic", 2, base, say=lines.append)
+    trials = _study(result).trials
+    assert [t.state.name for t in trials][0] == "FAIL" and "re-asking 1 that failed (0)" in lines[0]
+    again = trials[1]
+    assert again.params == trials[0].params and again.user_attrs.get("defaults") is True
+    assert again.system_attrs["failed_trial"] == 0 and again.state.name == "COMPLETE"
+    assert sum(t.state.name in tune.FINISHED for t in trials) == 2
