@@ -51,13 +51,15 @@ def _study(root, name: str, method: str, defaults: str, best: str, finished: int
 @pytest.fixture(scope="module")
 def tuned_records(tmp_path_factory):
     """concat: defaults and a tuned lr (study concat_synthetic_a, 4 trials); ogm: its best is
-    its defaults (study ogm_synthetic_b, 4 trials); sum: never tuned; sum with lr=0.02: an
-    ordinary row that merely differs from the defaults, never called tuned."""
+    its defaults (study ogm_synthetic_b, 4 trials); sum: never tuned; sum with lr=0.02 and sum
+    with weight_decay=0.003 (a label with an underscore): ordinary rows that merely differ from the
+    defaults, never called tuned."""
     root = tmp_path_factory.mktemp("tuned")
     base = {**BASE, "records": str(root)}
     runs = {}
     for name, method, extra in (("concat", "concat", {}), ("concat_tuned", "concat", {"lr": 0.02}),
-                                ("ogm", "ogm", {}), ("sum", "sum", {}), ("sum_lr", "sum", {"lr": 0.02})):
+                                ("ogm", "ogm", {}), ("sum", "sum", {}), ("sum_lr", "sum", {"lr": 0.02}),
+                                ("sum_wd", "sum", {"weight_decay": 0.003})):
         runs[name] = [run(method, "synthetic", {**base, **extra, "seed": s}) for s in (0, 1)]
     keys = {k: _key(v[0]) for k, v in runs.items()}
     _study(root, "concat_synthetic_a", "concat", keys["concat"], keys["concat_tuned"], 4)
@@ -105,10 +107,12 @@ def test_a_tuned_row_stands_beside_its_defaults_and_an_untuned_method_shows_a_da
     assert ogm["synthetic: Δ"] == "+0.00"
     assert rows["Sum"]["synthetic: tuned"] == "–" and rows["Sum"]["synthetic: Δ"] == "–"
     lr_row = next(k for k in rows if k.startswith("Sum (") and "lr=0.02" in k)
+    assert lr_row == "Sum (lr=0.02)"
     assert rows[lr_row]["synthetic: tuned"] == "–" and rows[lr_row]["synthetic: defaults"] == _pm(_acc(runs["sum_lr"]))
     # ranks by hand: defaults of all four rows, then concat's tuned mean in place of its defaults
+    uni = "Sum (weight\\_decay=0.003)"  # as markdown escapes it
     means = {"Concat": d.mean(), "OGM-GE": _acc(runs["ogm"]).mean(), "Sum": _acc(runs["sum"]).mean(),
-             lr_row: _acc(runs["sum_lr"]).mean()}
+             lr_row: _acc(runs["sum_lr"]).mean(), uni: _acc(runs["sum_wd"]).mean()}
     expect = pd.Series(means).round(10).rank(ascending=False, method="average")
     tuned_means = pd.Series({**means, "Concat": t.mean()}).round(10).rank(ascending=False, method="average")
     for label in means:
@@ -117,7 +121,7 @@ def test_a_tuned_row_stands_beside_its_defaults_and_an_untuned_method_shows_a_da
     # the defaults' tables hold no row for the tuned configuration; the CSV names its study
     main = md.split("## Defaults and tuned")[0]
     labels = {ln.strip("|").split("|")[0].strip() for ln in main.splitlines() if ln.startswith("| ")}
-    assert labels == {"method", "Concat", "OGM-GE", "Sum", lr_row}
+    assert labels == {"method", "Concat", "OGM-GE", "Sum", lr_row, uni} and rows[uni]["synthetic: tuned"] == "–"
     df = pd.read_csv(csv_path, keep_default_na=False)
     assert sorted(df[df.tuned_study == "concat_synthetic_a"].seed) == [0, 1]
     assert set(df[df.tuned_study == "concat_synthetic_a"].run_dir) == {
@@ -171,6 +175,10 @@ def test_the_tuned_table_in_latex_and_in_the_paper_layout(tuned_records, tmp_pat
     part = tex.split("label{tab:tuned-best-val}")[0].rsplit("\\begin{table}", 1)[1] + tex.split("label{tab:tuned-best-val}")[1]
     assert "synthetic: $\\Delta$" in part and "$\\pm$" in part and "--" in part
     assert "±" not in part and "Δ" not in part and "–" not in part and "×" not in part
+    caption = part.split("\\caption{")[1].split("}\n")[0]
+    assert "rule best\\_val" in caption and "eval\\_test=false" in caption and "$\\times$ setting" in caption
+    assert re.search(r"(?<!\\)_", caption) is None  # every underscore escaped
+    assert "Sum (weight\\_decay=0.003) & " in part  # row labels too
     d, t = _acc(runs["concat"]), _acc(runs["concat_tuned"])
     assert f"{d.mean():.2f} $\\pm$ {d.std():.2f} & {t.mean():.2f} $\\pm$ {t.std():.2f}" in part
     bench_md = next(p for p in paper if p.name == "bench.md").read_text()
