@@ -73,6 +73,13 @@ class Search:
     def is_int(self) -> bool:
         return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high, self.step or 1))
 
+    def __repr__(self) -> str:
+        """The fields, ``when`` only where set: a study's key hashes this text, so a range
+        declared before conditions existed keeps the key (and the study) it had."""
+        when = f", when={self.when!r}" if self.when else ""
+        return (f"Search(low={self.low!r}, high={self.high!r}, log={self.log!r}, step={self.step!r}, "
+                f"choices={self.choices!r}{when})")
+
     def text(self) -> str:
         """One line for the docs: 'log 1e-05 .. 0.1', '0 .. 1 step 0.1', 'one of a, b', and
         the condition: '0.05 .. 1, when alpha_schedule is exp'."""

@@ -451,6 +451,17 @@ def test_the_condition_is_part_of_the_study_s_space_key_and_its_docs_text() -> N
     assert len(names) == 2
 
 
+def test_a_range_without_a_condition_keeps_the_study_key_it_had_before_conditions() -> None:
+    """The key hashes each range's text: a new field shown for every range (``when=None``)
+    would rename every existing study, and a resumed grid would start them all again. The
+    value is the key this space had before conditions existed (variant: the dataclass's own
+    repr with when=None failed here)."""
+    opt = Option(0.3, "rate", min=0.0)
+    space = {"exp_rate": (Search(0.05, 1.0, log=True), opt),
+             "mode": (Search(choices=("a", "b")), Option("a", "m", choices=("a", "b")))}
+    assert tune.study_name("lfm", "synthetic", {"epochs": 2}, space, {"f": "x"}) == "lfm_synthetic_b6e0da4f61"
+
+
 def test_the_reproduce_line_gives_a_list_setting_as_set_reads_it() -> None:
     """``--set modalities=zer,mor``, not a quoted Python list (variant: str(list) failed here)."""
     line = tune.reproduce_command("concat", "mfeat", {"modalities": ["zer", "mor"], "lr": 1e-05})
