@@ -125,8 +125,9 @@ OPTIONS: dict[str, Option] = {
                          "1 (exp, as in its script)", type=float, min=0.0, min_open=True),
     "fitted_rescale": Option(True, "fitted: evaluate the polynomial at e * 200 / epochs (false: at e, official)"),
     "fitted_clamp": Option(True, "fitted: clamp alpha_ce to [0, 1] (false: official, alpha_al < 0 near e=183)"),
-    # search range: around the release's 0.3
-    "exp_rate": Option(0.3, "exp: alpha_al = clip(exp(-rate * epoch))", min=0.0, search=Search(0.05, 1.0, log=True)),
+    # search range: around the release's 0.3; only the exp schedule reads the rate
+    "exp_rate": Option(0.3, "exp: alpha_al = clip(exp(-rate * epoch))", min=0.0,
+                       search=Search(0.05, 1.0, log=True, when={"alpha_schedule": ("exp",)})),
     "alpha_min": Option(0.05, "exp/learnable: lower clip of alpha_al", min=0.0, max=1.0),
     "alpha_max": Option(0.95, "exp/learnable: upper clip of alpha_al", min=0.0, max=1.0),
     "alpha_al_init": Option(0.95, "learnable: alpha_al before the update of epoch 0 (official 0.95)", min=0.0, max=1.0),

@@ -245,17 +245,20 @@ def cmd_grid(args: argparse.Namespace) -> int:
     if args.status:
         from mmbalance.launchers import grid_status
 
+        if grid.tune is not None:
+            from mmbalance.tune_launch import tuned_status
+
+            grid = tuned_status(grid, {"progress": "off", "log_epochs": False, **base})
         return grid_status(grid, {"progress": "off", "log_epochs": False, **base})
     if args.launcher != "pool":
         from mmbalance.launchers import RESOURCES, submit_grid
 
-        if grid.tune is not None and not args.dry_run:
-            raise MMBalanceError(
-                f"Grid '{grid.name}' has a tune: key, which the {args.launcher} launcher does not run (it would "
-                f"train only the default cells). Run the grid with the default pool launcher, or run each "
-                f"study with 'mmbalance tune' first.")
-
         resources = {**grid.slurm, **{k: getattr(args, k) for k in RESOURCES if getattr(args, k, None) is not None}}
+        if grid.tune is not None:
+            from mmbalance.tune_launch import submit_tuned_grid
+
+            return submit_tuned_grid(grid, base, args.launcher, resources, dry_run=args.dry_run,
+                                     wait=args.wait or None, workers=args.jobs)
         return submit_grid(grid, base, args.launcher, resources, dry_run=args.dry_run, wait=args.wait or None)
     gpus = None
     if args.gpus:

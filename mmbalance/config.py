@@ -39,8 +39,13 @@ class Search:
     log: bool = False
     step: float | None = None
     choices: tuple[Any, ...] | None = None
+    #: sampled only when each named option takes one of its listed values (another option's
+    #: values: ``when={"alpha_schedule": ("exp",)}``); kept as sorted (key, values) pairs
+    when: Any = None
 
     def __post_init__(self) -> None:
+        if self.when is not None:
+            object.__setattr__(self, "when", _conditions(self.when, self))
         if self.choices is not None:
             if self.low is not None or self.high is not None or self.log or self.step is not None:
                 raise SearchRangeError(f"{self}: give either choices or low/high (with log or step), not both.")
@@ -68,8 +73,26 @@ class Search:
     def is_int(self) -> bool:
         return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high, self.step or 1))
 
+    def __repr__(self) -> str:
+        """The fields, ``when`` only where set: a study's key hashes this text, so a range
+        declared before conditions existed keeps the key (and the study) it had."""
+        when = f", when={self.when!r}" if self.when else ""
+        return (f"Search(low={self.low!r}, high={self.high!r}, log={self.log!r}, step={self.step!r}, "
+                f"choices={self.choices!r}{when})")
+
     def text(self) -> str:
-        """One line for the docs: 'log 1e-05 .. 0.1', '0 .. 1 step 0.1', 'one of a, b'."""
+        """One line for the docs: 'log 1e-05 .. 0.1', '0 .. 1 step 0.1', 'one of a, b', and
+        the condition: '0.05 .. 1, when alpha_schedule is exp'."""
+        return self._range_text() + (f", when {self.when_text()}" if self.when else "")
+
+    def when_text(self) -> str:
+        return " and ".join(f"{k} is {' or '.join(map(str, v))}" for k, v in self.when or ())
+
+    def applies(self, values: Mapping[str, Any]) -> bool:
+        """Whether the option is sampled, given the values of the options it depends on."""
+        return all(k in values and values[k] in allowed for k, allowed in self.when or ())
+
+    def _range_text(self) -> str:
         if self.choices is not None:
             return "one of " + ", ".join(map(str, self.choices))
         def num(v: float) -> str:
@@ -78,6 +101,50 @@ class Search:
         if self.log:
             return f"log {body}"
         return f"{body} step {num(self.step)}" if self.step is not None else body
+
+
+def _conditions(when: Any, search: Search) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """``when`` as sorted (option, values) pairs; its form checked here, its options and
+    values against the plugin's table by :func:`check_search_conditions`."""
+    if not isinstance(when, Mapping) or not when:
+        raise SearchRangeError(f"Search when={when!r}: give a mapping of option names to the values under which "
+                               f"this option is searched, e.g. when={{'alpha_schedule': ('exp',)}}.")
+    out = []
+    for key, values in when.items():
+        if isinstance(values, str) or not isinstance(values, Iterable):
+            raise SearchRangeError(f"Search when={dict(when)!r}: the values of '{key}' must be a tuple or list "
+                                   f"(e.g. ('exp',)), not {values!r}.")
+        values = tuple(values)
+        if not isinstance(key, str) or not values:
+            raise SearchRangeError(f"Search when={dict(when)!r}: '{key}' needs an option name and at least one value.")
+        out.append((key, values))
+    return tuple(sorted(out))
+
+
+def check_search_conditions(options: Mapping[str, Any], where: str, others: Mapping[str, Any] = ()) -> None:
+    """Every ``Search(when=...)`` of ``options`` names an option of ``options`` or ``others``
+    (the trainer's) that has fixed values (choices or a flag), and only values among them: a
+    condition that can never hold, or names a typo, would silently stop a search."""
+    table = {**{k: as_option(v) for k, v in dict(others).items()}, **{k: as_option(v) for k, v in options.items()}}
+    for key, opt in table.items():
+        if key not in options or opt.search is None or not opt.search.when:
+            continue
+        for dep, values in opt.search.when:
+            if dep == key or dep not in table:
+                known = ", ".join(k for k in options if k != key)
+                raise SearchRangeError(f"{where}: the search of '{key}' depends on '{dep}', which is "
+                                       + ("itself" if dep == key else "no option here")
+                                       + f" (the options of {where}: {known}; and the trainer's).")
+            target = table[dep]
+            kind = target.type or (type(target.default) if target.default is not None else None)
+            allowed = target.choices if target.choices is not None else ((True, False) if kind is bool else None)
+            if allowed is None:
+                raise SearchRangeError(f"{where}: the search of '{key}' depends on '{dep}', which has no fixed "
+                                       f"values (choices or true/false) to name.")
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise SearchRangeError(f"{where}: the search of '{key}' depends on {dep} being "
+                                       f"{', '.join(map(repr, bad))}, not among its values {', '.join(map(repr, allowed))}.")
 
 
 class SearchRangeError(ValueError):

@@ -74,3 +74,4 @@ def did_you_mean(word: str, choices: Iterable[str], aliases: Mapping[str, str] |
     """A ' Did you mean X?' suffix when a close match exists, else ''."""
     close = closest(word, choices, aliases)
     return f" Did you mean '{close}'?" if close else ""
+

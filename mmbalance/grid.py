@@ -662,38 +662,72 @@ def progress_line(outcomes: Mapping[int, str], to_train: int, eta_s: float, jobs
             f"{left - running} waiting of {to_train}; ETA {eta_text}")
 
 
+def _cell_key(cell: Cell, base: Mapping[str, Any]) -> str:
+    """The key its runs carry in a report (``report_runs.cell_key``: the configuration without
+    the seed, and the data fingerprint)."""
+    from mmbalance.report_runs import cell_key
+
+    trainer = cell_trainer(cell, base)
+    return cell_key(trainer.cfg, trainer.data_fingerprint)
+
+
+def study_groups(grid: Grid, base: Mapping[str, Any]) -> list[list[Cell]]:
+    """The cells of each method x setting a tuned grid gives one study (seeds apart), those
+    the method refuses left out."""
+    groups: dict[str, list[Cell]] = {}
+    for c in grid.cells:
+        groups.setdefault(repr((c.method, c.dataset, sorted(c.overrides.items(), key=str))), []).append(c)
+    return [cells for cells in groups.values() if check_cell(cells[0], base).state != NOT_APPLICABLE]
+
+
+def study_base(grid: Grid, cells: Sequence[Cell], base: Mapping[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """The base settings of the study of ``cells`` and the seeds each of its trials trains."""
+    assert grid.tune is not None
+    seeds = list(grid.tune.seeds or [cells[0].seed])
+    return {**cells[0].overrides, **base, "seed": seeds[0]}, seeds
+
+
+def best_cells(cells: Sequence[Cell], base: Mapping[str, Any], name: str, best: Mapping[str, Any],
+               have: set[str]) -> list[Cell]:
+    """The best configuration of a study over every seed of its setting, except the cells
+    whose run folder is already in ``have`` (a best equal to the defaults adds nothing)."""
+    out = []
+    for c in cells:
+        tuned = Cell(c.method, c.dataset, c.seed, {**c.overrides, **best},
+                     {**c.origins, **{k: f"study {name}" for k in best}}, dict(best), "tuned")
+        state = check_cell(tuned, base)
+        if state.detail not in have:
+            have.add(state.detail)
+            out.append(tuned)
+    return out
+
+
 def tuned_grid(grid: Grid, base: Mapping[str, Any], jobs: int = 1, say: Callable[[str], None] | None = None) -> Grid:
     """Tune every method x setting of the grid with the same budget (one study each, on
     validation), then add its best configuration over the grid's seeds. A best configuration
-    equal to the defaults adds no cell (its runs are the defaults' runs)."""
+    equal to the defaults adds no cell (its runs are the defaults' runs). Each study records
+    the cell keys of its defaults' and its best runs (what the leaderboard pairs them by)."""
     from mmbalance import tune as tuning
 
     say = say or tuning._print
     assert grid.tune is not None
     spec = grid.tune
-    groups: dict[str, list[Cell]] = {}
-    for c in grid.cells:
-        groups.setdefault(repr((c.method, c.dataset, sorted(c.overrides.items(), key=str))), []).append(c)
+    groups = study_groups(grid, base)
     have = {check_cell(c, base).detail for c in grid.cells}
     extra: list[Cell] = []
-    for i, cells in enumerate(groups.values(), 1):
+    for i, cells in enumerate(groups, 1):
         first = cells[0]
-        if check_cell(first, base).state == NOT_APPLICABLE:
-            continue
-        seeds = list(spec.seeds or [first.seed])
+        settings, seeds = study_base(grid, cells, base)
         say(f"tune [{i}/{len(groups)}] {first.method} on {first.dataset}: {spec.trials} trials, seeds {seeds}")
-        result = tuning.tune(first.method, first.dataset, spec.trials, {**first.overrides, **base, "seed": seeds[0]},
+        result = tuning.tune(first.method, first.dataset, spec.trials, settings,
                              jobs=jobs, seeds=seeds, say=lambda line: say(f"  {line}"))
         if result.best_value is None:
             continue
-        for c in cells:
-            tuned = Cell(c.method, c.dataset, c.seed, {**c.overrides, **result.best_params},
-                         {**c.origins, **{k: f"study {result.name}" for k in result.best_params}},
-                         dict(result.best_params), "tuned")
-            state = check_cell(tuned, base)
-            if state.detail not in have:
-                have.add(state.detail)
-                extra.append(tuned)
+        extra += best_cells(cells, base, result.name, result.best_params, have)
+        if result.db.is_file():
+            tuning.link_grid_cells(result.db, result.name, _cell_key(first, base),
+                                   _cell_key(Cell(first.method, first.dataset, first.seed,
+                                                  {**first.overrides, **result.best_params}), base), grid.name)
     return Grid(grid.name, grid.cells + extra, grid.records, grid.slurm, None)
 
 

@@ -242,6 +242,12 @@ def submit_cells(launcher: str, folder: Path, params: Mapping[str, Any], resourc
                  cells: Sequence[Cell], base: Mapping[str, Any]) -> list[Any]:
     """Submit ``cells`` as one batch (a job array on Slurm); a refusal is a SubmissionRefused
     naming the resource and the limit, with the batch's pickles removed."""
+    return submit_tasks(launcher, folder, params, resources, [CellTask(c, base) for c in cells])
+
+
+def submit_tasks(launcher: str, folder: Path, params: Mapping[str, Any], resources: Mapping[str, Any],
+                 tasks: Sequence[Any]) -> list[Any]:
+    """Submit ``tasks`` (callables submitit pickles) as one batch, as :func:`submit_cells`."""
     from submitit.core.utils import FailedJobError
 
     executor = _make_executor(launcher, folder, params, resources)
@@ -249,7 +255,7 @@ def submit_cells(launcher: str, folder: Path, params: Mapping[str, Any], resourc
     captured = io.StringIO()  # submitit prints sbatch's error text too: it is in the message
     try:
         with contextlib.redirect_stderr(captured), executor.batch():
-            jobs = [executor.submit(CellTask(c, base)) for c in cells]
+            jobs = [executor.submit(task) for task in tasks]
     except FailedJobError as exc:
         _remove_new_files(folder, before)
         raise SubmissionRefused(scheduler.refusal_message(str(exc) or captured.getvalue(), resources)) from None

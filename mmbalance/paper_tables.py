@@ -35,7 +35,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from mmbalance import records
+from mmbalance import records, tuned_table
 from mmbalance.errors import MMBalanceError
 from mmbalance.imbalance_tables import (
     TableError,
@@ -449,7 +449,7 @@ def build_benchmark_report(
     recs: Sequence[Mapping[str, Any]], df: pd.DataFrame, root: Path, title: str, rule: str = "best_val",
     pictures: Mapping[str, str] | None = None, grid: str | None = None,
     skipped: Sequence[tuple[Path, str]] = (), *, duplicates: Sequence[tuple[Path, Path]] = (),
-    not_drawn: Sequence[tuple[str, str]] = (), tables: Mapping[str, PaperTable] | None = None,
+    not_drawn: Sequence[tuple[str, str]] = (), tables: Mapping[str, PaperTable] | None = None, tuned: str = "",
 ) -> str:
     pictures = dict(pictures or {})
     place = place_rows(df)
@@ -463,6 +463,8 @@ def build_benchmark_report(
             parts.append(f"{tables[key].heading}\n\n{tables[key].markdown()}")
         if key == "4" and pictures.get("cost"):
             parts.append(f"![Training time per epoch]({quote(pictures['cost'])})\n")
+    if tuned:  # the defaults' tables above, the tuned table beside them
+        parts.append(tuned)
     if "alpha" in tables or pictures.get("alpha"):
         alpha = tables.get("alpha")
         parts.append(alpha.heading + "\n\n" + alpha.markdown() if alpha else
@@ -568,9 +570,11 @@ def write_benchmark(
         raise MMBalanceError(f"No finished runs under '{records_dir}'; run the grid first "
                              f"(mmbalance grid benchmarks/grids/benchmark.yaml --jobs 2).")
     df = df.sort_values(["dataset", "method", "seed"]).reset_index(drop=True)
+    studies = tuned_table.read_studies(root)
+    every, df = tuned_table.split_tuned(df, studies)  # the layout's tables are the defaults' table
     records.ensure_dir(out_dir)
     md, csv = Path(out_dir) / f"{name}.md", Path(out_dir) / f"{name}.csv"
-    records.atomic_write_text(csv, public_columns(df).to_csv(index=False))
+    records.atomic_write_text(csv, public_columns(every).to_csv(index=False))
     written = [md, csv]
     place = place_rows(df)
     tables = build_tables(df, rule, place)
@@ -583,10 +587,12 @@ def write_benchmark(
     relative = [(p.relative_to(root) if p.is_relative_to(root) else p, why) for p, why in skipped]
     copies = [tuple(p.relative_to(root) if p.is_relative_to(root) else p for p in pair) for pair in loaded.duplicates]
     report = build_benchmark_report(recs, df, root, title or name, rule, {k: p.name for k, p in drawn.items()}, grid,
-                                    relative, duplicates=copies, not_drawn=not_drawn, tables=tables)
+                                    relative, duplicates=copies, not_drawn=not_drawn, tables=tables,
+                                    tuned=tuned_table.markdown_section(every, studies, rule))
     records.atomic_write_text(md, report)
     if latex:
         tex = Path(out_dir) / f"{name}.tex"
-        records.atomic_write_text(tex, latex_benchmark(tables, title or name))
+        records.atomic_write_text(tex, latex_benchmark(tables, title or name)
+                                  + tuned_table.latex_section(every, studies, rule))
         written.append(tex)
     return written

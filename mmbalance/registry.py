@@ -53,6 +53,11 @@ class Registry:
                     f"Two {self.kind}s are registered under the name '{key}': "
                     f"{_qualname(old.obj)} and {_qualname(obj)}. Rename one of them."
                 )
+            options = getattr(obj, "options", None)
+            if isinstance(options, dict) and options:  # a conditional search naming a typo fails here
+                from mmbalance.config import TRAINER_OPTIONS, check_search_conditions
+
+                check_search_conditions(options, f"{self.kind} '{key}'", TRAINER_OPTIONS)
             doc = (getattr(obj, "__doc__", None) or "").strip()
             self._entries[key] = Entry(key, obj, description or (doc.splitlines()[0] if doc else ""))
             for alias in getattr(obj, "aliases", None) or ():

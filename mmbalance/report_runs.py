@@ -170,6 +170,13 @@ def dataset_label(header: Mapping[str, Any]) -> str:
 
 
 # ---- one run -------------------------------------------------------------------------------------
+def cell_key(cfg: Mapping[str, Any], fingerprint: Mapping[str, Any] | None) -> str:
+    """What a run computes, seed apart: the runs of one table cell share it. A tuned grid
+    records the defaults' and the best configuration's key in each study, so a report finds
+    a study's runs by what the study recorded, never by comparing values."""
+    return config_hash({k: v for k, v in cfg.items() if k != "seed"}, data=fingerprint)
+
+
 def _grouping(header: Mapping[str, Any]) -> dict[str, Any]:
     """The keys a run is grouped by: its column (dataset, data fingerprint, dataset settings,
     modalities), its settings that differ from its method's defaults on its dataset, which of
@@ -235,7 +242,7 @@ def _run_row(rec: dict[str, Any], run_dir: Path, root: Path | None) -> dict[str,
         "epochs": len(epochs),
         "device": header["device"],
         "config_hash": header["config_hash"],
-        "cell": config_hash({k: v for k, v in cfg.items() if k != "seed"}, data=header.get("data_fingerprint")),
+        "cell": cell_key(cfg, header.get("data_fingerprint")),
         "run_dir": str(run_dir.relative_to(root)) if root else str(run_dir),
         "epoch_time_s": sum(e["train_time_s"] for e in epochs) / max(1, len(epochs)),
         # the largest per-epoch peak: accelerator allocation on CUDA, resident set on a CPU
@@ -466,7 +473,7 @@ def settings_notes(df: pd.DataFrame) -> list[tuple[str, str | None, str]]:
 
 
 __all__ = [
-    "DamagedRecordWarning", "DuplicateRunWarning", "LoadedRuns", "collect_runs",
+    "DamagedRecordWarning", "DuplicateRunWarning", "LoadedRuns", "cell_key", "collect_runs",
     "dataset_label", "duplicate_message", "format_settings", "group_rows", "load_runs", "public_columns",
     "runs_frame", "runs_table", "settings_notes", "warn_duplicates", "warn_skipped",
 ]

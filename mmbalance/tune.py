@@ -85,10 +85,16 @@ def in_range(value: Any, search: Search) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and search.low <= value <= search.high
 
 
-def suggest(trial: Any, space: Mapping[str, tuple[Search, Option]]) -> dict[str, Any]:
-    """The trial's values for every searched key (Optuna's ``suggest_*``)."""
+def suggest(trial: Any, space: Mapping[str, tuple[Search, Option]], fixed: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """The trial's values for every searched key whose condition holds (Optuna's
+    ``suggest_*``); ``fixed``: the configured settings the conditions read for keys not
+    searched. A key whose condition fails is not sampled (it keeps its configured value)."""
     out: dict[str, Any] = {}
-    for key, (search, option) in space.items():
+    values = dict(fixed)
+    for key in _ordered(space):
+        search, option = space[key]
+        if not search.applies(values):  # the run keeps the configured value, which dependents then read
+            continue
         if search.choices is not None:
             out[key] = trial.suggest_categorical(key, list(search.choices))
         elif is_int_option(option):
@@ -97,7 +103,23 @@ def suggest(trial: Any, space: Mapping[str, tuple[Search, Option]]) -> dict[str,
         else:
             out[key] = trial.suggest_float(key, float(search.low), float(search.high), log=search.log,
                                            step=None if search.step is None else float(search.step))
+        values[key] = out[key]
     return out
+
+
+def _ordered(space: Mapping[str, tuple[Search, Option]]) -> list[str]:
+    """The searched keys, each after the searched keys its condition names (declaration order
+    otherwise)."""
+    done: list[str] = []
+    waiting = list(space)
+    while waiting:
+        ready = [k for k in waiting
+                 if all(dep not in space or dep in done or dep == k for dep, _ in space[k][0].when or ())]
+        if not ready:
+            raise ConfigError(f"The search conditions of {', '.join(waiting)} depend on each other in a cycle.")
+        done += ready
+        waiting = [k for k in waiting if k not in ready]
+    return done
 
 
 def trial_overrides(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,8 +128,9 @@ def trial_overrides(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[
 
 
 def default_params(cfg: Mapping[str, Any], space: Mapping[str, tuple[Search, Option]]) -> dict[str, Any]:
-    """The configured value of each searched key that lies in its range: the defaults trial."""
-    return {k: cfg[k] for k, (search, _) in space.items() if in_range(cfg.get(k), search)}
+    """The configured value of each searched key that lies in its range and whose condition
+    the configuration meets: the defaults trial."""
+    return {k: cfg[k] for k, (search, _) in space.items() if in_range(cfg.get(k), search) and search.applies(cfg)}
 
 
 def study_name(method: str, dataset: str, cfg: Mapping[str, Any], space: Mapping[str, tuple[Search, Option]],
@@ -131,9 +154,17 @@ def best_val_accuracy(record: Mapping[str, Any]) -> float:
 
 def yaml_scalar(value: Any) -> str:
     """A value as ``--set key=<text>`` reads it back exactly (PyYAML reads ``1e-05`` as text, so
-    a float's exponent gets its decimal point: ``1.0e-05``)."""
+    a float's exponent gets its decimal point: ``1.0e-05``); a list of words as ``a,b`` (what a
+    list option reads from ``--set``), any other list in YAML's flow form ``[1,2]``."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):  # modalities=zer,mor (what --set reads into a list option)
+        from mmbalance.config import parse_value
+
+        words = all(isinstance(v, str) and v and "," not in v and parse_value(v) == v for v in value)
+        inner = ",".join(json.dumps(v) if isinstance(v, str) and (parse_value(v) != v or "," in v) else yaml_scalar(v)
+                         for v in value)  # a word YAML reads as another type stays quoted text
+        return inner if words and value else f"[{inner}]"
     if isinstance(value, float):
         text = repr(value)
         mantissa, e, exponent = text.partition("e")
@@ -301,6 +332,21 @@ def reclaim_dead_trials(study: Any) -> list[int]:
     return reclaimed
 
 
+def reask_failed(study: Any, max_retry: int = 3) -> list[int]:
+    """Trials that failed (their process raised: a crash, a full disk) and were never asked
+    again: re-asked once with the same values, at most ``max_retry`` times in a row, so a
+    study resumed after an error loses no configuration (the defaults trial included)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    out = []
+    for t in trials:
+        if (t.state.name == "FAIL" and t.number not in retried
+                and len(t.system_attrs.get("retry_history", [])) < max_retry):
+            reask(study, t)
+            out.append(t.number)
+    return out
+
+
 def reask(study: Any, failed: Any) -> None:
     """Queue a failed trial's values again (Optuna's retry, without the dead worker's name)."""
     import optuna
@@ -329,7 +375,7 @@ def make_objective(plan: Plan, total: int, say: Callable[[str], None] = _print) 
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER, worker_id())
-        params = suggest(trial, plan.space)
+        params = suggest(trial, plan.space, plan.cfg)
         scores, run_dirs = [], []
         for i, seed in enumerate(plan.seeds):  # the pruner compares step (seed i, epoch e) across trials
             overrides = {**trial_overrides(plan.base, params), "seed": seed}
@@ -341,9 +387,9 @@ def make_objective(plan: Plan, total: int, say: Callable[[str], None] = _print) 
             trainer.epoch_callbacks.append(reporter)
             try:
                 record = trainer.fit()
-            except TrainingDiverged as exc:  # a bad configuration, not a broken study: it uses up its trial
-                trial.set_user_attr("diverged_in_epoch", exc.epoch)
-                raise optuna.TrialPruned(f"training diverged in epoch {exc.epoch}") from exc
+            except TrainingDiverged as exc:  # an outcome of the values drawn, not a broken study
+                trial.set_user_attr("diverged", str(exc).split(":")[0])
+                raise optuna.TrialPruned(f"diverged: {exc}") from None
             if trainer.outcome == FINISHED_BEFORE:  # a configuration recorded before: its epochs
                 trainer.history = list(record["epochs"])
                 reporter(prune=False)
@@ -381,8 +427,8 @@ def progress_callback(plan: Plan, total: int, say: Callable[[str], None] = _prin
                            for k, v in trial.params.items())
         if trial.state.name == "COMPLETE":
             what = f"val {trial.value:.2f}"
-        elif trial.state.name == "PRUNED" and "diverged_in_epoch" in trial.user_attrs:
-            what = f"diverged in epoch {trial.user_attrs['diverged_in_epoch']} (counted as pruned)"
+        elif trial.state.name == "PRUNED" and trial.user_attrs.get("diverged"):
+            what = f"pruned: {trial.user_attrs['diverged'].lower()}"
         elif trial.state.name == "PRUNED":
             what = f"pruned after epoch {trial.user_attrs.get('pruned_after_epoch', '?')}"
         else:
@@ -437,28 +483,109 @@ def tune(method: str, dataset: str, trials: int, base: Mapping[str, Any] | None 
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs}).")
     plan = plan_study(method, dataset, base, seed, yaml_path, prune_startup, prune_warmup, seeds)
+    quotas = prepare_study(plan, trials, jobs, enqueue, say)
+    if len(quotas) == 1:
+        run_worker(plan, quotas[0], trials)
+    elif quotas:
+        _run_processes(plan, quotas, trials)
+    return summarize(plan, say)
+
+
+def split_budget(remaining: int, workers: int) -> list[int]:
+    """``remaining`` trials shared by at most ``workers`` workers, as evenly as possible (no
+    worker with nothing to do): the quotas sum to exactly ``remaining``."""
+    return [remaining // workers + (1 if i < remaining % workers else 0) for i in range(min(workers, remaining))]
+
+
+def prepare_study(plan: Plan, trials: int, workers: int = 1, enqueue: list[dict[str, Any]] | None = None,
+                  say: Callable[[str], None] = _print) -> list[int]:
+    """Create or resume the study (a new one gets the defaults trial first), record its
+    protocol, re-ask trials a killed process of this host left running, and split what is
+    left of the budget between ``workers``: the quotas each worker runs (:func:`run_worker`,
+    in this process, in spawned processes, or in scheduler jobs alike)."""
     study = open_study(plan)
     if not study.get_trials(deepcopy=False):  # a new study: the defaults first
         study.enqueue_trial(default_params(plan.cfg, plan.space), user_attrs={"defaults": True})
         for params in enqueue or []:
             study.enqueue_trial(params)
+    record_protocol(study, plan, trials)
     reclaimed = reclaim_dead_trials(study)
+    _fail_stale(study)  # trials of another host whose heartbeat stopped: failed and re-asked
+    failed = reask_failed(study)
     counts = count_states(study)
     done = sum(counts.get(s, 0) for s in FINISHED)
     running = counts.get("RUNNING", 0)
-    remaining = max(0, trials - done - running)
     say(f"study {plan.name} ({plan.db}): {done} of {trials} trials finished"
         + (f", {running} running elsewhere" if running else "")
         + (f", re-asking {len(reclaimed)} left running by a killed process ({', '.join(map(str, reclaimed))})"
            if reclaimed else "")
+        + (f", re-asking {len(failed)} that failed ({', '.join(map(str, failed))})" if failed else "")
         + f"; searching {', '.join(f'{k} ({s.text()})' for k, (s, _) in plan.space.items())}")
-    if remaining:
-        quotas = [remaining // jobs + (1 if i < remaining % jobs else 0) for i in range(min(jobs, remaining))]
-        if len(quotas) == 1:
-            run_worker(plan, quotas[0], trials)
-        else:
-            _run_processes(plan, quotas, trials)
-    return summarize(plan, say)
+    return split_budget(max(0, trials - done - running), workers)
+
+
+def _fail_stale(study: Any) -> None:
+    """Optuna's stale-trial check (a trial whose heartbeat stopped GRACE_S ago is marked failed
+    and re-asked), run before the budget is split: otherwise a trial of a killed job on
+    another host would count as running until a worker next starts, and no worker would be
+    given its place."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def study_progress(db: Path, name: str) -> dict[str, int] | None:
+    """The trial counts by state of an existing study (None when its database does not
+    exist); reads only, so a status command creates nothing."""
+    import optuna
+
+    if not Path(db).is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{Path(db).resolve()}")
+    except KeyError:
+        return None
+    return count_states(study)
+
+
+#: The study's user attributes a report reads its budget from (``record_protocol``), and those a
+#: tuned grid adds (``link_grid_cells``): the cell keys of the defaults' and the best runs.
+PROTOCOL_KEYS = ("method", "dataset", "budget", "seeds", "sampler", "pruner", "objective")
+DEFAULTS_CELL, BEST_CELL = "defaults_cell", "best_cell"
+
+
+def record_protocol(study: Any, plan: Plan, trials: int) -> None:
+    """Write what the study searched with into the study itself, so a report names the budget
+    from the study's own record: the budget asked for (the largest so far), the seeds each
+    trial trains, the sampler, the pruner and the objective."""
+    attrs = study.user_attrs
+    values = {
+        "method": plan.method, "dataset": plan.dataset, "budget": max(int(attrs.get("budget", 0)), trials),
+        "seeds": list(plan.seeds), "sampler": "TPE",
+        "pruner": f"median pruner (startup {plan.prune_startup} trials, warm-up {plan.prune_warmup} steps)",
+        "objective": "best validation accuracy of the fused prediction",
+    }
+    for key, value in values.items():
+        if attrs.get(key) != value:
+            study.set_user_attr(key, value)
+
+
+def link_grid_cells(db: Path, name: str, defaults_cell: str, best_cell: str, grid: str) -> None:
+    """Record in the study which runs are its defaults and its best configuration (their cell
+    keys, ``report_runs.cell_key``) and which grid ran them: what the leaderboard's defaults
+    vs tuned table reads."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{Path(db).resolve()}")
+    for key, value in ((DEFAULTS_CELL, defaults_cell), (BEST_CELL, best_cell), ("grid", grid)):
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
 
 
 def _run_processes(plan: Plan, quotas: list[int], total: int) -> None:

@@ -318,6 +318,8 @@ def test_a_tuned_grid_gives_every_method_the_same_budget_then_runs_each_best_ove
     import optuna
 
     from mmbalance import tune
+    from mmbalance.leaderboard import write_leaderboard
+    from mmbalance.report_runs import cell_key
 
     records = tmp_path / "runs"
     path = tmp_path / "g.yaml"
@@ -340,6 +342,19 @@ def test_a_tuned_grid_gives_every_method_the_same_budget_then_runs_each_best_ove
         else:
             tuned = [c for c in full if all(c[k] == v for k, v in best.params.items())]
             assert sorted(c["seed"] for c in tuned) == [0, 1] and len(full) == 4
+        # the study names its defaults' and its best runs by the keys their records give
+        keys = {cell_key(h["config"], h.get("data_fingerprint")) for h in (
+            load_record(r)["header"] for r in find_runs(records) if records_done(r))
+            if h["config"]["method"] == method and h["config"].get("eval_test", True)
+            and (best.user_attrs.get("defaults") or all(h["config"][k] == v for k, v in best.params.items()))}
+        assert [study.user_attrs[tune.BEST_CELL]] == sorted(keys)
+        assert study.user_attrs["budget"] == 3 and study.user_attrs["seeds"] == [0]
+        assert (study.user_attrs[tune.DEFAULTS_CELL] == study.user_attrs[tune.BEST_CELL]) == bool(
+            best.user_attrs.get("defaults"))
+    md = write_leaderboard(records, tmp_path / "lb", "lb", rules=("best_val",), pictures=False)[0].read_text()
+    section = md.split("## Defaults and tuned")[1]
+    assert "3 finished trials per method × setting (budget 3), 2 studies" in section
+    assert "| OGM-GE " in section and "| MSLR " in section and "WARNING" not in section
 
 
 def records_done(run_dir):
@@ -369,10 +384,16 @@ def test_a_tuned_grid_adds_each_non_default_best_over_every_seed_of_its_setting(
 
     calls = []
 
+    import optuna
+
     def fake_tune(method, dataset, trials, base, jobs=1, seeds=None, say=print):
         calls.append((method, trials, seeds))
         best = {"lr": 0.2, "alpha": 1.2} if method == "ogm" else {"lr": 0.05, "weight_decay": 1e-4}
-        return tune.TuneResult(f"{method}_x", tmp_path / "x.db", {"COMPLETE": trials}, 50.0, best, None, None)
+        name = f"{method}_{len(calls)}"
+        db = tmp_path / "runs" / tune.STUDIES / f"{name}.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        optuna.create_study(study_name=name, storage=f"sqlite:///{db}")
+        return tune.TuneResult(name, db, {"COMPLETE": trials}, 50.0, best, None, None)
 
     monkeypatch.setattr(tune, "tune", fake_tune)
     path = tmp_path / "g.yaml"
@@ -386,3 +407,16 @@ def test_a_tuned_grid_adds_each_non_default_best_over_every_seed_of_its_setting(
     assert [(c.method, c.seed, c.overrides["lr"], c.overrides["alpha"]) for c in extra] == [("ogm", 3, 0.2, 1.2), ("ogm", 4, 0.2, 1.2)]
     assert str(extra[0]) == "ogm on synthetic [tuned: lr=0.2, alpha=1.2] seed 3"
     assert tuned.tune is None and tuned.cells[:len(grid.cells)] == grid.cells
+    # the study records the keys the defaults' and the tuned runs' records give (a variant
+    # linking the defaults' key as the best, or the best without its values, fails here)
+    from mmbalance.report_runs import cell_key
+    from mmbalance.runner import run
+
+    def key_of(cell):
+        header = run(cell.method, cell.dataset, grid_mod.cell_config(cell, {"records": str(tmp_path / "runs"),
+                                                                             "progress": "off"})).record["header"]
+        return cell_key(header["config"], header.get("data_fingerprint"))
+
+    ogm = optuna.load_study(study_name="ogm_1", storage=f"sqlite:///{tmp_path / 'runs' / tune.STUDIES / 'ogm_1.db'}")
+    assert ogm.user_attrs[tune.BEST_CELL] == key_of(extra[0]) != ogm.user_attrs[tune.DEFAULTS_CELL]
+    assert ogm.user_attrs[tune.DEFAULTS_CELL] == key_of(grid.cells[0]) and ogm.user_attrs["grid"] == "g"

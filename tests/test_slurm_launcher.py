@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -344,3 +345,91 @@ def test_submissions_file_is_never_read_or_written_through_a_link(tmp_path):
     submissions.save(folder, {"x": submissions.entry("1", "slurm", "cell")})
     assert target.read_text() == "keep me" and not (folder / submissions.FILE).is_symlink()
     assert json.loads((folder / submissions.FILE).read_text())["x"]["job_id"] == "1"
+
+
+# ---- tuned grids ---------------------------------------------------------------------------------
+TUNED = """
+records: {records}
+seeds: [0]
+set: {{epochs: 1, n_train: 200, n_test: 100, diagnostics: false}}
+tune: {{trials: 3}}
+datasets: [synthetic]
+methods: [concat, ogm]
+"""
+
+
+def _study_counts(records_dir: Path) -> dict[str, dict[str, int]]:
+    import optuna
+
+    from mmbalance import tune
+
+    out = {}
+    for db in tune.study_databases(records_dir):
+        study = optuna.load_study(study_name=db.stem, storage=f"sqlite:///{db}")
+        out[db.stem.split("_")[0]] = tune.count_states(study)
+    return out
+
+
+def test_slurm_submits_each_study_s_workers_as_one_array_and_never_twice_while_they_run(tmp_path, fake_slurm, capsys):
+    """tune: grids on Slurm: the first submission is the studies' workers only (--jobs 2: two
+    tasks per study, quotas 2 + 1 of the 3 trials, one array), each recorded under its study;
+    a rerun while squeue says they run submits nothing (neither workers nor cells), and
+    --status shows each study's progress of its budget with its workers. Variants caught:
+    submitting the cells before the studies have their budget; resubmitting a study whose
+    workers still run."""
+    path = _grid(tmp_path, tmp_path / "runs", TUNED)
+    assert main(["grid", str(path), "--launcher", "slurm", "--dry-run", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-3" in out and "would submit study concat_synthetic_" in out
+    assert "3 trial(s) left of 3, 2 worker(s)" in out and _submitted(fake_slurm) == 0
+    assert main(["grid", str(path), "--launcher", "slurm", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert _submitted(fake_slurm) == 1  # one array for the four workers
+    assert "#SBATCH --array=0-3" in (fake_slurm / "script-1.sh").read_text()
+    assert "(2 trial(s)) as job 4241_0" in out and "(1 trial(s)) as job 4241_1" in out
+    assert "2 of 2 studies short of their 3 trials; the cells are submitted once every study has its budget" in out
+    saved = submissions.load(tmp_path / "runs" / ".submitit")
+    assert sorted(saved) == sorted(f"study:{n}:{k}" for n in {k.split(":")[1] for k in saved} for k in (0, 1))
+    assert len({k.split(":")[1] for k in saved}) == 2
+    (fake_slurm / "squeue").write_text("".join(f"4241_{i}|RUNNING|None\n" for i in range(4)))
+    assert main(["grid", str(path), "--launcher", "slurm", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert _submitted(fake_slurm) == 1 and "no worker submitted while these run" in out
+    assert main(["grid", str(path), "--status"]) == 0
+    status = capsys.readouterr().out
+    assert re.search(r"study concat_synthetic_\w+ \(concat on synthetic\): in progress, 0 of 3 trials finished "
+                     r"\(0 complete, 0 pruned\), 0 running; workers: job 4241_[01] RUNNING", status)
+    assert "grid g: 0 of 2 studies have their 3 trials" in status
+    assert "[1/2] concat on synthetic seed 0: pending" in status
+
+
+@pytest.mark.slow  # about 40 s of job start-ups; the submission logic is tested above without them
+def test_local_launcher_runs_the_studies_with_exact_budgets_then_the_cells(tmp_path, capsys):
+    """The same through submitit's local executor, for real: two workers per study share its
+    SQLite database and finish exactly its 2 trials (none lost, none extra), then the default
+    and best cells run, the study is linked to its runs (the leaderboard's tuned table), and
+    a rerun submits nothing. Variant caught: each worker running the whole budget (4 trials)."""
+    from mmbalance.leaderboard import write_leaderboard
+
+    records_dir = tmp_path / "runs"
+    path = _grid(tmp_path, records_dir, TUNED.replace("trials: 3", "trials: 2").replace("[concat, ogm]", "[ogm]"))
+    grid = load_grid(path)
+    assert submit_grid_tuned(grid, {"records": grid.records}, workers=2) == 0
+    out = capsys.readouterr().out
+    counts = _study_counts(records_dir)
+    assert sorted(counts) == ["ogm"]
+    for c in counts.values():
+        assert c.get("COMPLETE", 0) + c.get("PRUNED", 0) == 2 and not c.get("RUNNING") and not c.get("WAITING")
+    assert "every study has its 2 trials; submitting the cells" in out
+    assert re.search(r"grid g: \d+ finished, 0 FAILED or timed out", out)
+    md = write_leaderboard(records_dir, tmp_path / "lb", "lb", rules=("best_val",), pictures=False)[0].read_text()
+    assert "2 finished trials per method × setting (budget 2), 1 study" in md
+    assert submit_grid_tuned(grid, {"records": grid.records}, workers=2) == 0
+    again = capsys.readouterr().out
+    assert "submitted study" not in again and "cells to submit (" in again and " 0 of " in again
+
+
+def submit_grid_tuned(grid, base, workers):
+    from mmbalance.tune_launch import submit_tuned_grid
+
+    return submit_tuned_grid(grid, base, "local", {}, workers=workers)

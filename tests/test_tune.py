@@ -376,26 +376,135 @@ def test_a_trial_record_is_shown_not_called_damaged_but_a_full_run_without_test_
         records.check_record(claimed)
 
 
-def test_a_diverged_trial_uses_up_its_trial_and_the_study_goes_on(tmp_path, monkeypatch, capsys) -> None:
-    """A configuration whose loss becomes NaN is a bad trial, not a broken study: it is counted
-    (as pruned, with the epoch it diverged in), the study reaches its budget, and the best is a
-    trial that trained. Wrong variant caught: the divergence error escaping the objective (the
-    whole study, and with it a tuned grid, stopped at the first diverging trial)."""
+# ---- conditional search spaces ---------------------------------------------------------------------
+def _sampled(space, fixed, n=40):
+    """The params of ``n`` trials asked from an in-memory TPE study (values drawn, nothing trained)."""
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    out = []
+    for i in range(n):
+        trial = study.ask()
+        params = tune.suggest(trial, space, fixed)
+        study.tell(trial, float(i % 7))
+        out.append(params)
+    return out
+
+
+def test_a_conditional_option_is_sampled_only_when_its_condition_holds() -> None:
+    """LFM's exp_rate acts only under alpha_schedule=exp: searched with the schedule, it is in a
+    trial's values exactly when the schedule drawn is exp; with the schedule fixed by the user it
+    is always (exp) or never (fitted) sampled; the defaults trial leaves it out unless the
+    configured schedule is exp. Variants caught: a conditional option sampled regardless; the
+    condition read from the configured value instead of the value just drawn."""
+    lfm = METHODS.get("lfm")
+    assert lfm.options["exp_rate"].search.when == (("alpha_schedule", ("exp",)),)
+    space = tune.search_space(DATASETS.get("synthetic"), lfm)
+    drawn = _sampled(space, {"alpha_schedule": "fitted", "exp_rate": 0.3})
+    schedules = {p["alpha_schedule"] for p in drawn}
+    assert schedules == {"fitted", "exp", "learnable"}
+    for p in drawn:
+        assert ("exp_rate" in p) == (p["alpha_schedule"] == "exp"), p
+    for schedule, expect in (("exp", True), ("fitted", False)):
+        fixed_space = tune.search_space(DATASETS.get("synthetic"), lfm, fixed={"alpha_schedule": schedule})
+        assert all(("exp_rate" in p) is expect for p in _sampled(fixed_space, {"alpha_schedule": schedule}, 6))
+    assert "exp_rate" not in tune.default_params({"alpha_schedule": "fitted", "exp_rate": 0.3, "lr": 0.01}, space)
+    assert tune.default_params({"alpha_schedule": "exp", "exp_rate": 0.3, "lr": 0.01}, space)["exp_rate"] == 0.3
+
+
+def test_a_dependent_option_declared_first_is_still_sampled_after_what_it_depends_on() -> None:
+    """Order follows the dependency, not the declaration."""
+    space = {"rate": (Search(0.1, 1.0, when={"mode": ("b",)}), Option(0.5, "rate", min=0)),
+             "mode": (Search(choices=("a", "b")), Option("a", "mode", choices=("a", "b")))}
+    for p in _sampled(space, {"mode": "a", "rate": 0.5}, 20):
+        assert ("rate" in p) == (p["mode"] == "b")
+
+
+@pytest.mark.parametrize(("when", "match"), [
+    ({"alpha_shedule": ("exp",)}, "depends on 'alpha_shedule', which is no option here"),
+    ({"alpha_schedule": ("exponential",)}, "alpha_schedule being 'exponential', not among its values"),
+    ({"loss_scale": (1.0,)}, "'loss_scale', which has no fixed values"),
+    ({"exp_rate": (0.3,)}, "which is itself"),
+])
+def test_a_condition_naming_a_wrong_option_or_value_fails_where_the_plugin_registers(when, match) -> None:
+    """Validated where declared: registering a method whose search condition names a typo, a
+    value outside the option's choices, a numeric option or itself is a SearchRangeError naming it."""
+    from mmbalance.registry import Registry
+
+    lfm = METHODS.get("lfm")
+    options = {**lfm.options, "exp_rate": Option(0.3, "rate", min=0.0, search=Search(0.05, 1.0, log=True, when=when))}
+    cls = type("BadLFM", (lfm,), {"options": options})
+    with pytest.raises(SearchRangeError, match=match):
+        Registry("method", "methods", "mmbalance.test").register("badlfm")(cls)
+
+
+@pytest.mark.parametrize(("when", "match"), [("exp", "give a mapping of option names"), ({"a": "exp"}, "must be a tuple or list"),
+                                             ({"a": ()}, "at least one value")])
+def test_a_malformed_condition_is_refused(when, match) -> None:
+    with pytest.raises(SearchRangeError, match=match):
+        Search(0.1, 1.0, when=when)
+
+
+def test_the_condition_is_part_of_the_study_s_space_key_and_its_docs_text() -> None:
+    opt = Option(0.3, "rate", min=0.0)
+    plain, cond = Search(0.05, 1.0, log=True), Search(0.05, 1.0, log=True, when={"alpha_schedule": ["exp"]})
+    assert cond.text() == "log 0.05 .. 1, when alpha_schedule is exp" and plain.text() == "log 0.05 .. 1"
+    names = {tune.study_name("lfm", "synthetic", {"epochs": 2}, {"exp_rate": (s, opt)}, None) for s in (plain, cond)}
+    assert len(names) == 2
+
+
+def test_a_range_without_a_condition_keeps_the_study_key_it_had_before_conditions() -> None:
+    """The key hashes each range's text: a new field shown for every range (``when=None``)
+    would rename every existing study, and a resumed grid would start them all again. The
+    value is the key this space had before conditions existed (variant: the dataclass's own
+    repr with when=None failed here)."""
+    opt = Option(0.3, "rate", min=0.0)
+    space = {"exp_rate": (Search(0.05, 1.0, log=True), opt),
+             "mode": (Search(choices=("a", "b")), Option("a", "m", choices=("a", "b")))}
+    assert tune.study_name("lfm", "synthetic", {"epochs": 2}, space, {"f": "x"}) == "lfm_synthetic_b6e0da4f61"
+
+
+def test_the_reproduce_line_gives_a_list_setting_as_set_reads_it() -> None:
+    """``--set modalities=zer,mor``, not a quoted Python list (variant: str(list) failed here)."""
+    line = tune.reproduce_command("concat", "mfeat", {"modalities": ["zer", "mor"], "lr": 1e-05})
+    assert line == "mmbalance run --method concat --dataset mfeat --set modalities=zer,mor --set lr=1.0e-05"
+    assert parse_value(tune.yaml_scalar([1, 2])) == [1, 2]
+    assert parse_value(tune.yaml_scalar(["a", "true"])) == ["a", "true"]
+
+
+def test_a_diverged_trial_is_pruned_with_its_reason_and_the_study_goes_on(tmp_path, capsys) -> None:
+    """A configuration whose loss goes non-finite is an outcome of the values drawn: the trial
+    is PRUNED (counted in the budget) with the divergence recorded, and the next trial runs
+    (variant: letting the error through ended the whole study, and with it a tuned grid)."""
+    base = {**SMALL, "records": str(tmp_path)}
+    lines: list[str] = []
+    result = tune.tune("concat", "synthetic", 2, {**base, "lr": 1e6}, say=lines.append,
+                       enqueue=[{"weight_decay": 1e-4}])
+    first, second = _study(result).trials
+    assert first.state.name == "PRUNED" and first.user_attrs["diverged"].startswith("Training diverged in epoch")
+    assert second.state.name == "PRUNED" and result.counts == {"PRUNED": 2} and result.best_value is None
+    assert "trial 0: weight_decay=0.0001 -> pruned: training diverged in epoch" in capsys.readouterr().out
+
+
+def test_a_trial_that_failed_is_asked_again_with_its_values_when_the_study_resumes(tmp_path, monkeypatch, capsys) -> None:
+    """The defaults trial raising (a crash) stops the study with that trial FAIL; the resumed
+    study asks its values again (the defaults, marked so), and the budget counts only finished
+    trials (variant: not re-asking lost the defaults trial for good)."""
     from mmbalance.engine.loop import Trainer
-    from mmbalance.errors import TrainingDiverged
 
-    real = Trainer.train_epoch
+    real_fit = Trainer.fit
 
-    def diverge_fast(self, epoch):  # the faster learning rates diverge in their second epoch
-        if epoch == 1 and self.cfg["lr"] > 0.01:
-            raise TrainingDiverged("Training diverged in epoch 2: the mean training loss is nan.", 2)
-        return real(self, epoch)
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("injected crash")
 
-    monkeypatch.setattr(Trainer, "train_epoch", diverge_fast)
-    result = tune.tune("concat", "synthetic", 4, {**SMALL, "records": str(tmp_path)}, say=_quiet, prune_startup=99)
-    trials = _finished(_study(result))
-    diverged = [t for t in trials if "diverged_in_epoch" in t.user_attrs]
-    assert len(trials) == 4 and diverged  # the defaults (lr 0.05 on synthetic) diverge
-    assert all(t.state.name == "PRUNED" and t.user_attrs["diverged_in_epoch"] == 2 for t in diverged)
-    assert "diverged in epoch 2 (counted as pruned)" in capsys.readouterr().out
-    assert result.best_value is not None and result.best_params["lr"] <= 0.01
+    base = {**SMALL, "records": str(tmp_path)}
+    monkeypatch.setattr(Trainer, "fit", crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        tune.tune("concat", "synthetic", 2, base, say=_quiet)
+    monkeypatch.setattr(Trainer, "fit", real_fit)
+    lines: list[str] = []
+    result = tune.tune("concat", "synthetic", 2, base, say=lines.append)
+    trials = _study(result).trials
+    assert [t.state.name for t in trials][0] == "FAIL" and "re-asking 1 that failed (0)" in lines[0]
+    again = trials[1]
+    assert again.params == trials[0].params and again.user_attrs.get("defaults") is True
+    assert again.system_attrs["failed_trial"] == 0 and again.state.name == "COMPLETE"
+    assert sum(t.state.name in tune.FINISHED for t in trials) == 2
