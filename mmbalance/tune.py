@@ -32,10 +32,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mmbalance.config import Option, Search, declared_options, identity
-from mmbalance.errors import ConfigError, MMBalanceError, TrainingDiverged
+from mmbalance.errors import ConfigError, MMBalanceError, TrainingDiverged, UnsupportedError
 
 #: What every trial adds to the base settings: no test evaluation (the search must not see
 #: test), no diagnostics (they score test), no per-epoch lines (the study prints its own).
@@ -379,7 +379,10 @@ def make_objective(plan: Plan, total: int, say: Callable[[str], None] = _print) 
         scores, run_dirs = [], []
         for i, seed in enumerate(plan.seeds):  # the pruner compares step (seed i, epoch e) across trials
             overrides = {**trial_overrides(plan.base, params), "seed": seed}
-            trainer = make_trainer(plan.method, plan.dataset, overrides, plan.yaml_path)
+            try:
+                trainer = make_trainer(plan.method, plan.dataset, overrides, plan.yaml_path)
+            except (ConfigError, UnsupportedError) as exc:  # values drawn that the method refuses
+                _refused(trial, exc)
             run_dirs.append(str(trainer.run_dir))
             trial.set_user_attr(RUN_DIR, run_dirs[0] if len(plan.seeds) == 1 else run_dirs)
             offset = i * int(trainer.cfg["epochs"])
@@ -390,6 +393,8 @@ def make_objective(plan: Plan, total: int, say: Callable[[str], None] = _print) 
             except TrainingDiverged as exc:  # an outcome of the values drawn, not a broken study
                 trial.set_user_attr("diverged", str(exc).split(":")[0])
                 raise optuna.TrialPruned(f"diverged: {exc}") from None
+            except (ConfigError, UnsupportedError) as exc:  # e.g. LFM's learnable schedule on a small split
+                _refused(trial, exc)
             if trainer.outcome == FINISHED_BEFORE:  # a configuration recorded before: its epochs
                 trainer.history = list(record["epochs"])
                 reporter(prune=False)
@@ -397,6 +402,16 @@ def make_objective(plan: Plan, total: int, say: Callable[[str], None] = _print) 
         return sum(scores) / len(scores)
 
     return objective
+
+
+def _refused(trial: Any, exc: MMBalanceError) -> NoReturn:
+    """A configuration the method or the data refuses uses up its trial as a pruned one with
+    the reason (the defaults were checked before the study started, so it is the values drawn):
+    retrying the same values would only be refused again."""
+    import optuna
+
+    trial.set_user_attr("refused", str(exc).splitlines()[0][:300])
+    raise optuna.TrialPruned(f"refused: {exc}") from None
 
 
 def _reporter(trial: Any, trainer: Any, offset: int) -> Callable[..., None]:
@@ -429,6 +444,8 @@ def progress_callback(plan: Plan, total: int, say: Callable[[str], None] = _prin
             what = f"val {trial.value:.2f}"
         elif trial.state.name == "PRUNED" and trial.user_attrs.get("diverged"):
             what = f"pruned: {trial.user_attrs['diverged'].lower()}"
+        elif trial.state.name == "PRUNED" and trial.user_attrs.get("refused"):
+            what = f"pruned: refused ({trial.user_attrs['refused']})"
         elif trial.state.name == "PRUNED":
             what = f"pruned after epoch {trial.user_attrs.get('pruned_after_epoch', '?')}"
         else:

@@ -508,3 +508,27 @@ def test_a_trial_that_failed_is_asked_again_with_its_values_when_the_study_resum
     assert again.params == trials[0].params and again.user_attrs.get("defaults") is True
     assert again.system_attrs["failed_trial"] == 0 and again.state.name == "COMPLETE"
     assert sum(t.state.name in tune.FINISHED for t in trials) == 2
+
+
+def test_values_the_method_refuses_use_up_their_trial_and_the_study_goes_on(tmp_path, monkeypatch, capsys) -> None:
+    """LFM's learnable schedule drawn on a small training split holds out too few samples and is
+    refused when the run starts: that trial is pruned with the refusal as its reason and the
+    study reaches its budget. Wrong variant caught: the refusal escaping the objective (it ended
+    the tuned grid at LFM on cremad-joint)."""
+    from mmbalance.engine.loop import Trainer
+    from mmbalance.errors import ConfigError
+
+    real = Trainer.fit
+
+    def refuse_fast(self):
+        if self.cfg["lr"] > 0.01:
+            raise ConfigError("Method 'x' refuses this learning rate here.")
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "fit", refuse_fast)
+    result = tune.tune("concat", "synthetic", 4, {**SMALL, "records": str(tmp_path)}, say=_quiet, prune_startup=99)
+    trials = _finished(_study(result))
+    refused = [t for t in trials if t.user_attrs.get("refused")]
+    assert len(trials) == 4 and refused and all(t.state.name == "PRUNED" for t in refused)
+    assert "pruned: refused (Method 'x' refuses this learning rate here.)" in capsys.readouterr().out
+    assert result.best_value is not None and result.best_params["lr"] <= 0.01
