@@ -266,6 +266,31 @@ def _yaml_keys(yaml_path: str | None) -> dict[str, Any]:
     return load_yaml(yaml_path)
 
 
+def _locked_storage_class(base: type) -> type:
+    """``base`` (Optuna's RDBStorage) whose trial state changes hold a file lock beside the
+    database. Optuna starts a waiting trial by reading its state and setting it to RUNNING in
+    one transaction ``FOR UPDATE``, which SQLite ignores: two workers asking at the same moment
+    both started the study's first (defaults) trial, and the second's run folder was locked by
+    the first. Under the lock the check and the update are one step for every process."""
+
+    class LockedRDBStorage(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, lock_path: str, **kwargs: Any) -> None:
+            self._lock_path = lock_path
+            super().__init__(*args, **kwargs)
+
+        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+            import fcntl
+
+            with open(self._lock_path, "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    return super().set_trial_state_values(trial_id, state, values)
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+    return LockedRDBStorage
+
+
 def storage(plan: Plan) -> Any:
     """The study's SQLite storage with a heartbeat: a trial of another host whose process died
     goes stale after GRACE_S and is re-asked with its values (Optuna's stale-trial retry)."""
@@ -284,9 +309,11 @@ def storage(plan: Plan) -> Any:
         try:
             with warnings.catch_warnings():  # the heartbeat API is marked experimental; it is what we need
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(plan.storage_url, engine_kwargs={"connect_args": {"timeout": 120}},
-                                  heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+                return _locked_storage_class(RDBStorage)(
+                    plan.storage_url, engine_kwargs={"connect_args": {"timeout": 120}},
+                    heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                    lock_path=str(plan.db) + ".lock")
         except sqlalchemy.exc.DBAPIError:  # another process created the new database's tables meanwhile
             if attempt == 4:
                 raise

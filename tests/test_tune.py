@@ -532,3 +532,35 @@ def test_values_the_method_refuses_use_up_their_trial_and_the_study_goes_on(tmp_
     assert len(trials) == 4 and refused and all(t.state.name == "PRUNED" for t in refused)
     assert "pruned: refused (Method 'x' refuses this learning rate here.)" in capsys.readouterr().out
     assert result.best_value is not None and result.best_params["lr"] <= 0.01
+
+
+def _pop_all(plan, out) -> None:  # a spawned process: start every waiting trial it can
+    study = tune.open_study(plan)
+    got = []
+    while (tid := study._pop_waiting_trial_id()) is not None:
+        got.append(tid)
+    out.put(got)
+
+
+def test_two_workers_never_start_the_same_waiting_trial(tmp_path) -> None:
+    """Workers popping one study's queued trials at the same moment each start a different one
+    (SQLite ignores the row lock Optuna relies on; the storage serialises state changes with a
+    file lock). Wrong variant caught, not on every run (it is a race): the plain RDBStorage, under
+    which both workers of a tuned grid ran the defaults trial and one died on its locked run."""
+    import multiprocessing as mp
+
+    plan = tune.plan_study("concat", "synthetic", {**SMALL, "records": str(tmp_path)})
+    study = tune.open_study(plan)
+    for i in range(60):
+        study.enqueue_trial({"lr": 0.001 * (i + 1)}, skip_if_exists=False)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_pop_all, args=(plan, out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    started = [t for g in got for t in g]
+    assert len(started) == 60 and len(set(started)) == 60
+    assert Path(str(plan.db) + ".lock").exists()
