@@ -128,8 +128,9 @@ def side_by_side(df: pd.DataFrame, studies: Sequence[StudyRecord], column: str) 
         if home.empty and best.empty:
             continue
         used.append(study)
-        if home.empty:  # the defaults' runs are missing: the row is named by the tuned runs' method
-            key = (str(best["method_name"].iloc[0]), str(best["dataset"].iloc[0]))
+        if home.empty:  # the defaults' runs are missing (e.g. every seed diverged): the method's own label
+            name = best["_label"].iloc[0] if "_label" in best else best["method_name"].iloc[0]
+            key = (str(name), str(best["dataset"].iloc[0]))
         else:
             key = (str(home["method"].iloc[0]), str(home["dataset"].iloc[0]))
         if not best.empty:

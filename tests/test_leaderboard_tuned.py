@@ -196,3 +196,18 @@ def test_records_without_linked_studies_give_no_tuned_section(tmp_path):
         warnings.simplefilter("ignore")
         md = write_leaderboard(root, tmp_path / "out", "lb", rules=("best_val",), pictures=False)[0].read_text()
     assert "Defaults and tuned" not in md and "| Concat" in md
+
+
+def test_a_study_whose_defaults_all_failed_names_its_row_by_the_method_label(tmp_path):
+    """AMCo's defaults diverged on every seed of cremad-joint, so only its tuned runs exist: the
+    tuned value stands in the method's row ("Weight" here), with no defaults beside it. Wrong
+    variant caught: the row named by the registry name ("weight"), a second row for one method."""
+    base = {**BASE, "records": str(tmp_path)}
+    tuned = [run("weight", "synthetic", {**base, "lr": 0.02, "seed": s}) for s in (0, 1)]
+    _study(tmp_path, "weight_synthetic_c", "weight", "0" * 12, _key(tuned[0]), 4)
+    write_leaderboard(tmp_path, tmp_path / "out", name="t", rules=["best_val"], pictures=False)
+    md = (tmp_path / "out" / "t.md").read_text()
+    _, rows = _section(md)
+    assert "Weight" in rows and "weight" not in rows
+    cells = list(rows["Weight"].values())
+    assert cells[1] == "–" and cells[2] == _pm(_acc(tuned))
