@@ -112,6 +112,21 @@ def _stats(values: pd.Series) -> tuple[float, float, int]:
     return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0, len(values)
 
 
+def _defaults_row(defaults_df: pd.DataFrame, best: pd.DataFrame) -> str:
+    """The row of the same method at its defaults on other settings: same registry name, and
+    of those the one whose own settings the best runs share most (Concat + uni CE, not Concat,
+    for a tuned ``unimodal_loss=true`` study); the method's label when it has no such row."""
+    mine = best["_row_settings"].iloc[0] if "_row_settings" in best else {}
+    same = defaults_df[defaults_df["method_name"] == best["method_name"].iloc[0]] if "method_name" in defaults_df else []
+    scored = []
+    for label, settings in (zip(same["method"], same["_row_settings"], strict=True) if len(same) else ()):
+        if all(k in mine and mine[k] == v for k, v in settings.items()):
+            scored.append((len(settings), str(label)))
+    if scored:
+        return max(scored)[1]
+    return str(best["_label"].iloc[0] if "_label" in best else best["method_name"].iloc[0])
+
+
 def side_by_side(df: pd.DataFrame, studies: Sequence[StudyRecord], column: str) -> SideBySide | None:
     """Pair each study's defaults' runs with its best configuration's runs (both by the cell
     keys the study recorded); None when no study's runs are in ``df``."""
@@ -128,9 +143,8 @@ def side_by_side(df: pd.DataFrame, studies: Sequence[StudyRecord], column: str) 
         if home.empty and best.empty:
             continue
         used.append(study)
-        if home.empty:  # the defaults' runs are missing (e.g. every seed diverged): the method's own label
-            name = best["_label"].iloc[0] if "_label" in best else best["method_name"].iloc[0]
-            key = (str(name), str(best["dataset"].iloc[0]))
+        if home.empty:  # the defaults' runs are missing (e.g. every seed diverged): the method's own row
+            key = (_defaults_row(defaults_df, best), str(best["dataset"].iloc[0]))
         else:
             key = (str(home["method"].iloc[0]), str(home["dataset"].iloc[0]))
         if not best.empty:

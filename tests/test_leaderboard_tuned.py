@@ -205,9 +205,12 @@ def test_a_study_whose_defaults_all_failed_names_its_row_by_the_method_label(tmp
     base = {**BASE, "records": str(tmp_path)}
     tuned = [run("weight", "synthetic", {**base, "lr": 0.02, "seed": s}) for s in (0, 1)]
     _study(tmp_path, "weight_synthetic_c", "weight", "0" * 12, _key(tuned[0]), 4)
+    # the same method at its defaults on another setting, and a variant with its own settings
+    run("weight", "synthetic", {**base, "n_train": 200, "seed": 0})
+    run("weight", "synthetic", {**base, "n_train": 200, "unimodal_loss": True, "seed": 0})
     write_leaderboard(tmp_path, tmp_path / "out", name="t", rules=["best_val"], pictures=False)
     md = (tmp_path / "out" / "t.md").read_text()
     _, rows = _section(md)
-    assert "Weight" in rows and "weight" not in rows
+    assert "Weight" in rows and "weight" not in rows and not any("lr=" in r for r in rows)
     cells = list(rows["Weight"].values())
     assert cells[1] == "–" and cells[2] == _pm(_acc(tuned))
