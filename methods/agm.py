@@ -1,6 +1,6 @@
 """AGM: Adaptive Gradient Modulation (Li et al., ICCV 2023).
 
-Documented in docs/methods/agm.md; official code lihong2303/AGM
+Documented in the documentation's agm page; official code lihong2303/AGM
 (``model/CREMAD_net.py``, ``run/CREMAD_main.py``, ``model/URFunny_net.py``,
 ``run/URFunny_main.py``). One training step, modalities ``1..M``:
 
@@ -264,7 +264,7 @@ class AGM(Method):
     description = "AGM: Shapley-output gradient modulation against the mono-modal concept (ICCV 2023)"
     options = OPTIONS
     fusion = "concat"
-    # The authors' values per dataset (lihong2303/AGM issue #10, docs/methods/agm.md): CREMA-D alpha 1.5, cap 10, clip 1.
+    # The authors' values per dataset (lihong2303/AGM issue #10, the documentation's agm page): CREMA-D alpha 1.5, cap 10, clip 1.
     dataset_defaults = {"cremad": {"alpha": 1.5, "cap": 10.0, "clip_threshold": 1.0}}
     key_diagnostic = None  # set per run: "coef_<first modality>"
 
@@ -290,7 +290,7 @@ class AGM(Method):
         if cfg.get("optimizer") in ("adam", "adamw"):
             warnings.warn(
                 f"Method 'agm' scales gradients; under {cfg['optimizer']} a per-step scale is largely "
-                f"normalised away (docs/methods/agm.md). The official runs use SGD: --set optimizer=sgd.",
+                f"normalised away (the documentation's agm page). The official runs use SGD: --set optimizer=sgd.",
                 stacklevel=2,
             )
 

@@ -1,6 +1,6 @@
 """AMCo: Adaptive Mask Co-optimization for modal dependence (Zhou et al., ICASSP 2023).
 
-Full page: ``docs/methods/amco.md``. Idea (the paper's abstract): a multimodal model leans on
+Full page: ``the documentation's amco page``. Idea (the paper's abstract): a multimodal model leans on
 the modality that is easiest to learn (the "dependent" modality) and under-fits the others; an
 **adaptive mask** makes the dependent modality harder to learn, so the model has to fit the
 others, and **co-optimization** keeps a unimodal objective on every modality so the dependent

@@ -1,6 +1,6 @@
 """AUG: sustained boosting with adaptive classifier assignment (Jiang, Huang, Yang, NeurIPS 2025).
 
-Docs page: ``docs/methods/aug.md``. Official code: njustkmg/NeurIPS25-AUG, ``train_CREMAD.py``
+Docs page: ``the documentation's aug page``. Official code: njustkmg/NeurIPS25-AUG, ``train_CREMAD.py``
 and ``model/AudioVideo.py`` at HEAD (841d079, two modalities); the three-modality rule from the
 April 2025 ``train_NVGesture.py`` (966dbf5), deleted from the repository in May.
 

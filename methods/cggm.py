@@ -1,6 +1,6 @@
 """CGGM: classifier-guided gradient modulation (Guo, Jin, Chen, Zhao, NeurIPS 2024).
 
-Docs page: ``docs/methods/cggm.md``. Official code: zrguo/CGGM at 21e428c, ``src/msatrain.py``
+Docs page: ``the documentation's cggm page``. Official code: zrguo/CGGM at 21e428c, ``src/msatrain.py``
 (CMU-MOSI, IEMOCAP; three modalities), ``src/foodtrain.py`` (UPMC-Food101; two),
 ``models/msamodel.py`` (``ClassifierGuided``), ``src/eval_metrics.py`` (``cal_cos``,
 ``train_eval_*``).

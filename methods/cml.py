@@ -1,6 +1,6 @@
 """CML: Calibrating Multimodal Learning (Ma, Zhang, Zhang, Wu, Fu, Zhou, Hu, ICML 2023).
 
-Documented in docs/methods/cml.md. The principle: a model's confidence in its prediction should
+Documented in the documentation's cml page. The principle: a model's confidence in its prediction should
 not grow when a modality is taken away. CML adds a ranking regulariser that penalises, per
 sample, any rise of the predicted-class confidence from a set of modalities to a subset of it.
 
@@ -50,7 +50,7 @@ training loop); it covers only the paper's two imputation models on multi-view t
 the late-fusion form follows GeWu-Lab/BalanceBenchmark ``balancemm/trainer/CML_trainer.py``
 where the official code says nothing (how a modality is removed from a late-fusion head).
 
-Open questions, settled (docs/methods/cml.md, "Open questions settled"):
+Open questions, settled (the documentation's cml page, "Open questions settled"):
 
 * **Which sign rule.** Three differ: CPM's (default), MIWAE's ``1[p_k = y]`` with its trick 2,
   and BalanceBenchmark's swapped mask (computed, unused). The CPM rule is the default because
@@ -85,7 +85,7 @@ masked features (one call), one log-softmax shared by the CE and the confidences
 element-wise ops per batch, so an epoch costs about as much as joint training (measured with
 ``benchmarks/bench_methods.py``, AMD EPYC with AVX512-BF16, shared 2-core machine: 0.93x on
 avdigits; on synthetic, whose steps take about a millisecond, the fixed per-step kernels show,
-see docs/methods/cml.md). Nothing is read back to the host during a step; the diagnostics are 0-d tensors. The
+see the documentation's cml page). Nothing is read back to the host during a step; the diagnostics are 0-d tensors. The
 method keeps no state across steps (the per-epoch order is redrawn from the re-seeded RNG).
 """
 

@@ -1,4 +1,4 @@
-"""Concat: late fusion by concatenation, o = W [z_1; ...; z_M] + b (docs/methods/concat.md)."""
+"""Concat: late fusion by concatenation, o = W [z_1; ...; z_M] + b (the documentation's concat page)."""
 
 from mmbalance.config import Option
 from mmbalance.method import Method

@@ -1,6 +1,6 @@
 """DGL: disentangled gradient learning (Wei, Luo, Luo, ICCV 2025).
 
-Docs page: ``docs/methods/dgl.md``. Official code: shicaiwei123/ICCV2025-GDL, ``main_dgl.py``
+Docs page: ``the documentation's dgl page``. Official code: shicaiwei123/ICCV2025-GDL, ``main_dgl.py``
 (``train_epoch``) and ``models/fusion_modules.py`` (``ConcatFusion_DGL``, ``SumFusion_DGL``).
 
 **Idea.** In joint training the fused loss reaches each encoder through the fused head, where

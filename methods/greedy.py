@@ -1,6 +1,6 @@
 """Greedy: balanced multi-modal learning (Wu, Jastrzębski, Cho, Geras, ICML 2022).
 
-Full page: ``docs/methods/greedy.md``. Official code: nyukat/greedy_multimodal_learning
+Full page: ``the documentation's greedy page``. Official code: nyukat/greedy_multimodal_learning
 (``src/balanced_mmtm.py`` for the MMTM layer and its running averages, ``src/model.py`` for
 their placement, ``src/callbacks.py`` ``Bias_Mitigation_Strong`` / ``Bias_Mitigation_Random``
 for the speeds and the state machine, ``src/framework.py`` for the step).

@@ -1,6 +1,6 @@
 """InfoReg: information acquisition regulation (Huang, Wei, Yang, Hu, CVPR 2025).
 
-Docs page: ``docs/methods/inforeg.md``. Official code: GeWu-Lab/InfoReg_CVPR2025, ``main.py``
+Docs page: ``the documentation's inforeg page``. Official code: GeWu-Lab/InfoReg_CVPR2025, ``main.py``
 (``train_epoch``); the November 2025 version (commit ``939b2ed``) and the March 2025 one
 (``775bde4``) differ in the rule, and both are reachable here (``rule``).
 
@@ -205,7 +205,7 @@ def traced_weights(encoder: nn.Module) -> list[nn.Parameter]:
 
 
 def anchor_modality(modalities: Sequence[str]) -> str:
-    """The releases' reference modality: the one named audio, else the first (docs/methods/inforeg.md)."""
+    """The releases' reference modality: the one named audio, else the first (the documentation's inforeg page)."""
     return "audio" if "audio" in modalities else modalities[0]
 
 

@@ -1,6 +1,6 @@
 """IPRM: instantaneous probe-and-rebalance with geodesic multimodal mixup (IJCAI 2025).
 
-Documented in docs/methods/iprm.md; official code njustkmg/IJCAI25-IPRM ``main_av.py``,
+Documented on the IPRM page of the mmbalance documentation; official code github.com/njustkmg/IJCAI25-IPRM ``main_av.py``,
 ``main_trimodal.py``. One iteration, two modalities (a, b):
 
 1. encoders run once; unimodal heads see the raw features; ``L_uni = CE(u_a) + CE(u_b)``;
@@ -217,7 +217,7 @@ class IPRM(Method):
         return uni
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        """Encoders once; per trained pair: probe at lambda_t, rebalance at omega_t (docs/methods/iprm.md).
+        """Encoders once; per trained pair: probe at lambda_t, rebalance at omega_t (the documentation's IPRM page).
 
         The work each pair shares between its two fused passes is done once: the unimodal
         log-softmaxes (in their CEs and in the probe KLs), the pair's normalised features,

@@ -1,6 +1,6 @@
 """LFM: dynamically learning the modality gap (Yang, Wan, Jiang, Xu, NeurIPS 2024).
 
-Documented in docs/methods/lfm.md; written from the paper and
+Documented in the documentation's lfm page; written from the paper and
 checked against ``Crema_epoch.py`` / ``Crema_epoch_learnable.py`` of
 njustkmg/NeurIPS24-LFM (the official code; nothing copied).
 

@@ -1,6 +1,6 @@
 """MBSD: modality-balanced late-fusion self-distillation (as BalanceBenchmark implements it).
 
-Full page: ``docs/methods/mbsd.md``. BalanceBenchmark (GeWu-Lab/BalanceBenchmark,
+Full page: ``the documentation's mbsd page``. BalanceBenchmark (GeWu-Lab/BalanceBenchmark,
 ``balancemm/trainer/MBSD_trainer.py``) lists MBSD among its objective-level methods; the paper
 behind it could not be identified and no other code exists. Idea, read from that trainer: per
 sample, the modality that is more confident on the true class teaches the less confident one,

@@ -1,6 +1,6 @@
 """MLA: multimodal learning with alternating unimodal adaptation (Zhang et al., CVPR 2024).
 
-Documented in docs/methods/mla.md; written from
+Documented in the documentation's mla page; written from
 the paper and checked against ``main.py`` / ``utils/utils.py`` of
 Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation (the official code) and
 BalanceBenchmark's ``MLA_trainer.py``.

@@ -1,6 +1,6 @@
 """MMCosine: multi-modal cosine loss (Xu, Feng, Zhang, Hu, ICASSP 2023).
 
-Docs page: ``docs/methods/mmcosine.md``. Official code: GeWu-Lab/MMCosine_ICASSP23, ``main_CD.py``
+Docs page: ``the documentation's mmcosine page``. Official code: GeWu-Lab/MMCosine_ICASSP23, ``main_CD.py``
 (``train_epoch``: the modality-wise normalisation of features and weights; ``valid``: the
 evaluation) and ``models/basic_model.py`` / ``models/fusion_modules.py`` (the concat head ``fc_out``).
 
@@ -47,7 +47,7 @@ block, with the same s per modality (logits in [-Ms, Ms]), as BalanceBenchmark s
 the method owns its head. **State**: none. **Cost**: two row normalisations and the same
 matmul per modality as the concat head; no extra pass; measured 1.00x joint training (Concat +
 uni CE, fastest epochs) on avdigits, 1.16x on synthetic (AMD EPYC, AVX512-BF16, shared machine;
-docs/methods/mmcosine.md). **Diagnostics** per step: ``cos_<m>``,
+the documentation's mmcosine page). **Diagnostics** per step: ``cos_<m>``,
 the mean true-class cosine of modality m, and ``cos_spread`` (the largest minus the smallest of
 them; the key diagnostic).
 """

@@ -1,7 +1,7 @@
 """MMPareto: Pareto integration of the multimodal and unimodal gradients (Wei and Hu, ICML 2024).
 
-Documented in docs/methods/mmpareto.md. The model is the
-"uniform baseline" (docs/methods/concat.md): a fused head (Concat by default) plus a separate linear head per
+Documented in the documentation's mmpareto page. The model is the
+"uniform baseline" (the documentation's concat page): a fused head (Concat by default) plus a separate linear head per
 modality, losses ``L_mm = CE(o, y)`` and ``L_m = CE(o_m, y)``. Only the encoders' gradients change.
 Per batch (manual optimisation, one optimizer step):
 
@@ -101,7 +101,7 @@ DESCRIPTION = "MMPareto: Pareto integration of multimodal and unimodal gradients
 BOOST = 1.5  # the official gamma
 SOLVER_HIGH, SOLVER_LOW = 0.999, 0.001  # the official solver's boundary answers
 COS_EPS = 1e-8  # F.cosine_similarity's epsilon
-GUARD_EPS = 1e-12  # docs/methods/mmpareto.md, departures
+GUARD_EPS = 1e-12  # the documentation's mmpareto page, departures
 DEGENERATE_REL = 1e-5  # |D_t| this small relative to its inputs is an exact cancellation
 
 OPTIONS: dict[str, Option] = {
@@ -113,7 +113,7 @@ OPTIONS: dict[str, Option] = {
                           choices=("concat", "sum")),
     "guards": Option(True, "NaN guards (tiny denominator, degenerate D_t, non-finite gradients), each "
                      "counted; false = the official arithmetic, NaNs included"),
-    "guard_eps": Option(GUARD_EPS, "absolute threshold of the guards (docs/methods/mmpareto.md)", type=float, min=0),
+    "guard_eps": Option(GUARD_EPS, "absolute threshold of the guards (the documentation's mmpareto page)", type=float, min=0),
 }
 
 

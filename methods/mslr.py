@@ -1,5 +1,5 @@
 """MSLR: modality-specific learning rates for additive late fusion (Yao & Mihalcea, Findings
-ACL 2022). Documented in docs/methods/mslr.md.
+ACL 2022). Documented in the documentation's mslr page.
 
 Additive late fusion ``z = sum_m z_m`` (the sum head; ``z_m = W_m e_m + b_m`` is modality m's
 branch). Every modality gets its own optimizer param group ``"modality.<m>"`` = its encoder and

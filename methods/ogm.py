@@ -1,6 +1,6 @@
 """OGM-GE: on-the-fly gradient modulation with generalisation enhancement (Peng et al., CVPR 2022).
 
-Documented in docs/methods/ogm.md; official code GeWu-Lab/OGM-GE_CVPR2022 ``main.py``
+Documented in the documentation's ogm page; official code GeWu-Lab/OGM-GE_CVPR2022 ``main.py``
 (CVPR) and GeWu-Lab/BML_TPAMI2024 ``code/main.py`` (journal). Two modalities a, b (the run's
 order; audio, visual on CREMA-D/KS). Each step:
 
@@ -36,7 +36,7 @@ Departures from the official code (GeWu-Lab/OGM-GE_CVPR2022 ``main.py``):
   ``encoder_params(m)`` (conv kernels, BN affine, biases, linear layers and any projection the
   encoder holds; never the fused or unimodal heads). This changes numbers on conv encoders;
   ``conv4d_only=true`` restores the official filter. That filter modulates NOTHING for MLP,
-  transformer or 3-D-conv (5-D kernel) encoders (docs/methods/ogm.md), e.g. both
+  transformer or 3-D-conv (5-D kernel) encoders (the documentation's ogm page), e.g. both
   encoders of ``synthetic`` and the image MLP of ``avdigits``; a warning says so at fit start.
 * **Degenerate scores.** Scores are floored at the smallest positive float32 before the
   ratio, so a zero score gives a huge ratio (k = 0) instead of the official inf/NaN, and two
@@ -60,7 +60,7 @@ Departures from the official code (GeWu-Lab/OGM-GE_CVPR2022 ``main.py``):
   at every step.
 
 The journal OGM (Wei, Hu, Du, Wen, TPAMI 2024; GeWu-Lab/BML_TPAMI2024 ``code/main.py``,
-docs/methods/ogm.md "The journal variant") is this rule with other settings, not another
+the documentation's ogm page "The journal variant") is this rule with other settings, not another
 method: the same coefficient ``1 - tanh(alpha * relu(rho))`` and GE noise, ties damping the
 second modality (``tie=second``), no modulation while ``epoch <= 5`` inside its 0-60 window
 (``modulation_starts=6 modulation_ends=60``) and the 4-D filter (``conv4d_only=true``); the
@@ -76,7 +76,7 @@ Not supported (clear refusals): three or more modalities (the official rule is a
 scores; the IPRM paper reports OGM-GE as N/A on trimodal sets) and ``weight`` fusion, whose
 logits come from one shared head on a weighted feature sum and do not split by modality.
 Under Adam/AdamW a constant per-tensor gradient factor is largely normalised away
-(docs/methods/ogm.md); the method warns when an adaptive optimizer is configured.
+(the documentation's ogm page); the method warns when an adaptive optimizer is configured.
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ class OGM(Method):
         if str(self.cfg.get("optimizer", "sgd")).lower() in ("adam", "adamw"):
             warnings.warn(
                 f"Method 'ogm' scales gradients; under {self.cfg['optimizer']} a constant per-tensor "
-                f"factor is largely normalised away (docs/methods/ogm.md). The official runs use SGD.",
+                f"factor is largely normalised away (the documentation's ogm page). The official runs use SGD.",
                 stacklevel=2,
             )
 

@@ -1,7 +1,7 @@
 """OGR-GB: Gradient-Blending (Wang, Tran, Feiszli, CVPR 2020), "What makes training multi-modal
 classification networks hard?".
 
-Documented in docs/methods/ogr_gb.md
+Documented in the documentation's ogr_gb page
 (ΔG/ΔO² with sum normalisation). Heads k ∈ {m_1..m_M, fused}: the model's unimodal
 linear head on each pooled embedding e_m, and the fused head (concat by default). Training loss
 

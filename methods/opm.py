@@ -1,6 +1,6 @@
 """OPM: on-the-fly prediction modulation (Wei, Hu, Du, Wen, TPAMI 2024).
 
-Docs page: ``docs/methods/opm.md``. Official code: GeWu-Lab/BML_TPAMI2024, ``code/models/Classifier.py``
+Docs page: ``the documentation's opm page``. Official code: GeWu-Lab/BML_TPAMI2024, ``code/models/Classifier.py``
 (``calcu_q``, ``Modality_drop``, the scores in ``Classifier.forward``) and ``code/main.py`` (the
 warm-up, the row removal and the fused loss).
 
@@ -66,7 +66,7 @@ torch's RNG, which the trainer re-seeds every epoch, so a resumed run is identic
 **Cost**: no extra pass; the parts matmuls on detached features, a softmax/gather, two small
 draws and an element-wise mask per step; measured 1.06x joint training (Concat + uni CE) on
 avdigits with the drop active, 1.32x on synthetic's 1-ms steps (AMD EPYC, AVX512-BF16, shared
-machine; docs/methods/opm.md). **Diagnostics** per step: ``q_<m>`` (the drop rate the
+machine; the documentation's opm page). **Diagnostics** per step: ``q_<m>`` (the drop rate the
 rule computes, also during the warm-up), ``executed`` (1 when the drop ran) and ``dropped`` (the
 share of sample-modality features zeroed; the key diagnostic).
 """

@@ -1,6 +1,6 @@
 """PMR: Prototypical Modal Rebalance (Fan et al., CVPR 2023), two modalities.
 
-Documented in docs/methods/pmr.md; written from the paper, checked against
+Documented in the documentation's pmr page; written from the paper, checked against
 ``main_Prototype_grad.py`` of fanyunfeng-bit/Modal-Imbalance-PMR (the official code).
 
 * **Prototypes**: class means of each modality's embedding over the first
@@ -409,5 +409,5 @@ class PMR(Method):
             ),
         }
         if self.cfg.get("dataset") == "cremad":
-            info["defaults_source"] = "alpha 2.0, mu 0, window 0-70: from the unreleased PER runs (docs/methods/pmr.md)"
+            info["defaults_source"] = "alpha 2.0, mu 0, window 0-70: from the unreleased PER runs (the documentation's pmr page)"
         return info

@@ -1,6 +1,6 @@
 """ReconBoost: boosting stages that alternate modalities (Hua et al., ICML 2024).
 
-Documented in docs/methods/reconboost.md; written from the paper
+Documented in the documentation's reconboost page; written from the paper
 and checked against huacong/ReconBoost ``train.py``, ``train_MSA.py``, ``models/dynamic_net.py``
 and ``schedule.py`` (the official code; nothing copied).
 

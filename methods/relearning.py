@@ -1,7 +1,7 @@
 """Diagnosing & Re-learning (Wei, Li, Feng, Hu, ECCV 2024): soft re-initialisation of the
 encoders that over-fit, measured by k-means purity.
 
-Documented in docs/methods/relearning.md; written from the paper's rule and checked against
+Documented in the documentation's relearning page; written from the paper's rule and checked against
 ``code/ours.py`` of GeWu-Lab/Diagnosing_Relearning_ECCV2024 (the official code; nothing copied).
 
 **The rule.** Training is plain joint training (one fused cross-entropy). After every
@@ -54,7 +54,7 @@ out); it is refused when validation is the test split.
 * Selection on validation (the official script picks the best test epoch); the recipe's
   learning-rate schedule (the official script parses a decay step but builds no scheduler).
 
-**Open questions settled** (docs/methods/relearning.md, "Open questions settled"):
+**Open questions settled** (the documentation's relearning page, "Open questions settled"):
 
 * scikit-learn version behind the published numbers (so ``n_init``): unknown; default ``auto``
   (the pinned scikit-learn's default and very likely the authors' for a July 2024 release),

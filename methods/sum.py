@@ -1,4 +1,4 @@
-"""Sum: late fusion by adding per-modality linear heads' logits (docs/methods/sum.md)."""
+"""Sum: late fusion by adding per-modality linear heads' logits (the documentation's sum page)."""
 
 from mmbalance.methods.concat import UNIMODAL_LOSS
 

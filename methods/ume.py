@@ -1,6 +1,6 @@
 """UME: the uni-modal ensemble, one model per modality trained alone (Du et al., ICML 2023).
 
-Full page: ``docs/methods/ume.md``. Paper: "On Uni-Modal Feature Learning in Supervised
+Full page: ``the documentation's ume page``. Paper: "On Uni-Modal Feature Learning in Supervised
 Multi-Modal Learning" (ICML 2023, arXiv 2305.01233). No official code was found, and
 BalanceBenchmark (GeWu-Lab/BalanceBenchmark), the only code of its companion UMT, has no UME.
 

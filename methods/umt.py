@@ -1,6 +1,6 @@
 """UMT: uni-modal teachers distilled into the multimodal encoders (Du et al., ICML 2023).
 
-Full page: ``docs/methods/umt.md``. Paper: "On Uni-Modal Feature Learning in Supervised
+Full page: ``the documentation's umt page``. Paper: "On Uni-Modal Feature Learning in Supervised
 Multi-Modal Learning" (ICML 2023, arXiv 2305.01233; earlier "Improving Multi-Modal Learning with
 Uni-Modal Teachers", arXiv 2106.11059). No official code was found; the only code is
 BalanceBenchmark's trainer (GeWu-Lab/BalanceBenchmark, ``balancemm/trainer/UMT_trainer.py``).
@@ -82,7 +82,7 @@ arithmetic (the teachers' pass over the training split is charged as estimation,
 process); with the per-step forward, one extra forward of every teacher encoder without autograd
 per step (about 1.5x joint training per epoch on avdigits' CNNs). The teachers' training is
 charged as estimation cost, apart (about ``umt_teacher_epochs`` joint epochs; none with recorded
-teachers). Measured ratios: ``docs/methods/umt.md``.
+teachers). Measured ratios: ``the documentation's umt page``.
 
 Diagnostics per step: ``umt_ce``, ``umt_distill_<m>`` (MSE before lambda) and ``umt_distill``
 (their sum; the key diagnostic); in epoch 0 also ``umt_teacher_val_<m>`` (each teacher's

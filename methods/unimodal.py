@@ -1,4 +1,4 @@
-"""Unimodal training of one modality: its encoder and a linear head, CE only (docs/methods/unimodal.md).
+"""Unimodal training of one modality: its encoder and a linear head, CE only (the documentation's unimodal page).
 
 Run once per modality with the multimodal runs' recipe, to know how good each encoder can get
 alone; the other modalities are not even loaded.

@@ -1,5 +1,5 @@
 """Sample- and modality-level valuation (Wei, Feng, Wang, Hu, CVPR 2024, "Enhancing multimodal
-cooperation via sample-level modality valuation"). Docs page: ``docs/methods/valuation.md``.
+cooperation via sample-level modality valuation"). Docs page: ``the documentation's valuation page``.
 
 Official code: GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation, ``code/sample_level.py``
 and ``code/modality_level.py`` (valuation, schedule), ``code/datasets/dataloader.py`` (the

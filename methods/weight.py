@@ -1,4 +1,4 @@
-"""Weight: the IPRM code's parameter-free per-coordinate feature weighting (docs/methods/weight.md).
+"""Weight: the IPRM code's parameter-free per-coordinate feature weighting (the documentation's weight page).
 
 Each modality's features are softmaxed over their coordinates, the softmaxes are normalised
 across modalities, and the weighted sum of features feeds one shared linear head. CMML's learned

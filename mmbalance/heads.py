@@ -1,4 +1,4 @@
-"""Fused heads of the naive late fusions (docs/methods/concat.md, sum.md, weight.md).
+"""Fused heads of the naive late fusions (the documentation's concat page, sum.md, weight.md).
 
 Each head maps the per-modality features ``{m: (B, d_m)}`` to fused logits and can split
 them into per-modality parts (``parts``), the "head-part" logits that methods trained with a

@@ -2,7 +2,7 @@
 
 Parameters are addressed by group (``encoder_params(m)``, ``uni_head_params(m)``,
 ``fusion_params()``), never by substring-matching names, so gradient methods modulate exactly
-the encoder whatever its architecture (docs/methods/ogm.md, departures).
+the encoder whatever its architecture (the documentation's ogm page, departures).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Pure tensor functions with no host synchronisation (no ``.item()``, no Python branching on
 tensor values), so a training step that calls them every iteration never stalls a GPU.
-Reference: docs/methods/iprm.md; official: njustkmg/IJCAI25-IPRM ``main_av.py``.
+Reference: the IPRM page of the mmbalance documentation (Methods > IPRM); official: github.com/njustkmg/IJCAI25-IPRM ``main_av.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 #: The official initial EMA weight: lambda_1 = 0.5, i.e. Eq. (4) with lambda_0 = omega_0 = 0.5.
 INIT_WEIGHT = 0.5
-#: Guard of the weight ratio (docs/methods/iprm.md, departures; the official code has none).
+#: Guard of the weight ratio (the documentation's IPRM page, departures; the official code has none).
 GUARD_EPS = 1e-12
 _WIDE = (torch.float32, torch.float64)
 

@@ -1,5 +1,5 @@
 """The staged-encoder protocol: an encoder seen as stem, stages and pool, so a method can act
-between its stages (Greedy's MMTM layers, docs/methods/greedy.md) without changing the encoder.
+between its stages (Greedy's MMTM layers, the documentation's greedy page) without changing the encoder.
 
 A backbone that can be split defines ``staged() -> StagedView``; :func:`staged` returns that
 view, or None for an encoder that cannot be split (an MLP, a transformer: methods then fall
