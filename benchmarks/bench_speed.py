@@ -13,6 +13,9 @@
 5. ``test_huge_pages``: two AV-digits cells run at once as a grid's two workers do, one with
    ``THP_MEM_ALLOC_ENABLE=1`` (mmbalance's default) and one with 0, roles swapped each round;
    the ratio of their training seconds per epoch. Equal numbers (tested).
+6. ``test_retained_heap``: the same pairing, one cell with freed memory kept in the process
+   (``mmbalance/engine/heap.py``, the default) and one with ``MMBALANCE_HEAP=default``, in the
+   grid's fp32 channels-last, natively and capped to AVX2. Equal numbers (tested).
 
 Each test's ``extra_info`` holds ``ratio`` (optimised time / reference time; < 1 is faster)
 and prints it. Run::
@@ -192,29 +195,58 @@ print(sum(e["train_time_s"] for e in ep) / len(ep))
 """
 
 
-def test_huge_pages(benchmark, tmp_path: Path):
+def _paired_cells(benchmark, tmp_path: Path, cfg: dict, envs: dict[str, dict[str, str]]) -> dict[str, list[float]]:
+    """Two AV-digits cells at once, as a grid's two workers run them, one per environment in
+    ``envs`` (two entries), roles swapped each round; each cell's training seconds per epoch
+    (its first epoch left out)."""
     import json
     import subprocess
     import sys
 
-    cfg = {**dataset_overrides("avdigits"), "progress": "off", "device": "cpu", "log_epochs": False,
-           "diagnostics": False, "checkpoint": False, "amp": "bf16", "memory_format": "channels_last",
-           "eval_batch_size": 64, "epochs": int(os.environ.get("MMBALANCE_BENCH_EPOCHS", "4"))}
-    times: dict[str, list[float]] = {"1": [], "0": []}
+    names = list(envs)
+    times: dict[str, list[float]] = {name: [] for name in names}
     rounds = iter(range(1000))
 
     def pair() -> None:
         r = next(rounds)
         procs = {}
-        for flag in (("1", "0") if r % 2 else ("0", "1")):
-            env = {**os.environ, "THP_MEM_ALLOC_ENABLE": flag, "OMP_NUM_THREADS": "1"}
-            run_cfg = {**cfg, "records": str(tmp_path / f"r{r}_{flag}")}
-            procs[flag] = subprocess.Popen([sys.executable, "-c", _CELL, json.dumps(run_cfg)], env=env,
+        for name in (names if r % 2 else names[::-1]):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", **envs[name]}
+            run_cfg = {**cfg, "records": str(tmp_path / f"r{r}_{name}")}
+            procs[name] = subprocess.Popen([sys.executable, "-c", _CELL, json.dumps(run_cfg)], env=env,
                                            stdout=subprocess.PIPE, text=True)
-        for flag, proc in procs.items():
+        for name, proc in procs.items():
             out, _ = proc.communicate()
             assert proc.returncode == 0
-            times[flag].append(float(out.strip().splitlines()[-1]))
+            times[name].append(float(out.strip().splitlines()[-1]))
 
     benchmark.pedantic(pair, rounds=ROUNDS + ROUNDS % 2, iterations=1, warmup_rounds=0)
+    return times
+
+
+def _cell_config(**numerics: str) -> dict:
+    return {**dataset_overrides("avdigits"), "progress": "off", "device": "cpu", "log_epochs": False,
+            "diagnostics": False, "checkpoint": False, "eval_batch_size": 64, **numerics,
+            "epochs": int(os.environ.get("MMBALANCE_BENCH_EPOCHS", "4"))}
+
+
+def test_huge_pages(benchmark, tmp_path: Path):
+    cfg = _cell_config(amp="bf16", memory_format="channels_last")
+    times = _paired_cells(benchmark, tmp_path, cfg, {"1": {"THP_MEM_ALLOC_ENABLE": "1"},
+                                                     "0": {"THP_MEM_ALLOC_ENABLE": "0"}})
     _report(benchmark, "avdigits epoch beside a second cell, huge pages / 4 KiB pages", times["1"], times["0"])
+
+
+_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+@pytest.mark.parametrize("kernels", ["native", "avx2"])
+def test_retained_heap(benchmark, tmp_path: Path, kernels: str):
+    """The grid's numerics (fp32, channels-last), on this CPU and on it capped to AVX2 (what a
+    CPU without AVX-512 runs)."""
+    cfg = _cell_config(amp="none", memory_format="channels_last")
+    cap = _AVX2 if kernels == "avx2" else {}
+    times = _paired_cells(benchmark, tmp_path, cfg, {"retained": {**cap, "MMBALANCE_HEAP": "retained"},
+                                                     "default": {**cap, "MMBALANCE_HEAP": "default"}})
+    _report(benchmark, f"avdigits epoch beside a second cell ({kernels} kernels), heap retained / malloc's "
+            f"default", times["retained"], times["default"])

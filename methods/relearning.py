@@ -6,7 +6,8 @@ Documented in the documentation's relearning page; written from the paper's rule
 
 **The rule.** Training is plain joint training (one fused cross-entropy). After every
 ``reinit_epoch``-th epoch (0-based epoch k with k % reinit_epoch == 0 and k > 0, at most
-``reinit_num`` times), each modality m is diagnosed and its encoder re-initialised:
+``reinit_num`` times; ``auto``, the default, scales the official period to the run, below),
+each modality m is diagnosed and its encoder re-initialised:
 
 1. features: each encoder's output on the training split (D) and on a held-out slice of train
    (V), model in eval mode, no autograd, read with the *evaluation* pipeline (no random crops,
@@ -33,6 +34,11 @@ out); it is refused when validation is the test split.
 
 **Departures from the official code** (each that changes numbers has an option):
 
+* The schedule's period: ``reinit_epoch=auto`` (the default) is round(epochs * 20 / 90), the
+  official script's resets after epochs 20, 40 and 60 of its 90 placed at the same points of
+  the run (20 at 90 epochs; 4 at the benchmark's 20, resetting after epochs 4, 8 and 12). The
+  official 20 unscaled never fires in a run of 20 epochs or fewer, which would make the method
+  joint training on 89 % of train; ``reinit_epoch=20`` asks for it (and warns when it never fires).
 * The held-out slice is *stratified* by class (a decision; the official ``val.csv`` is a plain
   random carve). No option: the trainer's held-out service stratifies.
 * k-means restarts: ``kmeans_n_init`` (default ``auto``, scikit-learn >= 1.4's one k-means++
@@ -71,8 +77,8 @@ out); it is refused when validation is the test split.
 
 **Refuses:** ``purity_split=val`` when validation is the test split; a held-out slice or
 validation split with fewer samples than classes. **Warns** when the schedule never fires
-within the run's epochs (e.g. the official ``reinit_epoch=20`` with a 20-epoch recipe: the
-run is then joint training on 89 % of train) and when a held-out class has fewer than 20 rows.
+within the run's epochs (e.g. ``reinit_epoch=20``, the official period unscaled, with a
+20-epoch recipe: the run is then joint training on 89 % of train) and when a held-out class has fewer than 20 rows.
 
 **Cost:** training steps are joint training's. Each diagnosis (``reinit_num`` times per run)
 is one eval forward pass over train and one over the held-out slice plus 2M k-means fits on
@@ -109,8 +115,9 @@ OPTIONS: dict[str, Option] = {
     # search range: around the official lambda 3
     "move_lambda": Option(3.0, "lambda: re-initialisation strength alpha = tanh(lambda * |P_train - P_heldout|)",
                           min=0.0, search=Search(1.0, 5.0)),
-    "reinit_epoch": Option(20, "diagnose and re-initialise after every epoch k with k % reinit_epoch == 0, "
-                           "k > 0 (0-based, after its evaluation)", min=1),
+    "reinit_epoch": Option("auto", "diagnose and re-initialise after every epoch k with k % reinit_epoch == 0, "
+                           "k > 0 (0-based, after its evaluation); auto: the official 20 of 90 epochs scaled "
+                           "to the run, round(epochs * 20 / 90), at least 1", type=(str, int)),
     "reinit_num": Option(3, "at most this many re-initialisations per run", min=0),
     "heldout_fraction": Option(0.111, "share of train held out (stratified, fixed seed) for P_heldout; the model "
                                "trains on the rest (official 744 of 6698)", min=0.0, max=0.5, min_open=True),
@@ -173,6 +180,16 @@ def blend_(params: Sequence[nn.Parameter], init: Sequence[torch.Tensor], alpha: 
         p.copy_(new)
 
 
+OFFICIAL_EVERY, OFFICIAL_EPOCHS = 20, 90  # the official script: resets after epochs 20, 40, 60 of 90
+
+
+def scaled_reinit_epoch(epochs: int) -> int:
+    """``reinit_epoch=auto``: the official period placed in the run as in the official 90-epoch
+    run (20 -> 20 at 90 epochs; 4 at 20 epochs: resets after epochs 4, 8, 12 of 20 as 20, 40, 60
+    of 90), at least 1. The official value unscaled never fires in a run of 20 epochs or fewer."""
+    return max(1, round(epochs * OFFICIAL_EVERY / OFFICIAL_EPOCHS))
+
+
 def reset_due(finished_epoch: int, every: int, times: int) -> bool:
     """Whether the epoch that just finished (0-based) is followed by a diagnosis and reset:
     a positive multiple of ``every``, and among the first ``times`` such multiples."""
@@ -192,7 +209,7 @@ class ReLearning(Method):
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         self.lam = float(self._opt("move_lambda"))
-        self.every = int(self._opt("reinit_epoch"))
+        self.every = self._reinit_epoch(self._opt("reinit_epoch"), cfg.get("epochs"))
         self.times = int(self._opt("reinit_num"))
         self.purity_split = str(self._opt("purity_split"))
         self.augment = bool(self._opt("diagnosis_augment"))
@@ -207,6 +224,18 @@ class ReLearning(Method):
         self.heldout_fraction = float(self._opt("heldout_fraction")) if self.purity_split == "heldout" else 0.0
         self.theta_init: dict[str, dict[str, torch.Tensor]] = {}
         self.resets: list[dict[str, Any]] = []  # what each diagnosis measured, in order
+
+    @staticmethod
+    def _reinit_epoch(value: Any, epochs: Any) -> int:
+        if value == "auto":  # a method built by hand, without a run length: the official period
+            return scaled_reinit_epoch(epochs) if isinstance(epochs, int) and epochs > 0 else OFFICIAL_EVERY
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"Method 'relearning': reinit_epoch must be 'auto' (the official schedule scaled to "
+                f"the run's epochs) or a positive epoch count, got {value!r}. Use --set "
+                f"reinit_epoch=auto or e.g. reinit_epoch=5."
+            )
+        return value
 
     def _opt(self, key: str) -> Any:
         """Option value; the declared default when ``cfg`` lacks it (a method built by hand)."""
@@ -240,8 +269,8 @@ class ReLearning(Method):
                 f"Method 'relearning': with {epochs} epochs and reinit_epoch={self.every}, no "
                 f"re-initialisation happens (the first follows epoch {self.every}, 0-based, and one "
                 f"after the last epoch would change nothing evaluated); the run is joint training on "
-                f"the train split minus the held-out slice. Lower reinit_epoch (the official schedule "
-                f"resets after 0-based epochs 20, 40 and 60 of 90) or raise epochs.",
+                f"the train split minus the held-out slice. Use reinit_epoch=auto (the official schedule, "
+                f"after 0-based epochs 20, 40 and 60 of 90, scaled to the run) or a smaller period.",
                 stacklevel=2,
             )
         if set(self.theta_init) != set(self.model.modalities):
@@ -341,7 +370,7 @@ class ReLearning(Method):
         tags = []
         if self.lam != OPTIONS["move_lambda"].default:
             tags.append(f"lambda={self.lam:g}")
-        if (self.every, self.times) != (OPTIONS["reinit_epoch"].default, OPTIONS["reinit_num"].default):
+        if self._opt("reinit_epoch") != "auto" or self.times != OPTIONS["reinit_num"].default:
             tags.append(f"every {self.every} x{self.times}")
         if self.purity_split == "val":
             tags.append("purity on val")
@@ -367,6 +396,8 @@ class ReLearning(Method):
             "kmeans": {"k": "number of classes", "n_init": self.n_init, "random_state": KMEANS_SEED,
                        "scaler": "MinMax(-1, 1) fitted per set", "scikit_learn": sklearn.__version__},
             "schedule": {"reinit_epoch": self.every, "reinit_num": self.times, "lambda": self.lam,
+                         "period_from": ("auto: the official 20 of 90 epochs scaled to the run"
+                                         if self._opt("reinit_epoch") == "auto" else "reinit_epoch"),
                          "timing": "after the epoch's evaluation"},
             "theta_init": "the encoders' weights at the start of the cell"
             + (f" (loaded weights for {', '.join(sorted(loaded))})" if loaded else " (random init)"),

@@ -366,8 +366,12 @@ CASES: dict[tuple[str, str], list[Case]] = {
     ("reconboost", "recon_warm_start"): [Case("unimodal", refused=True,
                                               why="needs another run's checkpoints: not available, refused")],
     # ---- ReLearning ---------------------------------------------------------------------------
-    ("relearning", "reinit_epoch"): [Case(1, Situation(epochs=(0, 1, 2)),
-                                          why="the default 20 never fires in a short run; 1 resets after epoch 1")],
+    ("relearning", "reinit_epoch"): [Case(2, Situation(epochs=(0, 1, 2)),
+                                          why="auto is period 1 in a 2-epoch run (a reset after epoch 1); "
+                                              "2 resets after epoch 2"),
+                                     Case(20, Situation({"epochs": 20}, epochs=(0, 1, 2, 3, 4, 5)),
+                                          why="auto is period 4 in a 20-epoch run (a reset after epoch 4); "
+                                              "the official 20 unscaled never fires there")],
     ("relearning", "reinit_num"): [Case(0, RL_RESET, why="0 resets nothing where the schedule resets once")],
     ("relearning", "move_lambda"): [Case(6.0, RL_RESET, why="lambda acts only in a reset")],
     ("relearning", "kmeans_n_init"): [Case(10, RL_RESET, why="k-means runs only in a diagnosis")],

@@ -21,6 +21,7 @@ from mmbalance.methods.relearning import (
     purity,
     reinit_strength,
     reset_due,
+    scaled_reinit_epoch,
 )
 from torch import nn
 
@@ -413,15 +414,16 @@ def test_refusals(tmp_path):
 
 
 def test_a_schedule_that_never_fires_in_the_run_is_announced(tmp_path):
-    """20 epochs with the official reinit_epoch=20: the first reset would follow the last epoch,
-    so the run is plain joint training; this is said, not silent. 22 epochs reset once (after
-    epoch 20, in epoch 21): no warning. Wrong variant caught: the range counting the last epoch
-    (a reset 'after' epoch 19... of a 20-epoch run never happens)."""
+    """20 epochs with the official period unscaled (reinit_epoch=20): the first reset would follow
+    the last epoch, so the run is plain joint training; this is said, not silent. 22 epochs reset
+    once (after epoch 20, in epoch 21): no warning, nor with the default (auto) at 20 epochs.
+    Wrong variant caught: the range counting the last epoch (a reset 'after' epoch 19... of a
+    20-epoch run never happens)."""
     with pytest.warns(UserWarning, match="no re-initialisation happens"):
-        setup_trainer(tmp_path / "a", n_train=3000, epochs=20)
+        setup_trainer(tmp_path / "a", n_train=3000, epochs=20, reinit_epoch=20)
     with pytest.warns(UserWarning, match="no re-initialisation happens"):
-        setup_trainer(tmp_path / "b", n_train=3000, epochs=21)
-    for epochs, every in ((22, 20), (3, 1)):
+        setup_trainer(tmp_path / "b", n_train=3000, epochs=21, reinit_epoch=20)
+    for epochs, every in ((22, 20), (3, 1), (20, "auto")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             setup_trainer(tmp_path / f"c{epochs}", n_train=3000, epochs=epochs, reinit_epoch=every)
@@ -434,14 +436,41 @@ def test_a_checkpoint_without_initial_weights_is_refused(tmp_path):
         t.method.on_fit_start()
 
 
+def test_the_default_period_is_the_official_schedule_scaled_to_the_run():
+    """auto: round(epochs * 20 / 90), at least 1. 90 epochs give the official 20 (resets after
+    20, 40, 60); the benchmark's 20 give 4 (after 4, 8, 12: the same places in the run); 40 give 9.
+    Wrong variants caught: floor instead of round (40 -> 8), the period not scaled (20 at 20
+    epochs, never firing), 0 for a short run, the value ignoring the run's epochs, scaling
+    epochs - 1 (7 -> 1)."""
+    assert [scaled_reinit_epoch(e) for e in (90, 20, 40, 7, 3, 1)] == [20, 4, 9, 2, 1, 1]
+    assert ReLearning({"epochs": 20}).every == 4 and ReLearning({"epochs": 90}).every == 20
+    assert ReLearning({"epochs": 20, "reinit_epoch": 20}).every == 20
+    assert ReLearning({}).every == 20  # built by hand, without a run length: the official period
+    for bad in (0, -2, "often", True, 2.5):
+        with pytest.raises(ConfigError, match="reinit_epoch must be 'auto'"):
+            ReLearning({"epochs": 20, "reinit_epoch": bad})
+
+
+def test_the_default_schedule_resets_inside_a_short_run(fast):
+    """The default at 9 epochs: period round(2) = 2, resets after epochs 2, 4 and 6 (logged in
+    epochs 3, 5 and 7), the label unchanged and the period's source recorded."""
+    rec = run("relearning", "synthetic", {**fast, **SMALL, "epochs": 9}).record
+    logged = [e["epoch"] for e in rec["epochs"] if "alpha_m1" in (e.get("diagnostics") or {})]
+    assert logged == [3, 5, 7]
+    assert rec["header"]["method_label"] == "ReLearning"
+    assert rec["header"]["method_info"]["schedule"]["reinit_epoch"] == 2
+    assert rec["header"]["method_info"]["schedule"]["period_from"].startswith("auto")
+
+
 def test_labels():
     assert ReLearning({}).label() == "ReLearning"
+    assert ReLearning({"reinit_epoch": 20}).label() == "ReLearning (every 20 x3)"
     assert ReLearning({"move_lambda": 1.0, "diagnosis_augment": True}).label() == \
         "ReLearning (lambda=1, augmented diagnosis)"
     assert ReLearning({"purity_split": "val", "kmeans_n_init": 10}).label() == \
         "ReLearning (purity on val, n_init=10)"
     assert ReLearning({"heldout_fraction": 0.2}).label() == "ReLearning (heldout=0.2)"
-    assert rl.OPTIONS["reinit_epoch"].default == 20 and rl.OPTIONS["reinit_num"].default == 3
+    assert rl.OPTIONS["reinit_epoch"].default == "auto" and rl.OPTIONS["reinit_num"].default == 3
 
 
 @pytest.mark.gpu

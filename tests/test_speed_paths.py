@@ -4,6 +4,7 @@ port, the per-epoch peak memory, the channels-last option (numbers differ, so it
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -251,3 +252,77 @@ def test_huge_pages_are_on_by_default_and_change_no_number(tmp_path, shared_data
     off_flag, off = _thp_cell("0", {**cfg, "records": str(tmp_path / "off")})
     assert (on_flag, off_flag) == ("1", "0")
     assert on == off
+
+
+_HEAP_FAULTS = """
+import resource, sys
+import torch
+from mmbalance.engine.heap import retain_freed_memory
+state = retain_freed_memory()
+def step():  # a training step's shape: 16 MB activations made and freed
+    for _ in range(4):
+        a = torch.empty(64, 16, 64, 64); a.fill_(1.0); del a
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(state["heap"], (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc's thresholds")
+def test_retained_heap_stops_each_step_faulting_its_memory_in():
+    """Freed 16 MB activations go back to the kernel by default and come back as zero-filled
+    pages every step; with the heap retained a step reuses them. The opt-out restores malloc."""
+    import subprocess
+
+    def faults(heap: str | None) -> tuple[str, float]:
+        env = {k: v for k, v in os.environ.items() if k != "MMBALANCE_HEAP"}
+        env["THP_MEM_ALLOC_ENABLE"] = "1"  # mmbalance's default (mmbalance/__init__.py)
+        if heap is not None:
+            env["MMBALANCE_HEAP"] = heap
+        out = subprocess.run([sys.executable, "-c", _HEAP_FAULTS], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[-2], float(out[-1])
+
+    kept, kept_faults = faults(None)
+    plain, plain_faults = faults("default")
+    assert (kept, plain) == ("retained", "default")
+    # 4 x 16 MB per step is 16,384 4-KiB pages; huge pages (the THP default) make it fewer faults
+    assert plain_faults >= 8 and kept_faults <= plain_faults / 8, (kept_faults, plain_faults)
+
+
+def test_retained_heap_changes_no_number(tmp_path, shared_data):
+    """Where freed memory goes is a speed setting only: the same cell trains to the same bits
+    with the heap retained (the default) and with malloc's own thresholds, and the header says
+    which it ran with."""
+    cfg = {"records": str(tmp_path), "progress": "off", "epochs": 2, "limit_train_batches": 4,
+           "limit_eval_batches": 2, "log_epochs": False, "diagnostics": False, "checkpoint": False,
+           "amp": "none", "memory_format": "channels_last", "data_root": str(shared_data)}
+    runs = {}
+    for heap in ("retained", "default"):
+        env = {k: v for k, v in os.environ.items() if k != "MMBALANCE_HEAP"}
+        if heap == "default":
+            env["MMBALANCE_HEAP"] = "default"
+        out = subprocess_run_cell(_HEAP_CELL, {**cfg, "records": str(tmp_path / heap)}, env)
+        runs[heap] = out
+    assert runs["retained"]["heap"] == "retained" and runs["default"]["heap"] == "default"
+    assert runs["retained"]["epochs"] == runs["default"]["epochs"]
+
+
+_HEAP_CELL = """
+import json, sys
+from mmbalance.runner import run
+rec = run("concat", "avdigits", json.loads(sys.argv[1])).record
+print(json.dumps({"heap": rec["header"]["heap"]["heap"],
+                  "epochs": [{k: e[k] for k in ("train_loss", "val", "test")} for e in rec["epochs"]]}))
+"""
+
+
+def subprocess_run_cell(code: str, cfg: dict, env: dict) -> dict:
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], env=env, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,56 @@ def test_interrupted_run_resumes_to_identical_record(fast, tmp_path, monkeypatch
     resumed = run("concat", "synthetic", overrides)
     assert resumed.record["header"]["resumed_from_epoch"] == 2
     assert _metrics(resumed.record) == _metrics(full.record)
+
+
+def test_checkpoint_every_s_saves_fewer_checkpoints_and_resumes_to_the_same_numbers(fast, tmp_path, monkeypatch):
+    """checkpoint_every_s: an epoch's checkpoint waits for the interval, the last epoch's is always
+    saved, the run folder is the same (a speed setting), and a run killed before its next
+    checkpoint resumes from the one it has, to the same record as an uninterrupted run.
+    Wrong variants caught: the last epoch skipped (nothing for diagnose or teachers to read), the
+    interval never read (a save every epoch), the setting in the run's identity (a second folder),
+    the clock not reset at a save (every epoch after the first interval saved)."""
+    from mmbalance.trainer import Trainer
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr("mmbalance.engine.checkpoint.time.monotonic", lambda: clock["t"])
+    monkeypatch.setattr("mmbalance.engine.loop.time.monotonic", lambda: clock["t"])
+    saved: list[int] = []
+    original_save, original_epoch = Trainer._save_checkpoint, Trainer.train_epoch
+
+    def counting(self, epoch):
+        saved.append(epoch)
+        return original_save(self, epoch)
+
+    def ticking(self, epoch):  # each epoch takes 4 "seconds"
+        clock["t"] += 4.0
+        return original_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", counting)
+    monkeypatch.setattr(Trainer, "train_epoch", ticking)
+    cfg = {**fast, **SMALL, "epochs": 5}
+    every = run("concat", "synthetic", {**cfg, "records": str(tmp_path / "every")})
+    assert saved == [0, 1, 2, 3, 4]
+    saved.clear()
+    spaced = run("concat", "synthetic", {**cfg, "records": str(tmp_path / "spaced"), "checkpoint_every_s": 10.0})
+    assert saved == [2, 4]  # 12 s after the start, then the last epoch (only 8 s after the save)
+    assert Path(spaced.record["run_dir"]).name == Path(every.record["run_dir"]).name
+    assert _metrics(spaced.record) == _metrics(every.record)
+
+    def dying(self, epoch):
+        if epoch == 4:
+            raise KeyboardInterrupt  # the checkpoint of epoch 2 is the last one saved
+        return ticking(self, epoch)
+
+    killed = {**cfg, "records": str(tmp_path / "killed"), "checkpoint_every_s": 10.0}
+    monkeypatch.setattr(Trainer, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run("concat", "synthetic", killed)
+    assert len(records.load_record(make_trainer("concat", "synthetic", killed).run_dir)["epochs"]) == 4
+    monkeypatch.setattr(Trainer, "train_epoch", ticking)
+    resumed = run("concat", "synthetic", killed)
+    assert resumed.record["header"]["resumed_from_epoch"] == 3
+    assert _metrics(resumed.record) == _metrics(every.record)
 
 
 @register_method("test-hooks", "test method recording hook order and freezing encoders")

@@ -42,6 +42,7 @@ from mmbalance.data import BatchView, DatasetPlugin, RowPlan, Splits
 from mmbalance.diagnostics import EvalView
 from mmbalance.engine import stop
 from mmbalance.engine.checkpoint import Checkpoints
+from mmbalance.engine.heap import retain_freed_memory
 from mmbalance.engine.record import RunRecord
 from mmbalance.engine.runtime import (
     _worker_init,
@@ -95,6 +96,7 @@ class Trainer(Services, Checkpoints, RunRecord):
         self.history: list[dict[str, Any]] = []
         self.outcome = ""  # after fit(): TRAINED, RESUMED or FINISHED_BEFORE
         self.cpu_allocation: dict[str, Any] = {}  # after setup(): threads used, CPUs available and why
+        self.heap: dict[str, Any] = {}  # after setup(): how malloc keeps freed memory
         self.splits: Splits | None = None
         self.model: MultimodalModel | None = None
         # called with each epoch's entry once it is recorded and checkpointed (a tuner reports
@@ -148,6 +150,7 @@ class Trainer(Services, Checkpoints, RunRecord):
         cfg = self.cfg
         used = self.check()
         self.cpu_allocation = limit_cpu_threads()  # a Slurm task's CPUs, the affinity mask
+        self.heap = retain_freed_memory()  # speed only: freed steps' memory kept (engine/heap.py)
         seed_everything(cfg["seed"])
         if self.dataset.pure_build:  # a grid worker builds in-memory data once
             self.splits = memo.reuse_splits(self.dataset.build, type(self.dataset).__qualname__,
@@ -502,6 +505,7 @@ class Trainer(Services, Checkpoints, RunRecord):
             self.method.on_cell_start()
         self.method.on_fit_start()
         wandb_run = self._wandb_init() if self.cfg["wandb"] else None
+        self._checkpoint_saved_at = time.monotonic()  # checkpoint_every_s counts from here
         for epoch in range(start, self.cfg["epochs"]):
             mem_kind = memory.reset_peak(self.device)
             steps_before = self.optimizer_steps
@@ -537,7 +541,7 @@ class Trainer(Services, Checkpoints, RunRecord):
             self.history.append(entry)
             if self.cfg["log_epochs"]:
                 print(self.epoch_line(entry), flush=True)
-            if self.cfg["checkpoint"]:
+            if self.cfg["checkpoint"] and self._checkpoint_due(epoch):
                 self._save_checkpoint(epoch)
             self._write_record(header, None)
             if wandb_run is not None:

@@ -43,6 +43,7 @@ class RunRecord:
             "cpu_threads": torch.get_num_threads(),  # float sums depend on it: same seed, same threads
             "cpu_allocation": getattr(self, "cpu_allocation", None) or None,  # the CPUs it was given, and why
             "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),  # speed only (mmbalance/__init__.py)
+            "heap": getattr(self, "heap", None) or None,  # speed only (engine/heap.py)
             "cpu_kernels": records.cpu_kernels(),  # AMX and AVX512-BF16 round bf16 sums differently
             "data_fingerprint": self.data_fingerprint,
             "weights": self.weights,  # per encoder: "random", or the path and its SHA-256
