@@ -7,9 +7,10 @@ the trainer, in the four combinations of precision (fp32, bf16 autocast) and lay
 (contiguous, channels-last), alternating the four in every round so a change of machine load
 hits them alike, and reports the minimum over the rounds. Each CPU kind runs in its own
 process because oneDNN and ATen read their caps once, at start-up: ``native`` as the machine
-is, ``avx2`` with ``ONEDNN_MAX_CPU_ISA=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2`` (what a CPU
-without AVX-512 runs; check with ``ONEDNN_VERBOSE=1`` that the convolutions report
-``jit:avx2``). The figures decide ``amp=auto`` on a CPU (bf16 only with bf16 hardware) and the
+is, ``avx2`` with ``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2`` and
+``MKL_ENABLE_INSTRUCTIONS=AVX2`` (what a CPU without AVX-512 runs; check with
+``ONEDNN_VERBOSE=1`` that the convolutions report ``jit:avx2``). The cap runs this CPU's AVX2
+kernels at this CPU's clock and memory speed: an older AVX2-only CPU can be slower still. The figures decide ``amp=auto`` on a CPU (bf16 only with bf16 hardware) and the
 benchmark grid's precision; the ratio, not the seconds, is what carries between machines.
 
 ``--cells`` times whole grid cells instead (training, evaluation and diagnostics of one seed,
@@ -32,7 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-KINDS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+# MKL (the linear layers' GEMMs) picks its own kernels: capped too, as an AVX2-only CPU would run
+KINDS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                                "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 COMBOS = [("none", "contiguous"), ("none", "channels_last"), ("bf16", "channels_last"), ("bf16", "contiguous")]
 #: Cells timed: AV-digits' audio and image CNNs (where bf16 matters), and an MLP setting.
 CELLS = [("avdigits", {}), ("mfeat", {"modalities": ["zer", "mor"]})]
