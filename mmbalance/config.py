@@ -280,8 +280,8 @@ TRAINER_OPTIONS: dict[str, Option] = {
     "limit_train_batches": _opt(None, "stop each training epoch after this many batches (smoke tests)", type=int, min=1),
     "limit_eval_batches": _opt(None, "evaluate on at most this many batches (smoke tests)", type=int, min=1),
     "checkpoint": _opt(True, "save a checkpoint each epoch so a killed run resumes", changes_results=False),
-    "checkpoint_every_s": _opt(0.0, "with checkpoint: skip an epoch's checkpoint until this many seconds passed "
-                               "since the last (the last epoch's is always saved; a killed run then repeats at "
+    "checkpoint_every_s": _opt(0.0, "skip an epoch's checkpoint and record lines until this many seconds passed "
+                               "since the last (the last epoch's are always saved; a killed run then repeats at "
                                "most this much, to the same numbers). 0 = every epoch", type=float, min=0.0,
                                changes_results=False),
     "wandb": _opt(False, "log to Weights & Biases (offline unless wandb_mode=online)", changes_results=False),

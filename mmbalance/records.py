@@ -744,7 +744,9 @@ def cpu_kernels() -> dict[str, Any]:
     AVX512-BF16 otherwise; the two round differently, so the same seed gives other numbers on
     the two kinds of CPU (measured: every cell of the benchmark grid). The caps a user can set
     (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``) change the kernels too, so they are
-    recorded with them. (Capping an AMX CPU at AVX512-BF16 reproduced an AVX512-BF16 CPU's
+    recorded with them, and so is MKL's (``MKL_ENABLE_INSTRUCTIONS``), which picks the fp32
+    matmul kernels of the linear layers (capped to AVX2, an fp32 feature-set cell trained to other
+    bits on mfeat, synthetic and landuse21). (Capping an AMX CPU at AVX512-BF16 reproduced an AVX512-BF16 CPU's
     synthetic cell to the bit but not its AV-digits cell: the label is a warning, not a recipe.)
     """
     # a private torch API: a torch without it records "unknown" (None), never fails a run
@@ -756,6 +758,7 @@ def cpu_kernels() -> dict[str, Any]:
         "amx_bf16": bool(caps.get("amx_bf16")) if caps else None,
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
         "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
     }
     info["bf16_native"] = bf16_native(info)
     return info
@@ -798,7 +801,10 @@ def cpu_kernels_label(info: Mapping[str, Any] | None) -> str | None:
         name = "AVX512-BF16"
     else:
         name = str(info.get("aten") or "unknown")
-    return name + (f" (ONEDNN_MAX_CPU_ISA={cap})" if cap else "")
+    caps = [f"ONEDNN_MAX_CPU_ISA={cap}"] if cap else []
+    if info.get("mkl_enable_instructions"):
+        caps.append(f"MKL_ENABLE_INSTRUCTIONS={info['mkl_enable_instructions']}")
+    return name + (f" ({', '.join(caps)})" if caps else "")
 
 
 def library_versions() -> dict[str, Any]:

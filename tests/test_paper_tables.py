@@ -84,6 +84,8 @@ def test_busy_time_is_the_union_of_the_run_intervals():
      "AVX512 (ONEDNN_MAX_CPU_ISA=AVX512_CORE)"),
     ({"aten": "AVX512", "avx512_bf16": True, "amx_bf16": True, "onednn_max_cpu_isa": "avx512_core_amx"},
      "AMX-BF16 (ONEDNN_MAX_CPU_ISA=avx512_core_amx)"),
+    ({"aten": "AVX2", "avx512_bf16": True, "amx_bf16": False, "onednn_max_cpu_isa": "AVX2",
+      "mkl_enable_instructions": "AVX2"}, "AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)"),
     (None, None),
 ])
 def test_cpu_kernels_label(info, label):

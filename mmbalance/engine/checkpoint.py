@@ -27,7 +27,9 @@ class Checkpoints:
         until that many seconds passed since the last one (or since this process started the
         fit), and the last epoch's is always saved (finished runs are read from it). Where epochs
         take a fraction of a second (the feature sets' MLPs) saving each was 13 % of a cell; a
-        killed run resumes from an older epoch and repeats the rest to the same numbers."""
+        killed run resumes from an older epoch and repeats the rest to the same numbers. The
+        record's epoch lines are written on the same beat (each write is a fsync'd file): a
+        killed run's record then shows the epochs its checkpoint holds, which a resume keeps."""
         interval = float(self.cfg.get("checkpoint_every_s") or 0.0)
         now = time.monotonic()
         if interval <= 0 or epoch == self.cfg["epochs"] - 1 or now - self._checkpoint_saved_at >= interval:

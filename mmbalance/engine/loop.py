@@ -541,9 +541,10 @@ class Trainer(Services, Checkpoints, RunRecord):
             self.history.append(entry)
             if self.cfg["log_epochs"]:
                 print(self.epoch_line(entry), flush=True)
-            if self.cfg["checkpoint"] and self._checkpoint_due(epoch):
-                self._save_checkpoint(epoch)
-            self._write_record(header, None)
+            if self._checkpoint_due(epoch):  # the record's epoch lines follow the checkpoints:
+                if self.cfg["checkpoint"]:  # a resume rewrites them from the checkpoint's history
+                    self._save_checkpoint(epoch)
+                self._write_record(header, None)
             if wandb_run is not None:
                 wandb_run.log(_flatten({k: v for k, v in entry.items() if k != "epoch"}), step=epoch)
             for callback in self.epoch_callbacks:
