@@ -16,6 +16,11 @@
 6. ``test_retained_heap``: the same pairing, one cell with freed memory kept in the process
    (``mmbalance/engine/heap.py``, the default) and one with ``MMBALANCE_HEAP=default``, in the
    grid's fp32 channels-last, natively and capped to AVX2. Equal numbers (tested).
+7. ``test_feature_cell_settings``: a whole feature-set cell (IPRM, the dataset's recipe, the
+   grid's numerics) with the benchmark grid's speed settings (each split evaluated in one batch,
+   ``eval_batch_size=4096``; checkpoint and record lines every 30 s) against the defaults
+   (twice the training batch; both every epoch), cells alternating in one process. Equal
+   numbers (tested).
 
 Each test's ``extra_info`` holds ``ratio`` (optimised time / reference time; < 1 is faster)
 and prints it. Run::
@@ -39,7 +44,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
 from mmbalance import diagnostics, memo
 from mmbalance.metrics import classification_metrics
-from mmbalance.runner import make_trainer
+from mmbalance.runner import make_trainer, run
 
 ROUNDS = int(os.environ.get("MMBALANCE_BENCH_ROUNDS", "3"))
 
@@ -250,3 +255,23 @@ def test_retained_heap(benchmark, tmp_path: Path, kernels: str):
                                                      "default": {**cap, "MMBALANCE_HEAP": "default"}})
     _report(benchmark, f"avdigits epoch beside a second cell ({kernels} kernels), heap retained / malloc's "
             f"default", times["retained"], times["default"])
+
+
+@pytest.mark.parametrize("dataset", ["image-seg", "reuters"])
+def test_feature_cell_settings(benchmark, tmp_path: Path, dataset: str):
+    base = {"progress": "off", "log_epochs": False, "device": "cpu", "amp": "none",
+            "memory_format": "channels_last"}
+    settings = {"grid": {"eval_batch_size": 4096, "checkpoint_every_s": 30.0}, "default": {}}
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    rounds = iter(range(1000))
+
+    def pair() -> None:
+        i = next(rounds)
+        for name, extra in settings.items():
+            t0 = time.perf_counter()
+            run("iprm", dataset, {**base, **extra, "records": str(tmp_path / f"{name}{i}")})
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(pair, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    _report(benchmark, f"{dataset} IPRM cell, the grid's speed settings / the defaults",
+            times["grid"], times["default"])

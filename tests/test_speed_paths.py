@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,27 +234,27 @@ def test_macro_f1_hand_case():
     assert macro_f1(np.array([0, 0, 1]), np.array([0, 1, 1]), [0, 1], 3) == pytest.approx(2 / 3)
 
 
-_THP_CELL = """
+_CELL = """
 import json, sys
 from mmbalance.runner import run
 rec = run("concat", "avdigits", json.loads(sys.argv[1])).record
-print(json.dumps([{k: e[k] for k in ("train_loss", "val", "test")} for e in rec["epochs"]]))
+print(json.dumps({"thp_alloc": rec["header"]["thp_alloc"], "heap": rec["header"]["heap"]["heap"],
+                  "epochs": [{k: e[k] for k in ("train_loss", "val", "test")} for e in rec["epochs"]]}))
 """
 
 
-def _thp_cell(env_value: str | None, cfg: dict) -> tuple[str, list]:
+def cell_in_subprocess(cfg: dict, env_set: dict[str, str | None]) -> dict:
+    """One AV-digits Concat cell in a fresh process (the allocator settings are read at import
+    and set once per process) with ``env_set`` applied to this environment (None unsets): what
+    its header says it ran with, and its epochs' numbers."""
     import json
     import subprocess
-    import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if env_value is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = env_value
-    probe = "import mmbalance, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    seen = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    out = subprocess.run([sys.executable, "-c", _THP_CELL, json.dumps(cfg)], env=env, capture_output=True,
+    env = {k: v for k, v in os.environ.items() if k not in env_set}
+    env.update({k: v for k, v in env_set.items() if v is not None})
+    out = subprocess.run([sys.executable, "-c", _CELL, json.dumps(cfg)], env=env, capture_output=True,
                          text=True, check=True)
-    return seen.stdout.strip(), json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_huge_pages_are_on_by_default_and_change_no_number(tmp_path, shared_data):
@@ -262,10 +263,10 @@ def test_huge_pages_are_on_by_default_and_change_no_number(tmp_path, shared_data
     cfg = {"records": str(tmp_path), "progress": "off", "epochs": 1, "limit_train_batches": 3,
            "limit_eval_batches": 2, "log_epochs": False, "diagnostics": False, "checkpoint": False,
            "amp": "bf16", "memory_format": "channels_last", "data_root": str(shared_data)}
-    on_flag, on = _thp_cell(None, cfg)
-    off_flag, off = _thp_cell("0", {**cfg, "records": str(tmp_path / "off")})
-    assert (on_flag, off_flag) == ("1", "0")
-    assert on == off
+    on = cell_in_subprocess(cfg, {"THP_MEM_ALLOC_ENABLE": None})
+    off = cell_in_subprocess({**cfg, "records": str(tmp_path / "off")}, {"THP_MEM_ALLOC_ENABLE": "0"})
+    assert (on["thp_alloc"], off["thp_alloc"]) == ("1", "0")
+    assert on["epochs"] == off["epochs"]
 
 
 _HEAP_FAULTS = """
@@ -313,30 +314,24 @@ def test_retained_heap_changes_no_number(tmp_path, shared_data):
     cfg = {"records": str(tmp_path), "progress": "off", "epochs": 2, "limit_train_batches": 4,
            "limit_eval_batches": 2, "log_epochs": False, "diagnostics": False, "checkpoint": False,
            "amp": "none", "memory_format": "channels_last", "data_root": str(shared_data)}
-    runs = {}
-    for heap in ("retained", "default"):
-        env = {k: v for k, v in os.environ.items() if k != "MMBALANCE_HEAP"}
-        if heap == "default":
-            env["MMBALANCE_HEAP"] = "default"
-        out = subprocess_run_cell(_HEAP_CELL, {**cfg, "records": str(tmp_path / heap)}, env)
-        runs[heap] = out
+    runs = {heap: cell_in_subprocess({**cfg, "records": str(tmp_path / heap)},
+                                     {"MMBALANCE_HEAP": None if heap == "retained" else heap})
+            for heap in ("retained", "default")}
     assert runs["retained"]["heap"] == "retained" and runs["default"]["heap"] == "default"
     assert runs["retained"]["epochs"] == runs["default"]["epochs"]
 
 
-_HEAP_CELL = """
-import json, sys
-from mmbalance.runner import run
-rec = run("concat", "avdigits", json.loads(sys.argv[1])).record
-print(json.dumps({"heap": rec["header"]["heap"]["heap"],
-                  "epochs": [{k: e[k] for k in ("train_loss", "val", "test")} for e in rec["epochs"]]}))
-"""
-
-
-def subprocess_run_cell(code: str, cfg: dict, env: dict) -> dict:
-    import json
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], env=env, capture_output=True,
-                         text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def test_one_batch_evaluation_changes_no_number(tmp_path, shared_data):
+    """The evaluation batch is outside a run's identity: a feature-set cell evaluated at the
+    default batch (twice the training one: 66 batches of the test split) and in one batch of
+    4096 records the same numbers, per-modality metrics and diagnostics included. The benchmark
+    grid evaluates the feature sets in one batch; a loss averaged over batches, or the setting
+    in the identity, fails here."""
+    cfg = {"progress": "off", "epochs": 3, "log_epochs": False, "data_root": str(shared_data)}
+    a, b = (run("iprm", "image-seg", {**cfg, **extra, "records": str(tmp_path / name)}).record
+            for name, extra in (("default", {}), ("one", {"eval_batch_size": 4096})))
+    assert Path(a["run_dir"]).name == Path(b["run_dir"]).name
+    keep = ("train_loss", "val", "test", "diagnostics")
+    assert [{k: e[k] for k in keep} for e in a["epochs"]] == [{k: e[k] for k in keep} for e in b["epochs"]]
+    assert a["final"]["selection"] == b["final"]["selection"]
+    assert a["final"]["diagnostics"] == b["final"]["diagnostics"]
