@@ -57,20 +57,26 @@ def _report(benchmark, name: str, fast: list[float], slow: list[float]) -> float
     return ratio
 
 
-def _alternate_epochs(benchmark, trainers: dict) -> dict[str, list[float]]:
-    """Each round trains one epoch of every trainer in turn, so load drift cancels in a ratio."""
-    times: dict[str, list[float]] = {k: [] for k in trainers}
-    epochs = iter(range(1000))
+def _alternate(benchmark, steps: dict) -> dict[str, list[float]]:
+    """Each round runs every step once in turn (given the round's index), so load drift cancels
+    in a ratio; one warm-up round first."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    rounds = iter(range(1000))
 
     def pair() -> None:
-        e = next(epochs)
-        for name, t in trainers.items():
+        i = next(rounds)
+        for name, step in steps.items():
             t0 = time.perf_counter()
-            t.train_epoch(e)
+            step(i)
             times[name].append(time.perf_counter() - t0)
 
     benchmark.pedantic(pair, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     return times
+
+
+def _alternate_epochs(benchmark, trainers: dict) -> dict[str, list[float]]:
+    """Each round trains one epoch of every trainer in turn."""
+    return _alternate(benchmark, {name: t.train_epoch for name, t in trainers.items()})
 
 
 @pytest.mark.parametrize("dataset", ["avdigits", "mfeat"])
@@ -262,16 +268,10 @@ def test_feature_cell_settings(benchmark, tmp_path: Path, dataset: str):
     base = {"progress": "off", "log_epochs": False, "device": "cpu", "amp": "none",
             "memory_format": "channels_last"}
     settings = {"grid": {"eval_batch_size": 4096, "checkpoint_every_s": 30.0}, "default": {}}
-    times: dict[str, list[float]] = {k: [] for k in settings}
-    rounds = iter(range(1000))
 
-    def pair() -> None:
-        i = next(rounds)
-        for name, extra in settings.items():
-            t0 = time.perf_counter()
-            run("iprm", dataset, {**base, **extra, "records": str(tmp_path / f"{name}{i}")})
-            times[name].append(time.perf_counter() - t0)
+    def cell(name: str):
+        return lambda i: run("iprm", dataset, {**base, **settings[name], "records": str(tmp_path / f"{name}{i}")})
 
-    benchmark.pedantic(pair, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    times = _alternate(benchmark, {name: cell(name) for name in settings})
     _report(benchmark, f"{dataset} IPRM cell, the grid's speed settings / the defaults",
             times["grid"], times["default"])
